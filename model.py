@@ -1,0 +1,986 @@
+"""
+One hand-written decoder for every causal LM of the paper (arXiv 2604.06346) and its sibling (seed 003).
+
+Families: gpt2 (AraGPT2, GPT2-Small-Arabic, Dialect-ar-gpt-2021), bloom (Bloomz-560M), qwen2 (Qwen2.5, Al-Atlas),
+qwen3, lfm2 (LiquidAI hybrid conv/attention), and llama / mistral (= qwen2 without biases).
+
+All families run through the same modules in one canonical layout:
+  - attention keeps q, k and v in one fused projection `qkv` with [q | k | v] blocks (GQA: k, v narrower);
+  - the MLP is `fc` then `proj`; for SwiGLU families `fc` holds [gate | up] fused;
+  - the final norm is `norm_f`, the head is `lm_head` (tied to `wte` when the config says so).
+Each family's checkpoint is mapped onto that layout by an explicit table (see `_weight_map`), the same table in
+both directions: `from_pretrained` reads HF safetensors through it, `save_pretrained` writes them back, so that
+transformers can load what we save.
+
+    from model import Decoder, load_tokenizer
+    model = Decoder.from_pretrained("aragpt2-base")          # registry name, HF repo id, or local folder
+    tok = load_tokenizer("aragpt2-base")
+    logits = model(idx)                                     # (B, T, vocab)
+    nll = model.token_nll(idx, targets)                     # (B, T) fp32, chunked over the vocabulary
+    new = model.generate([tok.encode("...")], max_new_tokens=50)
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry: short name -> HF repo, family, size, and the HF config (so shapes are known without any download).
+
+
+def _gpt2(d, L, H, vocab, bos=0, eos=0, n_pos=1024):
+    return dict(model_type="gpt2", n_embd=d, n_layer=L, n_head=H, n_inner=None, n_positions=n_pos,
+                vocab_size=vocab, layer_norm_epsilon=1e-5, activation_function="gelu_new",
+                bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=True)
+
+
+def _qwen(model_type, d, L, H, KV, ff, vocab, eps, theta, max_pos, bos, eos, head_dim=None, tie=True, bias=None):
+    cfg = dict(model_type=model_type, hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+               num_key_value_heads=KV, intermediate_size=ff, vocab_size=vocab, rms_norm_eps=eps, rope_theta=theta,
+               max_position_embeddings=max_pos, hidden_act="silu", tie_word_embeddings=tie,
+               bos_token_id=bos, eos_token_id=eos)
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    if bias is not None:
+        cfg["attention_bias"] = bias
+    return cfg
+
+
+def _bloom():
+    return dict(model_type="bloom", n_embed=1024, n_layer=24, num_attention_heads=16, vocab_size=250880,
+                layer_norm_epsilon=1e-5, apply_residual_connection_post_layernorm=False, bos_token_id=1,
+                eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+
+
+def _lfm2(d, H, block_ff):
+    return dict(model_type="lfm2", hidden_size=d, num_hidden_layers=16, num_attention_heads=H, num_key_value_heads=8,
+                block_ff_dim=block_ff, block_auto_adjust_ff_dim=True, block_ffn_dim_multiplier=1.0,
+                block_multiple_of=256, conv_L_cache=3, conv_bias=False, norm_eps=1e-5, rope_theta=1e6,
+                max_position_embeddings=128000, vocab_size=65536, bos_token_id=1, eos_token_id=7, pad_token_id=0,
+                tie_word_embeddings=True, full_attn_idxs=[2, 5, 8, 10, 12, 14])
+
+
+REGISTRY = {
+    # the ten models of the paper
+    "aragpt2-base": dict(repo="aubmindlab/aragpt2-base", family="gpt2", params="135M", note="",
+                         config=_gpt2(768, 12, 12, 64000)),
+    "aragpt2-medium": dict(repo="aubmindlab/aragpt2-medium", family="gpt2", params="369M", note="",
+                           config=_gpt2(1024, 24, 16, 64000)),
+    "bloomz-560m": dict(repo="bigscience/bloomz-560m", family="bloom", params="559M", note="fp16 on disk",
+                        config=_bloom()),
+    "al-atlas-0.5b": dict(repo="atlasia/Al-Atlas-0.5B", family="qwen2", params="494M",
+                          note="gated: needs HF_TOKEN; shape assumed = Qwen2.5-0.5B",
+                          config=_qwen("qwen2", 896, 24, 14, 2, 4864, 151936, 1e-6, 1e6, 32768, 151643, 151643)),
+    "gpt2-small-arabic": dict(repo="akhooli/gpt2-small-arabic", family="gpt2", params="124M",
+                              note="no tokenizer.json (vocab.json + merges.txt)",
+                              config=_gpt2(768, 12, 12, 50257, bos=50256, eos=50256)),
+    "lfm2-350m": dict(repo="LiquidAI/LFM2-350M", family="lfm2", params="354M", note="10 conv + 6 attention layers",
+                      config=_lfm2(1024, 16, 6656)),
+    "lfm2-700m": dict(repo="LiquidAI/LFM2-700M", family="lfm2", params="742M", note="10 conv + 6 attention layers",
+                      config=_lfm2(1536, 24, 10240)),
+    "dialect-ar-gpt-2021": dict(repo="monsoon-nlp/dialect-ar-gpt-2021", family="gpt2", params="369M",
+                                note="AraGPT2-medium + 5 dialect tokens; no tokenizer.json",
+                                config=_gpt2(1024, 24, 16, 64005)),
+    "qwen2.5-0.5b": dict(repo="Qwen/Qwen2.5-0.5B", family="qwen2", params="494M", note="base checkpoint",
+                         config=_qwen("qwen2", 896, 24, 14, 2, 4864, 151936, 1e-6, 1e6, 32768, 151643, 151643)),
+    "qwen3-0.6b": dict(repo="Qwen/Qwen3-0.6B", family="qwen3", params="596M", note="head_dim 128, q/k norm",
+                       config=_qwen("qwen3", 1024, 28, 16, 8, 3072, 151936, 1e-6, 1e6, 40960, 151643, 151645,
+                                    head_dim=128, bias=False)),
+    # seed 003 (LoRA fine-tuning)
+    "mistral-7b-instruct-v0.2": dict(repo="mistralai/Mistral-7B-Instruct-v0.2", family="mistral", params="7.2B",
+                                     note="gated: needs HF_TOKEN",
+                                     config=_qwen("mistral", 4096, 32, 32, 8, 14336, 32000, 1e-5, 1e6, 32768, 1, 2,
+                                                  tie=False)),
+    "llama-2-7b": dict(repo="meta-llama/Llama-2-7b-hf", family="llama", params="6.7B", note="gated: needs HF_TOKEN",
+                       config=_qwen("llama", 4096, 32, 32, 32, 11008, 32000, 1e-5, 1e4, 4096, 1, 2, tie=False)),
+    "gpt2-medium": dict(repo="openai-community/gpt2-medium", family="gpt2", params="355M", note="English GPT-2",
+                        config=_gpt2(1024, 24, 16, 50257, bos=50256, eos=50256)),
+    "bloom-560m": dict(repo="bigscience/bloom-560m", family="bloom", params="559M", note="", config=_bloom()),
+    # offline demos and tests: random weights, the sample's byte-level BPE tokenizer
+    "tiny": dict(repo=None, family="gpt2", params="0.4M", note="random weights, data/sample/tokenizer.json",
+                 config=_gpt2(64, 2, 4, 2048, n_pos=512)),
+}
+TINY_TOKENIZER = os.path.join(HERE, "data", "sample", "tokenizer.json")
+FAMILIES = ("gpt2", "bloom", "qwen2", "qwen3", "lfm2", "llama", "mistral")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalised config
+
+
+@dataclass
+class Config:
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    d_ff: int                      # width of the MLP hidden layer (per branch for SwiGLU)
+    norm: str                      # "layernorm" | "rmsnorm"
+    norm_eps: float
+    pos: str                       # "learned" | "rope" | "alibi"
+    max_pos: int
+    rope_theta: float = 10000.0
+    act: str = "gelu_tanh"         # "gelu_tanh" | "gelu" | "swiglu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False          # RMSNorm over head_dim on q and k before RoPE (qwen3, lfm2)
+    emb_norm: bool = False         # LayerNorm right after the token embedding (bloom)
+    layer_types: tuple = ()        # per layer "attn" | "conv" (lfm2); empty = all attention
+    conv_kernel: int = 3
+    tie: bool = True
+    bos_id: int = None
+    eos_id: int = None
+    pad_id: int = None
+    hf: dict = field(default_factory=dict, repr=False)   # the original config.json, written back on save
+
+    @staticmethod
+    def from_hf(hf):
+        """Normalise an HF config.json dict; every alias the ten checkpoints use is handled here."""
+        t = hf.get("model_type")
+        if t not in FAMILIES:
+            raise ValueError(f"unknown model_type {t!r}: supported are {', '.join(FAMILIES)}")
+        g = lambda *keys, default=None: next((hf[k] for k in keys if hf.get(k) is not None), default)  # noqa: E731
+        eos = g("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+        common = dict(family=t, vocab_size=hf["vocab_size"], bos_id=g("bos_token_id"), eos_id=eos,
+                      pad_id=g("pad_token_id"), tie=bool(g("tie_word_embeddings", "tie_embedding", default=True)),
+                      hf=dict(hf))
+        if t == "gpt2":
+            for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+                if hf.get(k):
+                    raise ValueError(f"gpt2 config: {k}=true is not supported")
+            d, H = hf["n_embd"], hf["n_head"]
+            act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+                hf.get("activation_function", "gelu_new"))
+            if act is None:
+                raise ValueError(f"gpt2 config: activation_function {hf['activation_function']!r} not supported")
+            return Config(d_model=d, n_layer=hf["n_layer"], n_head=H, n_kv_head=H, head_dim=d // H,
+                          d_ff=hf.get("n_inner") or 4 * d, norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                          pos="learned", max_pos=hf.get("n_positions", 1024), act=act, qkv_bias=True, o_bias=True,
+                          mlp_bias=True, **common)
+        if t == "bloom":
+            if hf.get("apply_residual_connection_post_layernorm"):
+                raise ValueError("bloom config: apply_residual_connection_post_layernorm=true is not supported")
+            d, H = g("hidden_size", "n_embed"), g("n_head", "num_attention_heads")
+            return Config(d_model=d, n_layer=g("n_layer", "num_hidden_layers"), n_head=H, n_kv_head=H,
+                          head_dim=d // H, d_ff=4 * d, norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                          pos="alibi", max_pos=g("seq_length", default=2048), act="gelu_tanh", qkv_bias=True,
+                          o_bias=True, mlp_bias=True, emb_norm=True, **common)
+        # the Llama-style families: RMSNorm, RoPE, GQA, SwiGLU
+        rp = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+            raise ValueError(f"{t} config: rope_scaling {scaling} is not supported")
+        d, H = hf["hidden_size"], hf["num_attention_heads"]
+        KV = g("num_key_value_heads", default=H)
+        theta = float(rp.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+        if t == "lfm2":
+            ff = g("block_ff_dim", "intermediate_size")
+            if hf.get("block_auto_adjust_ff_dim", True):   # transformers' Lfm2MLP rule (loader re-reads w1's shape)
+                ff = int(2 * ff / 3)
+                mult = hf.get("block_ffn_dim_multiplier")
+                if mult is not None:
+                    m = hf.get("block_multiple_of", 256)
+                    ff = m * ((int(mult * ff) + m - 1) // m)
+            types = hf.get("layer_types")
+            if types is None:
+                idxs = hf.get("full_attn_idxs")
+                idxs = range(hf["num_hidden_layers"]) if idxs is None else idxs
+                types = ["full_attention" if i in idxs else "conv" for i in range(hf["num_hidden_layers"])]
+            types = tuple("attn" if x in ("full_attention", "attention", "attn") else "conv" for x in types)
+            if hf.get("conv_bias"):
+                raise ValueError("lfm2 config: conv_bias=true is not supported")
+            return Config(d_model=d, n_layer=hf["num_hidden_layers"], n_head=H, n_kv_head=KV,
+                          head_dim=g("head_dim", default=d // H), d_ff=ff, norm="rmsnorm",
+                          norm_eps=g("norm_eps", default=1e-5), pos="rope", max_pos=g("max_position_embeddings",
+                                                                                    default=128000),
+                          rope_theta=theta, act="swiglu", qk_norm=True, layer_types=types,
+                          conv_kernel=g("conv_L_cache", default=3), **common)
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{t} config: mlp_bias=true is not supported")
+        return Config(d_model=d, n_layer=hf["num_hidden_layers"], n_head=H, n_kv_head=KV,
+                      head_dim=g("head_dim", default=d // H), d_ff=hf["intermediate_size"], norm="rmsnorm",
+                      norm_eps=g("rms_norm_eps", default=1e-6), pos="rope",
+                      max_pos=g("max_position_embeddings", default=4096), rope_theta=theta, act="swiglu",
+                      qkv_bias=bool(hf.get("attention_bias", t == "qwen2")), o_bias=False,
+                      qk_norm=(t == "qwen3"), **common)
+
+    def to_hf(self):
+        """The config.json to save: the original one, made explicit where our loader derived a value."""
+        hf = dict(self.hf, model_type=self.family, vocab_size=self.vocab_size, tie_word_embeddings=self.tie)
+        if self.family == "lfm2":   # write the effective FFN width so every reader agrees on it
+            hf.pop("block_ff_dim", None)
+            hf.update(intermediate_size=self.d_ff, block_auto_adjust_ff_dim=False,
+                      layer_types=["full_attention" if x == "attn" else "conv" for x in self.layer_types])
+            hf.pop("full_attn_idxs", None)
+            hf.pop("tie_embedding", None)
+        arch = {"gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "llama": "LlamaForCausalLM",
+                "mistral": "MistralForCausalLM"}[self.family]
+        hf["architectures"] = [arch]
+        return hf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """w * normalise(x) with the normalisation in fp32 and the weight applied after the cast back (HF order)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg, dim):
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps)
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE (HF/NeoX convention). x (B, nh, T, hd); cos, sin (B, 1, T, hd)."""
+    h = x.shape[-1] // 2
+    rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return x * cos + rot * sin
+
+
+def alibi_slopes(n_head):
+    """BLOOM's per-head ALiBi slopes: a geometric series, with extra odd powers when n_head is not a power of 2."""
+    p = 2 ** math.floor(math.log2(n_head))
+    base = 2.0 ** (-(2.0 ** -(math.log2(p) - 3)))
+    slopes = [base ** k for k in range(1, p + 1)]
+    if p < n_head:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * p) - 3)))
+        slopes += [extra ** k for k in range(1, 2 * (n_head - p), 2)]
+    return torch.tensor(slopes)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.nh * self.hd, cfg.d_model, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, ctx, cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q, k, v = (t.view(B, T, -1, self.hd) for t in (q, k, v))          # (B, T, heads, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                   # (B, heads, T, hd)
+        if ctx.cos is not None:
+            q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
+        if cache is not None:   # static cache: write this step's keys/values at their slots, attend over all slots
+            cache.k[:, :, ctx.start:ctx.start + T] = k
+            cache.v[:, :, ctx.start:ctx.start + T] = v
+            k, v = cache.k, cache.v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class ShortConv(nn.Module):
+    """LFM2's gated short convolution: (B, C, x) = in_proj(h); y = causal depthwise conv(B*x); out = out_proj(C*y)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.L = cfg.d_model, cfg.conv_kernel
+        self.in_proj = nn.Linear(d, 3 * d, bias=False)
+        self.weight = nn.Parameter(torch.empty(d, 1, self.L))               # depthwise kernel, no bias
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, ctx, cache=None):
+        T = x.shape[1]
+        b, c, h = self.in_proj(x).chunk(3, dim=-1)
+        bx = (b * h).transpose(1, 2)                                        # (B, d, T)
+        if ctx.mask is not None:                                            # left padding must not leak into the conv
+            bx = bx * ctx.mask[:, None, ctx.start:ctx.start + T].to(bx.dtype)
+        if cache is not None and ctx.start > 0:                             # decode: window = last L-1 inputs + new
+            window = torch.cat([cache.conv, bx], dim=-1)                    # (B, d, L-1+T)
+            y = F.conv1d(window, self.weight, groups=bx.shape[1])           # (B, d, T)
+        else:
+            y = F.conv1d(F.pad(bx, (self.L - 1, 0)), self.weight, groups=bx.shape[1])
+            window = F.pad(bx, (self.L - 1, 0))
+        if cache is not None:
+            cache.conv = window[..., -(self.L - 1):]
+        return self.out_proj(c * y.transpose(1, 2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = cfg.act
+        width = 2 * cfg.d_ff if cfg.act == "swiglu" else cfg.d_ff          # SwiGLU: fc = [gate | up]
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.act == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.act == "gelu_tanh" else "none")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.kind = kind
+        self.norm1, self.norm2 = make_norm(cfg, cfg.d_model), make_norm(cfg, cfg.d_model)
+        if kind == "attn":
+            self.attn = Attention(cfg)
+        else:
+            self.conv = ShortConv(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, ctx, cache=None):
+        mixer = self.attn if self.kind == "attn" else self.conv
+        x = x + mixer(self.norm1(x), ctx, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class _Ctx:
+    """What every layer of one forward call shares: positions' cos/sin, the attention mask, the padding mask."""
+
+    def __init__(self, cos=None, sin=None, attn_mask=None, mask=None, start=0):
+        self.cos, self.sin, self.attn_mask, self.mask, self.start = cos, sin, attn_mask, mask, start
+
+
+class _Cache:
+    def __init__(self, k=None, v=None):
+        self.k, self.v, self.conv = k, v, None
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """Per-token NLL of h @ W.T without ever holding (N, vocab) fp32 logits: chunks of rows are recomputed in
+    backward. h (N, d), W (V, d), targets (N,) with -100 = ignore. Returns (N,) fp32."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, chunk):
+        N = h.shape[0]
+        nll = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        valid = targets != -100
+        tgt = targets.clamp(min=0)
+        for s in range(0, N, chunk):
+            logits = (h[s:s + chunk] @ W.T).float()                          # (c, V) fp32, one chunk at a time
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, tgt[s:s + chunk, None]).squeeze(1)
+            nll[s:s + chunk] = torch.where(valid[s:s + chunk], lse[s:s + chunk] - picked, 0.0)
+        ctx.save_for_backward(h, W, tgt, valid, lse)
+        ctx.chunk = chunk
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, W, tgt, valid, lse = ctx.saved_tensors
+        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[1] else None
+        g = grad.float() * valid                                             # d nll_i / d logits_i = softmax - onehot
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc = h[s:s + ctx.chunk]
+            p = torch.exp((hc @ W.T).float() - lse[s:s + ctx.chunk, None])
+            p.scatter_add_(1, tgt[s:s + ctx.chunk, None], -torch.ones_like(p[:, :1]))
+            p = (p * g[s:s + ctx.chunk, None]).to(h.dtype)
+            if gh is not None:
+                gh[s:s + ctx.chunk] = p @ W
+            if gW is not None:
+                gW += (p.T @ hc).float()
+        return gh, (gW.to(W.dtype) if gW is not None else None), None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The decoder
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        kinds = cfg.layer_types or ("attn",) * cfg.n_layer
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.wpe = nn.Embedding(cfg.max_pos, cfg.d_model)
+        if cfg.emb_norm:
+            self.emb_norm = make_norm(cfg, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, k) for k in kinds)
+        self.norm_f = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie:
+            self.lm_head.weight = self.wte.weight
+        if self.wte.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, seed=0):
+        """Random init (GPT-2 style): N(0, 0.02) matrices, zero biases, unit norms. Seeded: same model every time."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+    # -- the forward pass ------------------------------------------------------------------------------------------
+
+    def _context(self, T, mask, start, S, device, dtype):
+        """Positions and masks for tokens in slots [start, start+T) attending to keys in slots [0, S)."""
+        cfg = self.cfg
+        if mask is None:
+            pos = torch.arange(start, start + T, device=device)[None]                      # (1, T)
+        else:   # left padding: a token's position counts only the real tokens before it
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]            # (B, T)
+        ctx = _Ctx(mask=mask, start=start)
+        ctx.pos = pos
+        if cfg.pos == "rope":
+            inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+            freqs = pos[..., None].float() * inv                                            # (B, T, hd/2)
+            emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                # (B, 1, T, hd)
+            ctx.cos, ctx.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        need_mask = mask is not None or cfg.pos == "alibi" or S != T
+        if need_mask:
+            qslot = torch.arange(start, start + T, device=device)[:, None]
+            kslot = torch.arange(S, device=device)[None]
+            allowed = (kslot <= qslot)[None]                                                # (1, T, S) causal
+            if mask is not None:   # a padded key is never seen; a padded query still sees itself (no empty rows)
+                allowed = (allowed & mask[:, None, :S]) | (kslot == qslot)[None]
+            bias = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+            bias = bias[:, None]                                                            # (B|1, 1, T, S)
+            if cfg.pos == "alibi":   # slope_h * (pos_key - pos_query); HF adds slope_h * pos_key (same softmax)
+                kpos = (mask.long().cumsum(-1) - 1)[:, :S] if mask is not None else kslot
+                rel = (kpos[:, None, :] - pos[:, :, None]).to(torch.float32)               # (B|1, T, S)
+                slopes = alibi_slopes(cfg.n_head).to(device)[None, :, None, None]
+                bias = bias + (slopes * rel[:, None]).to(dtype)                             # (B|1, nh, T, S)
+            ctx.attn_mask = bias
+        return ctx
+
+    def hidden(self, idx, mask=None, cache=None, start=0):
+        """Final-normed hidden states (B, T, d). mask (B, S) bool, True = real token; cache for generation."""
+        B, T = idx.shape
+        x = self.wte(idx)
+        S = cache[0].size if cache is not None else T
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        ctx = self._context(T, mask, start, S, idx.device, dt)
+        if self.cfg.pos == "learned":
+            if start + T > self.cfg.max_pos:   # checked on shapes: no host sync
+                raise ValueError(f"sequence of {start + T} tokens exceeds max positions {self.cfg.max_pos}")
+            x = x + self.wpe(ctx.pos)
+        if self.cfg.emb_norm:
+            x = self.emb_norm(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, cache[i] if cache is not None else None)
+        return self.norm_f(x)
+
+    def forward(self, idx, mask=None):
+        """Logits (B, T, vocab) in the model's dtype (or autocast dtype)."""
+        return self.lm_head(self.hidden(idx, mask))
+
+    def token_nll(self, idx, targets, mask=None, chunk_tokens=None):
+        """Unreduced NLL (B, T) in fp32, 0 where targets == -100, computed in row chunks so that full-vocabulary fp32
+        logits are never held for every token (16 x 512 tokens x 151,936 x 4 bytes would be 5 GB)."""
+        h = self.hidden(idx, mask)
+        B, T, d = h.shape
+        W = self.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):    # run the head in the autocast dtype, as nn.Linear would
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, W = h.to(dt), W.to(dt)
+        else:
+            W = W.to(h.dtype)
+        chunk = chunk_tokens or max(64, (1 << 26) // self.cfg.vocab_size)   # ~256 MB of fp32 logits per chunk
+        with torch.autocast(h.device.type, enabled=False):
+            nll = _ChunkedNLL.apply(h.reshape(B * T, d), W, targets.reshape(B * T), chunk)
+        return nll.view(B, T)
+
+    # -- generation -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=50, temperature=0.7, top_k=None, top_p=None, eos_id=None,
+                 generator=None):
+        """Sample (or greedy when temperature == 0) up to max_new_tokens after each prompt.
+        prompts: list of token-id lists of any lengths (left-padded here). Returns the new tokens of each row,
+        cut before its first EOS. A static KV cache (and LFM2's conv state) holds the prefix."""
+        cfg, device = self.cfg, self.wte.weight.device
+        eos_id = cfg.eos_id if eos_id is None else eos_id
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: empty prompt")
+        S = P + max_new_tokens
+        if cfg.pos == "learned" and S > cfg.max_pos:
+            raise ValueError(f"generate: {S} tokens exceed the model's {cfg.max_pos} positions")
+        idx = torch.zeros(B, P, dtype=torch.long, device=device)
+        mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, P - len(p):] = True
+        mask[:, P:] = True                                             # generated tokens are always real
+        dtype = self.wte.weight.dtype
+        cache = [_Cache(torch.zeros(B, cfg.n_kv_head, S, cfg.head_dim, device=device, dtype=dtype),
+                        torch.zeros(B, cfg.n_kv_head, S, cfg.head_dim, device=device, dtype=dtype))
+                 if l.kind == "attn" else _Cache() for l in self.layers]
+        for c in cache:
+            c.size = S
+        logits = self.lm_head(self.hidden(idx, mask, cache, 0)[:, -1]).float()   # (B, V)
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for t in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            out[:, t] = nxt
+            n = t + 1
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if t % 8 == 7 and bool(done.all()):                   # a host sync only every 8 steps
+                    break
+            if t + 1 < max_new_tokens:
+                logits = self.lm_head(self.hidden(nxt[:, None], mask, cache, P + t)[:, -1]).float()
+        rows = out[:, :n].tolist()
+        if eos_id is not None:
+            rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+        return rows
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------------
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())   # parameters() yields a tied weight once
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 * (matmul params, lm_head included) + attention scores 12 * L_attn * nh*hd * T."""
+        cfg = self.cfg
+        n_mat = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear) and m is not self.lm_head)
+        n_mat += cfg.vocab_size * cfg.d_model
+        n_attn = sum(1 for l in self.layers if l.kind == "attn")
+        return 6 * n_mat + 12 * n_attn * cfg.n_head * cfg.head_dim * seq_len
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, device=None, revision=None):
+        """Load from a registry short name, an HF repo id, or a local folder (config.json + safetensors).
+        dtype defaults to fp32 (master weights for training); pass torch.bfloat16 for inference."""
+        dtype = dtype or torch.float32
+        if name_or_path == "tiny" and not os.path.isdir(name_or_path):
+            print("tiny: no weights exist for this configuration; using random weights (seed 0)", file=sys.stderr)
+            cfg = Config.from_hf(dict(REGISTRY["tiny"]["config"]))
+            return cls(cfg).to(device=device, dtype=dtype)
+        path = resolve(name_or_path, revision)
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{path}: no config.json")
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = Config.from_hf(json.load(f))
+        tensors = _open_safetensors(path)
+        if cfg.family == "lfm2":   # the FFN width is whatever w1 says (configs disagree on how to derive it)
+            w1 = next((k for k in tensors if k.endswith("feed_forward.w1.weight")), None)
+            if w1 is not None:
+                cfg.d_ff = tensors.shape(w1)[0]
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = _load_state(model, tensors, dtype, device)
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie:
+            model.lm_head.weight = model.wte.weight
+        return model.to(device=device)
+
+    def save_pretrained(self, out_dir):
+        """Write model.safetensors + config.json in the HF layout of this family (transformers can load them)."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        ours = {k: v.detach() for k, v in self.state_dict().items()}
+        hf = {}
+        for entry in _weight_map(self.cfg):
+            if entry.ours not in ours:
+                raise KeyError(f"save_pretrained: {entry.ours} not found (merge_lora before saving)")
+            for name, t in zip(entry.hf, entry.to_hf(ours[entry.ours])):
+                hf[name] = t.contiguous().cpu()
+        cfg = self.cfg.to_hf()
+        cfg["torch_dtype"] = str(self.wte.weight.dtype).replace("torch.", "")
+        _atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
+        _atomic_write(os.path.join(out_dir, "config.json"),
+                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(cfg, indent=2, ensure_ascii=False)))
+
+
+def sample(logits, temperature, top_k=None, top_p=None, generator=None):
+    """logits (B, V) fp32 -> next token (B,). temperature 0 = greedy; top-k then top-p filtering."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p                 # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts. One entry = one of our tensors <- one or more HF tensors, with the transform between them.
+
+
+class _Entry:
+    def __init__(self, ours, hf, kind="copy", sizes=None, n_head=None):
+        self.ours, self.hf, self.kind, self.sizes, self.n_head = ours, hf if isinstance(hf, list) else [hf], kind, sizes, n_head
+
+    def to_ours(self, parts):
+        if self.kind == "copy":
+            return parts[0]
+        if self.kind == "T":                       # GPT-2 Conv1D stores W as [in, out]
+            return parts[0].t()
+        if self.kind == "cat":                     # separate q, k, v (or gate, up) -> one fused projection
+            return torch.cat(parts, dim=0)
+        if self.kind == "bloom":                   # per-head interleaved [nh, 3, hd] -> blocks [3, nh, hd]
+            t = parts[0]
+            return t.view(self.n_head, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        raise AssertionError(self.kind)
+
+    def to_hf(self, t):
+        if self.kind == "copy":
+            return [t]
+        if self.kind == "T":
+            return [t.t()]
+        if self.kind == "cat":
+            return list(t.split(self.sizes, dim=0))
+        if self.kind == "bloom":
+            return [t.view(3, self.n_head, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)]
+        raise AssertionError(self.kind)
+
+    def hf_shapes(self, shape):
+        if self.kind == "T":
+            return [tuple(reversed(shape))]
+        if self.kind == "cat":
+            return [(s, *shape[1:]) for s in self.sizes]
+        return [tuple(shape)]
+
+
+def _weight_map(cfg):
+    """The explicit name map of each family (HF names without the optional `transformer.` prefix for gpt2/bloom)."""
+    E = _Entry
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    wb = ("weight", "bias")
+    m = []
+    if cfg.family == "gpt2":
+        m += [E("wte.weight", "wte.weight"), E("wpe.weight", "wpe.weight")]
+        for i in range(cfg.n_layer):
+            p, h = f"layers.{i}.", f"h.{i}."
+            m += [E(p + "norm1." + w, h + "ln_1." + w) for w in wb]
+            m += [E(p + "attn.qkv.weight", h + "attn.c_attn.weight", "T"), E(p + "attn.qkv.bias", h + "attn.c_attn.bias")]
+            m += [E(p + "attn.o.weight", h + "attn.c_proj.weight", "T"), E(p + "attn.o.bias", h + "attn.c_proj.bias")]
+            m += [E(p + "norm2." + w, h + "ln_2." + w) for w in wb]
+            m += [E(p + "mlp.fc.weight", h + "mlp.c_fc.weight", "T"), E(p + "mlp.fc.bias", h + "mlp.c_fc.bias")]
+            m += [E(p + "mlp.proj.weight", h + "mlp.c_proj.weight", "T"), E(p + "mlp.proj.bias", h + "mlp.c_proj.bias")]
+        m += [E("norm_f." + w, "ln_f." + w) for w in wb]
+    elif cfg.family == "bloom":
+        m += [E("wte.weight", "word_embeddings.weight")]
+        m += [E("emb_norm." + w, "word_embeddings_layernorm." + w) for w in wb]
+        for i in range(cfg.n_layer):
+            p, h = f"layers.{i}.", f"h.{i}."
+            m += [E(p + "norm1." + w, h + "input_layernorm." + w) for w in wb]
+            m += [E(p + "attn.qkv." + w, h + "self_attention.query_key_value." + w, "bloom", n_head=cfg.n_head) for w in wb]
+            m += [E(p + "attn.o." + w, h + "self_attention.dense." + w) for w in wb]
+            m += [E(p + "norm2." + w, h + "post_attention_layernorm." + w) for w in wb]
+            m += [E(p + "mlp.fc." + w, h + "mlp.dense_h_to_4h." + w) for w in wb]
+            m += [E(p + "mlp.proj." + w, h + "mlp.dense_4h_to_h." + w) for w in wb]
+        m += [E("norm_f." + w, "ln_f." + w) for w in wb]
+    else:   # qwen2, qwen3, llama, mistral, lfm2: the `model.` layout
+        lfm = cfg.family == "lfm2"
+        m += [E("wte.weight", "model.embed_tokens.weight")]
+        for i, kind in enumerate(cfg.layer_types or ("attn",) * cfg.n_layer):
+            p, h = f"layers.{i}.", f"model.layers.{i}."
+            m += [E(p + "norm1.weight", h + ("operator_norm.weight" if lfm else "input_layernorm.weight")),
+                  E(p + "norm2.weight", h + ("ffn_norm.weight" if lfm else "post_attention_layernorm.weight"))]
+            if kind == "attn":
+                a = h + "self_attn."
+                m += [E(p + "attn.qkv.weight", [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], "cat",
+                        [q, kv, kv])]
+                if cfg.qkv_bias:
+                    m += [E(p + "attn.qkv.bias", [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], "cat",
+                            [q, kv, kv])]
+                if cfg.qk_norm:
+                    qn, kn = ("q_layernorm", "k_layernorm") if lfm else ("q_norm", "k_norm")
+                    m += [E(p + "attn.q_norm.weight", a + qn + ".weight"), E(p + "attn.k_norm.weight", a + kn + ".weight")]
+                m += [E(p + "attn.o.weight", a + ("out_proj.weight" if lfm else "o_proj.weight"))]
+            else:
+                m += [E(p + "conv.in_proj.weight", h + "conv.in_proj.weight"),
+                      E(p + "conv.weight", h + "conv.conv.weight"),
+                      E(p + "conv.out_proj.weight", h + "conv.out_proj.weight")]
+            f, (g, u, d) = (h + "feed_forward.", ("w1", "w3", "w2")) if lfm else (h + "mlp.", ("gate_proj", "up_proj", "down_proj"))
+            m += [E(p + "mlp.fc.weight", [f + g + ".weight", f + u + ".weight"], "cat", [cfg.d_ff, cfg.d_ff]),
+                  E(p + "mlp.proj.weight", f + d + ".weight")]
+        m += [E("norm_f.weight", "model.embedding_norm.weight" if lfm else "model.norm.weight")]
+    if not cfg.tie:
+        m += [E("lm_head.weight", "lm_head.weight")]
+    return m
+
+
+class _Tensors:
+    """Lazy view over one or several safetensors files: names -> (file, name as stored)."""
+
+    def __init__(self, files):
+        from safetensors import safe_open
+        self.handles, self.where = [], {}
+        for f in files:
+            h = safe_open(f, framework="pt", device="cpu")
+            self.handles.append(h)
+            for k in h.keys():
+                self.where[k] = (h, k)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __contains__(self, k):
+        return k in self.where
+
+    def shape(self, k):
+        h, name = self.where[k]
+        return tuple(h.get_slice(name).get_shape())
+
+    def get(self, k):
+        h, name = self.where[k]
+        return h.get_tensor(name)
+
+
+def _open_safetensors(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, x) for x in files]
+    else:
+        files = sorted(os.path.join(path, x) for x in os.listdir(path) if x.endswith(".safetensors"))
+    if not files:
+        pickles = [x for x in os.listdir(path) if x.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
+        raise FileNotFoundError(f"{path}: no .safetensors weights{hint}")
+    return _Tensors(files)
+
+
+def _load_state(model, tensors, dtype, device):
+    """Read every tensor the map names, check its shape, transform it into our layout. Fails loudly on any mismatch."""
+    cfg = model.cfg
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    # gpt2 / bloom checkpoints exist with and without the `transformer.` prefix: strip it once, here
+    strip = cfg.family in ("gpt2", "bloom")
+    names = {}
+    for k in tensors:
+        bare = k[len("transformer."):] if strip and k.startswith("transformer.") else k
+        names[bare] = k
+    skip = [n for n in names if n.endswith((".attn.bias", ".attn.masked_bias"))]   # GPT-2's uint8 causal masks
+    for n in skip:
+        names.pop(n)
+    state, used = {}, set()
+    for entry in _weight_map(cfg):
+        parts = []
+        for hf_name, want in zip(entry.hf, entry.hf_shapes(ours[entry.ours])):
+            if hf_name not in names:
+                raise KeyError(f"missing tensor {hf_name} in checkpoint (needed for {entry.ours})")
+            got = tensors.shape(names[hf_name])
+            if tuple(got) != tuple(want):
+                raise ValueError(f"tensor {hf_name}: checkpoint has shape {tuple(got)}, model expects {tuple(want)}")
+            parts.append(tensors.get(names[hf_name]).to(dtype))
+            used.add(hf_name)
+        state[entry.ours] = entry.to_ours(parts).contiguous().to(device)
+    if cfg.tie:
+        state["lm_head.weight"] = state["wte.weight"]
+        if "lm_head.weight" in names:   # some repos store the tied head too; it must be the embedding
+            used.add("lm_head.weight")
+            if not torch.equal(tensors.get(names["lm_head.weight"]).to(dtype), state["wte.weight"].cpu()):
+                print("warning: config ties lm_head to the embedding but the stored lm_head.weight differs; "
+                      "using the embedding (as transformers does)", file=sys.stderr)
+    extra = sorted(set(names) - used)
+    if extra:
+        raise KeyError(f"unexpected tensor {extra[0]} in checkpoint ({len(extra)} unexpected in all)")
+    return state
+
+
+def _atomic_write(path, write):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resolving names, downloading, tokenizers
+
+ALLOW = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+         "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"]
+
+
+def resolve(name_or_path, revision=None):
+    """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    repo = REGISTRY[name_or_path]["repo"] if name_or_path in REGISTRY else name_or_path
+    if repo is None or "/" not in repo and name_or_path not in REGISTRY:
+        raise FileNotFoundError(f"{name_or_path!r} is neither a folder, a registry name ({', '.join(REGISTRY)}) "
+                                f"nor an HF repo id")
+    from huggingface_hub import snapshot_download
+    kw = dict(revision=revision, allow_patterns=ALLOW, token=os.environ.get("HF_TOKEN"))
+    try:
+        return snapshot_download(repo, **kw)
+    except Exception as e:   # offline or hub down: an already-cached snapshot still loads
+        try:
+            return snapshot_download(repo, local_files_only=True, **kw)
+        except Exception:
+            gated = " (gated: accept its conditions on the hub and set HF_TOKEN)" if "gated" in REGISTRY.get(
+                name_or_path, {}).get("note", "") else ""
+            raise RuntimeError(f"cannot fetch {repo}{gated}: {e}") from e
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special ids the model needs (bos, eos, pad; pad falls back to eos)."""
+
+    def __init__(self, tk, bos_id=None, eos_id=None, pad_id=None):
+        self.tk, self.bos_id, self.eos_id = tk, bos_id, eos_id
+        self.pad_id = pad_id if pad_id is not None else eos_id
+        self.vocab_size = tk.get_vocab_size()
+
+    def encode(self, text):
+        return self.tk.encode(text).ids
+
+    def decode(self, ids):
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+    def save(self, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        _atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: self.tk.save(p))
+        specials = {k: self.tk.id_to_token(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                                                            ("pad_token", self.pad_id)) if i is not None}
+        _atomic_write(os.path.join(out_dir, "special_tokens_map.json"),
+                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(specials, ensure_ascii=False)))
+
+
+def load_tokenizer(name_or_path, revision=None):
+    """From tokenizer.json, else byte-level BPE from vocab.json + merges.txt (+ added_tokens.json).
+    Special ids: special_tokens_map.json / tokenizer_config.json names, else config.json ids."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as TK
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    if name_or_path == "tiny" and not os.path.isdir(name_or_path):
+        tk = TK.from_file(TINY_TOKENIZER)
+        c = REGISTRY["tiny"]["config"]
+        return Tokenizer(tk, c["bos_token_id"], c["eos_token_id"], None)
+    path = resolve(name_or_path, revision)
+    j = lambda n: os.path.join(path, n)  # noqa: E731
+    if os.path.isfile(j("tokenizer.json")):
+        tk = TK.from_file(j("tokenizer.json"))
+    elif os.path.isfile(j("vocab.json")) and os.path.isfile(j("merges.txt")):
+        tk = TK(models.BPE.from_file(j("vocab.json"), j("merges.txt")))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+        if os.path.isfile(j("added_tokens.json")):
+            with open(j("added_tokens.json"), encoding="utf-8") as f:
+                added = sorted(json.load(f).items(), key=lambda kv: kv[1])
+            for tok, want in added:
+                tk.add_tokens([AddedToken(tok, special=False, normalized=False)])
+                if tk.token_to_id(tok) != want:
+                    raise ValueError(f"{j('added_tokens.json')}: token {tok!r} got id {tk.token_to_id(tok)}, "
+                                     f"file says {want}")
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.json nor vocab.json + merges.txt")
+    ids = {}
+    if os.path.isfile(j("config.json")):
+        with open(j("config.json"), encoding="utf-8") as f:
+            c = json.load(f)
+        for k in ("bos", "eos", "pad"):
+            v = c.get(f"{k}_token_id")
+            ids[k] = v[0] if isinstance(v, list) else v
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):   # names beat ids: later files win
+        if os.path.isfile(j(fname)):
+            with open(j(fname), encoding="utf-8") as f:
+                c = json.load(f)
+            for k in ("bos", "eos", "pad"):
+                v = c.get(f"{k}_token")
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str) and tk.token_to_id(v) is not None:
+                    ids[k] = tk.token_to_id(v)
+    return Tokenizer(tk, ids.get("bos"), ids.get("eos"), ids.get("pad"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on chosen linear layers, mergeable back into the weights
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(dropout(x))). A ~ kaiming-uniform, B = 0, so the model starts unchanged."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + self.scale * lora
+
+    def merged(self):
+        with torch.no_grad():
+            self.base.weight += (self.scale * self.lora_B.float() @ self.lora_A.float()).to(self.base.weight.dtype)
+        return self.base
+
+
+LORA_TARGETS = ("qkv", "o", "fc", "proj", "in_proj", "out_proj")
+
+
+def add_lora(model, targets=("qkv", "o"), rank=16, alpha=32, dropout=0.05):
+    """Wrap every nn.Linear whose last name is in `targets` (our names: qkv, o, fc, proj, in_proj, out_proj);
+    freeze everything else. Returns the wrapped module names."""
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad:
+        raise ValueError(f"LoRA target {bad[0]!r} unknown: choose from {', '.join(LORA_TARGETS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, mod in list(model.named_modules()):
+        for child, sub in list(mod.named_children()):
+            if child in targets and isinstance(sub, nn.Linear):
+                setattr(mod, child, LoRALinear(sub, rank, alpha, dropout))
+                wrapped.append(f"{name}.{child}")
+    if not wrapped:
+        raise ValueError(f"LoRA targets {targets} match no layer of this model")
+    return wrapped
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight (W += scale * B @ A) and unwrap it; all parameters trainable again."""
+    for mod in list(model.modules()):
+        for child, sub in list(mod.named_children()):
+            if isinstance(sub, LoRALinear):
+                setattr(mod, child, sub.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
