@@ -495,8 +495,11 @@ class Decoder(nn.Module):
             x = layer(x, ctx, cache[i] if cache is not None else None)
         return self.norm_f(x)
 
-    def forward(self, idx, mask=None):
-        """Logits (B, T, vocab) in the model's dtype (or autocast dtype)."""
+    def forward(self, idx, mask=None, targets=None):
+        """Logits (B, T, vocab) in the model's dtype (or autocast dtype); with targets, the per-token NLL (B, T) fp32
+        instead (see token_nll). The loss goes through forward so that DDP's hooks see it."""
+        if targets is not None:
+            return self.token_nll(idx, targets, mask)
         return self.lm_head(self.hidden(idx, mask))
 
     def token_nll(self, idx, targets, mask=None, chunk_tokens=None):
@@ -616,8 +619,8 @@ class Decoder(nn.Module):
                 hf[name] = t.contiguous().cpu()
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.wte.weight.dtype).replace("torch.", "")
-        _atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
-        _atomic_write(os.path.join(out_dir, "config.json"),
+        atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(out_dir, "config.json"),
                       lambda p: open(p, "w", encoding="utf-8").write(json.dumps(cfg, indent=2, ensure_ascii=False)))
 
 
@@ -817,7 +820,8 @@ def _load_state(model, tensors, dtype, device):
     return state
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """Call write(tmp_path) on a temp file beside path, then rename it over path: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
@@ -865,18 +869,19 @@ class Tokenizer:
         self.pad_id = pad_id if pad_id is not None else eos_id
         self.vocab_size = tk.get_vocab_size()
 
-    def encode(self, text):
-        return self.tk.encode(text).ids
+    def encode(self, text, special=True):
+        """Token ids; special=True lets the tokenizer's post-processor add what it adds (LFM2: BOS)."""
+        return self.tk.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids):
         return self.tk.decode(ids, skip_special_tokens=True)
 
     def save(self, out_dir):
         os.makedirs(out_dir, exist_ok=True)
-        _atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: self.tk.save(p))
+        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: self.tk.save(p))
         specials = {k: self.tk.id_to_token(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                                                             ("pad_token", self.pad_id)) if i is not None}
-        _atomic_write(os.path.join(out_dir, "special_tokens_map.json"),
+        atomic_write(os.path.join(out_dir, "special_tokens_map.json"),
                       lambda p: open(p, "w", encoding="utf-8").write(json.dumps(specials, ensure_ascii=False)))
 
 
