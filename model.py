@@ -105,7 +105,7 @@ REGISTRY = {
                         config=_gpt2(1024, 24, 16, 50257, bos=50256, eos=50256)),
     "bloom-560m": dict(repo="bigscience/bloom-560m", family="bloom", params="559M", note="", config=_bloom()),
     # offline demos and tests: random weights, the sample's byte-level BPE tokenizer
-    "tiny": dict(repo=None, family="gpt2", params="0.4M", note="random weights, data/sample/tokenizer.json",
+    "tiny": dict(repo=None, family="gpt2", params="0.26M", note="offline: random weights, data/sample/tokenizer.json",
                  config=_gpt2(64, 2, 4, 2048, n_pos=512)),
 }
 TINY_TOKENIZER = os.path.join(HERE, "data", "sample", "tokenizer.json")
@@ -614,7 +614,7 @@ class Decoder(nn.Module):
         hf = {}
         for entry in _weight_map(self.cfg):
             if entry.ours not in ours:
-                raise KeyError(f"save_pretrained: {entry.ours} not found (merge_lora before saving)")
+                raise ValueError(f"save_pretrained: {entry.ours} not found (merge_lora before saving)")
             for name, t in zip(entry.hf, entry.to_hf(ours[entry.ours])):
                 hf[name] = t.contiguous().cpu()
         cfg = self.cfg.to_hf()
@@ -800,7 +800,7 @@ def _load_state(model, tensors, dtype, device):
         parts = []
         for hf_name, want in zip(entry.hf, entry.hf_shapes(ours[entry.ours])):
             if hf_name not in names:
-                raise KeyError(f"missing tensor {hf_name} in checkpoint (needed for {entry.ours})")
+                raise ValueError(f"missing tensor {hf_name} in checkpoint (needed for {entry.ours})")
             got = tensors.shape(names[hf_name])
             if tuple(got) != tuple(want):
                 raise ValueError(f"tensor {hf_name}: checkpoint has shape {tuple(got)}, model expects {tuple(want)}")
@@ -816,7 +816,7 @@ def _load_state(model, tensors, dtype, device):
                       "using the embedding (as transformers does)", file=sys.stderr)
     extra = sorted(set(names) - used)
     if extra:
-        raise KeyError(f"unexpected tensor {extra[0]} in checkpoint ({len(extra)} unexpected in all)")
+        raise ValueError(f"unexpected tensor {extra[0]} in checkpoint ({len(extra)} unexpected in all)")
     return state
 
 
@@ -914,6 +914,10 @@ def load_tokenizer(name_or_path, revision=None):
                                      f"file says {want}")
     else:
         raise FileNotFoundError(f"{path}: no tokenizer.json nor vocab.json + merges.txt")
+    names = _special_names(path)
+    if not os.path.isfile(j("tokenizer.json")):   # special tokens must stay one token, as in transformers
+        specials = [n for n in {*names.values(), "<|endoftext|>"} if tk.token_to_id(n) is not None]
+        tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in sorted(specials)])
     ids = {}
     if os.path.isfile(j("config.json")):
         with open(j("config.json"), encoding="utf-8") as f:
@@ -921,16 +925,26 @@ def load_tokenizer(name_or_path, revision=None):
         for k in ("bos", "eos", "pad"):
             v = c.get(f"{k}_token_id")
             ids[k] = v[0] if isinstance(v, list) else v
-    for fname in ("tokenizer_config.json", "special_tokens_map.json"):   # names beat ids: later files win
-        if os.path.isfile(j(fname)):
-            with open(j(fname), encoding="utf-8") as f:
+    for k, name in names.items():   # names beat config ids
+        if tk.token_to_id(name) is not None:
+            ids[k] = tk.token_to_id(name)
+    return Tokenizer(tk, ids.get("bos"), ids.get("eos"), ids.get("pad"))
+
+
+def _special_names(path):
+    """{"bos"|"eos"|"pad": token string} from tokenizer_config.json, then special_tokens_map.json (later wins)."""
+    names = {}
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+        p = os.path.join(path, fname)
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
                 c = json.load(f)
             for k in ("bos", "eos", "pad"):
                 v = c.get(f"{k}_token")
                 v = v.get("content") if isinstance(v, dict) else v
-                if isinstance(v, str) and tk.token_to_id(v) is not None:
-                    ids[k] = tk.token_to_id(v)
-    return Tokenizer(tk, ids.get("bos"), ids.get("eos"), ids.get("pad"))
+                if isinstance(v, str):
+                    names[k] = v
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,380 @@
+"""The data contract: reading, validating and writing question-answer records, and the prompt template.
+
+One canonical record is
+
+    {"question": str, "answer": str, "severity": str, "p_nc": float, "p_n": float, "p_c": float}
+
+where severity is one of SEVERITIES and (p_nc, p_n, p_c) is the severity classifier's softmax over
+(non-critical, neutral, critical). Files may be .jsonl, .json (a list of objects), .csv or .tsv/.tab.
+Every validation problem raises DataError whose text is ONE line, "<file>:<line>: <field>: <problem>",
+so a script can print it as "error: " + str(e) and exit 2.
+
+Example:
+    import data
+    recs = data.load_records("data/sample/train.jsonl")
+    text = data.format_prompt(recs[0]["question"]) + recs[0]["answer"]   # + EOS token when training
+"""
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+SEVERITIES = ("non-critical", "neutral", "critical")  # index order = p_nc, p_n, p_c
+PROB_FIELDS = ("p_nc", "p_n", "p_c")                  # same order as SEVERITIES
+PROMPT_CUE = "الاجابة:"                               # "the answer:", as in the authors' notebooks
+SUM_TOL = 1e-3                                        # probabilities must sum to 1 within this
+
+
+class DataError(ValueError):
+    """A bad input file. str(e) is one line: "<file>:<line>: <field>: <problem>"."""
+
+    def __init__(self, path, line, field, problem):
+        problem = " ".join(str(problem).splitlines())  # always ONE line
+        self.path, self.line, self.field, self.problem = str(path), line, field, problem
+        super().__init__(f"{path}:{line}: {field}: {problem}")
+
+
+def _key(name):
+    """Normalise a column name for alias lookup: trim, lower-case, one space between words."""
+    return " ".join(str(name).split()).lower()
+
+
+# Column aliases -> canonical field. Keys are compared after _key(), so "Question" == "question".
+# The Arabic names are the probability columns of the authors' annotated files.
+FIELD_ALIASES = {
+    "question": "question", "answer": "answer", "severity": "severity",
+    "p_nc": "p_nc", "غير حرج": "p_nc",   # "not critical"
+    "p_n": "p_n", "متوسط": "p_n",        # "medium"
+    "p_c": "p_c", "حرج": "p_c",          # "critical"
+}
+LABEL_FIELD_ALIASES = {"text": "text", "question": "text", "label": "label", "severity": "label"}
+
+# Severity label aliases (compared after _key() and "_" -> "-"). "moderate"/"mild"/"severe" are the
+# names used by the sibling curriculum-learning paper's keyword rules.
+SEVERITY_ALIASES = {
+    "non-critical": "non-critical", "noncritical": "non-critical", "non critical": "non-critical",
+    "mild": "non-critical", "غير حرج": "non-critical",
+    "neutral": "neutral", "moderate": "neutral", "متوسط": "neutral",
+    "critical": "critical", "severe": "critical", "حرج": "critical",
+}
+
+
+def canonical_severity(label):
+    """Canonical severity name for a label or alias (any case), or None if it is not one."""
+    if not isinstance(label, str):
+        return None
+    return SEVERITY_ALIASES.get(_key(label).replace("_", "-"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading raw rows
+
+def _decode(path):
+    """Read a file as UTF-8 text (a leading BOM is dropped). Bad bytes -> DataError at their line."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise DataError(path, 1, "file", "empty file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        bad = raw[e.start:e.start + 1].hex()
+        # Best effort: name the field that holds the bad bytes by parsing with them escaped.
+        field = "text"
+        try:
+            rows = _parse(path, raw.decode("utf-8-sig", errors="surrogateescape"))
+            for _, row in rows:
+                hit = [k for k, v in row.items() if _has_surrogate(k) or _has_surrogate(v)]
+                if hit:
+                    field = hit[0] if not _has_surrogate(hit[0]) else "column name"
+                    break
+        except (DataError, ValueError):
+            pass
+        raise DataError(path, line, field, f"bytes are not valid UTF-8 (0x{bad})") from None
+
+
+def _has_surrogate(v):
+    return isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v)
+
+
+def _json_items(path, text):
+    """Items of a JSON list as (line where the item starts, item), keeping line numbers."""
+    dec = json.JSONDecoder()
+    i, n, line, last = 0, len(text), 1, 0
+    ws = " \t\r\n"
+
+    def skip(i):
+        while i < n and text[i] in ws:
+            i += 1
+        return i
+
+    def lineno(i):  # incremental newline count: O(file size) overall
+        nonlocal line, last
+        line += text.count("\n", last, i)
+        last = i
+        return line
+
+    i = skip(i)
+    if i >= n or text[i] != "[":
+        raise DataError(path, lineno(i), "file", "a .json file must hold a list of objects")
+    i = skip(i + 1)
+    items = []
+    if i < n and text[i] == "]":
+        return items
+    while True:
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(path, e.lineno, "json", e.msg) from None
+        items.append((lineno(i), obj))
+        i = skip(end)
+        if i < n and text[i] == ",":
+            i = skip(i + 1)
+        elif i < n and text[i] == "]":
+            break
+        else:
+            raise DataError(path, lineno(i), "json", "expected ',' or ']' between list items")
+    if skip(i + 1) < n:
+        raise DataError(path, lineno(skip(i + 1)), "json", "extra data after the list")
+    return items
+
+
+def _parse(path, text):
+    """Parse decoded text into [(line, row dict)] according to the file's extension."""
+    suffix = Path(path).suffix.lower()
+    rows = []
+    if suffix == ".jsonl":
+        # split on "\n" only: str.splitlines() would also split at U+2028 etc., which JSON allows
+        # unescaped inside strings (and json.dumps(ensure_ascii=False) writes them raw)
+        for lineno, ln in enumerate(text.split("\n"), 1):
+            if not ln.strip():
+                continue  # blank lines are allowed
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise DataError(path, lineno, "json", e.msg) from None
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, "row", "expected a JSON object")
+            rows.append((lineno, obj))
+    elif suffix == ".json":
+        for lineno, obj in _json_items(path, text):
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, "row", "expected a JSON object")
+            rows.append((lineno, obj))
+    elif suffix in (".csv", ".tsv", ".tab"):  # .tab is what Harvard Dataverse serves for ingested tables
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if suffix == ".csv" else "\t")
+        header, start = None, 1
+        try:
+            for row in reader:
+                # reader.line_num is the physical line where this row ENDS (quoted fields may span
+                # lines); `start` is where it began, which is the line we report.
+                if not row or not any(c.strip() for c in row):
+                    pass  # blank line
+                elif header is None:
+                    header = [c.strip() for c in row]
+                elif len(row) != len(header):
+                    raise DataError(path, start, "row", f"{len(row)} values but the header has {len(header)} columns")
+                else:
+                    rows.append((start, dict(zip(header, row))))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(path, start, "csv", str(e)) from None
+    else:
+        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv)")
+    if not rows:
+        raise DataError(path, 1, "file", "no records (empty file)")
+    return rows
+
+
+def read_rows(path):
+    """Raw rows of a .jsonl / .json / .csv / .tsv file as [(line number, row dict)], 1-based lines.
+
+    For CSV the header is line 1 and a row's number is the physical line where it starts.
+    UTF-8 is enforced (DataError names the line with the bad bytes); an empty file is a DataError.
+    """
+    return _parse(path, _decode(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+def _canonical_fields(path, line, row, aliases):
+    """Map a row's keys through `aliases` -> {canonical: (column as written, value)}."""
+    out = {}
+    for k, v in row.items():
+        canon = aliases.get(_key(k))
+        if canon is None:
+            continue  # unknown columns are ignored
+        if canon in out:
+            raise DataError(path, line, canon, f"given twice (as '{out[canon][0]}' and '{k}')")
+        out[canon] = (k, v)
+    return out
+
+
+def _col(col, canon):
+    """How to name a column in a message: as written, plus the canonical name for Arabic aliases."""
+    return col if _key(col) == canon else f"{col} ({canon})"
+
+
+def _text(path, line, f, canon):
+    if canon not in f:
+        raise DataError(path, line, canon, "missing field")
+    col, v = f[canon]
+    if not isinstance(v, str):
+        raise DataError(path, line, _col(col, canon), f"expected text, got {type(v).__name__}")
+    if not v.strip():
+        raise DataError(path, line, _col(col, canon), "empty")
+    return v.strip()
+
+
+def _blank(v):
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
+def _probs(path, line, f):
+    """(p_nc, p_n, p_c) from a row, None when none of the three is given; validated."""
+    given = {c: f[c] for c in PROB_FIELDS if c in f and not _blank(f[c][1])}  # a blank cell = not given
+    if not given:
+        return None
+    ps = []
+    for c in PROB_FIELDS:
+        if c not in given:
+            raise DataError(path, line, c, "missing field" if c not in f else "empty value")
+        col, v = given[c]
+        name = _col(col, c)
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise DataError(path, line, name, f"not a number ({v!r})")
+        try:
+            p = float(v)
+        except ValueError:
+            raise DataError(path, line, name, f"not a number ({v!r})") from None
+        if not (0.0 <= p <= 1.0):  # also false for NaN
+            raise DataError(path, line, name, f"probability {v} is outside [0, 1]")
+        ps.append(p)
+    s = math.fsum(ps)
+    if abs(s - 1.0) > SUM_TOL:
+        raise DataError(path, line, "p_nc+p_n+p_c", f"probabilities sum to {s:.4f}, not 1 (tolerance {SUM_TOL})")
+    return tuple(ps)
+
+
+def parse_record(path, line, row, require_probs=True, require_severity=True):
+    """Validate one raw row -> canonical dict (question, answer, then severity fields when present).
+
+    require_probs: probabilities must be given; otherwise a given severity gets one-hot probabilities.
+    require_severity: severity or probabilities must be given; if False, rows may be plain Q/A.
+    Severity missing but probabilities given -> severity = argmax (first maximum, SEVERITIES order,
+    like torch.argmax). Both given -> the given label is kept even if it is not the argmax (ties).
+    """
+    f = _canonical_fields(path, line, row, FIELD_ALIASES)
+    rec = {"question": _text(path, line, f, "question"), "answer": _text(path, line, f, "answer")}
+    probs = _probs(path, line, f)
+    sev = None
+    if "severity" in f and not _blank(f["severity"][1]):  # a blank cell = not given
+        col, v = f["severity"]
+        sev = canonical_severity(v)
+        if sev is None:
+            raise DataError(path, line, _col(col, "severity"),
+                            f"unknown severity label {v!r} (expected one of {', '.join(SEVERITIES)})")
+    if probs is None:
+        if require_probs:
+            raise DataError(path, line, "p_nc", "missing field (probabilities p_nc, p_n, p_c are required; "
+                                                "annotate.py adds them)")
+        if sev is not None:
+            probs = tuple(1.0 if s == sev else 0.0 for s in SEVERITIES)  # one-hot from the label
+        elif require_severity:
+            raise DataError(path, line, "severity", "missing field (give severity or p_nc, p_n, p_c)")
+    if probs is not None:
+        if sev is None:
+            sev = SEVERITIES[max(range(3), key=lambda i: (probs[i], -i))]
+        rec["severity"] = sev
+        rec.update(zip(PROB_FIELDS, probs))
+    elif sev is not None:
+        rec["severity"] = sev
+    return rec
+
+
+def load_records(path, require_probs=True):
+    """Canonical, validated records {question, answer, severity, p_nc, p_n, p_c} from a file.
+
+    require_probs=False accepts rows that have a severity label but no probabilities and gives
+    them one-hot probabilities (useful for hand-labelled data; the loss then sees hard weights).
+    """
+    return [parse_record(path, ln, row, require_probs=require_probs) for ln, row in read_rows(path)]
+
+
+def load_qa(path):
+    """Validated question/answer records for annotation: {question, answer} plus any severity
+    fields the file already has (validated the same way). Used by annotate.py on prepare.py output."""
+    return [parse_record(path, ln, row, require_probs=False, require_severity=False)
+            for ln, row in read_rows(path)]
+
+
+def load_labels(path):
+    """Labelled texts for the severity classifier: [{"text": str, "label": str}] with canonical labels.
+    Accepts text/question and label/severity columns (any case) and the severity label aliases."""
+    out = []
+    for ln, row in read_rows(path):
+        f = _canonical_fields(path, ln, row, LABEL_FIELD_ALIASES)
+        text = _text(path, ln, f, "text")
+        if "label" not in f:
+            raise DataError(path, ln, "label", "missing field")
+        col, v = f["label"]
+        label = canonical_severity(v)
+        if label is None:
+            raise DataError(path, ln, _col(col, "label"),
+                            f"unknown severity label {v!r} (expected one of {', '.join(SEVERITIES)})")
+        out.append({"text": text, "label": label})
+    return out
+
+
+def severity_probs(record):
+    """(p_nc, p_n, p_c) of a canonical record, in SEVERITIES order."""
+    return tuple(float(record[k]) for k in PROB_FIELDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+def atomic_write(path, text):
+    """Write text (UTF-8) to path atomically: temp file in the same folder, fsync, os.replace.
+    A reader never sees a half-written file, and a crash leaves the old file (if any) intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, records):
+    """Write records (dicts) as JSON lines, UTF-8 Arabic kept readable (ensure_ascii=False), atomically."""
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt template (the ONE place it lives). Training text = format_prompt(q) + answer + EOS;
+# the loss covers the answer (and EOS); generation starts from format_prompt(q).
+
+def format_prompt(question):
+    """"\\n{question}\\n\\nالاجابة:\\n" -- the answer follows the cue."""
+    return f"\n{question}\n\n{PROMPT_CUE}\n"
+
+
+def extract_answer(generated_text):
+    """The text after the first answer cue if present (so prompt + generation works), else all of
+    it; stripped."""
+    _, cue, after = generated_text.partition(PROMPT_CUE)
+    return (after if cue else generated_text).strip()
