@@ -773,6 +773,8 @@ def _open_safetensors(path):
         with open(index, encoding="utf-8") as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
         files = [os.path.join(path, x) for x in files]
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):   # not train.py's state.safetensors beside it
+        files = [os.path.join(path, "model.safetensors")]
     else:
         files = sorted(os.path.join(path, x) for x in os.listdir(path) if x.endswith(".safetensors"))
     if not files:

@@ -196,7 +196,7 @@ def load_state(path, model, opt, scaler):
         torch.cuda.set_rng_state(t["rng.cuda"])
     if meta["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(meta["scaler"])
-    return meta["step"]
+    return meta["step"], meta["args"]
 
 
 def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
@@ -262,8 +262,11 @@ def main(argv=None):
     if args.lora_rank > 0:
         wrapped = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
         log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers")
-    lr = args.lr or (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
+    lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    if model.cfg.pos == "learned" and args.max_len > model.cfg.max_pos + 1:   # inputs are ids[:-1]
+        log(f"--max-len {args.max_len} exceeds the model's {model.cfg.max_pos} positions: using {model.cfg.max_pos + 1}")
+        args.max_len = model.cfg.max_pos + 1
     train_ex = encode(train_recs, tok, abc, args.max_len, args.loss_tokens)
     eval_ex = encode(eval_recs, tok, abc, args.max_len, "answer")
     per_step = args.batch_size * args.grad_accum * world
@@ -285,7 +288,12 @@ def main(argv=None):
         if not os.path.isfile(state_path):
             print(f"error: {state_path}: --resume but no saved state", file=sys.stderr)
             sys.exit(2)
-        step = load_state(state_path, model, opt, scaler)
+        step, saved = load_state(state_path, model, opt, scaler)
+        for k in ("batch_size", "grad_accum", "world_size", "seed", "loss_tokens", "max_len"):
+            now = world if k == "world_size" else getattr(args, k)
+            if saved.get(k) != now:   # the data order and the loss depend on these: a resume must not change them
+                print(f"error: {state_path}: --resume with {k}={now} but the saved run used {saved.get(k)}", file=sys.stderr)
+                sys.exit(2)
         log(f"resumed from {state_path} at step {step}")
     raw_model = model
     if args.compile:
