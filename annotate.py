@@ -1,0 +1,259 @@
+"""Annotate question/answer records with severity probabilities from the severity classifier.
+
+Reads a canonical or raw Q/A file (.jsonl/.json/.csv/.tsv; question/answer columns with aliases such
+as Question/Answer), runs the classifier written by classify.py on the QUESTION text only (as the
+paper does), and writes canonical six-field records in input order:
+
+    {"question", "answer", "severity", "p_nc", "p_n", "p_c"}     (severity = argmax of the three)
+
+Batched and sorted by length inside fixed chunks of rows; each finished chunk is appended to
+<out>.partial and recorded in <out>.partial.json, so an interrupted run (Ctrl-C, crash, lost machine)
+continues where it stopped when the same command is run again. The final file appears atomically
+(os.replace) only when every row is done. Prints the severity distribution at the end.
+
+Classifiers whose classes are named differently are mapped with --label-map: 'auto' (default)
+understands non-critical/neutral/critical, mild/moderate/severe and the Arabic غير حرج/متوسط/حرج;
+or give 'src=dst,...' (several classes may map to one severity: their probabilities are added).
+
+Example:
+    python annotate.py out/maqa/train.jsonl --classifier out/classifier --out out/maqa/train.annotated.jsonl
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import classify
+import data
+
+SEVERITIES = tuple(data.SEVERITIES)
+PROB_FIELDS = ("p_nc", "p_n", "p_c")
+PAPER_DISTRIBUTION = (46, 30, 24)  # % non-critical / neutral / critical after annotation in the paper
+DECIMALS = 6                         # probabilities are rounded to this many decimals in the output
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("input", help="Q/A file to annotate (.jsonl/.json/.csv/.tsv)")
+    p.add_argument("--out", required=True, help="output .jsonl (canonical six-field records)")
+    p.add_argument("--classifier", default=os.path.join("out", "classifier"),
+                   help="folder written by classify.py, hub repo id of a BERT classifier, or a registry name "
+                        "('tiny' = random head, for smoke tests)")
+    p.add_argument("--revision", default=None, help="hub revision when --classifier is a repo id")
+    p.add_argument("--label-map", default="auto",
+                   help="classifier class -> severity: auto (severity names and their aliases), arabic "
+                        "(غير حرج/متوسط/حرج), mild-moderate-severe, or 'src=dst,...' (dst: non-critical, neutral, "
+                        "critical; several classes may map to one severity, probabilities added)")
+    p.add_argument("--question-col", default=None, help="question column when it is not named question/Question")
+    p.add_argument("--answer-col", default=None, help="answer column when it is not named answer/Answer")
+    p.add_argument("--batch-size", type=int, default=64, help="questions per forward pass")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="max tokens per question incl. [CLS]/[SEP] (default: the classifier's training --max-len)")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="rows per resumable chunk (sorted by length inside a chunk); keep it the same when resuming")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto = cuda if available)")
+    p.add_argument("--limit", type=int, default=None, help="annotate only the first N rows")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="debug: stop after this many chunks in this run, as if interrupted (rerun to resume)")
+    a = p.parse_args(argv)
+    for k in ("batch_size", "chunk_size"):
+        if getattr(a, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# Label mapping
+
+# Built-in maps (also what 'auto' understands, through data.canonical_severity).
+PRESETS = {
+    "arabic": "غير حرج=non-critical,متوسط=neutral,حرج=critical",  # the authors' column names
+    "mild-moderate-severe": "mild=non-critical,moderate=neutral,severe=critical",  # sibling paper's names
+}
+
+
+def label_matrix(spec, labels):
+    """(C, 3) 0/1 matrix M with M[c, s] = 1 when classifier class c counts as severity s;
+    severity probabilities = probs @ M. spec: 'auto', a PRESETS name, or 'src=dst,...'.
+    Every class must map to exactly one severity; several classes may share one."""
+    spec = PRESETS.get(spec, spec)
+    if spec in (None, "", "auto"):
+        mapping = {l: data.canonical_severity(l) for l in labels}
+        bad = [l for l, s in mapping.items() if s is None]
+        if bad:
+            raise ValueError(f"--label-map: classifier class '{bad[0]}' is not a severity name; "
+                             f"give --label-map 'src=dst,...' (classes: {', '.join(labels)})")
+    else:
+        mapping = {}
+        for part in spec.split(","):
+            if not part.strip():
+                continue
+            src, eq, dst = part.partition("=")
+            src, dst = src.strip(), dst.strip()
+            if not eq or not src:
+                raise ValueError(f"--label-map: '{part.strip()}' is not src=dst")
+            if src not in labels:
+                raise ValueError(f"--label-map: '{src}' is not a class of the classifier ({', '.join(labels)})")
+            sev = dst if dst in SEVERITIES else data.canonical_severity(dst)
+            if sev is None:
+                raise ValueError(f"--label-map: '{dst}' is not a severity ({', '.join(SEVERITIES)})")
+            mapping[src] = sev
+        missing = [l for l in labels if l not in mapping]
+        if missing:
+            raise ValueError(f"--label-map: classifier class '{missing[0]}' is not mapped")
+    M = np.zeros((len(labels), len(SEVERITIES)))
+    for c, l in enumerate(labels):
+        M[c, SEVERITIES.index(mapping[l])] = 1.0
+    unused = [s for s, n in zip(SEVERITIES, M.sum(0)) if n == 0]
+    if unused:
+        print(f"warning: no classifier class maps to {', '.join(unused)} (probability 0)", file=sys.stderr)
+    return M
+
+
+# ----------------------------------------------------------------------------------------------
+# Input
+
+def read_questions(path, question_col=None, answer_col=None):
+    """Validated {question, answer} dicts (via data.read_rows + data.parse_record: aliases, UTF-8,
+    non-empty text), with optional column renames."""
+    recs = []
+    for line, row in data.read_rows(path):
+        for col, canon in ((question_col, "question"), (answer_col, "answer")):
+            if col is None:
+                continue
+            if col not in row:
+                raise data.DataError(path, line, col, "missing column (see --%s-col)" % canon)
+            # the named column becomes the canonical one; other columns that would alias it are dropped
+            value = row[col]
+            row = {k: v for k, v in row.items() if k != col and " ".join(str(k).split()).lower() != canon}
+            row[canon] = value
+        # existing severity fields are replaced, so they are neither validated nor kept
+        row = {k: v for k, v in row.items()
+               if data.FIELD_ALIASES.get(" ".join(str(k).split()).lower()) not in ("severity",) + PROB_FIELDS}
+        recs.append(data.parse_record(path, line, row, require_probs=False, require_severity=False))
+    return recs
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stamp(name):
+    """Identity of a classifier: for a local folder its weights' size + mtime, else the name."""
+    f = os.path.join(name, "model.safetensors")
+    if os.path.isfile(f):
+        st = os.stat(f)
+        return [os.path.abspath(name), st.st_size, st.st_mtime_ns]
+    return [name]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        return annotate(args)
+    except (data.DataError, ValueError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished chunks are kept in the .partial file; run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # missing input file, unreadable folder, ...
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def annotate(args):
+    device = classify.resolve_device(args.device)
+    recs = read_questions(args.input, args.question_col, args.answer_col)
+    if args.limit is not None:
+        recs = recs[:max(0, args.limit)]
+    model, tok, labels = classify.load_classifier(args.classifier, device, args.revision)
+    M = label_matrix(args.label_map, labels)
+    if model.meta.get("input") == "question+answer":
+        print("warning: this classifier was trained on question+answer pairs; annotate.py feeds questions only",
+              file=sys.stderr)
+    max_len = min(args.max_len or int(model.meta.get("max_len", 512)), model.cfg.max_position_embeddings)
+    if max_len < 3:
+        raise ValueError(f"--max-len {max_len} is too small")
+
+    out = args.out
+    partial, sidecar = out + ".partial", out + ".partial.json"
+    fingerprint = {"input": os.path.abspath(args.input), "input_sha256": _sha256(args.input), "n_rows": len(recs),
+                   "classifier": _stamp(args.classifier), "revision": args.revision, "label_map": M.tolist(),
+                   "max_len": max_len, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
+                   "device": torch.device(device).type, "decimals": DECIMALS,
+                   "question_col": args.question_col, "answer_col": args.answer_col}
+
+    # Resume: trust the partial file up to the byte count the sidecar recorded after the last
+    # complete chunk (anything after it is from a chunk that was cut off).
+    done, nbytes = 0, 0
+    if os.path.exists(sidecar) and os.path.exists(partial):
+        try:
+            with open(sidecar, encoding="utf-8") as fh:
+                state = json.load(fh)
+        except (OSError, ValueError):
+            state = {}
+        if state.get("fingerprint") == fingerprint and os.path.getsize(partial) >= state.get("bytes", -1) >= 0:
+            done, nbytes = int(state["rows_done"]), int(state["bytes"])
+            print(f"resuming {partial}: {done}/{len(recs)} rows already done", file=sys.stderr)
+        else:
+            print(f"note: {partial} is from a different run (input, classifier or settings changed); starting over",
+                  file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(partial, "r+b" if done else "wb") as fh:
+        fh.truncate(nbytes)
+
+    bar = classify.Progress(len(recs), "annotate", "rows", start=done)
+    chunks = 0
+    while done < len(recs):
+        chunk = recs[done:done + args.chunk_size]
+        probs = classify.predict_proba(model, tok, [r["question"] for r in chunk], args.batch_size, max_len,
+                                       progress=bar) @ M
+        lines = []
+        for r, p in zip(chunk, probs):
+            p = [round(float(x), DECIMALS) for x in p]
+            sev = SEVERITIES[int(np.argmax(p))]  # argmax of the written values (first maximum on ties)
+            lines.append(json.dumps({"question": r["question"], "answer": r["answer"], "severity": sev,
+                                     **dict(zip(PROB_FIELDS, p))}, ensure_ascii=False) + "\n")
+        with open(partial, "ab") as fh:
+            fh.write("".join(lines).encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+            nbytes = fh.tell()
+        done += len(chunk)
+        classify._write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
+        chunks += 1
+        if args.stop_after is not None and chunks >= args.stop_after and done < len(recs):
+            bar.close()
+            print(f"stopped after {chunks} chunk(s) ({done}/{len(recs)} rows) as asked by --stop-after; "
+                  f"run the same command again to resume", file=sys.stderr)
+            return None
+    bar.close()
+    os.replace(partial, out)
+    os.remove(sidecar)
+
+    counts = {s: 0 for s in SEVERITIES}
+    with open(out, encoding="utf-8") as fh:
+        for line in fh:
+            counts[json.loads(line)["severity"]] += 1
+    n = max(1, sum(counts.values()))
+    print(f"wrote {out}: {sum(counts.values())} records")
+    print("severity distribution: " + " | ".join(f"{s} {100 * c / n:.1f}% ({c})" for s, c in counts.items())
+          + "   (paper: " + " / ".join(f"{x}" for x in PAPER_DISTRIBUTION) + " %)")
+    return counts
+
+
+if __name__ == "__main__":
+    main()

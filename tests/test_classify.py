@@ -1,0 +1,498 @@
+"""classify.py: BERT encoder vs transformers, checkpoint layout, tokeniser, training tricks, metrics, CLI."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import classify  # noqa: E402
+
+SAMPLE_LABELS = os.path.join(ROOT, "data", "sample", "severity_labels.jsonl")
+WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
+
+ARABIC = ["أشعر بألم ضاغط في وسط صدري ينتشر إلى ذراعي اليسرى منذ نصف ساعة. ماذا أفعل؟",
+          "طفلي عمره ثلاثة أسابيع وحرارته 38.3 درجة، ويرضع أقل من المعتاد!!",
+          "هل شرب فنجانين من القهوة يوميًا يضر القلب؟ (سؤال عام) [CLS] xyzzy ABC",
+          "eg:ابني عنده سنتين وبياكل قليل جدًا ومش بيحب الخضار، أعمل إيه؟ 😀"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: one thread is fastest, and it does not stall on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_hf(tmp_path, name="hf", cls=None, **kw):
+    """A random transformers BERT (LayerNorms perturbed so they are not identities) saved as safetensors."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, **kw)
+    m = (cls or BertModel)(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "LayerNorm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    m.save_pretrained(tmp_path / name, safe_serialization=True)
+    return m, tmp_path / name
+
+
+def ids_list(seqs):
+    return [list(s[0]) for s in seqs]
+
+
+def batch(vocab=99, B=3, T=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, T), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    am[2, 3:] = 0          # heavy padding in one row
+    ids[am == 0] = 0
+    tt = torch.zeros_like(ids)
+    tt[0, 5:] = 1
+    return ids, am, tt
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder and checkpoints
+
+def test_encoder_matches_transformers(tmp_path):
+    ref, path = tiny_hf(tmp_path)
+    ours = classify.Bert.from_pretrained(str(path)).eval()
+    ids, am, tt = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
+        got = ours(ids, am, tt)
+        want0 = ref(input_ids=ids, attention_mask=am).last_hidden_state  # token types default to 0
+        got0 = ours(ids, am)
+    assert got.shape == (3, 11, 32)
+    real = am.bool()
+    assert (got - want)[real].abs().max() <= 1e-4
+    assert (got0 - want0)[real].abs().max() <= 1e-4
+    # padding really is masked: changing padded ids does not change the real positions
+    ids2 = ids.clone()
+    ids2[am == 0] = 7
+    with torch.no_grad():
+        got2 = ours(ids2, am, tt)
+    assert (got2 - got)[real].abs().max() <= 1e-5
+
+
+def test_load_with_prefix_and_head_matches_transformers(tmp_path):
+    """A BertForSequenceClassification checkpoint ('bert.' prefix + classifier) loads with its head."""
+    from transformers import BertForSequenceClassification
+    ref, path = tiny_hf(tmp_path, "cls", BertForSequenceClassification, num_labels=3,
+                        id2label={0: "non-critical", 1: "neutral", 2: "critical"},
+                        label2id={"non-critical": 0, "neutral": 1, "critical": 2})
+    with pytest.raises(ValueError, match="no tokenizer"):   # no tokenizer files in a bare save
+        classify.load_classifier(str(path))
+    model_bert = classify.Bert.from_pretrained(str(path)).eval()
+    ids, am, tt = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
+        h = model_bert(ids, am, tt)
+        got = F.linear(model_bert.pooler(h), ref.classifier.weight, ref.classifier.bias)
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_masked_lm_checkpoint_loads(tmp_path, capsys):
+    """A BertForMaskedLM save (how most hub BERTs ship): 'bert.' prefix, MLM head, no pooler."""
+    from transformers import BertForMaskedLM
+    ref, path = tiny_hf(tmp_path, "mlm", BertForMaskedLM)
+    ours = classify.Bert.from_pretrained(str(path)).eval()
+    assert "no pooler" in capsys.readouterr().err
+    ids, am, tt = batch()
+    with torch.no_grad():
+        want = ref.bert(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
+        got = ours(ids, am, tt)
+    assert (got - want)[am.bool()].abs().max() <= 1e-4
+
+
+def _edit_checkpoint(src, dst, fn):
+    from safetensors.torch import load_file, save_file
+    os.makedirs(dst, exist_ok=True)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    fn(sd)
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as fh:
+        cfg = fh.read()
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        fh.write(cfg)
+
+
+def test_loader_is_strict(tmp_path):
+    _, path = tiny_hf(tmp_path)
+    k = "encoder.layer.1.attention.self.key.weight"
+
+    _edit_checkpoint(path, tmp_path / "shape", lambda sd: sd.__setitem__(k, torch.zeros(32, 31)))
+    with pytest.raises(ValueError) as e:
+        classify.Bert.from_pretrained(str(tmp_path / "shape"))
+    assert k in str(e.value) and "(32, 31)" in str(e.value) and "(32, 32)" in str(e.value)
+
+    _edit_checkpoint(path, tmp_path / "missing", lambda sd: sd.pop(k))
+    with pytest.raises(ValueError, match="missing tensor 'bert.encoder.layer.1.attention.self.key.weight'"):
+        classify.Bert.from_pretrained(str(tmp_path / "missing"))
+
+    _edit_checkpoint(path, tmp_path / "extra", lambda sd: sd.__setitem__("encoder.layer.1.foo", torch.zeros(2)))
+    with pytest.raises(ValueError, match="unexpected tensor 'bert.encoder.layer.1.foo'"):
+        classify.Bert.from_pretrained(str(tmp_path / "extra"))
+
+    # pre-training heads and TF-era gamma/beta names are fine
+    def tf_names(sd):
+        sd["cls.predictions.bias"] = torch.zeros(99)
+        sd["embeddings.LayerNorm.gamma"] = sd.pop("embeddings.LayerNorm.weight")
+        sd["embeddings.LayerNorm.beta"] = sd.pop("embeddings.LayerNorm.bias")
+    _edit_checkpoint(path, tmp_path / "tf", tf_names)
+    a = classify.Bert.from_pretrained(str(tmp_path / "tf")).state_dict()
+    b = classify.Bert.from_pretrained(str(path)).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+    os.remove(tmp_path / "tf" / "model.safetensors")
+    (tmp_path / "tf" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        classify.Bert.from_pretrained(str(tmp_path / "tf"))
+
+
+def test_saved_classifier_loads_in_transformers(trained):
+    from transformers import AutoModel, BertForSequenceClassification
+    out = trained["out"]
+    ours, tok, labels = classify.load_classifier(out)
+    hf = BertForSequenceClassification.from_pretrained(out).eval()
+    assert [hf.config.id2label[i] for i in range(len(labels))] == labels == list(classify.SEVERITIES)
+    seqs = classify.build_inputs(tok, ARABIC, 64)
+    ids, am, tt = classify.collate(seqs, tok.pad_id, "cpu")
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
+        got = ours(ids, am, tt)
+        enc = AutoModel.from_pretrained(out).eval()(input_ids=ids, attention_mask=am).last_hidden_state
+        ours_h = ours.bert(ids, am)
+    assert (got - want).abs().max() <= 1e-4
+    assert (enc - ours_h)[am.bool()].abs().max() <= 1e-4
+    from transformers import AutoTokenizer   # the saved tokenizer gives transformers the same ids
+    assert [AutoTokenizer.from_pretrained(out)(t)["input_ids"] for t in ARABIC] == ids_list(seqs)
+    with open(os.path.join(out, "config.json")) as fh:
+        cfg = json.load(fh)
+    assert cfg["model_type"] == "bert" and cfg["architectures"] == ["BertForSequenceClassification"]
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "label2id"):
+        assert k in cfg
+    from safetensors.torch import load_file
+    keys = set(load_file(os.path.join(out, "model.safetensors")))
+    assert {"bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.LayerNorm.bias",
+            "bert.pooler.dense.weight", "classifier.weight", "classifier.bias"} <= keys
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "metrics.json"):
+        assert os.path.exists(os.path.join(out, f))
+    # predict_proba: rows are distributions, in input order
+    p = classify.predict_proba(ours, tok, ARABIC, batch_size=2, max_len=64)
+    assert p.shape == (4, 3) and np.allclose(p.sum(1), 1)
+    p1 = classify.predict_proba(ours, tok, ARABIC[1:2], batch_size=2, max_len=64)
+    assert np.abs(p1[0] - p[1]).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokeniser
+
+def test_tokenizer_matches_transformers(tmp_path):
+    from transformers import BertTokenizerFast
+    vocab_only = tmp_path / "vocab_only"
+    vocab_only.mkdir()
+    (vocab_only / "vocab.txt").write_text(open(os.path.join(WORDPIECE, "vocab.txt"), encoding="utf-8").read(),
+                                          encoding="utf-8")
+    from_vocab = classify.load_tokenizer(str(vocab_only))
+    from_json = classify.load_tokenizer(WORDPIECE)
+    hf = BertTokenizerFast.from_pretrained(str(vocab_only), do_lower_case=False)
+    want = [hf(t)["input_ids"] for t in ARABIC]
+    for tok in (from_vocab, from_json):
+        got = [tok.single(x, 10_000)[0] for x in tok.encode(ARABIC)]
+        assert got == want
+    assert any(len(set(w) - {from_vocab.cls_id, from_vocab.sep_id}) > 3 for w in want)
+    # pair encoding = [CLS] Q [SEP] A [SEP] with token types, as transformers does it
+    e = hf(ARABIC[0], ARABIC[1])
+    q, a = from_vocab.encode(ARABIC[:2])
+    assert from_vocab.pair(q, a, 10_000) == (e["input_ids"], e["token_type_ids"])
+    # do_lower_case from tokenizer_config.json is honoured (Latin letters are lower-cased)
+    (vocab_only / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    low = classify.load_tokenizer(str(vocab_only))
+    hf_low = BertTokenizerFast.from_pretrained(str(vocab_only))  # reads do_lower_case from the config
+    assert [low.single(x, 10_000)[0] for x in low.encode(ARABIC)] == [hf_low(t)["input_ids"] for t in ARABIC]
+    # save -> load round trip keeps the ids
+    from_vocab.save(str(tmp_path / "saved"))
+    again = classify.load_tokenizer(str(tmp_path / "saved"))
+    assert again.encode(ARABIC) == from_vocab.encode(ARABIC)
+
+
+def test_head_tail_truncation():
+    tok = classify.load_tokenizer(WORDPIECE)
+    q, a = list(range(100, 400)), list(range(1000, 1600))   # 300 question tokens, 600 answer tokens
+
+    def parts(ids, tt):
+        first_sep = ids.index(tok.sep_id)
+        return ids[1:first_sep], ids[first_sep + 1:-1], tt
+    # fits: untouched
+    ids, tt = tok.pair(q[:10], a[:20], 512)
+    assert parts(ids, tt)[:2] == (q[:10], a[:20]) and tt == [0] * 12 + [1] * 21
+    # long question, long answer: answer keeps 50 tokens (25 head + 25 tail), question fills the rest
+    ids, tt = tok.pair(q + q, a, 128)
+    qq, aa, _ = parts(ids, tt)
+    assert len(ids) == 128 and len(aa) == 50 and len(qq) == 128 - 3 - 50
+    assert aa == a[:25] + a[-25:] and qq == (q + q)[:75]
+    # short question, long answer: answer gets all the room, first and last halves
+    ids, tt = tok.pair(q[:20], a, 512)
+    qq, aa, _ = parts(ids, tt)
+    assert len(ids) == 512 and qq == q[:20] and len(aa) == 489
+    assert aa == a[:245] + a[-244:]
+    # short answer, long question: the whole answer is kept
+    ids, tt = tok.pair(q + q, a[:30], 128)
+    qq, aa, _ = parts(ids, tt)
+    assert aa == a[:30] and len(qq) == 128 - 3 - 30
+    # single text: head kept
+    ids, tt = tok.single(q, 64)
+    assert len(ids) == 64 and ids[1:-1] == q[:62] and ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Training tricks, each against a hand computation
+
+def test_ldam_margins_and_loss():
+    counts = [100, 10, 1]
+    m = classify.ldam_margins(counts, max_m=0.5)
+    raw = [1 / 100 ** 0.25, 1 / 10 ** 0.25, 1.0]
+    want = [0.5 * r / max(raw) for r in raw]
+    assert torch.allclose(m, torch.tensor(want), atol=1e-6)
+    assert abs(m.max().item() - 0.5) < 1e-7 and m[0] < m[1] < m[2]
+    z = torch.tensor([[1.0, 0.2, -0.3], [0.1, 0.4, 0.3]])
+    y = torch.tensor([0, 2])
+    got = classify.classification_loss(z, y, "ldam", m, s=30.0)
+    hand = 0.0
+    for i in range(2):
+        v = [30.0 * (z[i, j].item() - (want[j] if j == y[i] else 0.0)) for j in range(3)]
+        hand += -(v[y[i]] - math.log(sum(math.exp(x) for x in v)))
+    assert abs(got.item() - hand / 2) < 1e-4
+    assert abs(classify.classification_loss(z, y).item() - F.cross_entropy(z, y).item()) < 1e-7
+
+
+def test_drw_weights_and_switch():
+    counts = [50, 20, 5]
+    beta = 0.9999
+    raw = [(1 - beta) / (1 - beta ** n) for n in counts]
+    want = [3 * r / sum(raw) for r in raw]
+    w = classify.drw_weights(counts, beta)
+    assert torch.allclose(w, torch.tensor(want, dtype=torch.float32), rtol=1e-5)
+    assert abs(w.sum().item() - 3) < 1e-5 and w[2] > w[1] > w[0]
+    # the switch: no weights before --drw-epoch, weights from it on; off when not given
+    assert classify.epoch_class_weights(0, 2, counts, beta) is None
+    assert classify.epoch_class_weights(1, 2, counts, beta) is None
+    assert torch.equal(classify.epoch_class_weights(2, 2, counts, beta), w)
+    assert torch.equal(classify.epoch_class_weights(5, 2, counts, beta), w)
+    assert classify.epoch_class_weights(5, None, counts, beta) is None
+    # weighted loss = sum_i w_{y_i} l_i / sum_i w_{y_i}
+    z = torch.tensor([[1.0, 0.2, -0.3], [0.1, 0.4, 0.3], [0.0, 0.0, 1.0]])
+    y = torch.tensor([0, 2, 2])
+    li = [-F.log_softmax(z[i], -1)[y[i]].item() for i in range(3)]
+    hand = sum(want[y[i]] * li[i] for i in range(3)) / sum(want[y[i]] for i in range(3))
+    assert abs(classify.classification_loss(z, y, weight=w).item() - hand) < 1e-5
+
+
+def _tiny_classifier(seed=0):
+    torch.manual_seed(seed)
+    cfg = classify.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=24, max_position_embeddings=32,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return classify.BertClassifier(cfg, ["a", "b", "c"])
+
+
+def test_fgm_gradient_and_restore():
+    model = _tiny_classifier()
+    ids, am, tt = batch(vocab=50, T=9)
+    y = torch.tensor([0, 2, 1])
+
+    def loss_fn():
+        return F.cross_entropy(model(ids, am, tt), y)
+    emb = model.bert.embeddings.word_embeddings
+    w0 = emb.weight.detach().clone()
+    loss_fn().backward()
+    clean = {n: p.grad.clone() for n, p in model.named_parameters()}
+    g = emb.weight.grad.clone()
+    classify.fgm_step(emb, 0.5, loss_fn)
+    assert torch.equal(emb.weight.detach(), w0)        # restored bit for bit
+    # by hand: a copy with the perturbed embeddings, its gradient
+    twin = _tiny_classifier()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        twin.bert.embeddings.word_embeddings.weight.add_(0.5 * g / g.norm())
+    F.cross_entropy(twin(ids, am, tt), y).backward()
+    adv = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, clean[n] + adv[n].grad, atol=1e-6), n
+    assert any((adv[n].grad.abs() > 0).any() for n in adv)
+
+
+def test_llrd_param_groups():
+    model = _tiny_classifier()
+    groups = classify.param_groups(model, lr=1e-3, llrd=0.5, weight_decay=0.01)
+    lr_of = {}
+    for g in groups:
+        for p in g["params"]:
+            assert id(p) not in lr_of
+            lr_of[id(p)] = (g["lr"], g["weight_decay"])
+    L = 2
+    for n, p in model.named_parameters():
+        if n.startswith("bert.embeddings."):
+            want = 1e-3 * 0.5 ** (L + 1)
+        elif n.startswith("bert.encoder.layer."):
+            want = 1e-3 * 0.5 ** (L - int(n.split(".")[3]))
+        else:
+            want = 1e-3                                   # pooler and classifier
+        lr, wd = lr_of[id(p)]
+        assert abs(lr - want) < 1e-15, n
+        assert wd == (0.0 if (p.ndim < 2 or "LayerNorm" in n) else 0.01), n
+    assert len(lr_of) == len(list(model.parameters()))
+    assert {g["name"].split("/")[0] for g in groups} == {"embeddings", "layer.0", "layer.1", "head"}
+    # schedule: linear warmup then linear decay
+    mults = [classify.lr_mult(s, 10, 2) for s in range(10)]
+    assert mults[:3] == [0.5, 1.0, 1.0] and abs(mults[-1] - 1 / 8) < 1e-12 and mults == sorted(mults[:2]) + sorted(mults[2:], reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def test_ece_and_metrics_by_hand():
+    probs = np.array([[0.9, 0.05, 0.05],   # conf .9 bin 13, correct
+                      [0.5, 0.3, 0.2],     # conf .5 bin 7, wrong
+                      [0.2, 0.7, 0.1],     # conf .7 bin 10, correct
+                      [0.1, 0.2, 0.7],     # conf .7 bin 10, wrong
+                      [0.45, 0.1, 0.45]])  # conf .45 bin 6, argmax 0, wrong
+    y = np.array([0, 1, 1, 1, 2])
+    hand = (1 / 5) * abs(1 - 0.9) + (1 / 5) * abs(0 - 0.5) + (2 / 5) * abs(0.5 - 0.7) + (1 / 5) * abs(0 - 0.45)
+    assert abs(classify.ece(probs, y) - hand) < 1e-12
+    m = classify.classification_metrics(probs, y, ["a", "b", "c"])
+    assert m["confusion"] == [[1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert m["accuracy"] == pytest.approx(2 / 5)
+    f1_a = 2 * (1 / 3) * 1 / (1 / 3 + 1)
+    f1_b = 2 * 1 * (1 / 3) / (1 + 1 / 3)
+    assert m["per_class"]["a"]["f1"] == pytest.approx(f1_a)
+    assert m["per_class"]["b"]["f1"] == pytest.approx(f1_b)
+    assert m["per_class"]["c"]["f1"] == 0.0
+    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 3)
+
+
+def test_stratified_split_is_seeded_and_stratified():
+    y = [0] * 50 + [1] * 30 + [2] * 20
+    tr, va = classify.stratified_split(y, 0.2, seed=3)
+    assert sorted(tr + va) == list(range(100))
+    assert np.bincount(np.array(y)[va]).tolist() == [10, 6, 4]
+    assert classify.stratified_split(y, 0.2, seed=3) == (tr, va) != classify.stratified_split(y, 0.2, seed=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training end to end and the command line
+
+TRAIN_ARGS = ["--model", "tiny", "--epochs", "6", "--lr", "2e-3", "--batch-size", "16", "--max-len", "64",
+              "--val-frac", "0.2", "--seed", "0", "--device", "cpu", "--warmup-frac", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    out = str(tmp_path_factory.mktemp("cls") / "model")
+    metrics = classify.main(TRAIN_ARGS + ["--data", SAMPLE_LABELS, "--out", out])
+    return {"out": out, "metrics": metrics}
+
+
+def test_tiny_classifier_beats_majority(trained, capsys):
+    m = trained["metrics"]
+    with open(os.path.join(trained["out"], "metrics.json")) as fh:
+        saved = json.load(fh)
+    assert saved["val"]["accuracy"] == m["val"]["accuracy"]
+    val = m["val"]
+    print(f"tiny classifier: val accuracy {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f} "
+          f"vs majority {m['majority_baseline_accuracy']:.3f} (n_val {m['n_val']}, {m['seconds']} s)")
+    # 8 seeds measured: 0.65-0.76 against 0.44 (451 labelled questions, 91 for validation)
+    assert val["accuracy"] > m["majority_baseline_accuracy"] + 0.05
+    assert set(val["per_class"]) == set(classify.SEVERITIES)
+    assert np.array(val["confusion"]).sum() == m["n_val"]
+    assert 0 <= val["ece"] <= 1
+
+
+def test_tricks_run_end_to_end(tmp_path):
+    """LDAM + DRW + FGM + LLRD + question/answer input: trains, saves, and the folded LDAM scale
+    makes the saved logits' softmax the probabilities the metrics were computed with."""
+    rows = [json.loads(l) for l in open(SAMPLE_LABELS, encoding="utf-8") if l.strip()][:60]
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps({"q": r["text"], "a": r["text"][::-1], "y": r["label"]},
+                                      ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "m"
+    m = classify.main(["--model", "tiny", "--data", str(src), "--text-col", "q", "--answer-col", "a",
+                       "--label-col", "y", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--max-len", "64",
+                       "--loss", "ldam", "--drw-epoch", "1", "--fgm-eps", "0.2", "--llrd", "0.9", "--device", "cpu",
+                       "--out", str(out)])
+    assert len(m["epochs"]) == 2 and all(math.isfinite(e["train_loss"]) for e in m["epochs"])
+    model, tok, labels = classify.load_classifier(str(out))
+    assert model.meta["input"] == "question+answer" and model.meta["logit_scale_folded"] == 30.0
+    val_idx = classify.stratified_split([labels.index(r["label"]) for r in rows], 0.1, 42)[1]
+    p = classify.predict_proba(model, tok, [rows[i]["text"] for i in val_idx], 128, 64,
+                               answers=[rows[i]["text"][::-1] for i in val_idx])
+    assert abs(classify.ece(p, [labels.index(rows[i]["label"]) for i in val_idx]) - m["val"]["ece"]) < 1e-6
+
+
+def _run_cli(tmp_path, capsys, *args):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        classify.main(list(args) + ["--model", "tiny", "--epochs", "1", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert not out.exists()
+    return err[0]
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"text": "سؤال", "label": "critical"}\n{"question": "سؤال", "label": "neutral"}\n',
+                 encoding="utf-8")
+    msg = _run_cli(tmp_path, capsys, "--data", str(f))
+    assert msg.startswith("error: ") and f"{f}:2: text: missing column" in msg
+    f.write_text('{"text": "سؤال", "label": "critical"}\n{"text": "سؤال آخر", "label": "urgent"}\n',
+                 encoding="utf-8")
+    msg = _run_cli(tmp_path, capsys, "--data", str(f), "--labels", "non-critical,neutral,critical")
+    assert f"{f}:2: label: unknown label 'urgent'" in msg
+    f.write_text("", encoding="utf-8")
+    msg = _run_cli(tmp_path, capsys, "--data", str(f))
+    assert msg.startswith(f"error: {f}:1:")
+    g = tmp_path / "x.csv"
+    g.write_text("text,label\nسؤال,critical\n", encoding="utf-8")
+    msg = _run_cli(tmp_path, capsys, "--data", str(g))
+    assert "at least 2 classes" in msg
+
+
+def test_hub_download_is_restricted(monkeypatch, tmp_path):
+    """Registry names resolve to repos; only config, safetensors and tokenizer files are asked for,
+    with --revision and HF_TOKEN passed on; a failed download is a one-line ValueError."""
+    import huggingface_hub
+    seen = {}
+    _, path = tiny_hf(tmp_path)
+
+    def fake(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    classify.Bert.from_pretrained("arbertv2", revision="abc123")
+    assert seen["repo_id"] == "UBC-NLP/ARBERTv2" and seen["revision"] == "abc123" and seen["token"] == "hf_test"
+    pats = seen["allow_patterns"]
+    assert "*.safetensors" in pats and "config.json" in pats and "vocab.txt" in pats
+    assert not any(p.endswith((".bin", ".py", ".pt", ".h5", ".msgpack", "*")) for p in pats)
+    assert classify.REGISTRY["arabertv02"]["repo"] == "aubmindlab/bert-base-arabertv02"
+
+    def offline(repo_id, **kw):
+        raise OSError("no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match="someone/missing: download failed"):
+        classify.Bert.from_pretrained("someone/missing")
