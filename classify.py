@@ -47,7 +47,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -57,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from model import atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -411,27 +411,12 @@ def load_encoder_state(model, sd, where):
             own[k].copy_(v.to(own[k].dtype))
 
 
-def _atomic(path, write):
-    """Run write(tmp_path) then os.replace(tmp, path): readers never see a half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path, obj):
     def w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, ensure_ascii=False, indent=2)
             fh.write("\n")
-    _atomic(path, w)
+    atomic_write(path, w)
 
 
 def save_classifier(model, tok, out_dir):
@@ -440,7 +425,7 @@ def save_classifier(model, tok, out_dir):
     sd = {"bert." + k: v.detach().float().cpu().contiguous().clone() for k, v in model.bert.state_dict().items()}
     sd.update({"classifier." + k: v.detach().float().cpu().contiguous().clone()
                for k, v in model.classifier.state_dict().items()})
-    _atomic(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     cfg = model.cfg.to_hf()
     cfg.update(architectures=["BertForSequenceClassification"],
                id2label={str(i): l for i, l in enumerate(model.labels)},
@@ -567,8 +552,8 @@ class WordPieceTokenizer:
                 with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
                     fh.write(text)
             return w
-        _atomic(os.path.join(folder, "vocab.txt"), w_text(vocab))
-        _atomic(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
+        atomic_write(os.path.join(folder, "vocab.txt"), w_text(vocab))
+        atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
         mml = self.config.get("model_max_length")
         mml = int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512
         cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": bool(self.config.get("do_lower_case", False)),

@@ -824,7 +824,9 @@ def _load_state(model, tensors, dtype, device):
 
 def atomic_write(path, write):
     """Call write(tmp_path) on a temp file beside path, then rename it over path: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
