@@ -374,41 +374,64 @@ class _Cache:
 
 
 class _ChunkedNLL(torch.autograd.Function):
-    """Per-token NLL of h @ W.T without ever holding (N, vocab) fp32 logits: chunks of rows are recomputed in
-    backward. h (N, d), W (V, d), targets (N,) with -100 = ignore. Returns (N,) fp32."""
+    """Per-token NLL of h @ W.T without ever holding (N, vocab) fp32 logits for all N rows at once.
+    h (N, d), W (V, d), targets (N,) with -100 = ignore. Returns (N,) fp32.
+
+    Rows go in equal chunks; each chunk's (c, V) fp32 logits live in one buffer that is turned into exp(z - max)
+    in place (fresh (c, V) temporaries cost more than the arithmetic on a CPU). Backward needs
+    D = softmax - onehot per chunk: the last chunk's D is kept from forward (with one chunk, nothing is recomputed),
+    the others are recomputed from h, W and the saved logsumexp. The upstream gradient g (N,) is applied to the
+    small operands: dh = g * (D @ W), dW = D.T @ (g * h), never to the (c, V) matrix."""
 
     @staticmethod
-    def forward(ctx, h, W, targets, chunk):
+    def forward(ctx, h, W, targets, chunk, keep_last):
         N = h.shape[0]
+        n_chunks = max(1, -(-N // chunk))
+        chunk = -(-N // n_chunks)                                              # equal chunks: no ragged tail
         nll = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         valid = targets != -100
         tgt = targets.clamp(min=0)
+        last = None
         for s in range(0, N, chunk):
-            logits = (h[s:s + chunk] @ W.T).float()                          # (c, V) fp32, one chunk at a time
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, tgt[s:s + chunk, None]).squeeze(1)
-            nll[s:s + chunk] = torch.where(valid[s:s + chunk], lse[s:s + chunk] - picked, 0.0)
-        ctx.save_for_backward(h, W, tgt, valid, lse)
+            e = min(s + chunk, N)
+            z = (h[s:e] @ W.T).float()                                          # (c, V) fp32: the only big buffer
+            picked = z.gather(1, tgt[s:e, None]).squeeze(1)                     # (c,) logit of the target
+            m = z.amax(dim=-1, keepdim=True)                                    # (c, 1)
+            tot = z.sub_(m).exp_().sum(dim=-1, keepdim=True)                    # z is now exp(logits - max)
+            lse[s:e] = (m + tot.log()).squeeze(1)
+            nll[s:e] = torch.where(valid[s:e], lse[s:e] - picked, 0.0)
+            if keep_last and e == N:                                            # D = softmax - onehot, kept
+                z.div_(tot).scatter_add_(1, tgt[s:e, None], torch.full_like(picked[:, None], -1.0))
+                last = z.to(h.dtype)
+        ctx.save_for_backward(h, W, tgt, valid, lse, last)
         ctx.chunk = chunk
         return nll
 
     @staticmethod
     def backward(ctx, grad):
-        h, W, tgt, valid, lse = ctx.saved_tensors
-        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[1] else None
-        g = grad.float() * valid                                             # d nll_i / d logits_i = softmax - onehot
-        for s in range(0, h.shape[0], ctx.chunk):
-            hc = h[s:s + ctx.chunk]
-            p = torch.exp((hc @ W.T).float() - lse[s:s + ctx.chunk, None])
-            p.scatter_add_(1, tgt[s:s + ctx.chunk, None], -torch.ones_like(p[:, :1]))
-            p = (p * g[s:s + ctx.chunk, None]).to(h.dtype)
-            if gh is not None:
-                gh[s:s + ctx.chunk] = p @ W
-            if gW is not None:
-                gW += (p.T @ hc).float()
-        return gh, (gW.to(W.dtype) if gW is not None else None), None, None
+        h, W, tgt, valid, lse, last = ctx.saved_tensors
+        N, chunk = h.shape[0], ctx.chunk
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gh = torch.empty_like(h) if need_h else None
+        gW = None
+        g = (grad.float() * valid)[:, None]                                     # (N, 1); 0 on ignored rows
+        starts = list(range(0, N, chunk))
+        for s in reversed(starts):                                              # last chunk first: D is at hand
+            e = min(s + chunk, N)
+            if s == starts[-1] and last is not None:
+                D = last
+            else:
+                z = (h[s:e] @ W.T).float()
+                z.sub_(lse[s:e, None]).exp_()
+                z.scatter_add_(1, tgt[s:e, None], torch.full_like(z[:, :1], -1.0))
+                D = z.to(h.dtype)                                               # (c, V) softmax - onehot
+            if need_h:
+                gh[s:e] = (g[s:e] * (D @ W).float()).to(h.dtype)                # (c, d)
+            if need_W:
+                part = (D.T @ (g[s:e] * h[s:e].float()).to(h.dtype)).float()    # (V, d)
+                gW = part if gW is None else gW.add_(part)
+        return gh, (gW.to(W.dtype) if gW is not None else None), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -515,7 +538,8 @@ class Decoder(nn.Module):
             W = W.to(h.dtype)
         chunk = chunk_tokens or max(64, (1 << 26) // self.cfg.vocab_size)   # ~256 MB of fp32 logits per chunk
         with torch.autocast(h.device.type, enabled=False):
-            nll = _ChunkedNLL.apply(h.reshape(B * T, d), W, targets.reshape(B * T), chunk)
+            keep = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad)   # eval: no D to keep
+            nll = _ChunkedNLL.apply(h.reshape(B * T, d), W, targets.reshape(B * T), chunk, keep)
         return nll.view(B, T)
 
     # -- generation -------------------------------------------------------------------------------------------------
@@ -554,7 +578,7 @@ class Decoder(nn.Module):
             nxt = sample(logits, temperature, top_k, top_p, generator)
             out[:, t] = nxt
             n = t + 1
-            if eos_id is not None:
+            if eos_id is not None and eos_id >= 0:                        # eos_id -1: run to the end
                 done |= nxt == eos_id
                 if t % 8 == 7 and bool(done.all()):                   # a host sync only every 8 steps
                     break

@@ -1,0 +1,529 @@
+"""
+Time our Decoder against transformers on the same random weights: the severity-weighted training step and sampling.
+
+    python bench.py                                          # tiny shape, CPU defaults (batch 4 x 128, fp32)
+    python bench.py --model qwen2.5-0.5b --shape small       # a registry shape scaled down to 4 layers x 256
+    python bench.py --model aragpt2-base --compile --json out/bench-aragpt2.json     # on a GPU: bf16, batch 16 x 512
+
+Both models are built from one set of random weights (ours: Decoder(Config.from_hf(registry config)), saved with
+save_pretrained, loaded by transformers' AutoModelForCausalLM with SDPA attention), so nothing is downloaded.
+Training step = forward, the severity-weighted per-token loss  sum(w_b * nll_bt) / n_tokens,  backward, AdamW step
+(fused on CUDA), zero_grad. Ours gets the per-token NLL from model(x, targets=y) (chunked over the vocabulary);
+transformers' from its logits with F.cross_entropy(reduction='none'). Generation = a batch of same-length random
+prompts, --new-tokens sampled tokens each (temperature 0.7, no top-k / top-p, EOS disabled so every row runs to the
+end). The two implementations alternate step by step after a warm-up; figures are medians over --iters steps.
+
+Columns: tokens/s (training: B*T per step; generation: new tokens per second, prefill included), ms per step
+(generation: per new token), peak memory (MiB, see --help of --device), MFU against the device's bf16 peak
+(CUDA only), and the ratio ours / transformers of each figure (tokens/s above 1 and ms, memory below 1 favour ours).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import REGISTRY, Config, Decoder, atomic_write
+from train import PEAK_BF16   # dense bf16 peak FLOP/s by device-name substring (H100 SXM / H200: 989e12)
+
+# --shape small: any registry shape scaled down to this many layers and this width (vocabulary kept)
+SMALL = dict(layers=4, hidden=256)
+IMPLS = ("ours", "transformers")
+
+
+def get_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="registry name whose config.json shape is benchmarked with random "
+                   "weights: " + ", ".join(REGISTRY))
+    p.add_argument("--shape", choices=["full", "small"], default="full", help="full = the registry shape; small = scaled "
+                   f"down to {SMALL['layers']} layers and hidden size {SMALL['hidden']} (vocabulary and head size kept)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers (after --shape)")
+    p.add_argument("--hidden", type=int, default=None, help="override the hidden size (after --shape); heads = hidden / "
+                   "head_dim, KV heads and MLP width scale along")
+    p.add_argument("--batch-size", type=int, default=16 if cuda else 4, help="training micro-batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=512 if cuda else 128, help="training sequence length (tokens)")
+    p.add_argument("--gen-batch", type=int, default=64 if cuda else 4, help="prompts per generate call")
+    p.add_argument("--gen-prompt-len", type=int, default=128 if cuda else 32, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=50, help="sampled tokens per prompt (both stop exactly there)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each implementation first (compilation, "
+                   "allocator and optimizer-state warm-up)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps of each implementation; medians are reported")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto = bf16 on CUDA, fp32 "
+                   "on CPU. Training keeps fp32 weights under autocast (as train.py); generation casts the weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile our training step (forward + loss, fixed "
+                   "shapes) and our decode step; falls back to eager, with a warning, if compilation fails")
+    p.add_argument("--compile-transformers", action="store_true", help="torch.compile transformers' forward as well "
+                   "(by default the baseline is eager, as most users run it)")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available). Peak memory: "
+                   "CUDA = max_memory_allocated during the step above what was allocated before it, plus this "
+                   "implementation's own weights and optimizer state (the other model also lives on the device); "
+                   "CPU = growth of the process's peak RSS during the step (VmHWM, reset before each step), plus "
+                   "the same own-state bytes: process-wide and coarse (the allocator may reuse freed memory)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--skip-train", action="store_true", help="do not time the training step")
+    p.add_argument("--skip-gen", action="store_true", help="do not time generation")
+    p.add_argument("--profile", type=int, default=0, help="after timing, run N more steps of each implementation under "
+                   "torch.profiler and print the top operators by self time")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data and sampling")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file (atomically)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes
+
+
+def scaled_config(hf, layers=None, hidden=None):
+    """A copy of an HF config dict with fewer layers and/or a narrower width. Head size is kept (heads = hidden /
+    head_dim), the KV group size is kept, the MLP width scales with the hidden size (rounded to a multiple of 64)."""
+    c = json.loads(json.dumps(hf))
+    t = c["model_type"]
+    first = lambda *keys: next(k for k in keys if c.get(k) is not None)   # noqa: E731
+    if hidden:
+        d_key = first("n_embd", "n_embed", "hidden_size")
+        h_key = first("n_head", "num_attention_heads")
+        d0, h0 = c[d_key], c[h_key]
+        hd = c.get("head_dim") or d0 // h0
+        if hidden % hd:
+            raise ValueError(f"--hidden: {hidden} is not a multiple of the head size {hd}")
+        heads = hidden // hd
+        c[d_key], c[h_key] = hidden, heads
+        if c.get("num_key_value_heads"):
+            group = max(1, h0 // c["num_key_value_heads"])
+            kv = max(1, heads // group)
+            while heads % kv:
+                kv -= 1
+            c["num_key_value_heads"] = kv
+        for k in ("intermediate_size", "block_ff_dim", "n_inner"):
+            if c.get(k):
+                c[k] = max(64, round(c[k] * hidden / d0 / 64) * 64)
+    if layers:
+        n0 = c[first("n_layer", "num_hidden_layers")]
+        c[first("n_layer", "num_hidden_layers")] = layers
+        if t == "lfm2":   # keep the first `layers` entries of the conv / attention pattern
+            if c.get("layer_types"):
+                c["layer_types"] = c["layer_types"][:layers]
+            idxs = c.get("full_attn_idxs")
+            if idxs is not None:
+                c["full_attn_idxs"] = [i for i in idxs if i < layers] or [min(layers, n0) - 1]
+    return c
+
+
+def build_models(hf_cfg, device, seed):
+    """Ours with seeded random weights; transformers' loaded from what ours saved (so the weights are the same)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    ours = Decoder(Config.from_hf(hf_cfg))
+    ours.init_weights(seed)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+    for m in theirs.modules():   # some configs default to dropout 0.1 (GPT-2); ours has none
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return ours.to(device).train(), theirs.to(device).train()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _proc_status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class Meter:
+    """Peak memory of one step: CUDA allocator peak above the pre-step level, or the growth of the process's peak
+    RSS (VmHWM, reset through /proc/self/clear_refs; fallback ru_maxrss, which cannot be reset)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.how = "cuda max_memory_allocated"
+        if not self.cuda:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                _proc_status("VmHWM")
+                self.how = "process peak RSS (VmHWM), process-wide"
+            except OSError:
+                self.how = "process peak RSS (ru_maxrss, never reset), process-wide"
+
+    def _rss_peak(self):
+        if self.how.startswith("process peak RSS (VmHWM"):
+            return _proc_status("VmHWM")
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            if "VmHWM" in self.how:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.base = _proc_status("VmRSS")
+            else:
+                self.base = self._rss_peak()
+
+    def stop(self):
+        """Bytes the step added at its peak."""
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return max(0, self._rss_peak() - self.base)
+
+
+def tensor_bytes(tensors):
+    seen, n = set(), 0
+    for t in tensors:
+        if torch.is_tensor(t) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def own_bytes(model, opt=None):
+    """Weights (+ optimizer state) of one implementation: what it holds between steps."""
+    ts = list(model.parameters()) + list(model.buffers())
+    if opt is not None:
+        ts += [v for st in opt.state.values() for v in st.values()]
+    return tensor_bytes(ts)
+
+
+class Progress:
+    """One line per phase; on a terminal it counts steps with an ETA."""
+
+    def __init__(self, phase, total):
+        self.phase, self.total, self.t0, self.tty = phase, total, time.time(), sys.stderr.isatty()
+        print(f"[{phase}] {total} steps ...", file=sys.stderr, flush=True)
+
+    def update(self, i):
+        if self.tty:
+            eta = (time.time() - self.t0) / i * (self.total - i)
+            print(f"\r[{self.phase}] {i}/{self.total} eta {int(eta) // 60}:{int(eta) % 60:02d}", end="",
+                  file=sys.stderr, flush=True)
+
+    def done(self):
+        end = "\n" if self.tty else ""
+        print(f"{end}[{self.phase}] done in {time.time() - self.t0:.1f}s", file=sys.stderr, flush=True)
+
+
+def run_alternating(phase, fns, warmup, iters, device, meter):
+    """Call each implementation's step in turn (the order swaps every round so neither always runs first).
+    Returns {impl: (median seconds, max peak bytes over timed steps)}."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = {k: [] for k in fns}
+    peaks = {k: 0 for k in fns}
+    prog = Progress(phase, warmup + iters)
+    for i in range(warmup + iters):
+        order = list(fns) if i % 2 == 0 else list(fns)[::-1]
+        for k in order:
+            meter.start()
+            sync()
+            t0 = time.perf_counter()
+            fns[k]()
+            sync()
+            dt = time.perf_counter() - t0
+            peak = meter.stop()
+            if i >= warmup:
+                times[k].append(dt)
+                peaks[k] = max(peaks[k], peak)
+        prog.update(i + 1)
+    prog.done()
+    return {k: (statistics.median(times[k]), peaks[k]) for k in fns}
+
+
+def profile(fns, n, device):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for k, fn in fns.items():
+        with prof(activities=acts) as p:
+            for _ in range(n):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        print(f"\n--- profile: {k}, {n} step(s), top operators by {key} ---")
+        print(p.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=48))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two steps
+
+
+def loss_ours(model, x, y, w, n_tok):
+    """Our training loss: per-token NLL from the model (chunked over the vocabulary), weighted per example."""
+    nll = model(x, targets=y)                                                  # (B, T) fp32, 0 where y == -100
+    return (nll * w[:, None]).sum() / n_tok
+
+
+def loss_transformers(model, x, y, w, n_tok):
+    """The same loss from transformers' full logits (what a user of AutoModelForCausalLM would write)."""
+    logits = model(input_ids=x).logits                                         # (B, T, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    return (nll * w[:, None]).sum() / n_tok
+
+
+def make_train_steps(ours, theirs, batch, amp, fused, compile_ours, compile_theirs):
+    """Training-step closures for both: same data, same loss, each with its own AdamW. No host sync inside."""
+    fns = {"ours": torch.compile(loss_ours) if compile_ours else loss_ours,
+           "transformers": torch.compile(loss_transformers) if compile_theirs else loss_transformers}
+    models = {"ours": ours, "transformers": theirs}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.0, fused=fused) for k, m in models.items()}
+
+    def step_fn(k):
+        def step():
+            with amp:
+                loss = fns[k](models[k], *batch)
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+        return step
+    return {k: step_fn(k) for k in IMPLS}, opts
+
+
+def make_gen_steps(ours, theirs, prompts, new_tokens, seed):
+    from transformers import GenerationConfig
+    ids = prompts
+    rows = ids.tolist()
+    B, P = ids.shape
+    # explicit top_k=0 / top_p=1 (unset values would be filled from the defaults: top_k=50) and no EOS anywhere
+    # (the model's generation config carries one), so both sample from the full softmax for exactly new_tokens
+    gcfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    theirs.generation_config = gcfg
+    theirs.config.eos_token_id = None
+    mask = torch.ones_like(ids)
+    counts = {}
+
+    def ours_gen():
+        torch.manual_seed(seed)
+        out = ours.generate(rows, max_new_tokens=new_tokens, temperature=0.7, eos_id=-1)
+        counts["ours"] = sum(len(r) for r in out)
+
+    def theirs_gen():
+        torch.manual_seed(seed)
+        out = theirs.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg)
+        counts["transformers"] = (out.shape[1] - P) * out.shape[0]
+
+    return {"ours": ours_gen, "transformers": theirs_gen}, counts
+
+
+def compile_decode(model):
+    """Compile our forward-through-the-layers (what every decode step runs). Prefill and the first decode positions
+    compile once each; after that the slot index is a dynamic integer and every step reuses the same graph."""
+    model.hidden = torch.compile(model.hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_row(name, r):
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+    return f"{name:<14} {r['tokens_per_s']:>12,.0f} {r['ms_per_step']:>11.2f} {r['peak_mem_mib']:>10.1f} {mfu:>7}"
+
+
+def fmt_ratio(r):
+    mfu = f"{r['mfu']:.2f}x" if r.get("mfu") is not None else "-"
+    return (f"{'ours/transf.':<14} {r['tokens_per_s']:>11.2f}x {r['ms_per_step']:>10.2f}x "
+            f"{r['peak_mem_mib']:>9.2f}x {mfu:>7}")
+
+
+def summarise(res, tokens, steps, flops_per_token, peak_flops, own):
+    """res {impl: (median s, peak growth bytes)}, tokens {impl: tokens per call}, steps = steps per call (1 for
+    training, new tokens for generation) -> figures per implementation and their ratios ours / transformers."""
+    out = {}
+    for k, (sec, growth) in res.items():
+        tps = tokens[k] / sec
+        out[k] = {"tokens_per_s": tps, "ms_per_step": sec * 1000 / steps,
+                  "peak_mem_mib": (growth + own[k]) / 2 ** 20,
+                  "mfu": flops_per_token * tps / peak_flops if peak_flops else None}
+    a, b = out["ours"], out["transformers"]
+    out["ratio"] = {m: (a[m] / b[m] if a[m] is not None and b[m] else None) for m in a}
+    return out
+
+
+def print_table(title, s):
+    print(f"\n{title}")
+    print(f"{'':<14} {'tokens/s':>12} {'ms/step':>11} {'peak MiB':>10} {'MFU':>7}")
+    print(fmt_row("ours", s["ours"]))
+    print(fmt_row("transformers", s["transformers"]))
+    print(fmt_ratio(s["ratio"]))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        if args.model not in REGISTRY:
+            raise ValueError(f"--model: {args.model!r} is not a registry name ({', '.join(REGISTRY)})")
+        for flag in ("batch_size", "seq_len", "gen_batch", "gen_prompt_len", "new_tokens", "iters", "layers", "hidden"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1")
+        if args.warmup < 0:
+            raise ValueError("--warmup: must be >= 0")
+        layers = args.layers or (SMALL["layers"] if args.shape == "small" else None)
+        hidden = args.hidden or (SMALL["hidden"] if args.shape == "small" else None)
+        hf_cfg = scaled_config(REGISTRY[args.model]["config"], layers, hidden)
+        cfg = Config.from_hf(hf_cfg)
+        if cfg.pos == "learned" and not args.skip_gen and args.gen_prompt_len + args.new_tokens > cfg.max_pos:
+            raise ValueError(f"--gen-prompt-len + --new-tokens: {args.gen_prompt_len + args.new_tokens} exceed the "
+                             f"model's {cfg.max_pos} positions")
+        if cfg.pos == "learned" and not args.skip_train and args.seq_len > cfg.max_pos:
+            raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's {cfg.max_pos} positions")
+        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device: CUDA is not available here")
+    except (ValueError, KeyError, RuntimeError) as e:   # RuntimeError: torch.device of a bad --device string
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak_flops = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None) if dtype == "bf16" else None
+    meter = Meter(device)
+
+    print(f"[setup] building {args.model} ({args.shape}) with random weights, saving, loading into transformers ...",
+          file=sys.stderr, flush=True)
+    ours, theirs = build_models(hf_cfg, device, args.seed)
+    import transformers
+    dev_name = gpu or _cpu_name()
+    report = {"model": args.model, "shape": args.shape, "config": {k: v for k, v in hf_cfg.items()},
+              "params": ours.num_params(), "device": dev_name, "threads": torch.get_num_threads(), "dtype": dtype,
+              "compile_train": args.compile, "compile_decode": args.compile and not args.skip_gen,
+              "compile_transformers": args.compile_transformers,
+              "torch": torch.__version__, "transformers": transformers.__version__, "memory": meter.how,
+              "warmup": args.warmup, "iters": args.iters, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"{args.model} ({args.shape}): {cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads "
+          f"({cfg.n_kv_head} kv) x {cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, "
+          f"{ours.num_params() / 1e6:.2f}M params | {dev_name}, {torch.get_num_threads()} threads | {dtype} | "
+          f"torch {torch.__version__}, transformers {transformers.__version__} | compile: ours {args.compile}, "
+          f"transformers {args.compile_transformers} | medians of {args.iters} after {args.warmup} warm-up")
+    g = torch.Generator().manual_seed(args.seed + 1)
+
+    if not args.skip_train:
+        B, T = args.batch_size, args.seq_len
+        ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+        x, y = ids[:, :-1].clone(), ids[:, 1:].clone()
+        y[:, : T // 4] = -100                                  # a prompt whose tokens carry no loss, as in train.py
+        w = 0.5 + torch.rand(B, generator=g)                   # severity weights in [0.5, 1.5)
+        n_tok = (y != -100).sum().float()
+        batch = tuple(t.to(device) for t in (x, y, w, n_tok))
+        # same weights -> same loss: a check that the comparison is fair (and that the weights really are shared)
+        with torch.no_grad(), amp:
+            l_ours, l_hf = loss_ours(ours, *batch).item(), loss_transformers(theirs, *batch).item()
+        print(f"same weights, same batch: loss ours {l_ours:.5f} vs transformers {l_hf:.5f}")
+        if abs(l_ours - l_hf) > (1e-4 if dtype == "fp32" else 2e-2) * abs(l_hf):
+            print("warning: the two losses differ: the comparison is not like for like", file=sys.stderr)
+        report["train_loss_check"] = {"ours": l_ours, "transformers": l_hf}
+        steps, opts = make_train_steps(ours, theirs, batch, amp, device.type == "cuda", args.compile,
+                                       args.compile_transformers)
+        try:
+            res = run_alternating("train", steps, args.warmup, args.iters, device, meter)
+        except Exception as e:   # noqa: BLE001 - a compile failure must not lose the eager figures
+            if not args.compile:
+                raise
+            print(f"warning: compiled training step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "timing eager instead", file=sys.stderr)
+            steps, opts = make_train_steps(ours, theirs, batch, amp, device.type == "cuda", False, False)
+            report["compile_train"] = False
+            res = run_alternating("train", steps, args.warmup, args.iters, device, meter)
+        own = {"ours": own_bytes(ours, opts["ours"]), "transformers": own_bytes(theirs, opts["transformers"])}
+        s = summarise(res, {k: B * T for k in IMPLS}, 1, ours.flops_per_token(T), peak_flops, own)
+        report["train"] = dict(s, batch_size=B, seq_len=T, flops_per_token=ours.flops_per_token(T))
+        print_table(f"train step: batch {B} x {T} tokens, weighted per-token CE, AdamW"
+                    f"{' (fused)' if device.type == 'cuda' else ''}", s)
+        if args.profile:
+            profile(steps, args.profile, device)
+        for o in opts.values():   # free the optimizer state before generation
+            o.state.clear()
+        del steps, opts
+
+    if not args.skip_gen:
+        gen_dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        ours.eval().to(gen_dt)
+        theirs.eval().to(gen_dt)
+        for p in list(ours.parameters()) + list(theirs.parameters()):
+            p.grad = None
+        if args.compile:
+            compile_decode(ours)
+        Bg, P, N = args.gen_batch, args.gen_prompt_len, args.new_tokens
+        prompts = torch.randint(1, cfg.vocab_size, (Bg, P), generator=g).to(device)
+        steps, counts = make_gen_steps(ours, theirs, prompts, N, args.seed)
+        try:
+            res = run_alternating("generate", steps, args.warmup, args.iters, device, meter)
+        except Exception as e:   # noqa: BLE001 - compiling the decode step is best effort
+            if not args.compile:
+                raise
+            print(f"warning: compiled decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "timing eager generation instead", file=sys.stderr)
+            del ours.hidden                                    # back to the class's (eager) method
+            report["compile_decode"] = False
+            res = run_alternating("generate", steps, args.warmup, args.iters, device, meter)
+        if counts["ours"] != counts["transformers"] or counts["ours"] != Bg * N:
+            print(f"warning: new tokens differ: ours {counts['ours']}, transformers {counts['transformers']}, "
+                  f"expected {Bg * N}", file=sys.stderr)
+        ctx = P + N // 2      # average context length of a decode step, for the attention FLOPs
+        fwd_flops = ours.flops_per_token(ctx) / 3
+        own = {"ours": own_bytes(ours), "transformers": own_bytes(theirs)}
+        s = summarise(res, counts, N, fwd_flops, peak_flops, own)
+        report["gen"] = dict(s, gen_batch=Bg, prompt_len=P, new_tokens=N)
+        print_table(f"generate: {Bg} prompts x {P} tokens, {N} new tokens each, sampled (T=0.7); "
+                    f"ms/step = per new token", s)
+        if args.profile:
+            profile(steps, args.profile, device)
+
+    print(f"\npeak MiB = own weights{' + optimizer state' if not args.skip_train else ''} + the step's peak growth "
+          f"({meter.how}); MFU only on CUDA with bf16" + (f" (peak {peak_flops / 1e12:.0f} TFLOP/s)" if peak_flops else ""))
+    if args.json:
+        d = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(d, exist_ok=True)
+        atomic_write(args.json, lambda p: _write_text(p, json.dumps(report, indent=2) + "\n"))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return report
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU ({line.split(':', 1)[1].strip()}, {os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""bench.py: runs end to end and reports every figure; the losses it compares are the same loss; the compiled
+training step equals the eager one; chunked token_nll equals full-logits cross-entropy. CPU, offline, no timing
+asserts (timings are whatever the machine gives)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_RUN = ["--iters", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--gen-batch", "2",
+             "--gen-prompt-len", "8", "--new-tokens", "5", "--device", "cpu"]
+FIGURES = ("tokens_per_s", "ms_per_step", "peak_mem_mib")
+
+
+def tiny():
+    return M.Decoder(M.Config.from_hf(dict(M.REGISTRY["tiny"]["config"])))
+
+
+def batch(cfg, B=2, T=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    x, y = ids[:, :-1].clone(), ids[:, 1:].clone()
+    y[:, :5] = -100
+    y[1, -3:] = -100
+    w = 0.5 + torch.rand(B, generator=g)
+    return x, y, w, (y != -100).sum().float()
+
+
+def test_end_to_end_tiny_prints_every_column_and_writes_json(tmp_path):
+    out = tmp_path / "sub" / "bench.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    r = subprocess.run([sys.executable, "bench.py", "--model", "tiny", *SMALL_RUN, "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout
+    assert "train step" in text and "generate" in text
+    # two tables, each with the header, both implementations and the ratio row
+    headers = [ln.split() for ln in text.splitlines() if "tokens/s" in ln and "peak MiB" in ln]
+    assert headers == [["tokens/s", "ms/step", "peak", "MiB", "MFU"]] * 2, headers
+    for row in ("ours ", "transformers ", "ours/transf."):
+        assert sum(line.startswith(row) for line in text.splitlines()) == 2, row
+    assert "[train]" in r.stderr and "[generate]" in r.stderr          # a progress line per phase
+
+    rep = json.loads(out.read_text())
+    assert not [p for p in os.listdir(out.parent) if p != "bench.json"], "temp file left behind"
+    for phase in ("train", "gen"):
+        for impl in ("ours", "transformers"):
+            for k in FIGURES:
+                v = rep[phase][impl][k]
+                assert isinstance(v, float) and math.isfinite(v) and v > 0, (phase, impl, k, v)
+            assert rep[phase][impl]["mfu"] is None                     # CPU: no MFU
+        for k in FIGURES:
+            want = rep[phase]["ours"][k] / rep[phase]["transformers"][k]
+            assert rep[phase]["ratio"][k] == pytest.approx(want)
+    assert rep["train"]["batch_size"] == 2 and rep["train"]["seq_len"] == 32
+    assert rep["gen"]["gen_batch"] == 2 and rep["gen"]["new_tokens"] == 5
+    # the same weights in both: the two losses on the same batch agree
+    chk = rep["train_loss_check"]
+    assert chk["ours"] == pytest.approx(chk["transformers"], rel=1e-5)
+    assert "warning: new tokens differ" not in r.stderr                # both generated exactly 2 x 5 tokens
+    assert "warning: the two losses differ" not in r.stderr
+    assert "compiled" not in r.stderr                                  # no compile fallback (none was asked for)
+
+
+def test_skip_flags_and_bad_input(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", "no-such-model"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --model")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", "tiny", "--gen-prompt-len", "500", "--new-tokens", "50", "--skip-train"])
+    assert e.value.code == 2 and "positions" in capsys.readouterr().err
+    rep = bench.main(["--model", "tiny", *SMALL_RUN, "--skip-gen", "--json", str(tmp_path / "b.json")])
+    assert "train" in rep and "gen" not in rep
+    assert json.loads((tmp_path / "b.json").read_text())["train"]["ours"]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "lfm2-350m", "bloomz-560m", "aragpt2-base",
+                                  "mistral-7b-instruct-v0.2"])
+def test_small_shape_is_consistent_with_transformers(name):
+    """--shape small scales a registry config to 4 layers x 256; transformers must read it as the same model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf = bench.scaled_config(M.REGISTRY[name]["config"], layers=4, hidden=256)
+    cfg = M.Config.from_hf(hf)
+    assert cfg.n_layer == 4 and cfg.d_model == 256 and cfg.vocab_size == M.REGISTRY[name]["config"]["vocab_size"]
+    assert cfg.n_head * cfg.head_dim == 256
+    assert cfg.n_head % cfg.n_kv_head == 0
+    with torch.device("meta"):
+        ours = M.Decoder(cfg)
+        c = dict(cfg.to_hf())
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c))
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert ours.num_params() == n_theirs
+
+
+def test_bench_losses_are_the_same_loss():
+    """loss_ours (chunked NLL inside the model) and loss_transformers (full logits + F.cross_entropy) agree in value
+    and gradient on one model, so the benchmark compares equal work."""
+    m = tiny()
+    x, y, w, n = batch(m.cfg)
+
+    class Wrap(torch.nn.Module):                                        # transformers-style call: .logits
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": self.inner(input_ids)})()
+
+    params = list(m.parameters())
+    a = bench.loss_ours(m, x, y, w, n)
+    ga = torch.autograd.grad(a, params)
+    b = bench.loss_transformers(Wrap(m), x, y, w, n)
+    gb = torch.autograd.grad(b, params)
+    assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
+    for p, u, v in zip(params, ga, gb):
+        assert (u - v).abs().max().item() <= 1e-5 * max(1.0, v.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk", [7, 48, None])
+def test_chunked_token_nll_equals_full_logits_ce(chunk):
+    """Chunked NLL (7 and 48 rows: several chunks, ragged last one; None: the default, one chunk here) against
+    plain full-vocabulary cross-entropy, weighted per example as train.py does: value and every gradient."""
+    import torch.nn.functional as F
+    m = tiny()
+    with torch.no_grad():                                               # a non-trivial head: logits of order 1
+        m.wte.weight.mul_(20)
+    x, y, w, n = batch(m.cfg, B=3, T=16, seed=3)
+    params = list(m.parameters())
+    nll = m.token_nll(x, y, chunk_tokens=chunk)
+    full = F.cross_entropy(m(x).float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    assert (nll[y == -100] == 0).all()
+    assert (nll - full).abs().max().item() <= 1e-5 * max(1.0, full.abs().max().item())
+    ga = torch.autograd.grad((nll * w[:, None]).sum() / n, params)
+    gb = torch.autograd.grad((full * w[:, None]).sum() / n, params)
+    for (name, _), u, v in zip(m.named_parameters(), ga, gb):
+        assert (u - v).abs().max().item() <= 1e-5 * max(1.0, v.abs().max().item()), name
+
+
+def test_compiled_training_step_equals_eager():
+    """torch.compile of our loss (the --compile path of bench.py, and what train.py --compile runs) gives the same
+    loss and gradients as eager on the tiny shape. Takes ~20 s on 2 CPU cores (cold inductor cache)."""
+    m = tiny().train()
+    x, y, w, n = batch(m.cfg, B=2, T=32, seed=5)
+    params = list(m.parameters())
+    eager = bench.loss_ours(m, x, y, w, n)
+    g_eager = torch.autograd.grad(eager, params)
+    torch._dynamo.reset()
+    compiled = torch.compile(bench.loss_ours)(m, x, y, w, n)
+    g_comp = torch.autograd.grad(compiled, params)
+    assert abs(compiled.item() - eager.item()) <= 1e-5 * abs(eager.item())
+    for (name, _), u, v in zip(m.named_parameters(), g_comp, g_eager):
+        assert (u - v).abs().max().item() <= 1e-5 * max(1.0, v.abs().max().item()), name
