@@ -118,7 +118,8 @@ def scaled_config(hf, layers=None, hidden=None):
 
 
 def build_models(hf_cfg, device, seed):
-    """Ours with seeded random weights; transformers' loaded from what ours saved (so the weights are the same)."""
+    """Ours with seeded random weights; transformers' loaded from what ours saved (so the weights are the same),
+    with SDPA attention where transformers has it for the family, else its eager attention."""
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
@@ -128,7 +129,12 @@ def build_models(hf_cfg, device, seed):
     ours.init_weights(seed)
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        theirs = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+        try:
+            theirs = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+        except ValueError as e:   # BLOOM has no SDPA path in transformers: its eager attention is the baseline
+            if "scaled_dot_product_attention" not in str(e):
+                raise
+            theirs = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
     for m in theirs.modules():   # some configs default to dropout 0.1 (GPT-2); ours has none
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -414,17 +420,19 @@ def main(argv=None):
     ours, theirs = build_models(hf_cfg, device, args.seed)
     import transformers
     dev_name = gpu or _cpu_name()
+    attn = theirs.config._attn_implementation
     report = {"model": args.model, "shape": args.shape, "config": {k: v for k, v in hf_cfg.items()},
               "params": ours.num_params(), "device": dev_name, "threads": torch.get_num_threads(), "dtype": dtype,
               "compile_train": args.compile, "compile_decode": args.compile and not args.skip_gen,
-              "compile_transformers": args.compile_transformers,
+              "compile_transformers": args.compile_transformers, "transformers_attention": attn,
               "torch": torch.__version__, "transformers": transformers.__version__, "memory": meter.how,
               "warmup": args.warmup, "iters": args.iters, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"{args.model} ({args.shape}): {cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads "
           f"({cfg.n_kv_head} kv) x {cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, "
           f"{ours.num_params() / 1e6:.2f}M params | {dev_name}, {torch.get_num_threads()} threads | {dtype} | "
-          f"torch {torch.__version__}, transformers {transformers.__version__} | compile: ours {args.compile}, "
-          f"transformers {args.compile_transformers} | medians of {args.iters} after {args.warmup} warm-up")
+          f"torch {torch.__version__}, transformers {transformers.__version__} ({attn} attention) | "
+          f"compile: ours {args.compile}, transformers {args.compile_transformers} | "
+          f"medians of {args.iters} after {args.warmup} warm-up")
     g = torch.Generator().manual_seed(args.seed + 1)
 
     if not args.skip_train:

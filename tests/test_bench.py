@@ -159,3 +159,15 @@ def test_compiled_training_step_equals_eager():
     assert abs(compiled.item() - eager.item()) <= 1e-5 * abs(eager.item())
     for (name, _), u, v in zip(m.named_parameters(), g_comp, g_eager):
         assert (u - v).abs().max().item() <= 1e-5 * max(1.0, v.abs().max().item()), name
+
+
+def test_bloom_baseline_falls_back_to_eager_attention():
+    """transformers has no SDPA path for BLOOM: the baseline is built with its eager attention instead of failing,
+    and it still holds our weights (same logits)."""
+    hf = bench.scaled_config(M.REGISTRY["bloomz-560m"]["config"], layers=1, hidden=64)
+    ours, theirs = bench.build_models(hf, torch.device("cpu"), seed=0)
+    assert theirs.config._attn_implementation == "eager"
+    x = torch.randint(0, hf["vocab_size"], (2, 12))
+    with torch.no_grad():
+        diff = (ours(x) - theirs(input_ids=x).logits).abs().max().item()
+    assert diff <= 1e-4, diff
