@@ -536,7 +536,7 @@ class Decoder(nn.Module):
             h, W = h.to(dt), W.to(dt)
         else:
             W = W.to(h.dtype)
-        chunk = chunk_tokens or max(64, (1 << 26) // self.cfg.vocab_size)   # ~256 MB of fp32 logits per chunk
+        chunk = chunk_tokens or max(64, (1 << 27) // self.cfg.vocab_size)   # ~512 MB of fp32 logits per chunk
         with torch.autocast(h.device.type, enabled=False):
             keep = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad)   # eval: no D to keep
             nll = _ChunkedNLL.apply(h.reshape(B * T, d), W, targets.reshape(B * T), chunk, keep)
