@@ -333,12 +333,6 @@ def make_gen_steps(ours, theirs, prompts, new_tokens, seed):
     return {"ours": ours_gen, "transformers": theirs_gen}, counts
 
 
-def compile_decode(model):
-    """Compile our forward-through-the-layers (what every decode step runs). Prefill and the first decode positions
-    compile once each; after that the slot index is a dynamic integer and every step reuses the same graph."""
-    model.hidden = torch.compile(model.hidden)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -480,7 +474,7 @@ def main(argv=None):
         for p in list(ours.parameters()) + list(theirs.parameters()):
             p.grad = None
         if args.compile:
-            compile_decode(ours)
+            ours.compile_decode()
         Bg, P, N = args.gen_batch, args.gen_prompt_len, args.new_tokens
         prompts = torch.randint(1, cfg.vocab_size, (Bg, P), generator=g).to(device)
         steps, counts = make_gen_steps(ours, theirs, prompts, N, args.seed)

@@ -589,6 +589,13 @@ class Decoder(nn.Module):
             rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
         return rows
 
+    def compile_decode(self):
+        """torch.compile the layer stack (hidden) that prefill and every decode step of generate run. The first
+        decode positions compile once each; after that the cache slot is a dynamic integer and every step reuses
+        one graph (prompts of new lengths add a prefill graph, then shapes go dynamic). Returns self."""
+        self.hidden = torch.compile(self.hidden)
+        return self
+
     # -- bookkeeping ------------------------------------------------------------------------------------------------
 
     def num_params(self):

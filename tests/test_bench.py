@@ -171,3 +171,14 @@ def test_bloom_baseline_falls_back_to_eager_attention():
     with torch.no_grad():
         diff = (ours(x) - theirs(input_ids=x).logits).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def test_compiled_decode_generates_what_eager_generates():
+    """model.compile_decode (bench.py --compile, evaluate.py --compile): greedy tokens equal eager ones, for a batch
+    of prompts of different lengths (left padding, a mask) and the decode positions after them."""
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
+    eager = tiny().eval().generate(prompts, max_new_tokens=12, temperature=0.0, eos_id=-1)
+    torch._dynamo.reset()
+    compiled = tiny().eval().compile_decode().generate(prompts, max_new_tokens=12, temperature=0.0, eos_id=-1)
+    assert compiled == eager
+    assert [len(r) for r in compiled] == [12, 12, 12]
