@@ -19,7 +19,6 @@ Example:
     python annotate.py out/maqa/train.jsonl --classifier out/classifier --out out/maqa/train.annotated.jsonl
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -139,14 +138,6 @@ def read_questions(path, question_col=None, answer_col=None):
     return recs
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stamp(name):
     """Identity of a classifier: for a local folder its weights' size + mtime, else the name."""
     f = os.path.join(name, "model.safetensors")
@@ -190,8 +181,9 @@ def annotate(args):
 
     out = args.out
     partial, sidecar = out + ".partial", out + ".partial.json"
-    fingerprint = {"input": os.path.abspath(args.input), "input_sha256": _sha256(args.input), "n_rows": len(recs),
-                   "classifier": _stamp(args.classifier), "revision": args.revision, "label_map": M.tolist(),
+    fingerprint = {"input": os.path.abspath(args.input), "input_sha256": data.sha256(args.input),
+                   "n_rows": len(recs), "classifier": _stamp(args.classifier), "revision": args.revision,
+                   "label_map": M.tolist(),
                    "max_len": max_len, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
                    "device": torch.device(device).type, "decimals": DECIMALS,
                    "question_col": args.question_col, "answer_col": args.answer_col}

@@ -34,7 +34,6 @@ bert-score 0.3.13 on transformers 5 (two workarounds, both here, both keep bert-
     score of an empty candidate as P = R = F1 = 0, so empty predictions get 0 and are not sent to it.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -170,14 +169,6 @@ def describe_model(name_or_path):
                     if k in PRESET_SETTING and all(abs(x - y) < 1e-9 for x, y in zip(v, abc))), "custom")
     base = str(targs.get("model") or name_or_path)
     return os.path.basename(os.path.normpath(base)), setting, dict(targs, weights_abc=list(abc))
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Progress:
@@ -514,7 +505,7 @@ def evaluate(args):
         "model": {"path": args.model, "name": args.name or name, "params": model.num_params(),
                   "family": model.cfg.family,
                   "weights": targs["weights_abc"] if targs else None, "train_args": targs},
-        "data": {"path": args.data, "sha256": sha256(args.data), "n": len(records), "n_file": len(records_all),
+        "data": {"path": args.data, "sha256": data.sha256(args.data), "n": len(records), "n_file": len(records_all),
                  "counts": counts},
         "generation": {"mode": "greedy" if args.greedy else "sampled", "temperature": temperature,
                        "top_k": args.top_k or None, "top_p": args.top_p if args.top_p < 1 else None,

@@ -15,6 +15,7 @@ Example:
     text = data.format_prompt(recs[0]["question"]) + recs[0]["answer"]   # + EOS token when training
 """
 import csv
+import hashlib
 import io
 import json
 import math
@@ -357,6 +358,15 @@ def atomic_write(path, text):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sha256(path):
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks): what manifests and eval.json record about their input."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_jsonl(path, records):

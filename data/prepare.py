@@ -24,7 +24,6 @@ Example:
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
 import argparse
-import hashlib
 import json
 import random
 import re
@@ -215,14 +214,6 @@ def fetch_apollo(filename, revision):
                              f"{type(e).__name__}: {e}") from None
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def split_sizes(n, n_train, n_test):
     """(train, test) sizes: as asked when there are enough rows, else proportional."""
     if n >= n_train + n_test:
@@ -317,7 +308,7 @@ def prepare(args):
     manifest = {
         "source": args.source,
         "input": origin,
-        "input_sha256": sha256(path),
+        "input_sha256": data.sha256(path),
         "columns": {"question": args.question_col, "answer": args.answer_col},
         "sheet": args.sheet,
         "rows_read": len(rows),

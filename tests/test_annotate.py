@@ -19,13 +19,7 @@ SAMPLE_QA = os.path.join(ROOT, "data", "sample", "test.jsonl")
 WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest and does not stall on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_classifier(folder, labels, seed=0):

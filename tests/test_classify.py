@@ -23,13 +23,7 @@ ARABIC = ["أشعر بألم ضاغط في وسط صدري ينتشر إلى ذ�
           "eg:ابني عنده سنتين وبياكل قليل جدًا ومش بيحب الخضار، أعمل إيه؟ 😀"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread is fastest, and it does not stall on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_hf(tmp_path, name="hf", cls=None, **kw):

@@ -180,12 +180,12 @@ def test_seeded_sampled_and_greedy_runs_repeat(env, tmp_path):
     pa, pb, pc = (read_jsonl(tmp_path / x / "predictions.jsonl") for x in "abc")
     assert [r["prediction"] for r in pa] == [r["prediction"] for r in pb]
     assert [r["prediction"] for r in pa] != [r["prediction"] for r in pc]   # the seed matters
-    assert a["scores"] == b["scores"]
+    assert a["scores"] == b["scores"] and c["scores"] != a["scores"]
     g1 = run_eval(env, tmp_path / "g1", "--greedy", "--max-new-tokens", "10")
     g2 = run_eval(env, tmp_path / "g2", "--greedy", "--max-new-tokens", "10", "--batch-size", "3")
     assert [r["prediction"] for r in read_jsonl(tmp_path / "g1" / "predictions.jsonl")] == \
            [r["prediction"] for r in read_jsonl(tmp_path / "g2" / "predictions.jsonl")]
-    assert g1["generation"]["mode"] == "greedy"
+    assert g1["generation"]["mode"] == "greedy" and g1["scores"] == g2["scores"]
 
 
 def test_eval_json_and_predictions(env, tmp_path):
