@@ -101,8 +101,9 @@ def get_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only; 0 = off. The paper's "
                    "notebooks called transformers' generate, whose default generation config uses top_k=50")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (model.compile_decode): "
-                   "slower start, faster generation of many batches")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (model.compile_decode). "
+                   "Compiling several graphs (prefill, first decode steps, then dynamic shapes) takes about a minute "
+                   "on a CPU, so it pays only on long runs")
     p.add_argument("--max-new-tokens", type=int, default=50, help="new tokens per answer (the paper: 50)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (run k of --repeat uses seed+k); "
                    "default: drawn at random and written to eval.json")
