@@ -30,8 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import REGISTRY, Config, Decoder, atomic_write
-from train import PEAK_BF16   # dense bf16 peak FLOP/s by device-name substring (H100 SXM / H200: 989e12)
+import data
+from classify import Progress
+from model import REGISTRY, Config, Decoder
+from train import peak_bf16   # dense bf16 peak FLOP/s by device name (H100 SXM / H200: 989e12)
 
 # --shape small: any registry shape scaled down to this many layers and this width (vocabulary kept)
 SMALL = dict(layers=4, hidden=256)
@@ -160,18 +162,20 @@ class Meter:
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.device = device
+        self.hwm = False                     # CPU: can the peak RSS be reset (Linux /proc)?
         self.how = "cuda max_memory_allocated"
         if not self.cuda:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 _proc_status("VmHWM")
+                self.hwm = True
                 self.how = "process peak RSS (VmHWM), process-wide"
             except OSError:
                 self.how = "process peak RSS (ru_maxrss, never reset), process-wide"
 
     def _rss_peak(self):
-        if self.how.startswith("process peak RSS (VmHWM"):
+        if self.hwm:
             return _proc_status("VmHWM")
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -182,7 +186,7 @@ class Meter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            if "VmHWM" in self.how:
+            if self.hwm:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 self.base = _proc_status("VmRSS")
@@ -213,23 +217,6 @@ def own_bytes(model, opt=None):
     return tensor_bytes(ts)
 
 
-class Progress:
-    """One line per phase; on a terminal it counts steps with an ETA."""
-
-    def __init__(self, phase, total):
-        self.phase, self.total, self.t0, self.tty = phase, total, time.time(), sys.stderr.isatty()
-        print(f"[{phase}] {total} steps ...", file=sys.stderr, flush=True)
-
-    def update(self, i):
-        if self.tty:
-            eta = (time.time() - self.t0) / i * (self.total - i)
-            print(f"\r[{self.phase}] {i}/{self.total} eta {int(eta) // 60}:{int(eta) % 60:02d}", end="",
-                  file=sys.stderr, flush=True)
-
-    def done(self):
-        end = "\n" if self.tty else ""
-        print(f"{end}[{self.phase}] done in {time.time() - self.t0:.1f}s", file=sys.stderr, flush=True)
-
 
 def run_alternating(phase, fns, warmup, iters, device, meter):
     """Call each implementation's step in turn (the order swaps every round so neither always runs first).
@@ -237,12 +224,11 @@ def run_alternating(phase, fns, warmup, iters, device, meter):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = {k: [] for k in fns}
     peaks = {k: 0 for k in fns}
-    prog = Progress(phase, warmup + iters)
+    prog = Progress(warmup + iters, f"[{phase}]", "steps")
     for i in range(warmup + iters):
         order = list(fns) if i % 2 == 0 else list(fns)[::-1]
         for k in order:
-            meter.start()
-            sync()
+            meter.start()                                      # on CUDA it synchronises first
             t0 = time.perf_counter()
             fns[k]()
             sync()
@@ -251,8 +237,8 @@ def run_alternating(phase, fns, warmup, iters, device, meter):
             if i >= warmup:
                 times[k].append(dt)
                 peaks[k] = max(peaks[k], peak)
-        prog.update(i + 1)
-    prog.done()
+        prog.update()
+    prog.close()
     return {k: (statistics.median(times[k]), peaks[k]) for k in fns}
 
 
@@ -306,11 +292,9 @@ def make_train_steps(ours, theirs, batch, amp, fused, compile_ours, compile_thei
     return {k: step_fn(k) for k in IMPLS}, opts
 
 
-def make_gen_steps(ours, theirs, prompts, new_tokens, seed):
+def make_gen_steps(ours, theirs, ids, new_tokens, seed):
     from transformers import GenerationConfig
-    ids = prompts
-    rows = ids.tolist()
-    B, P = ids.shape
+    rows, P = ids.tolist(), ids.shape[1]
     # explicit top_k=0 / top_p=1 (unset values would be filled from the defaults: top_k=50) and no EOS anywhere
     # (the model's generation config carries one), so both sample from the full softmax for exactly new_tokens
     gcfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
@@ -406,7 +390,7 @@ def main(argv=None):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak_flops = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None) if dtype == "bf16" else None
+    peak_flops = peak_bf16(gpu) if dtype == "bf16" else None
     meter = Meter(device)
 
     print(f"[setup] building {args.model} ({args.shape}) with random weights, saving, loading into transformers ...",
@@ -415,7 +399,7 @@ def main(argv=None):
     import transformers
     dev_name = gpu or _cpu_name()
     attn = theirs.config._attn_implementation
-    report = {"model": args.model, "shape": args.shape, "config": {k: v for k, v in hf_cfg.items()},
+    report = {"model": args.model, "shape": args.shape, "config": dict(hf_cfg),
               "params": ours.num_params(), "device": dev_name, "threads": torch.get_num_threads(), "dtype": dtype,
               "compile_train": args.compile, "compile_decode": args.compile and not args.skip_gen,
               "compile_transformers": args.compile_transformers, "transformers_attention": attn,
@@ -504,16 +488,9 @@ def main(argv=None):
     print(f"\npeak MiB = own weights{' + optimizer state' if not args.skip_train else ''} + the step's peak growth "
           f"({meter.how}); MFU only on CUDA with bf16" + (f" (peak {peak_flops / 1e12:.0f} TFLOP/s)" if peak_flops else ""))
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        atomic_write(args.json, lambda p: _write_text(p, json.dumps(report, indent=2) + "\n"))
+        data.atomic_write(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return report
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _cpu_name():

@@ -549,9 +549,11 @@ class Decoder(nn.Module):
                  generator=None):
         """Sample (or greedy when temperature == 0) up to max_new_tokens after each prompt.
         prompts: list of token-id lists of any lengths (left-padded here). Returns the new tokens of each row,
-        cut before its first EOS. A static KV cache (and LFM2's conv state) holds the prefix."""
+        cut before its first EOS (eos_id None = the model's; a negative eos_id = none, every row runs to the end).
+        A static KV cache (and LFM2's conv state) holds the prefix."""
         cfg, device = self.cfg, self.wte.weight.device
         eos_id = cfg.eos_id if eos_id is None else eos_id
+        eos_id = None if eos_id is not None and eos_id < 0 else eos_id   # eos_id -1: no EOS, run to the end
         B, P = len(prompts), max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise ValueError("generate: empty prompt")
@@ -578,7 +580,7 @@ class Decoder(nn.Module):
             nxt = sample(logits, temperature, top_k, top_p, generator)
             out[:, t] = nxt
             n = t + 1
-            if eos_id is not None and eos_id >= 0:                        # eos_id -1: run to the end
+            if eos_id is not None:
                 done |= nxt == eos_id
                 if t % 8 == 7 and bool(done.all()):                   # a host sync only every 8 steps
                     break

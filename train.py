@@ -34,6 +34,11 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
 
 
+def peak_bf16(device_name):
+    """Dense bf16 peak FLOP/s of a GPU by its name (PEAK_BF16 substring), None if unknown or not a GPU."""
+    return next((v for k, v in PEAK_BF16.items() if device_name and k in device_name), None)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="registry name (see model.REGISTRY), HF repo id, or local folder")
@@ -316,7 +321,7 @@ def main(argv=None):
         data.atomic_write(os.path.join(out, "args.json"), json.dumps(args_dict, indent=2, ensure_ascii=False))
     nparams = raw_model.num_params()
     gpu = torch.cuda.get_device_name(device) if dev_type == "cuda" else None
-    peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
+    peak = peak_bf16(gpu)
     log(f"model {args.model}: {nparams / 1e6:.1f}M params | {len(train_ex)} train / {len(eval_ex)} eval examples | "
         f"weights a,b,c = {abc} | {total} steps of {per_step} examples | lr {lr:g} | {dtype} on {device}"
         + (f" x{world}" if ddp else ""))
