@@ -14,12 +14,14 @@ Example:
     recs = data.load_records("data/sample/train.jsonl")
     text = data.format_prompt(recs[0]["question"]) + recs[0]["answer"]   # + EOS token when training
 """
+import argparse
 import csv
 import hashlib
 import io
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -388,3 +390,133 @@ def extract_answer(generated_text):
     it; stripped."""
     _, cue, after = generated_text.partition(PROMPT_CUE)
     return (after if cue else generated_text).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command-line contract, shared by every script (train, classify, annotate, evaluate, prepare, bench):
+# a user's mistake (bad flag, bad or unreadable input file, unusable output path, unavailable device) prints
+# ONE line "error: <where>: <what is wrong and what to do>" on stderr and exits 2, before anything is written.
+# Anything else is a bug and keeps its traceback.
+
+class UserError(ValueError):
+    """A user's mistake outside a data record. str(e) is one line: "<where>: <what>"."""
+
+    def __init__(self, where, what):
+        self.where, self.what = str(where), " ".join(str(what).split())
+        super().__init__(f"{self.where}: {self.what}" if self.where else self.what)
+
+
+def one_line(msg):
+    return " ".join(str(msg).split())
+
+
+def die(msg):
+    """Print "error: <msg>" as one line on stderr and exit 2."""
+    print(f"error: {one_line(msg)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main, argv=None):
+    """Run a script's main(argv) under the contract: DataError / UserError -> one line, exit 2."""
+    try:
+        return main(argv)
+    except (DataError, UserError) as e:
+        die(e)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the contract: a usage error is ONE line on stderr (no usage dump), exit 2.
+    Defaults are shown in --help."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        die(message)
+
+
+def _range_text(lo, hi, lo_open, hi_open):
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    return " and ".join(parts)
+
+
+def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite number of `kind` (float or int) in [lo, hi] (open ends with lo_open/hi_open).
+    Example: p.add_argument("--lr", type=data.number(float, lo=0)) refuses -1, nan, inf and 1e999."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+        if ((lo is not None and (v < lo or (lo_open and v == lo)))
+                or (hi is not None and (v > hi or (hi_open and v == hi)))):
+            raise argparse.ArgumentTypeError(f"{s} must be {_range_text(lo, hi, lo_open, hi_open)}")
+        return v
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
+def input_file(path, flag):
+    """Refuse (UserError) an input path that does not exist, is not a file or cannot be read."""
+    if not os.path.exists(path):
+        raise UserError(flag, f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise UserError(flag, f"{path}: is a directory, not a file" if os.path.isdir(path) else f"{path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise UserError(flag, f"{path}: not readable (check its permissions)")
+    return path
+
+
+def output_dir(path, flag):
+    """Refuse (UserError) an output folder that could not be created or written: an existing file, a parent that
+    is a file, or a folder without write permission. Creates nothing."""
+    p = Path(path).absolute()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(flag, f"{path}: exists and is not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UserError(flag, f"{path}: folder is not writable")
+        return path
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(flag, f"{path}: cannot create it, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(flag, f"{path}: cannot create it, {parent} is not writable")
+    return path
+
+
+def output_file(path, flag):
+    """Refuse (UserError) an output file path that could not be written atomically (folder not creatable or
+    writable, or the path is a folder). Creates nothing."""
+    if os.path.isdir(path):
+        raise UserError(flag, f"{path}: is a folder, expected a file path")
+    output_dir(os.path.dirname(os.path.abspath(path)), flag)
+    return path
+
+
+def resolve_device(name, flag="--device"):
+    """'auto' -> cuda if available else cpu; anything else must be a device torch knows and this machine has."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(flag, f"{name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(flag, f"{name}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(flag, f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise UserError(flag, f"{name!r}: unsupported device type (use auto, cpu, cuda or cuda:N)")
+    return dev
