@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -230,6 +231,127 @@ class Config:
                 "mistral": "MistralForCausalLM"}[self.family]
         hf["architectures"] = [arch]
         return hf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NF4: 4-bit NormalFloat base weights (QLoRA, Dettmers et al. 2023), in plain PyTorch
+
+# The 16 NF4 levels of the QLoRA paper: quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0.
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+NF4_BLOCK = 64   # weights sharing one absmax
+
+
+def nf4_quantize(w, block=NF4_BLOCK):
+    """Weight matrix (out, in), row-major -> (codes, absmax). The flattened matrix is cut into blocks of `block`
+    consecutive weights (the last block zero-padded); each block is divided by its absmax (kept in fp32) and every
+    value is replaced by the index of the nearest NF4 level (a tie goes to the lower level). Two 4-bit codes per
+    byte, the first in the high nibble: codes (ceil(n / block) * block / 2,) uint8, absmax (ceil(n / block),) fp32.
+    Done in slices of blocks so that quantising a 7B tensor never holds more than a few MB of fp32 temporaries."""
+    flat = w.detach().reshape(-1)
+    nb = -(-flat.numel() // block)
+    levels = torch.tensor(NF4_LEVELS, device=w.device)
+    mids = (levels[1:] + levels[:-1]) / 2                                   # (15,) decision thresholds
+    codes = torch.empty(nb * block // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(nb, dtype=torch.float32, device=w.device)
+    step = 1 << 14                                                          # blocks per slice
+    for s in range(0, nb, step):
+        e = min(s + step, nb)
+        x = flat[s * block:e * block].float()
+        if x.numel() < (e - s) * block:                                     # the ragged last block
+            x = F.pad(x, (0, (e - s) * block - x.numel()))
+        x = x.view(e - s, block)
+        a = x.abs().amax(dim=1)                                             # (blocks,)
+        absmax[s:e] = a
+        q = torch.bucketize(x / torch.where(a > 0, a, 1.0)[:, None], mids)  # (blocks, block) in 0..15, ties low
+        q = q.to(torch.uint8).view(-1, 2)
+        codes[s * block // 2:e * block // 2] = (q[:, 0] << 4) | q[:, 1]
+    return codes, absmax
+
+
+def nf4_dequantize(codes, absmax, shape, dtype=torch.float32, block=NF4_BLOCK):
+    """(codes, absmax) -> the weight matrix of `shape` in `dtype` (level * absmax computed in fp32, rounded once)."""
+    levels = torch.tensor(NF4_LEVELS, device=codes.device)
+    q = torch.stack((codes >> 4, codes & 15), dim=1).view(-1).long()        # (nb * block,) codes in order
+    w = (levels[q].view(-1, block) * absmax[:, None]).view(-1)
+    n = math.prod(shape)
+    return w[:n].view(shape).to(dtype)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x @ W.T + b with W rebuilt from its NF4 codes in forward and again in backward: only the 4-bit codes are
+    kept for backward, never a dequantised copy (that would cost the bf16 size of the layer per layer). W is frozen:
+    no gradient for it; b gets one if it asks for it."""
+
+    @staticmethod
+    def forward(ctx, x, codes, absmax, bias, shape):
+        W = nf4_dequantize(codes, absmax, shape, x.dtype)
+        ctx.save_for_backward(codes, absmax)
+        ctx.shape, ctx.has_bias = shape, bias is not None
+        return F.linear(x, W, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, absmax = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ nf4_dequantize(codes, absmax, ctx.shape, grad.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, None, gb, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear whose weight (out, in) is held as NF4 codes + fp32 absmax per block of 64 (buffers
+    `codes`, `absmax`); the bias, if any, stays a (frozen) parameter in the compute dtype. The forward dequantises
+    into the input's dtype (the autocast dtype under autocast) for each matmul."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype or torch.get_default_dtype()   # what a merge or a save turns it back into
+        nb = -(-in_features * out_features // NF4_BLOCK)
+        self.register_buffer("codes", torch.zeros(nb * NF4_BLOCK // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(nb, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, lin):
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, device="meta", dtype=lin.weight.dtype)
+        q.codes, q.absmax = nf4_quantize(lin.weight)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return q
+
+    def dequantize(self, dtype=torch.float32):
+        return nf4_dequantize(self.codes, self.absmax, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):   # dequantise straight into the autocast dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return _NF4Linear.apply(x, self.codes, self.absmax, bias, (self.out_features, self.in_features))
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+
+
+def block_linears(model):
+    """Names of every nn.Linear inside the blocks (attention, MLP, LFM2 conv projections): what NF4 quantises."""
+    return [f"layers.{n}" for n, m in model.layers.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_nf4(model):
+    """Replace every nn.Linear inside the blocks by an NF4Linear (in place); returns the model."""
+    for name in block_linears(model):
+        parent, child = name.rsplit(".", 1)
+        mod = model.get_submodule(parent)
+        setattr(mod, child, NF4Linear.from_linear(getattr(mod, child)))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,6 +575,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie:
             self.lm_head.weight = self.wte.weight
+        self.grad_checkpoint = False   # True: recompute each block in backward (train.py --grad-checkpoint)
         if self.wte.weight.device.type != "meta":
             self.init_weights()
 
@@ -515,7 +638,11 @@ class Decoder(nn.Module):
         if self.cfg.emb_norm:
             x = self.emb_norm(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, cache[i] if cache is not None else None)
+            if self.grad_checkpoint and cache is None and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed in backward (same RNG, same values)
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx, cache[i] if cache is not None else None)
         return self.norm_f(x)
 
     def forward(self, idx, mask=None, targets=None):
@@ -601,25 +728,32 @@ class Decoder(nn.Module):
     # -- bookkeeping ------------------------------------------------------------------------------------------------
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())   # parameters() yields a tied weight once
+        n = sum(p.numel() for p in self.parameters())   # parameters() yields a tied weight once
+        return n + sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 * (matmul params, lm_head included) + attention scores 12 * L_attn * nh*hd * T."""
         cfg = self.cfg
-        n_mat = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear) and m is not self.lm_head)
+        n_mat = sum(m.in_features * m.out_features for m in self.modules()
+                    if isinstance(m, (nn.Linear, NF4Linear)) and m is not self.lm_head)
         n_mat += cfg.vocab_size * cfg.d_model
         n_attn = sum(1 for l in self.layers if l.kind == "attn")
         return 6 * n_mat + 12 * n_attn * cfg.n_head * cfg.head_dim * seq_len
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=None, device=None, revision=None):
+    def from_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, quantize=None):
         """Load from a registry short name, an HF repo id, or a local folder (config.json + safetensors).
-        dtype defaults to fp32 (master weights for training); pass torch.bfloat16 for inference."""
+        dtype defaults to fp32 (master weights for training); pass torch.bfloat16 for inference.
+        quantize="nf4": every Linear inside the blocks becomes a frozen NF4Linear, quantised tensor by tensor as it
+        is read (peak memory near the 4-bit size); embeddings, norms, biases and the head stay in `dtype`."""
         dtype = dtype or torch.float32
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize={quantize!r}: supported are None and 'nf4'")
         if name_or_path == "tiny" and not os.path.isdir(name_or_path):
             print("tiny: no weights exist for this configuration; using random weights (seed 0)", file=sys.stderr)
             cfg = Config.from_hf(dict(REGISTRY["tiny"]["config"]))
-            return cls(cfg).to(device=device, dtype=dtype)
+            model = cls(cfg).to(device=device, dtype=dtype)
+            return quantize_nf4(model) if quantize else model
         path = resolve(name_or_path, revision)
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
@@ -633,7 +767,14 @@ class Decoder(nn.Module):
                 cfg.d_ff = tensors.shape(w1)[0]
         with torch.device("meta"):
             model = cls(cfg)
-        state = _load_state(model, tensors, dtype, device)
+        quant = set(block_linears(model)) if quantize else set()
+        state = _load_state(model, tensors, dtype, device, quant)
+        for name in quant:   # the meta Linears give way to meta NF4Linears; load_state_dict assigns the codes
+            parent, child = name.rsplit(".", 1)
+            lin = model.get_submodule(name)
+            with torch.device("meta"):
+                setattr(model.get_submodule(parent), child,
+                        NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype))
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie:
             model.lm_head.weight = model.wte.weight
@@ -644,6 +785,9 @@ class Decoder(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
         ours = {k: v.detach() for k, v in self.state_dict().items()}
+        for name, m in self.named_modules():   # NF4 layers are written dequantised, in the model's dtype
+            if isinstance(m, NF4Linear):
+                ours[name + ".weight"] = m.dequantize(self.wte.weight.dtype)
         hf = {}
         for entry in _weight_map(self.cfg):
             if entry.ours not in ours:
@@ -817,8 +961,10 @@ def _open_safetensors(path):
     return _Tensors(files)
 
 
-def _load_state(model, tensors, dtype, device):
-    """Read every tensor the map names, check its shape, transform it into our layout. Fails loudly on any mismatch."""
+def _load_state(model, tensors, dtype, device, quantize=()):
+    """Read every tensor the map names, check its shape, transform it into our layout. Fails loudly on any mismatch.
+    `quantize`: names of Linear modules whose weight is stored as NF4 (`<name>.codes`, `<name>.absmax`), quantised
+    from fp32 as soon as it is read, so only one full-precision tensor is alive at a time."""
     cfg = model.cfg
     ours = {k: v.shape for k, v in model.state_dict().items()}
     # gpt2 / bloom checkpoints exist with and without the `transformer.` prefix: strip it once, here
@@ -833,15 +979,20 @@ def _load_state(model, tensors, dtype, device):
     state, used = {}, set()
     for entry in _weight_map(cfg):
         parts = []
+        mod = entry.ours[:-len(".weight")] if entry.ours.endswith(".weight") else None
+        q = mod in quantize
         for hf_name, want in zip(entry.hf, entry.hf_shapes(ours[entry.ours])):
             if hf_name not in names:
                 raise ValueError(f"missing tensor {hf_name} in checkpoint (needed for {entry.ours})")
             got = tensors.shape(names[hf_name])
             if tuple(got) != tuple(want):
                 raise ValueError(f"tensor {hf_name}: checkpoint has shape {tuple(got)}, model expects {tuple(want)}")
-            parts.append(tensors.get(names[hf_name]).to(dtype))
+            parts.append(tensors.get(names[hf_name]).to(torch.float32 if q else dtype))
             used.add(hf_name)
-        state[entry.ours] = entry.to_ours(parts).contiguous().to(device)
+        if q:
+            state[mod + ".codes"], state[mod + ".absmax"] = nf4_quantize(entry.to_ours(parts).to(device))
+        else:
+            state[entry.ours] = entry.to_ours(parts).contiguous().to(device)
     if cfg.tie:
         state["lm_head.weight"] = state["wte.weight"]
         if "lm_head.weight" in names:   # some repos store the tied head too; it must be the embedding
@@ -989,45 +1140,116 @@ def _special_names(path):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * B(A(dropout(x))). A ~ kaiming-uniform, B = 0, so the model starts unchanged."""
+    """y = base(x) + (alpha / r) * B(A(dropout(x))). A ~ kaiming-uniform, B = 0, so the model starts unchanged.
 
-    def __init__(self, base, rank, alpha, dropout):
+    `rows` = [(start, end), ...]: output row ranges of the base, each with its own rank-r adapter (B_i A_i); default
+    one range covering every row. This is how an HF name such as q_proj adapts only the q rows of our fused qkv.
+    The adapters are stacked: lora_A (k*r, in) holds A_1..A_k, lora_B (sum of range widths, r) holds B_1..B_k;
+    one shared dropout on the input. The base may be an nn.Linear or a frozen NF4Linear."""
+
+    def __init__(self, base, rank, alpha, dropout, rows=None):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.base, self.scale, self.rank = base, alpha / rank, rank
+        self.rows = list(rows) if rows is not None else [(0, base.out_features)]
+        dev = (base.weight if isinstance(base, nn.Linear) else base.absmax).device
+        width = sum(e - s for s, e in self.rows)
+        self.lora_A = nn.Parameter(torch.empty(rank * len(self.rows), base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(width, rank, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base(x) + self.scale * lora
+        if self.rows == [(0, self.base.out_features)]:
+            lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+            return self.base(x) + self.scale * lora
+        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))                # (..., k*r)
+        y = self.base(x)                                                      # (..., out)
+        off = 0
+        for i, (s, e) in enumerate(self.rows):                                # only these rows move
+            B = self.lora_B[off:off + e - s].to(y.dtype)
+            y[..., s:e] += self.scale * F.linear(a[..., i * self.rank:(i + 1) * self.rank].to(y.dtype), B)
+            off += e - s
+        return y
 
     def merged(self):
+        """The base with every adapter folded in (W[s:e] += scale * B_i @ A_i, fp32 sums); an NF4 base comes back
+        as an ordinary nn.Linear in its compute dtype (dequantised, then merged in fp32)."""
+        base = self.base
         with torch.no_grad():
-            self.base.weight += (self.scale * self.lora_B.float() @ self.lora_A.float()).to(self.base.weight.dtype)
-        return self.base
+            if isinstance(base, NF4Linear):
+                W = base.dequantize(torch.float32)
+                lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=W.device,
+                                dtype=base.compute_dtype)
+                if base.bias is not None:
+                    lin.bias.copy_(base.bias)
+                base = lin
+            else:
+                W = base.weight
+            off = 0
+            for i, (s, e) in enumerate(self.rows):
+                A = self.lora_A[i * self.rank:(i + 1) * self.rank].float()
+                B = self.lora_B[off:off + e - s].float()
+                W[s:e] += (self.scale * B @ A).to(W.dtype)
+                off += e - s
+            if base is not self.base:
+                base.weight.copy_(W)
+        return base
 
 
 LORA_TARGETS = ("qkv", "o", "fc", "proj", "in_proj", "out_proj")
 
 
+def lora_sites(model, targets):
+    """Resolve LoRA target names to {our module name: [(row start, row end), ...] or None (= all rows)}.
+
+    A target is an HF/peft module name, matched as peft does (the module path equals it or ends with "." + it),
+    through this family's weight map: q_proj / k_proj / v_proj are row ranges of our fused qkv, gate_proj / up_proj
+    (LFM2: w1 / w3) row ranges of fc; c_attn, query_key_value, o_proj, dense, down_proj, w2, ... whole modules.
+    Otherwise it is one of our names (LORA_TARGETS), matched on the last part of our module name. An HF name wins
+    where both exist: for LFM2, out_proj means both self_attn.out_proj and conv.out_proj, as in peft
+    (conv.out_proj alone: "conv.out_proj"). Every target must match at least one layer."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and n.startswith("layers.")}
+    hf_mods = {}   # HF module name -> (our module name, row range or None)
+    for entry in _weight_map(model.cfg):
+        mod = entry.ours[:-len(".weight")]
+        if not entry.ours.endswith(".weight") or mod not in linears:
+            continue
+        if entry.kind == "cat":
+            off = 0
+            for name, size in zip(entry.hf, entry.sizes):
+                hf_mods[name[:-len(".weight")]] = (mod, (off, off + size))
+                off += size
+        else:
+            hf_mods[entry.hf[0][:-len(".weight")]] = (mod, None)
+    sites = {}
+    for t in targets:
+        hits = [v for k, v in hf_mods.items() if k == t or k.endswith("." + t)]
+        if not hits and t in LORA_TARGETS:
+            hits = [(n, None) for n in sorted(linears) if n.rsplit(".", 1)[-1] == t]
+        if not hits:
+            known = sorted({k.rsplit(".", 1)[-1] for k in hf_mods})
+            raise ValueError(f"LoRA target {t!r} matches no layer of this {model.cfg.family} model: its HF names are "
+                             f"{', '.join(known)}; ours are {', '.join(LORA_TARGETS)}")
+        for mod, rows in hits:
+            if rows is None or sites.get(mod, ()) is None:
+                sites[mod] = None
+            else:
+                sites.setdefault(mod, []).append(rows)
+    return {m: (None if r is None else sorted(set(r))) for m, r in sites.items()}
+
+
 def add_lora(model, targets=("qkv", "o"), rank=16, alpha=32, dropout=0.05):
-    """Wrap every nn.Linear whose last name is in `targets` (our names: qkv, o, fc, proj, in_proj, out_proj);
-    freeze everything else. Returns the wrapped module names."""
-    bad = [t for t in targets if t not in LORA_TARGETS]
-    if bad:
-        raise ValueError(f"LoRA target {bad[0]!r} unknown: choose from {', '.join(LORA_TARGETS)}")
+    """Wrap the layers that `targets` name (HF/peft names or ours, see lora_sites) in LoRALinear; freeze everything
+    else. Returns the wrapped module names."""
+    sites = lora_sites(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name, mod in list(model.named_modules()):
-        for child, sub in list(mod.named_children()):
-            if child in targets and isinstance(sub, nn.Linear):
-                setattr(mod, child, LoRALinear(sub, rank, alpha, dropout))
-                wrapped.append(f"{name}.{child}")
-    if not wrapped:
-        raise ValueError(f"LoRA targets {targets} match no layer of this model")
+    for name, rows in sorted(sites.items(), key=lambda kv: list(dict(model.named_modules())).index(kv[0])):
+        parent, child = name.rsplit(".", 1)
+        mod = model.get_submodule(parent)
+        setattr(mod, child, LoRALinear(getattr(mod, child), rank, alpha, dropout, rows))
+        wrapped.append(name)
     return wrapped
 
 

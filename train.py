@@ -64,7 +64,20 @@ def get_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning (notebooks: 16)")
     p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
-    p.add_argument("--lora-targets", default="qkv,o", help="comma-separated layer names: qkv, o, fc, proj, in_proj, out_proj")
+    p.add_argument("--lora-targets", default="qkv,o", help="comma-separated layers to adapt, by their HF/peft names "
+                   "(q_proj,v_proj = the notebooks' Qwen/Llama setting, adapting only the q and v rows of our fused "
+                   "qkv; c_attn,c_proj for GPT-2; query_key_value, dense, dense_h_to_4h, dense_4h_to_h for BLOOM; "
+                   "q_proj, k_proj, v_proj, out_proj, in_proj, w1, w2, w3 for LFM2) or ours: qkv, o, fc, proj, "
+                   "in_proj, out_proj")
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4 = QLoRA: the block weights are "
+                   "held as 4-bit NormalFloat codes (absmax per 64 weights) and stay frozen; needs --lora-rank. "
+                   "Embeddings, norms and head stay in the autocast dtype; the saved model is an ordinary HF checkpoint "
+                   "(adapters merged into the dequantised weights)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward instead of keeping "
+                   "its activations (same gradients, far less activation memory, about one more forward of compute)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: full fine-tuning with parameters, gradients and "
+                   "optimizer state sharded over the processes (FSDP2 fully_shard per block; bf16 mixed precision "
+                   "when the dtype is bf16)")
     p.add_argument("--loss-tokens", choices=["answer", "all"], default="answer", help="answer = the paper's formula; all = the notebooks (question tokens too, never padding)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available)")
@@ -216,6 +229,22 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
     tok.save(out)
 
 
+def check_memory_flags(args):
+    """--quantize, --grad-checkpoint, --fsdp: refuse combinations that cannot work, before any work starts."""
+    if args.quantize != "none" and args.lora_rank <= 0:
+        raise data.UserError("--quantize", f"{args.quantize} freezes the base weights: train adapters on top of "
+                             "them with --lora-rank (the notebooks: --lora-rank 16)")
+    if args.fsdp:
+        if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise data.UserError("--fsdp", "shards over several processes: launch with "
+                                 "torchrun --nproc_per_node=N train.py ... (N >= 2)")
+        if args.lora_rank > 0:
+            raise data.UserError("--fsdp", "is for full fine-tuning; LoRA (--lora-rank) trains so few parameters that "
+                                 "plain data parallelism (torchrun without --fsdp) or --quantize nf4 is the way")
+        if args.dtype == "fp16":
+            raise data.UserError("--fsdp", "--dtype fp16 needs a loss scaler for sharded gradients: use --dtype bf16")
+
+
 def main(argv=None):
     args = get_args(argv)
     # -- validate everything before anything is written ------------------------------------------------------------
@@ -233,6 +262,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:   # data.DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+    check_memory_flags(args)
 
     # -- processes, device, precision ------------------------------------------------------------------------------
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -262,11 +293,20 @@ def main(argv=None):
 
     # -- model, tokenizer, data -------------------------------------------------------------------------------------
     tok = load_tokenizer(args.model)
-    model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
+    quant = None if args.quantize == "none" else args.quantize
+    # fp32 master weights, autocast does the rest; a quantised base is frozen whole, so its embeddings, norms and
+    # head are held in the compute dtype (the 7B head and embedding: 0.5 GB in bf16 instead of 1 GB in fp32)
+    model = Decoder.from_pretrained(args.model, device=device, dtype=(amp_dtype if quant else None) or torch.float32,
+                                    quantize=quant)
+    model.grad_checkpoint = args.grad_checkpoint
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
     if args.lora_rank > 0:
-        wrapped = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
-        log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers")
+        try:
+            wrapped = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+        except ValueError as e:
+            raise data.UserError("--lora-targets", str(e)) from None
+        log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers"
+            + (" (NF4 base)" if quant else ""))
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if model.cfg.pos == "learned" and args.max_len > model.cfg.max_pos + 1:   # inputs are ids[:-1]
@@ -423,4 +463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run(main)
