@@ -1164,12 +1164,13 @@ class LoRALinear(nn.Module):
             return self.base(x) + self.scale * lora
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))                # (..., k*r)
         y = self.base(x)                                                      # (..., out)
-        off = 0
+        pieces, at, off = [], 0, 0                                            # y's columns, cut at the ranges
         for i, (s, e) in enumerate(self.rows):                                # only these rows move
-            B = self.lora_B[off:off + e - s].to(y.dtype)
-            y[..., s:e] += self.scale * F.linear(a[..., i * self.rank:(i + 1) * self.rank].to(y.dtype), B)
-            off += e - s
-        return y
+            B = self.lora_B[off:off + e - s].to(y.dtype)                      # (e - s, r)
+            pieces += [y[..., at:s], y[..., s:e] + self.scale * F.linear(a[..., i * self.rank:(i + 1) * self.rank]
+                                                                         .to(y.dtype), B)]
+            at, off = e, off + e - s
+        return torch.cat(pieces + [y[..., at:]], dim=-1)
 
     def merged(self):
         """The base with every adapter folded in (W[s:e] += scale * B_i @ A_i, fp32 sums); an NF4 base comes back
