@@ -229,6 +229,76 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
     tok.save(out)
 
 
+# -- FSDP: parameters, gradients and optimizer state sharded over the processes (torch.distributed.fsdp, FSDP2) ----
+
+def shard(model, amp_dtype):
+    """fully_shard each block, then the root (embeddings, final norm, head): a block's full weights exist only while
+    it runs. With a bf16/fp16 autocast dtype the all-gathered weights are cast to it and gradients are reduced in
+    fp32; the sharded master weights and AdamW state stay fp32. Gradients are averaged over ranks, as with DDP."""
+    import warnings
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # the loss (B, T) is a view of the model's flat NLL; it is only ever used out of place (nll * w), which is
+    # what FSDP's warning about in-place ops on returned views asks for
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def _plain_twin(model, opt):
+    """An unsharded CPU Decoder and an AdamW over it with the same parameter groups (matched by name): the single-
+    process objects whose state.safetensors / model.safetensors an FSDP run writes and reads, so that the checkpoint
+    format is the same with and without --fsdp."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+    with torch.device("meta"):
+        twin = Decoder(model.cfg)
+    twin = twin.to_empty(device="cpu")
+    if twin.cfg.tie:
+        twin.lm_head.weight = twin.wte.weight
+    named = dict(twin.named_parameters())
+    twin_opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "params"}, "params": [named[n] for n in ns]}
+                                  for g, ns in zip(opt.param_groups, groups)])
+    return twin, twin_opt, groups
+
+
+def fsdp_save_checkpoint(out, model, opt, scaler, step, tok, args_dict):
+    """Collective (every rank calls it): gather the full weights and optimizer state onto rank 0's CPU, which writes
+    them in the single-process format (save_checkpoint): state.safetensors + an ordinary HF checkpoint."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=o)
+    osd = get_optimizer_state_dict(model, opt, options=o)
+    if dist.get_rank() == 0:
+        twin, twin_opt, groups = _plain_twin(model, opt)
+        twin.load_state_dict(msd)
+        ids = {n: i for i, n in enumerate(n for ns in groups for n in ns)}
+        twin_opt.load_state_dict({"state": {ids[n]: s for n, s in osd["state"].items()},
+                                  "param_groups": [{**g, "params": [ids[n] for n in ns]}
+                                                   for g, ns in zip(osd["param_groups"], groups)]})
+        save_checkpoint(out, twin, twin_opt, scaler, step, tok, args_dict)
+    dist.barrier()
+
+
+def fsdp_load_state(path, model, opt, scaler):
+    """Every rank reads the (single-process format) state into a plain twin, then hands each rank its shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    twin, twin_opt, groups = _plain_twin(model, opt)
+    step, saved = load_state(path, twin, twin_opt, scaler)
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, twin.state_dict(), options=o)
+    sd = twin_opt.state_dict()
+    order = [n for ns in groups for n in ns]
+    set_optimizer_state_dict(model, opt, {"state": {order[i]: s for i, s in sd["state"].items()},
+                                          "param_groups": [{**g, "params": ns}
+                                                           for g, ns in zip(sd["param_groups"], groups)]}, options=o)
+    return step, saved
+
+
 def check_memory_flags(args):
     """--quantize, --grad-checkpoint, --fsdp: refuse combinations that cannot work, before any work starts."""
     if args.quantize != "none" and args.lora_rank <= 0:
@@ -307,6 +377,8 @@ def main(argv=None):
             raise data.UserError("--lora-targets", str(e)) from None
         log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers"
             + (" (NF4 base)" if quant else ""))
+    if args.fsdp:   # before the optimizer: it must hold the sharded parameters
+        shard(model, amp_dtype)
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if model.cfg.pos == "learned" and args.max_len > model.cfg.max_pos + 1:   # inputs are ids[:-1]
@@ -333,7 +405,7 @@ def main(argv=None):
         if not os.path.isfile(state_path):
             print(f"error: {state_path}: --resume but no saved state", file=sys.stderr)
             sys.exit(2)
-        step, saved = load_state(state_path, model, opt, scaler)
+        step, saved = (fsdp_load_state if args.fsdp else load_state)(state_path, model, opt, scaler)
         for k in ("batch_size", "grad_accum", "world_size", "seed", "loss_tokens", "max_len"):
             now = world if k == "world_size" else getattr(args, k)
             if saved.get(k) != now:   # the data order and the loss depend on these: a resume must not change them
@@ -343,7 +415,7 @@ def main(argv=None):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not args.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev_type == "cuda" else None)
     model.train()
 
@@ -399,7 +471,9 @@ def main(argv=None):
         real_tokens, pad_tokens = 0, 0
         for j, (x, y, w, pads) in enumerate(batches):
             sync = not ddp or j == len(batches) - 1
-            with (nullcontext() if sync else model.no_sync()), amp:
+            if args.fsdp:   # FSDP's no_sync: reduce-scatter the gradients on the last micro-batch only
+                raw_model.set_requires_gradient_sync(sync)
+            with (nullcontext() if sync or args.fsdp else model.no_sync()), amp:
                 nll = model(x, targets=y)                            # (B, T) fp32, 0 where y == -100
                 weighted = (nll * w[:, None]).sum()
                 # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
@@ -418,6 +492,8 @@ def main(argv=None):
             sys.exit(1)
         scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):   # FSDP: the norm of sharded gradients is itself a DTensor
+            gnorm = gnorm.full_tensor()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -446,7 +522,9 @@ def main(argv=None):
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
         last = step == total or stop["sig"] is not None
-        if master and (last or (args.save_every and step % args.save_every == 0)):
+        if args.fsdp and (last or (args.save_every and step % args.save_every == 0)):
+            fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict)
+        elif master and (last or (args.save_every and step % args.save_every == 0)):
             save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict)
         if crash_at and step == crash_at:
             os.kill(os.getpid(), signal.SIGKILL)
