@@ -19,6 +19,7 @@ Columns: tokens/s (training: B*T per step; generation: new tokens per second, pr
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -76,6 +77,13 @@ def get_args(argv=None):
                    "torch.profiler and print the top operators by self time")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data and sampling")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file (atomically)")
+    p.add_argument("--memory", action="store_true", help="instead of timing against transformers: the memory of a "
+                   "LoRA step on --model cut to --layers blocks at full width (default 1): block weight bytes in "
+                   "fp32 / bf16 / NF4, NF4's quantisation error on them, and for bf16 and NF4 bases, with and without "
+                   "--grad-checkpoint, the activation bytes kept for backward per block and the step's peak; then "
+                   "the estimate for the full depth (see README, Performance)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="with --memory: the adapted layers (the notebooks')")
+    p.add_argument("--lora-rank", type=int, default=16, help="with --memory: LoRA rank (the notebooks: 16, alpha 32)")
     return p.parse_args(argv)
 
 
@@ -382,6 +390,8 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        return memory_report(args, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -487,6 +497,183 @@ def main(argv=None):
 
     print(f"\npeak MiB = own weights{' + optimizer state' if not args.skip_train else ''} + the step's peak growth "
           f"({meter.how}); MFU only on CUDA with bf16" + (f" (peak {peak_flops / 1e12:.0f} TFLOP/s)" if peak_flops else ""))
+    if args.json:
+        data.atomic_write(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --memory: what a LoRA step on a 7B model needs, measured on a depth-cut model at full width
+
+GiB = 1024 ** 3
+
+
+def _storages(tensors):
+    """{storage pointer: bytes} of tensors (views of one storage count once)."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
+
+
+def _trim():
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def saved_activation_bytes(model, step_forward):
+    """Run step_forward() (a forward pass) and count the bytes autograd keeps for backward, per block and outside the
+    blocks (embedding, final norm, head and loss), excluding the weights themselves (resident anyway). Each storage
+    counts once. A checkpointed block keeps only its input, which checkpoint() holds without autograd's saved-tensor
+    hooks: those are added from the blocks' input shapes."""
+    own = set(_storages(list(model.parameters()) + list(model.buffers())))
+    where, per = ["other"], {}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr not in seen:
+            seen[ptr] = where[0]
+            per[where[0]] = per.get(where[0], 0) + t.untyped_storage().nbytes()
+        return t
+    hooks, inputs = [], {}
+    for i, block in enumerate(model.layers):
+        def pre(mod, a, i=i):
+            where[0] = f"block{i}"
+            inputs[i] = a[0].numel() * a[0].element_size()
+        hooks += [block.register_forward_pre_hook(pre),
+                  block.register_forward_hook(lambda *a: where.__setitem__(0, "other"))]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step_forward()
+    for h in hooks:
+        h.remove()
+    if model.grad_checkpoint:
+        for i, b in inputs.items():
+            per[f"block{i}"] = per.get(f"block{i}", 0) + b
+    blocks = [per.get(f"block{i}", 0) for i in range(len(model.layers))]
+    return out, blocks, per.get("other", 0)
+
+
+def memory_report(args, device):
+    """Measure, print and return the figures of README's Performance section (weights, NF4 error, step memory)."""
+    import copy
+    from model import NF4Linear, add_lora, block_linears, nf4_dequantize, nf4_quantize, quantize_nf4
+    full_hf = REGISTRY[args.model]["config"]
+    cut = args.layers or 1
+    hf_cfg = scaled_config(full_hf, cut, args.hidden)
+    cfg = Config.from_hf(hf_cfg)
+    L_full = Config.from_hf(dict(full_hf)).n_layer
+    scale = L_full / cut
+    B, T = args.batch_size, args.seq_len
+    meter = Meter(device)
+    report = {"mode": "memory", "model": args.model, "layers_measured": cut, "layers_full": L_full,
+              "config": dict(hf_cfg), "device": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": B, "seq_len": T,
+              "lora": {"targets": args.lora_targets, "rank": args.lora_rank, "alpha": 2 * args.lora_rank},
+              "memory": meter.how, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"{args.model} cut to {cut} of {L_full} blocks at full width (d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
+          f"vocab {cfg.vocab_size}) | {report['device']}, {torch.get_num_threads()} threads | torch {torch.__version__}",
+          flush=True)
+
+    # 1. block weights in fp32 / bf16 / NF4, and NF4's error on them (random N(0, 0.02) weights, init_weights)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model = model.to_empty(device=device)
+    if cfg.tie:
+        model.lm_head.weight = model.wte.weight
+    model.init_weights(args.seed)
+    block_params = list(model.layers.parameters())
+    n_block = sum(p.numel() for p in block_params)
+    fp32_b = tensor_bytes(block_params)
+    nf4_b, se, sw, worst = 0, 0.0, 0.0, 0.0
+    quantised = set(block_linears(model))
+    for name in quantised:
+        lin = model.get_submodule(name)
+        codes, absmax = nf4_quantize(lin.weight)
+        nf4_b += tensor_bytes([codes, absmax]) + (lin.bias.numel() * 2 if lin.bias is not None else 0)
+        deq = nf4_dequantize(codes, absmax, tuple(lin.weight.shape))
+        err = deq - lin.weight.detach()
+        se += err.double().pow(2).sum().item()
+        sw += lin.weight.detach().double().pow(2).sum().item()
+        worst = max(worst, (err.abs().reshape(-1) / absmax.repeat_interleave(64)[:err.numel()]).max().item())
+        del codes, absmax, deq, err
+    other_in_blocks = sum(p.numel() for n, p in model.layers.named_parameters()
+                          if not any(f"layers.{n}".startswith(q + ".") for q in quantised))   # norms, conv kernels
+    nf4_b += other_in_blocks * 2
+    rest = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers."))
+    w = {"params_per_block": n_block // cut, "fp32": fp32_b / cut, "bf16": n_block * 2 / cut, "nf4": nf4_b / cut,
+         "rest_params": rest, "rest_bf16": rest * 2}
+    w["full_depth_GiB"] = {k: (w[k] * L_full + w["rest_bf16"]) / GiB for k in ("fp32", "bf16", "nf4")}
+    w["bits_per_weight_nf4"] = 8 * nf4_b / n_block
+    w["nf4_rel_rms_error"] = math.sqrt(se / sw)
+    w["nf4_max_error_over_absmax"] = worst
+    report["weights"] = w
+    print(f"\nblock weights, per block ({w['params_per_block'] / 1e6:.1f}M params): fp32 {w['fp32'] / 2**20:.0f} MiB | "
+          f"bf16 {w['bf16'] / 2**20:.0f} MiB | NF4 {w['nf4'] / 2**20:.0f} MiB ({w['bits_per_weight_nf4']:.3f} bits/weight)")
+    print(f"x {L_full} blocks + embeddings/norm/head in bf16 ({rest / 1e6:.0f}M params, {rest * 2 / GiB:.2f} GiB): "
+          + " | ".join(f"{k} {v:.2f} GiB" for k, v in w["full_depth_GiB"].items()))
+    print(f"NF4 error on these N(0, 0.02) weights: relative RMS {w['nf4_rel_rms_error']:.4f}, "
+          f"max |error| / block absmax {worst:.4f}")
+
+    # 2. one LoRA step (forward, weighted loss, backward, AdamW) per setting, bf16 autocast as on a GPU
+    model = model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    x, y = ids[:, :-1].to(device), ids[:, 1:].clone().to(device)
+    y[:, : T // 4] = -100
+    wts = (0.5 + torch.rand(B, generator=g)).to(device)
+    n_tok = (y != -100).sum().float()
+    report["steps"] = []
+    print(f"\nLoRA step, batch {B} x {T}, {args.lora_targets} r={args.lora_rank}, bf16 autocast, base frozen:")
+    print(f"{'base':<5} {'ckpt':<5} {'weights MiB':>11} {'LoRA+Adam MiB':>13} {'saved/block MiB':>15} "
+          f"{'saved other MiB':>15} {'step peak MiB':>13} {'s/step':>7}")
+    for quant, ckpt in (("bf16", False), ("bf16", True), ("nf4", False), ("nf4", True)):
+        m = copy.deepcopy(model)
+        if quant == "nf4":
+            quantize_nf4(m)
+        add_lora(m, args.lora_targets.split(","), args.lora_rank, 2 * args.lora_rank, 0.05)
+        m.grad_checkpoint = ckpt
+        m.train()
+        lora = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(lora, lr=1e-4)
+        resident = own_bytes(m)
+        _trim()   # hand freed heap pages back to the OS, so that the step's RSS growth is its own
+        meter.start()
+        t0 = time.time()
+
+        def fwd():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return (m(x, targets=y) * wts[:, None]).sum() / n_tok
+        loss, blocks, other = saved_activation_bytes(m, fwd)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        peak = meter.stop()
+        dt = time.time() - t0
+        lora_b = tensor_bytes(lora) * 4   # parameter + gradient + Adam's two moments, all fp32
+        r = {"base": quant, "grad_checkpoint": ckpt, "weights_bytes": resident, "lora_bytes": lora_b,
+             "lora_params": sum(p.numel() for p in lora), "saved_per_block": sum(blocks) / cut,
+             "saved_other": other, "step_peak_growth": peak, "seconds": dt, "loss": loss.item()}
+        # transient = what the step's peak held beyond the kept activations and the LoRA state (recomputed block,
+        # activation gradients, dequantised matrices, a logits chunk)
+        r["transient"] = max(0, peak - sum(blocks) - other - lora_b * 3 // 4)
+        # full depth: the measured blocks' share x L_full, the rest once
+        r["full_depth_estimate_GiB"] = (w[quant if quant == "nf4" else "bf16"] * L_full + w["rest_bf16"] + lora_b * scale
+                                        + r["saved_per_block"] * L_full + other + r["transient"]) / GiB
+        report["steps"].append(r)
+        print(f"{quant:<5} {str(ckpt):<5} {resident / 2**20:>11.0f} {lora_b / 2**20:>13.1f} "
+              f"{r['saved_per_block'] / 2**20:>15.0f} {other / 2**20:>15.0f} {peak / 2**20:>13.0f} {dt:>7.1f}",
+              flush=True)
+        del m, opt, loss, lora
+    print(f"\nestimated peak of the same step on the full {L_full}-block model (weights + LoRA state + {L_full} x kept "
+          f"activations + head/loss activations + the measured transient), GiB:")
+    for r in report["steps"]:
+        e = r["full_depth_estimate_GiB"]
+        print(f"  {r['base']:<5} {'--grad-checkpoint' if r['grad_checkpoint'] else '':<18} {e:6.1f}   "
+              f"16 GiB: {'fits' if e < 16 else 'no'}   24 GiB: {'fits' if e < 24 else 'no'}")
+    print(f"\npeak = growth of the process's peak RSS during the step ({meter.how}); saved = bytes autograd keeps "
+          "for backward (saved_tensors_hooks), weights excluded")
     if args.json:
         data.atomic_write(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

@@ -274,8 +274,8 @@ def nf4_quantize(w, block=NF4_BLOCK):
 def nf4_dequantize(codes, absmax, shape, dtype=torch.float32, block=NF4_BLOCK):
     """(codes, absmax) -> the weight matrix of `shape` in `dtype` (level * absmax computed in fp32, rounded once)."""
     levels = torch.tensor(NF4_LEVELS, device=codes.device)
-    q = torch.stack((codes >> 4, codes & 15), dim=1).view(-1).long()        # (nb * block,) codes in order
-    w = (levels[q].view(-1, block) * absmax[:, None]).view(-1)
+    pairs = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=1)   # (256, 2): byte -> its 2 levels
+    w = (F.embedding(codes.long(), pairs).view(-1, block) * absmax[:, None]).view(-1)   # one lookup per byte
     n = math.prod(shape)
     return w[:n].view(shape).to(dtype)
 
