@@ -347,8 +347,9 @@ def fit(argv=None):
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
 
     # -- model, tokenizer, data -------------------------------------------------------------------------------------
-    tok = load_tokenizer(args.model)
-    model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
+    with data.for_flag("--model"):
+        tok = load_tokenizer(args.model)
+        model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
     if args.lora_rank > 0:
         wrapped = add_lora(model, lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)

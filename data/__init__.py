@@ -616,3 +616,15 @@ def read_json(path, what="JSON file", hint=""):
     with reading(path, what, hint):
         with open(path, "rb") as fh:
             return STRICT_JSON.decode(fh.read().decode("utf-8-sig"))
+
+
+@contextlib.contextmanager
+def for_flag(flag):
+    """Prefix the flag to a UserError raised inside (a loader that knows the file but not which flag named it):
+    "error: --model: out/x/config.json: not valid JSON ...". """
+    try:
+        yield
+    except UserError as e:
+        if e.where.startswith("--"):   # already names a flag
+            raise
+        raise UserError(f"{flag}: {e.where}" if e.where else flag, e.what) from None
