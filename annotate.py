@@ -73,32 +73,42 @@ PRESETS = {
 }
 
 
+def parse_label_map(spec):
+    """'src=dst,...' (or a PRESETS name) -> {src: severity}; None for 'auto'. Checked before the classifier loads."""
+    spec = PRESETS.get(spec, spec)
+    if spec in (None, "", "auto"):
+        return None
+    mapping = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        src, eq, dst = part.partition("=")
+        src, dst = src.strip(), dst.strip()
+        if not eq or not src:
+            raise data.UserError("--label-map", f"'{part.strip()}' is not src=dst")
+        sev = dst if dst in SEVERITIES else data.canonical_severity(dst)
+        if sev is None:
+            raise data.UserError("--label-map", f"'{dst}' is not a severity ({', '.join(SEVERITIES)})")
+        mapping[src] = sev
+    return mapping
+
+
 def label_matrix(spec, labels):
     """(C, 3) 0/1 matrix M with M[c, s] = 1 when classifier class c counts as severity s;
     severity probabilities = probs @ M. spec: 'auto', a PRESETS name, or 'src=dst,...'.
     Every class must map to exactly one severity; several classes may share one."""
-    spec = PRESETS.get(spec, spec)
-    if spec in (None, "", "auto"):
+    given = parse_label_map(spec)
+    if given is None:
         mapping = {l: data.canonical_severity(l) for l in labels}
         bad = [l for l, s in mapping.items() if s is None]
         if bad:
             raise data.UserError("--label-map", f"classifier class '{bad[0]}' is not a severity name; "
                                                 f"give --label-map 'src=dst,...' (classes: {', '.join(labels)})")
     else:
-        mapping = {}
-        for part in spec.split(","):
-            if not part.strip():
-                continue
-            src, eq, dst = part.partition("=")
-            src, dst = src.strip(), dst.strip()
-            if not eq or not src:
-                raise data.UserError("--label-map", f"'{part.strip()}' is not src=dst")
+        mapping = given
+        for src in mapping:
             if src not in labels:
                 raise data.UserError("--label-map", f"'{src}' is not a class of the classifier ({', '.join(labels)})")
-            sev = dst if dst in SEVERITIES else data.canonical_severity(dst)
-            if sev is None:
-                raise data.UserError("--label-map", f"'{dst}' is not a severity ({', '.join(SEVERITIES)})")
-            mapping[src] = sev
         missing = [l for l in labels if l not in mapping]
         if missing:
             raise data.UserError("--label-map", f"classifier class '{missing[0]}' is not mapped")
@@ -173,6 +183,7 @@ def annotate(args):
     for f in (args.out, args.out + ".partial", args.out + ".partial.json"):
         data.output_file(f, "--out")
     device = str(data.resolve_device(args.device, "--device"))
+    parse_label_map(args.label_map)
     recs = read_questions(args.input, args.question_col, args.answer_col)
     if args.limit is not None:
         recs = recs[:args.limit]

@@ -284,6 +284,11 @@ def scorer_folder(name):
         raise data.UserError(flag, f"{name}: no .safetensors weights" + (
             f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)"
             if pickles else ""))
+    from safetensors import safe_open
+    for f in sorted(f for f in files if f.endswith(".safetensors")):   # a cut or corrupt file fails here, by name
+        with data.reading(os.path.join(folder, f), "scorer weights", "re-download or re-save the scorer"):
+            with safe_open(os.path.join(folder, f), framework="pt") as h:
+                h.keys()
     return folder
 
 

@@ -619,7 +619,8 @@ class Decoder(nn.Module):
         dtype defaults to fp32 (master weights for training); pass torch.bfloat16 for inference."""
         dtype = dtype or torch.float32
         if name_or_path == "tiny" and not os.path.isdir(name_or_path):
-            print("tiny: no weights exist for this configuration; using random weights (seed 0)", file=sys.stderr)
+            # a note, not a warning: stdout, so that stderr stays one "error:" line if a later check fails
+            print("tiny: no weights exist for this configuration; using random weights (seed 0)", flush=True)
             cfg = Config.from_hf(dict(REGISTRY["tiny"]["config"]))
             return cls(cfg).to(device=device, dtype=dtype)
         path = resolve(name_or_path, revision)
