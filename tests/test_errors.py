@@ -613,3 +613,13 @@ def test_outputs_follow_the_umask(env, tmp_path):
     files = ["model.safetensors", "config.json", "tokenizer.json", "state.safetensors", "args.json"]
     for f in [out / f for f in files] + [prep / "train.jsonl", prep / "manifest.json"]:
         assert oct(os.stat(f).st_mode & 0o777) == oct(0o640), f
+
+
+def test_an_update_that_overflows_the_weights_is_never_saved(env, tmp_path):
+    """Finite loss and gradient, yet AdamW's decoupled decay (lr x weight decay = 1e40) sends the weights past the
+    float range in step 1: the checkpoint due at step 1 is not written, and the message says none was saved."""
+    out = tmp_path / "out"
+    code, err = run_train(env, out, "--lr", "1e30", "--weight-decay", "1e10", "--save-every", "1", steps=3)
+    assert code == 1, err
+    assert "non-finite" in err and "no checkpoint was saved" in err, err
+    assert not (out / "model.safetensors").exists() and not (out / "state.safetensors").exists()
