@@ -2,7 +2,7 @@
 Evaluate a causal LM on the severity-annotated test set the paper's way (arXiv 2604.06346), and compare runs.
 
 Protocol (the paper's, the default): prompt = data.format_prompt(question), sample 50 new tokens at temperature
-0.7, keep the text after the answer cue (data.extract_answer), score against the reference answer with BERTScore
+0.7, keep the answer to this question (data.extract_answer: the text before any new question and cue), score against the reference answer with BERTScore
 (bert-base-multilingual-cased, layer 9, no idf, no baseline rescaling), report P, R and F1 x 100 on the first
 2,000 test records. Added here: the same scores per severity class with bootstrap 95% intervals, a seeded run
 (--seed), a greedy run (--greedy), K sampled runs with a spread (--repeat), and the eval NLL of the reference
