@@ -2,7 +2,8 @@
 Severity-aware fine-tuning (arXiv 2604.06346): every answer token's cross-entropy is scaled by its example's weight
 
     w = a * p_nc + b * p_n + c * p_c          (soft severity probabilities from the AraBERT classifier)
-    L = sum_t w_t * NLL_t / (number of loss tokens in the whole optimizer step)
+    L = mean over the step's examples of (1/T) sum_t w * NLL_t     (--loss-norm example, the paper's formula)
+    L = sum_t w_t * NLL_t / (number of loss tokens in the whole optimizer step)      (--loss-norm token)
 
 so that critical questions pull harder on the gradient. --weights 1,1,1 is plain cross-entropy.
 
@@ -65,7 +66,13 @@ def get_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default="qkv,o", help="comma-separated layer names: qkv, o, fc, proj, in_proj, out_proj")
-    p.add_argument("--loss-tokens", choices=["answer", "all"], default="answer", help="answer = the paper's formula; all = the notebooks (question tokens too, never padding)")
+    p.add_argument("--loss-tokens", choices=["answer", "all", "padded"], default="answer", help="answer = the paper's "
+                   "formula; all = question tokens too, never padding; padded = the notebooks' collator: every sequence "
+                   "padded with EOS to --max-len and every position counts, padding included")
+    p.add_argument("--loss-norm", choices=["example", "token"], default="example", help="example = the paper's "
+                   "formula, mean over the step's examples of each example's (1/T) sum_t w*NLL_t; token = sum of w*NLL "
+                   "over the step's loss tokens / their number (a long answer weighs more). Both count every "
+                   "micro-batch and process of the step, so --grad-accum and DDP do not change them")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines (the JSONL log is still written)")
@@ -93,15 +100,35 @@ def severity_weight(rec, abc):
 
 def encode(records, tok, abc, max_len, loss_tokens):
     """Each record -> (input ids, loss mask, w). Text = prompt + answer + EOS; the loss mask marks the tokens whose
-    prediction counts (answer + EOS by default; every token with 'all')."""
+    prediction counts (answer + EOS by default; every token with 'all'). 'padded' = the notebooks' collator: the
+    sequence is padded with EOS (their pad token) to max_len and every position is a target, padding included."""
     out = []
     for r in records:
         p = tok.encode(data.format_prompt(r["question"]))
         a = tok.encode(r["answer"], special=False) + [tok.eos_id]
         ids = (p + a)[:max_len]
-        keep = [loss_tokens == "all"] * len(p) + [True] * len(a)
+        keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
+        if loss_tokens == "padded":
+            ids = ids + [tok.eos_id] * (max_len - len(ids))
+            keep = [True] * max_len
         out.append((ids, keep[:len(ids)], severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
     return out
+
+
+def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
+    """Per-example factor s_i (same shape as w) such that the step's loss is sum_i s_i * sum_t NLL_it, the sums
+    running over every example of the optimizer step (all micro-batches, all processes).
+
+        token:   s_i = w_i / step_tokens                      L = sum_i sum_t w_i NLL_it / N
+        example: s_i = w_i / n_i / step_examples              L = mean_i (1/n_i) sum_t w_i NLL_it  (the paper)
+
+    n_tokens (n_i): each example's loss tokens; step_tokens (N) and step_examples: the step's totals, counted over
+    every micro-batch and all-reduced over processes before the first backward, so the estimator does not depend on
+    how the step is split. An example without loss tokens gets 0 and is not counted in step_examples. A packed row
+    (several examples in one sequence) gives each token the s_i of the example it belongs to."""
+    if norm == "token":
+        return w / step_tokens
+    return torch.where(n_tokens > 0, w / n_tokens.clamp(min=1) / step_examples, torch.zeros_like(w))
 
 
 def collate(examples, pad_id, device):
@@ -299,6 +326,10 @@ def main(argv=None):
             if saved.get(k) != now:   # the data order and the loss depend on these: a resume must not change them
                 print(f"error: {state_path}: --resume with {k}={now} but the saved run used {saved.get(k)}", file=sys.stderr)
                 sys.exit(2)
+        if saved.get("loss_norm", "token") != args.loss_norm:    # runs saved before --loss-norm existed used token
+            print(f"error: {state_path}: --resume with loss_norm={args.loss_norm} but the saved run used "
+                  f"{saved.get('loss_norm', 'token')}", file=sys.stderr)
+            sys.exit(2)
         log(f"resumed from {state_path} at step {step}")
     raw_model = model
     if args.compile:
@@ -347,10 +378,14 @@ def main(argv=None):
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
         micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
         batches = [collate(m, pad_id, device) for m in micro]
-        # the loss denominator counts loss tokens of the whole step: every micro-batch, every rank
-        n_tok = torch.tensor(float(sum((b[1] != -100).sum().item() for b in batches)), device=device)
+        # the loss denominators count the whole step: every micro-batch, every rank (loss tokens, and examples
+        # that have at least one loss token)
+        per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]                   # (B,) per micro-batch
+        counts = torch.tensor([float(sum(n.sum().item() for n in per_ex_tok)),
+                               float(sum((n > 0).sum().item() for n in per_ex_tok))], device=device)
         if ddp:
-            dist.all_reduce(n_tok)
+            dist.all_reduce(counts)
+        n_tok, n_ex = counts[0], counts[1]
         lr_now = lr_at(step, total, lr, args.warmup, args.schedule)
         for g in opt.param_groups:
             g["lr"] = lr_now
@@ -359,19 +394,21 @@ def main(argv=None):
         real_tokens, pad_tokens = 0, 0
         for j, (x, y, w, pads) in enumerate(batches):
             sync = not ddp or j == len(batches) - 1
+            scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)             # (B,)
             with (nullcontext() if sync else model.no_sync()), amp:
                 nll = model(x, targets=y)                            # (B, T) fp32, 0 where y == -100
-                weighted = (nll * w[:, None]).sum()
+                part = (nll.sum(1) * scale).sum()                    # this micro-batch's share of the step's loss
                 # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
-                scaler.scale(weighted * world / n_tok).backward()
-            loss_sum += weighted.detach()
-            nll_sum += nll.detach().sum()
+                scaler.scale(part * world).backward()
+            loss_sum += part.detach()
+            # the same estimator with w = 1: the unweighted NLL
+            nll_sum += (nll.detach().sum(1) * loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)).sum()
             real_tokens += x.numel() - pads
             pad_tokens += pads
         if ddp:
             dist.all_reduce(loss_sum)
             dist.all_reduce(nll_sum)
-        loss = (loss_sum / n_tok).item()
+        loss = loss_sum.item()
         if not math.isfinite(loss):
             print(f"error: non-finite loss {loss} at step {step}; stopping. The last good checkpoint in {out} is kept.",
                   file=sys.stderr)
@@ -389,8 +426,8 @@ def main(argv=None):
         tok_s = real_tokens * world / dt
         T = max(b[0].shape[1] for b in batches)
         mfu = raw_model.flops_per_token(T) * tok_s / (peak * world) if peak else None
-        rec = {"step": step, "epoch": epoch, "loss": loss, "nll": (nll_sum / n_tok).item(), "lr": lr_now,
-               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
+        rec = {"step": step, "epoch": epoch, "loss": loss, "nll": nll_sum.item(), "lr": lr_now,
+               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
                "tok_s": tok_s, "pad_frac": pad_tokens / max(1, pad_tokens + real_tokens)}
         if mfu is not None:
             rec["mfu"] = mfu
