@@ -98,9 +98,17 @@ def get_args(argv=None):
                    help="weights dtype for generation and NLL: auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (deterministic)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (the paper: 0.7)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only; 0 = off. The paper's "
-                   "notebooks called transformers' generate, whose default generation config uses top_k=50")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--recipe", choices=["paper", "notebook"], default="paper", help="defaults for --prompt, --top-k "
+                   "and --top-p (each flag given still wins). paper = the paper's stated protocol: the training prompt "
+                   "with the answer cue, plain sampling (top-k and top-p off). notebook = what the authors' notebooks "
+                   "ran through transformers' generate: the cue-less prompt \"\\n{Q}\\n\", top_k/top_p from the model's "
+                   "generation_config.json (else config.json), else transformers' defaults (top_k 50, top_p 1)")
+    p.add_argument("--prompt", choices=["cue", "no-cue"], default=None, help="generation prompt: cue = data.format_prompt "
+                   "(the training prompt, ends with the answer cue); no-cue = \"\\n{Q}\\n\" (the notebooks). Default: by --recipe")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only; 0 = off. "
+                   "Default: by --recipe (paper: 0; notebook: the model's generation config, else 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass; 1 = off. Default: by --recipe "
+                   "(paper: 1; notebook: the model's generation config, else 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (model.compile_decode). "
                    "Compiling several graphs (prefill, first decode steps, then dynamic shapes) takes about a minute "
                    "on a CPU, so it pays only on long runs")
@@ -196,6 +204,53 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The two recipes: the paper's stated protocol and what the authors' notebooks ran
+
+# transformers' generate fills what neither the call nor the model's generation config sets with these (its
+# GenerationConfig._get_default_generation_params): the notebooks' sampling therefore used top_k 50 by default.
+HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0}
+# Sampling settings a generation config may hold that model.generate does not implement, with their neutral values.
+HF_UNSUPPORTED = {"repetition_penalty": 1.0, "typical_p": 1.0, "min_p": None, "no_repeat_ngram_size": 0,
+                  "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1}
+
+
+def model_generation_config(path):
+    """The generation settings a model folder ships: its generation_config.json, else the generation keys of its
+    config.json (what transformers' GenerationConfig.from_model_config falls back to); {} for neither (tiny).
+    Keys kept: top_k, top_p, temperature, do_sample and HF_UNSUPPORTED's, None values dropped."""
+    keys = ("top_k", "top_p", "temperature", "do_sample") + tuple(HF_UNSUPPORTED)
+    for name in ("generation_config.json", "config.json"):
+        f = os.path.join(path, name) if path and os.path.isdir(path) else None
+        if f and os.path.isfile(f):
+            with open(f, encoding="utf-8") as fh:
+                try:
+                    cfg = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{e.lineno}: json: {e.msg}") from None
+            got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
+            if got or name == "generation_config.json":
+                return dict(got, source=f)
+    return {}
+
+
+def resolve_recipe(args, gen_cfg):
+    """(prompt, top_k, top_p, notes) for a run: a flag given on the command line wins, else the recipe's default.
+    notebook: the model's generation config (gen_cfg), else transformers' defaults, as generate() did there; the
+    temperature (0.7) and max_new_tokens (50) were passed explicitly by the notebooks, so they come from the flags.
+    notes: the config's settings that model.generate does not implement (written to eval.json, printed)."""
+    nb = args.recipe == "notebook"
+    prompt = args.prompt or ("no-cue" if nb else "cue")
+    top_k, top_p = args.top_k, args.top_p
+    if top_k is None:
+        top_k = int(gen_cfg.get("top_k", HF_SAMPLING_DEFAULTS["top_k"])) if nb else 0
+    if top_p is None:
+        top_p = float(gen_cfg.get("top_p", HF_SAMPLING_DEFAULTS["top_p"])) if nb else 1.0
+    notes = [f"{k}={gen_cfg[k]} in {gen_cfg.get('source')} is not implemented here (ignored)"
+             for k, neutral in HF_UNSUPPORTED.items() if nb and k in gen_cfg and gen_cfg[k] != neutral]
+    return prompt, top_k, top_p, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Generation and NLL
 
 
@@ -204,9 +259,10 @@ def length_order(lengths):
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
-def encode_prompts(model, tok, questions, max_new_tokens):
-    """Prompt ids per question; a prompt too long for learned positions keeps its tail (the cue stays)."""
-    prompts = [tok.encode(data.format_prompt(q)) for q in questions]
+def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
+    """Prompt ids per question; a prompt too long for learned positions keeps its tail (the cue stays).
+    prompt: cue = data.format_prompt(q); no-cue = data.format_prompt(q, cue=False), the notebooks' "\n{Q}\n"."""
+    prompts = [tok.encode(data.format_prompt(q, cue=prompt == "cue")) for q in questions]
     if model.cfg.pos == "learned":
         room = model.cfg.max_pos - max_new_tokens
         if room < 1:
@@ -216,11 +272,11 @@ def encode_prompts(model, tok, questions, max_new_tokens):
 
 
 def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, temperature=0.7, top_k=0, top_p=1.0,
-                     seed=None, progress=None, stats=None):
+                     seed=None, progress=None, stats=None, prompt="cue"):
     """Answers (after data.extract_answer) in the order of `questions`, generated in length-sorted batches.
     temperature 0 = greedy; otherwise one generator seeded with `seed` drives every draw. stats (a dict), if given,
     gets "new_tokens" (generated before EOS) added."""
-    prompts = encode_prompts(model, tok, questions, max_new_tokens)
+    prompts = encode_prompts(model, tok, questions, max_new_tokens, prompt)
     device = model.wte.weight.device
     gen = None
     if temperature > 0:
@@ -399,9 +455,9 @@ def check_args(args):
             raise ValueError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be >= {lo}")
     if not args.greedy and not args.temperature > 0:
         raise ValueError(f"--temperature: {args.temperature} must be > 0 (use --greedy for greedy decoding)")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p: {args.top_p} must be in (0, 1]")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         raise ValueError(f"--top-k: {args.top_k} must be >= 0")
     if args.floor and args.n < 2:
         raise ValueError("--floor: needs --n >= 2")
@@ -452,6 +508,10 @@ def evaluate(args):
     t_nll = time.time() - t0
 
     temperature = 0.0 if args.greedy else args.temperature
+    gen_cfg = model_generation_config(path)
+    prompt, top_k, top_p, notes = resolve_recipe(args, gen_cfg)
+    for note in notes:
+        log(f"warning: --recipe notebook: {note}")
     if args.greedy:
         seeds = [None]
     else:
@@ -464,8 +524,8 @@ def evaluate(args):
         t0 = time.time()
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
         prog = Progress(len(records), f"{tag}generate", args.quiet)
-        preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, args.top_k,
-                                 args.top_p, seed, prog, gen_stats)
+        preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, top_k,
+                                 top_p, seed, prog, gen_stats, prompt)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t_gen += time.time() - t0
@@ -509,8 +569,11 @@ def evaluate(args):
         "data": {"path": args.data, "sha256": data.sha256(args.data), "n": len(records), "n_file": len(records_all),
                  "counts": counts},
         "generation": {"mode": "greedy" if args.greedy else "sampled", "temperature": temperature,
-                       "top_k": args.top_k or None, "top_p": args.top_p if args.top_p < 1 else None,
-                       "max_new_tokens": args.max_new_tokens, "prompt": "data.format_prompt", "postprocess":
+                       "top_k": top_k or None, "top_p": top_p if top_p < 1 else None,
+                       "recipe": args.recipe, "model_generation_config": gen_cfg or None, "ignored": notes,
+                       "max_new_tokens": args.max_new_tokens,
+                       "prompt": "data.format_prompt" if prompt == "cue" else "data.format_prompt(cue=False)",
+                       "postprocess":
                        "data.extract_answer", "batch_size": args.batch_size, "dtype": dtype, "device": device,
                        "seeds": seeds, "repeat": len(seeds)},
         "bertscore": {"model": scorer.model_type, "layer": scorer.layer, "idf": False, "rescale_with_baseline": False,

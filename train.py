@@ -33,6 +33,15 @@ from model import Decoder, add_lora, atomic_write, load_tokenizer, merge_lora
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
+# --recipe: defaults that each individual flag still overrides. paper = the paper's stated method (the parser's own
+# defaults). notebook = the authors' notebooks: loss over every position of a sequence EOS-padded to 512 (labels =
+# input ids), LoRA r 16 / alpha 32 / dropout 0.05, lr 2e-4, 3 epochs, batch 1 x grad-accum 8, linear decay, no warm-up
+# (their 4-bit quantisation of the frozen weights is not reproduced; README lists every difference).
+RECIPES = {
+    "paper": {},
+    "notebook": dict(loss_tokens="padded", loss_norm="example", max_len=512, lora_rank=16, lora_alpha=32,
+                     lora_dropout=0.05, lr=2e-4, epochs=3, batch_size=1, grad_accum=8, schedule="linear", warmup=0),
+}
 
 
 def peak_bf16(device_name):
@@ -73,9 +82,15 @@ def get_args(argv=None):
                    "formula, mean over the step's examples of each example's (1/T) sum_t w*NLL_t; token = sum of w*NLL "
                    "over the step's loss tokens / their number (a long answer weighs more). Both count every "
                    "micro-batch and process of the step, so --grad-accum and DDP do not change them")
+    p.add_argument("--recipe", choices=list(RECIPES), default="paper", help="defaults for the flags that differ "
+                   "between the paper's stated method (paper) and the authors' notebooks (notebook: " + ", ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["notebook"].items()) + "); any flag given "
+                   "explicitly still wins")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines (the JSONL log is still written)")
+    known, _ = p.parse_known_args(argv)         # first pass: which recipe sets the defaults
+    p.set_defaults(**RECIPES[known.recipe])
     return p.parse_args(argv)
 
 
@@ -231,8 +246,22 @@ def load_state(path, model, opt, scaler):
     return meta["step"], meta["args"]
 
 
-def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
-    """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged)."""
+def base_generation_config(model_name):
+    """The text of the base model's generation_config.json (its sampling settings, e.g. Qwen3's top_k/top_p), or
+    None when it has none (tiny, a folder without one). model.resolve's download already fetches it."""
+    if model_name == "tiny" and not os.path.isdir(model_name):
+        return None
+    from model import resolve
+    f = os.path.join(resolve(model_name), "generation_config.json")
+    if not os.path.isfile(f):
+        return None
+    with open(f, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None):
+    """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged), plus the
+    base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does."""
     save_state(os.path.join(out, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
     if any("lora_" in n for n, _ in raw_model.named_parameters()):
         import copy
@@ -241,6 +270,8 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
         export = raw_model
     export.save_pretrained(out)
     tok.save(out)
+    if generation_config is not None:
+        data.atomic_write(os.path.join(out, "generation_config.json"), generation_config)
 
 
 def main(argv=None):
@@ -289,6 +320,7 @@ def main(argv=None):
 
     # -- model, tokenizer, data -------------------------------------------------------------------------------------
     tok = load_tokenizer(args.model)
+    gen_config = base_generation_config(args.model)
     model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
     if args.lora_rank > 0:
@@ -444,7 +476,7 @@ def main(argv=None):
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
         last = step == total or stop["sig"] is not None
         if master and (last or (args.save_every and step % args.save_every == 0)):
-            save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict)
+            save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
         if crash_at and step == crash_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if stop["sig"] is not None:

@@ -380,9 +380,10 @@ def write_jsonl(path, records):
 # The prompt template (the ONE place it lives). Training text = format_prompt(q) + answer + EOS;
 # the loss covers the answer (and EOS); generation starts from format_prompt(q).
 
-def format_prompt(question):
-    """"\\n{question}\\n\\nالاجابة:\\n" -- the answer follows the cue."""
-    return f"\n{question}\n\n{PROMPT_CUE}\n"
+def format_prompt(question, cue=True):
+    """"\\n{question}\\n\\nالاجابة:\\n" -- the answer follows the cue. cue=False: "\\n{question}\\n", the
+    generation prompt of the authors' notebooks (evaluate.py --recipe notebook), which left the cue out."""
+    return f"\n{question}\n\n{PROMPT_CUE}\n" if cue else f"\n{question}\n"
 
 
 def extract_answer(generated_text):
