@@ -84,7 +84,7 @@ def load_dialect_rules(path=DIALECT_RULES):
 
     Lines: "[dialect]" starts a section, "form = MSA" is a rule, "#" starts a comment. Two forms that are
     equal after normalize_arabic are one form given twice (an error, reported at the second line)."""
-    path = str(path)
+    path = data.input_file(str(path), "--dialect-rules")
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -311,8 +311,9 @@ def parse_args(argv):
                         "orthographic: URLs, emoji, diacritics, tatweel removed; alef/yaa/taa-marbuta unified; "
                         "whitespace collapsed (questions and answers). dialect: the dialect words of "
                         "--dialect-rules replaced by MSA (questions only). Both: --normalize orthographic dialect")
-    p.add_argument("--dialect-rules", default=str(DIALECT_RULES),
-                   help="rules table of --normalize dialect (one 'dialect form = MSA form' per line)")
+    p.add_argument("--dialect-rules", default=None,
+                   help="rules table of --normalize dialect, one 'dialect form = MSA form' per line "
+                        "(default: data/dialect_rules.txt)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the shuffle before the split")
     p.add_argument("--n-train", type=int, default=30000, help="training pairs to keep (paper: 30,000)")
     p.add_argument("--n-test", type=int, default=2000, help="test pairs to keep (paper: 2,000)")
@@ -329,7 +330,8 @@ def parse_args(argv):
 def prepare(args):
     """Do the work; returns the manifest. Raises data.DataError on bad input before writing anything."""
     unpaired = 0
-    rules = load_dialect_rules(args.dialect_rules) if "dialect" in args.normalize else None  # before any work
+    rules_file = args.dialect_rules or DIALECT_RULES
+    rules = load_dialect_rules(rules_file) if "dialect" in args.normalize else None  # before any work
     if args.source == "apollo":
         # A local file is used as is; otherwise --input (default: the MAQA-derived file) names the
         # file inside the hub dataset repo.
@@ -395,7 +397,7 @@ def prepare(args):
         "has_severity": any("severity" in r for r in recs),
         "normalize": "orthographic" in args.normalize,
         "dialect": None if rules is None else {
-            "rules": str(args.dialect_rules), "rules_sha256": data.sha256(args.dialect_rules),
+            "rules": args.dialect_rules or "data/dialect_rules.txt", "rules_sha256": data.sha256(rules_file),
             "rules_per_dialect": rules[2], "questions_changed": n_dialect},
         "seed": args.seed,
         "requested": {"n_train": args.n_train, "n_test": args.n_test},

@@ -144,6 +144,7 @@ def test_prepare_dialect_end_to_end(tmp_path):
     assert {r["question"] for r in dial} >= {"أريد أن أعرف كيف أخس", "ماذا سبب الصداع؟", "هل يوجد دواء؟ أريد أن أعرف"}
     assert m1["normalize"] is False and m1["dialect"]["questions_changed"] == 4
     assert m1["dialect"]["rules_sha256"] == data.sha256(prepare.DIALECT_RULES)
+    assert m1["dialect"]["rules"] == "data/dialect_rules.txt"
     assert m1["dialect"]["rules_per_dialect"] == RULES[2]
     # with orthographic too, the MSA replacements are spelled like the rest (أ -> ا, ة -> ه ...)
     assert m2["normalize"] is True and "اريد ان اعرف كيف اخس" in {r["question"] for r in both}
@@ -155,7 +156,17 @@ def test_prepare_dialect_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         prepare.main(["--input", str(qa_rows(tmp_path)), "--out", str(out), "--normalize", "dialect",
                       "--dialect-rules", str(tmp_path / "missing.txt")])
-    assert e.value.code == 2 and "missing.txt" in capsys.readouterr().err and not out.exists()
+    assert e.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err == f"error: --dialect-rules: {tmp_path / 'missing.txt'}: no such file\n"
     with pytest.raises(SystemExit) as e:
         prepare.main(["--input", str(qa_rows(tmp_path)), "--out", str(out), "--normalize", "slang"])
     assert e.value.code == 2 and "slang" in capsys.readouterr().err and not out.exists()
+
+
+def test_prepare_custom_table(tmp_path):
+    table = tmp_path / "mine.txt"
+    table.write_text("[levantine]\nشو = ما\n", encoding="utf-8")
+    recs, m = run(tmp_path, "custom", "--normalize", "dialect", "--dialect-rules", str(table))
+    assert m["dialect"] == {"rules": str(table), "rules_sha256": data.sha256(table),
+                            "rules_per_dialect": {"levantine": 1}, "questions_changed": 1}
+    assert "ما سبب الصداع؟" in {r["question"] for r in recs} and "شلون أنام زين؟" in {r["question"] for r in recs}
