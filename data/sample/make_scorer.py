@@ -186,7 +186,8 @@ class TinyBert(nn.Module):
         sd["bert.pooler.dense.weight"], sd["bert.pooler.dense.bias"] = self.pooler.weight, self.pooler.bias
         c = "cls.predictions."
         sd[c + "transform.dense.weight"], sd[c + "transform.dense.bias"] = self.head_dense.weight, self.head_dense.bias
-        sd[c + "transform.LayerNorm.weight"], sd[c + "transform.LayerNorm.bias"] = self.head_ln.weight, self.head_ln.bias
+        sd[c + "transform.LayerNorm.weight"] = self.head_ln.weight
+        sd[c + "transform.LayerNorm.bias"] = self.head_ln.bias
         sd[c + "bias"] = self.head_bias
         return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
