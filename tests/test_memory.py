@@ -281,6 +281,12 @@ def test_lora_sites_by_hf_and_our_names(saved):
                                                      "layers.0.mlp.fc": [(0, 96)], "layers.1.mlp.fc": [(0, 96)]}
     assert M.lora_sites(lfm, ["conv.out_proj", "in_proj"]) == {"layers.0.conv.out_proj": None,
                                                               "layers.0.conv.in_proj": None}
+    for fam in HF:   # every HF name of every family is in the list train.py checks names against before loading
+        m = M.Decoder.from_pretrained(saved(fam))
+        mods = M.lora_sites.__globals__["_weight_map"](m.cfg)
+        names = {h[:-len(".weight")].rsplit(".", 1)[-1] for e in mods for h in e.hf
+                 if e.ours[:-len(".weight")] in M.block_linears(m) and h.endswith(".weight")}
+        assert names and names <= set(M.HF_LORA_NAMES), (fam, names - set(M.HF_LORA_NAMES))
     for bad in (["q_proj"], ["c_attn", "nonsense"]):
         with pytest.raises(ValueError, match="matches no layer of this gpt2 model"):
             M.add_lora(gpt2, bad)
@@ -358,6 +364,7 @@ SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
     (["--fsdp", "--lora-rank", "4"], {"RANK": "0", "WORLD_SIZE": "2"}, "error: --fsdp: is for full fine-tuning"),
     (["--fsdp", "--dtype", "fp16"], {"RANK": "0", "WORLD_SIZE": "2"}, "error: --fsdp: --dtype fp16"),
     (["--lora-rank", "4", "--lora-targets", "q_proj"], {}, "error: --lora-targets: LoRA target 'q_proj' matches no"),
+    (["--lora-rank", "4", "--lora-targets", "c_attn,qproj"], {}, "error: --lora-targets: 'qproj' is not a layer name"),
 ])
 def test_memory_flags_refused_in_one_line(argv, env, msg, tmp_path, capsys, monkeypatch):
     for k, v in env.items():
@@ -400,34 +407,35 @@ def test_train_nf4_lora_checkpointed_equals_plain_and_saves_hf(tmp_path, monkeyp
 
 # ----------------------------------------------------------------------------------------------- 5. FSDP (gloo, CPU)
 
-def _torchrun(argv, out, **env):
+def _torchrun(argv, out):
     import socket
     import subprocess
     import sys
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRAIN_CRASH_AT_STEP")}
-    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={port}", train.__file__, *argv, "--out", str(out)]
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
 
 
 def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
-    """torch 2.13's FSDP2 runs on CPU with gloo. 2 sharded processes x batch 4, killed right after the step-2
-    checkpoint and resumed to step 4, = 1 process x batch 8 for 4 steps: losses, gradient norms, weights and
-    optimizer state, in the same checkpoint layout. Were the sharded optimizer state lost or misassigned on resume,
-    step 4's loss and every weight would move by about lr. --grad-checkpoint rides along."""
-    common = ["--model", "tiny", "--data", SAMPLE, "--eval-data", "none", "--max-steps", "4", "--quiet",
-              "--device", "cpu", "--lr", "1e-3", "--max-len", "48"]
+    """torch 2.13's FSDP2 runs on CPU with gloo. 2 sharded processes x batch 4 for 2 steps, then resumed to step 4
+    (constant lr, so the stop changes no schedule), = 1 process x batch 8 for 4 steps: losses, gradient norms, weights
+    and optimizer state, in the same checkpoint layout. Were the sharded optimizer state lost or misassigned on
+    resume, step 4's loss and every weight would move by about lr. --grad-checkpoint rides along."""
+    common = ["--model", "tiny", "--data", SAMPLE, "--eval-data", "none", "--quiet", "--device", "cpu",
+              "--lr", "1e-3", "--schedule", "constant", "--max-len", "48"]
     one, cut = tmp_path / "one", tmp_path / "cut"
-    assert run_train(common + ["--batch-size", "8", "--out", str(one)]) == 0
-    fsdp = common + ["--batch-size", "4", "--fsdp", "--grad-checkpoint", "--save-every", "2"]
-    p = _torchrun(fsdp, cut, TRAIN_CRASH_AT_STEP="2")
-    assert p.returncode != 0 and json.load(open(cut / "args.json"))["world_size"] == 2
+    assert run_train(common + ["--batch-size", "8", "--max-steps", "4", "--out", str(one)]) == 0
+    fsdp = common + ["--batch-size", "4", "--fsdp", "--grad-checkpoint"]
+    p = _torchrun(fsdp + ["--max-steps", "2"], cut)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.load(open(cut / "args.json"))["world_size"] == 2
     assert [json.loads(ln)["step"] for ln in open(cut / "train_log.jsonl")] == [1, 2]
-    p = _torchrun(fsdp + ["--resume"], cut)
+    p = _torchrun(fsdp + ["--max-steps", "4", "--resume"], cut)
     assert p.returncode == 0, p.stderr[-3000:]
     l1, l2 = ([json.loads(ln) for ln in open(d / "train_log.jsonl")] for d in (one, cut))
     assert [r["step"] for r in l2] == [1, 2, 3, 4]
