@@ -669,10 +669,12 @@ def memory_report(args, device):
           f"activations + head/loss activations + the measured transient), GiB:")
     for r in report["steps"]:
         e = r["full_depth_estimate_GiB"]
+        verdict = lambda cap: "fits" if e + 1.5 <= cap else "tight" if e <= cap else "no"   # noqa: E731
         print(f"  {r['base']:<5} {'--grad-checkpoint' if r['grad_checkpoint'] else '':<18} {e:6.1f}   "
-              f"16 GiB: {'fits' if e < 16 else 'no'}   24 GiB: {'fits' if e < 24 else 'no'}")
+              f"16 GiB: {verdict(16)}   24 GiB: {verdict(24)}")
     print(f"\npeak = growth of the process's peak RSS during the step ({meter.how}); saved = bytes autograd keeps "
-          "for backward (saved_tensors_hooks), weights excluded")
+          "for backward (saved_tensors_hooks), weights excluded; tight = fits with less than 1.5 GiB to spare for "
+          "the CUDA context and allocator fragmentation")
     if args.json:
         data.atomic_write(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
