@@ -487,3 +487,28 @@ def test_bench_memory_mode_figures_add_up(tmp_path, capsys):
     assert steps["nf4", False]["weights_bytes"] < steps["bf16", False]["weights_bytes"]
     assert steps["bf16", False]["loss"] == pytest.approx(steps["bf16", True]["loss"], rel=1e-6)
     assert "16 GiB" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- 7. evaluate.py
+
+def test_evaluate_quantize_nf4_generates_from_the_dequantised_model(tmp_path):
+    """evaluate.py --quantize nf4: greedy answers equal those of the plain model whose block weights were replaced by
+    their NF4 values, and eval.json records the setting."""
+    import evaluate as E
+    test = os.path.join(os.path.dirname(SAMPLE), "test.jsonl")
+    out = tmp_path / "ev"
+    E.main(["--model", "tiny", "--data", test, "--n", "4", "--greedy", "--max-new-tokens", "6", "--quantize", "nf4",
+            "--bertscore-model", os.path.join(os.path.dirname(SAMPLE), "scorer"), "--bertscore-layer", "2",
+            "--bootstrap", "0", "--batch-size", "4", "--quiet", "--out", str(out), "--device", "cpu"])
+    assert json.load(open(out / "eval.json"))["generation"]["quantize"] == "nf4"
+    preds = [json.loads(ln) for ln in open(out / "predictions.jsonl")]
+    q, ref = M.Decoder.from_pretrained("tiny", quantize="nf4"), M.Decoder.from_pretrained("tiny").eval()
+    with torch.no_grad():
+        for n in M.block_linears(ref):
+            ref.get_submodule(n).weight.copy_(q.get_submodule(n).dequantize())
+    want = E.generate_answers(ref, M.load_tokenizer("tiny"), [p["question"] for p in preds], batch_size=4,
+                              max_new_tokens=6, temperature=0)
+    plain = E.generate_answers(M.Decoder.from_pretrained("tiny").eval(), M.load_tokenizer("tiny"),
+                               [p["question"] for p in preds], batch_size=4, max_new_tokens=6, temperature=0)
+    assert [p["prediction"] for p in preds] == want
+    assert want != plain, "test set-up: quantising the random tiny model should change some greedy answer"
