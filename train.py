@@ -723,4 +723,4 @@ def fit(argv=None):
 
 
 if __name__ == "__main__":
-    data.run(main)
+    main()
