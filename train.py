@@ -719,6 +719,8 @@ def fit(argv=None):
         logf.close()
         log(f"done: {out} ({time.time() - t_start:.1f}s)")
     if ddp:
+        if args.fsdp:   # leave together: a rank tearing gloo down while another still runs can abort (seen once)
+            dist.barrier()
         dist.destroy_process_group()
 
 
