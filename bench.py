@@ -557,7 +557,7 @@ def saved_activation_bytes(model, step_forward):
 def memory_report(args, device):
     """Measure, print and return the figures of README's Performance section (weights, NF4 error, step memory)."""
     import copy
-    from model import NF4Linear, add_lora, block_linears, nf4_dequantize, nf4_quantize, quantize_nf4
+    from model import add_lora, block_linears, nf4_dequantize, nf4_quantize, quantize_nf4
     full_hf = REGISTRY[args.model]["config"]
     cut = args.layers or 1
     hf_cfg = scaled_config(full_hf, cut, args.hidden)
