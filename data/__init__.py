@@ -343,7 +343,8 @@ def severity_probs(record):
 
 def atomic_write(path, text):
     """Write text (UTF-8) to path atomically: temp file in the same folder, fsync, os.replace.
-    A reader never sees a half-written file, and a crash leaves the old file (if any) intact."""
+    A reader never sees a half-written file, and a crash leaves the old file (if any) intact.
+    text may also be a function write(tmp_path) that writes the temp file itself (safetensors, tokenizer.json)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -351,10 +352,16 @@ def atomic_write(path, text):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if callable(text):
+            os.close(fd)
+            text(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -94,7 +94,7 @@ def test_load_with_prefix_and_head_matches_transformers(tmp_path):
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
         h = model_bert(ids, am, tt)
-        got = F.linear(model_bert.pooler(h), ref.classifier.weight, ref.classifier.bias)
+        got = F.linear(model_bert.pool(h), ref.classifier.weight, ref.classifier.bias)
     assert (got - want).abs().max() <= 1e-4
 
 
@@ -311,7 +311,7 @@ def test_fgm_gradient_and_restore():
 
     def loss_fn():
         return F.cross_entropy(model(ids, am, tt), y)
-    emb = model.bert.embeddings.word_embeddings
+    emb = model.bert.wte
     w0 = emb.weight.detach().clone()
     loss_fn().backward()
     clean = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -322,7 +322,7 @@ def test_fgm_gradient_and_restore():
     twin = _tiny_classifier()
     twin.load_state_dict(model.state_dict())
     with torch.no_grad():
-        twin.bert.embeddings.word_embeddings.weight.add_(0.5 * g / g.norm())
+        twin.bert.wte.weight.add_(0.5 * g / g.norm())
     F.cross_entropy(twin(ids, am, tt), y).backward()
     adv = dict(twin.named_parameters())
     for n, p in model.named_parameters():
@@ -340,15 +340,16 @@ def test_llrd_param_groups():
             lr_of[id(p)] = (g["lr"], g["weight_decay"])
     L = 2
     for n, p in model.named_parameters():
-        if n.startswith("bert.embeddings."):
+        if n.startswith(("bert.wte.", "bert.wpe.", "bert.wtt.", "bert.emb_norm.")):
             want = 1e-3 * 0.5 ** (L + 1)
-        elif n.startswith("bert.encoder.layer."):
-            want = 1e-3 * 0.5 ** (L - int(n.split(".")[3]))
+        elif n.startswith("bert.layers."):
+            want = 1e-3 * 0.5 ** (L - int(n.split(".")[2]))
         else:
+            assert n.startswith(("bert.pooler.", "classifier.")), n
             want = 1e-3                                   # pooler and classifier
         lr, wd = lr_of[id(p)]
         assert abs(lr - want) < 1e-15, n
-        assert wd == (0.0 if (p.ndim < 2 or "LayerNorm" in n) else 0.01), n
+        assert wd == (0.0 if (p.ndim < 2 or "norm" in n) else 0.01), n
     assert len(lr_of) == len(list(model.parameters()))
     assert {g["name"].split("/")[0] for g in groups} == {"embeddings", "layer.0", "layer.1", "head"}
     # schedule: linear warmup then linear decay
