@@ -274,6 +274,27 @@ def test_ldam_margins_and_loss():
     assert abs(classify.classification_loss(z, y).item() - F.cross_entropy(z, y).item()) < 1e-7
 
 
+def test_ldam_margins_seed_004():
+    """C given directly (no rescaling) and targeted boosting: n_y -> n_y / 10 for the named classes' margins only."""
+    counts = [600, 600, 7]
+    m = classify.ldam_margins(counts, c=1.0)
+    assert torch.allclose(m, torch.tensor([600 ** -0.25, 600 ** -0.25, 7 ** -0.25]), atol=1e-7)
+    m = classify.ldam_margins(counts, c=1.0, boost=[1])
+    assert torch.allclose(m, torch.tensor([600 ** -0.25, 60 ** -0.25, 7 ** -0.25]), atol=1e-7)
+    m = classify.ldam_margins(counts, max_m=0.5, boost=[1])   # Cao et al.'s rescaling, boost applied first
+    raw = [600 ** -0.25, 60 ** -0.25, 7 ** -0.25]
+    assert torch.allclose(m, torch.tensor([0.5 * r / max(raw) for r in raw]), atol=1e-7)
+    # s = 1 is seed 004's equation (3): -log(e^(z_y - m_y) / (e^(z_y - m_y) + sum_j e^z_j))
+    z, y = torch.tensor([[0.3, -0.2, 0.9]]), torch.tensor([1])
+    mm = classify.ldam_margins(counts, c=1.0)
+    num = math.exp(-0.2 - mm[1].item())
+    hand = -math.log(num / (num + math.exp(0.3) + math.exp(0.9)))
+    assert abs(classify.classification_loss(z, y, "ldam", mm, s=1.0).item() - hand) < 1e-6
+    # the CE-then-LDAM schedule
+    assert [classify.epoch_loss(e, "ldam", 2) for e in range(4)] == ["ce", "ce", "ldam", "ldam"]
+    assert [classify.epoch_loss(e, "ldam", 0) for e in range(2)] == ["ldam", "ldam"]
+
+
 def test_drw_weights_and_switch():
     counts = [50, 20, 5]
     beta = 0.9999
@@ -380,6 +401,29 @@ def test_ece_and_metrics_by_hand():
     assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 3)
 
 
+def test_ece_bins_are_open_below_closed_above():
+    """Confidences exactly on the edges b/15 belong to the bin below: bins (b/15, (b+1)/15]. An independent
+    computation over the bins; moving the edges to [b/15, (b+1)/15) merges 7/15 with 0.5 and changes ECE."""
+    rows = [([7 / 15, 4 / 15, 4 / 15], 0),      # on the edge 7/15: bin 6, right
+            ([0.5, 0.25, 0.25], 1),             # bin 7, wrong
+            ([1.0, 0.0, 0.0], 0),               # on the top edge: bin 14, right
+            ([2 / 15, 12 / 15, 1 / 15], 1),     # on the edge 12/15: bin 11, right
+            ([0.2, 0.79, 0.01], 0),             # 0.79: bin 11, wrong
+            ([0.1, 0.1, 0.8], 2)]               # 0.8: bin 11, right
+    probs, y = np.array([r for r, _ in rows]), np.array([c for _, c in rows])
+    conf, right = probs.max(1), probs.argmax(1) == y
+    want = 0.0
+    for b in range(15):
+        inb = [(c, r) for c, r in zip(conf.tolist(), right.tolist()) if b / 15 < c <= (b + 1) / 15]
+        if inb:
+            want += len(inb) / len(rows) * abs(sum(r for _, r in inb) / len(inb) - sum(c for c, _ in inb) / len(inb))
+    assert classify.ece(probs, y) == pytest.approx(want, abs=1e-12)
+    # the same by hand: {7/15 right}, {0.5 wrong}, {1.0 right}, {12/15 right, 0.79 wrong, 0.8 right}
+    c12 = [12 / 15, 0.79, 0.8]
+    hand = (abs(1 - 7 / 15) + abs(0 - 0.5) + abs(1 - 1.0) + 3 * abs(2 / 3 - sum(c12) / 3)) / 6
+    assert classify.ece(probs, y) == pytest.approx(hand, abs=1e-12)
+
+
 def test_stratified_split_is_seeded_and_stratified():
     y = [0] * 50 + [1] * 30 + [2] * 20
     tr, va = classify.stratified_split(y, 0.2, seed=3)
@@ -435,7 +479,36 @@ def test_tricks_run_end_to_end(tmp_path):
     val_idx = classify.stratified_split([labels.index(r["label"]) for r in rows], 0.1, 42)[1]
     p = classify.predict_proba(model, tok, [rows[i]["text"] for i in val_idx], 128, 64,
                                answers=[rows[i]["text"][::-1] for i in val_idx])
-    assert abs(classify.ece(p, [labels.index(rows[i]["label"]) for i in val_idx]) - m["val"]["ece"]) < 1e-6
+    # the last epoch was validated in the loop on softmax(30 * z); the saved model must give the same numbers
+    # by itself, which it only does when s = 30 was folded into its head
+    got = classify.ece(p, [labels.index(rows[i]["label"]) for i in val_idx])
+    assert abs(got - m["epochs"][-1]["val_ece"]) < 1e-6 and abs(got - m["val"]["ece"]) < 1e-6
+    assert m["val"]["accuracy"] == m["epochs"][-1]["val_accuracy"]
+
+
+def test_seed_004_recipe_end_to_end(tmp_path):
+    """Linear head on [CLS], CE for the first epoch then LDAM with C = 1 and s = 1, a boosted class, --max-steps:
+    the schedule switches, training stops at the step asked for, and the saved folder predicts what was measured."""
+    out = tmp_path / "m"
+    m = classify.main(["--model", "tiny", "--data", SAMPLE_LABELS, "--head", "linear", "--loss", "ldam",
+                       "--ldam-c", "1", "--ldam-s", "1", "--ce-epochs", "1", "--boost-classes", "critical",
+                       "--max-steps", "7", "--batch-size", "128", "--lr", "1e-3", "--max-len", "32",
+                       "--device", "cpu", "--quiet", "--out", str(out)])
+    # 406 training rows in batches of 128: 4 steps per epoch, so step 7 ends inside the second epoch
+    assert m["steps"] == 7 and [e["steps"] for e in m["epochs"]] == [4, 7]
+    assert [e["loss"] for e in m["epochs"]] == ["ce", "ldam"]
+    model, tok, labels = classify.load_classifier(str(out))
+    assert model.head == "linear" and model.meta["logit_scale_folded"] == 1.0
+    rows = [json.loads(l) for l in open(SAMPLE_LABELS, encoding="utf-8") if l.strip()]
+    y = [labels.index(r["label"]) for r in rows]
+    va = classify.stratified_split(y, 0.1, 42)[1]
+    p = classify.predict_proba(model, tok, [rows[i]["text"] for i in va], 64, 32)
+    assert abs(classify.ece(p, np.array(y)[va]) - m["epochs"][-1]["val_ece"]) < 1e-6
+    # the linear head reads the [CLS] state directly (no pooler)
+    ids, am, tt = classify.collate(classify.build_inputs(tok, ARABIC, 32), tok.pad_id, "cpu")
+    with torch.no_grad():
+        want = F.linear(model.bert(ids, am, tt)[:, 0], model.classifier.weight, model.classifier.bias)
+        assert torch.allclose(model(ids, am, tt), want, atol=1e-6)
 
 
 def _run_cli(tmp_path, capsys, *args):
