@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 
@@ -172,29 +173,6 @@ def describe_model(name_or_path):
     return os.path.basename(os.path.normpath(base)), setting, dict(targs, weights_abc=list(abc))
 
 
-class Progress:
-    """A small progress line with ETA on stderr (redrawn in place on a terminal, every ~10% otherwise)."""
-
-    def __init__(self, total, desc, quiet=False):
-        self.total, self.desc, self.quiet = max(1, total), desc, quiet
-        self.done, self.t0, self.shown = 0, time.time(), -1
-        self.tty = sys.stderr.isatty()
-
-    def update(self, k):
-        self.done += k
-        if self.quiet:
-            return
-        frac = self.done / self.total
-        if not self.tty and int(frac * 10) == self.shown and self.done < self.total:
-            return
-        self.shown = int(frac * 10)
-        el = time.time() - self.t0
-        eta = el / frac * (1 - frac) if frac > 0 else 0
-        line = f"{self.desc} {self.done}/{self.total} [{'#' * int(20 * frac):<20}] {el:.0f}s elapsed, eta {eta:.0f}s"
-        print(("\r" + line) if self.tty else line, end="" if self.tty and self.done < self.total else "\n",
-              file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Generation and NLL
 
@@ -236,7 +214,7 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
             out[i] = data.extract_answer(tok.decode(ids))
         if stats is not None:
             stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(ids) for ids in new)
-        if progress:
+        if progress is not None:
             progress.update(len(idx))
     return out
 
@@ -463,9 +441,11 @@ def evaluate(args):
     for k, seed in enumerate(seeds):
         t0 = time.time()
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
-        prog = Progress(len(records), f"{tag}generate", args.quiet)
+        prog = tqdm(total=len(records), desc=f"{tag}generate", unit="row", file=sys.stderr, dynamic_ncols=True,
+                    disable=True if args.quiet else None)   # silent when stderr is not a terminal
         preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, args.top_k,
                                  args.top_p, seed, prog, gen_stats)
+        prog.close()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t_gen += time.time() - t0

@@ -511,6 +511,23 @@ def test_seed_004_recipe_end_to_end(tmp_path):
         assert torch.allclose(model(ids, am, tt), want, atol=1e-6)
 
 
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    """tqdm draws a bar with rate and ETA when stderr is a terminal; nothing with --quiet or when piped."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    args = ["--model", "tiny", "--max-steps", "3", "--batch-size", "64", "--max-len", "16", "--device", "cpu",
+            "--out", str(tmp_path / "m")]
+    for extra, tty, shown in (([], True, True), (["--quiet"], True, False), ([], False, False)):
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        classify.main(args + extra)
+        text = err.getvalue()
+        assert ("epoch 1/1" in text and "3/3" in text and "step/s" in text and "<00:00" in text) == shown, text
+
+
 def _run_cli(tmp_path, capsys, *args):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
