@@ -158,6 +158,35 @@ def evaluate_loss(model, examples, batch_size, pad_id, device, amp):
     return out
 
 
+def plot_log(log_path, png_path):
+    """<out>/train_log.png from train_log.jsonl: training loss and eval loss (overall and per severity) against steps,
+    and the learning rate below. Written atomically, with matplotlib's Agg canvas (no display, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    with open(log_path, encoding="utf-8") as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    train_recs = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval_loss" in r]
+    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], lw=0.8, color="0.6", label="train (weighted)")
+    for key, style in [("eval_loss", dict(color="k", lw=2, label="eval, all"))] + [
+            (f"eval_loss_{s}", dict(lw=1.2, ls="--", label=f"eval, {s}")) for s in data.SEVERITIES]:
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, **style)
+    ax.set_ylabel("loss (nats / answer token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_lr.plot([r["step"] for r in train_recs], [r["lr"] for r in train_recs], color="tab:blue")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    canvas = FigureCanvasAgg(fig)
+    data.atomic_write(png_path, lambda tmp: canvas.print_png(tmp))
+    return fig
+
+
 # -- checkpoint: one safetensors file holds every tensor (model, optimizer, RNG); its metadata holds the rest --------
 
 def save_state(path, model, opt, scaler, step, args_dict):
@@ -405,6 +434,8 @@ def main(argv=None):
             ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp)
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
+            if master:
+                plot_log(log_path, os.path.join(out, "train_log.png"))
         last = step == total or stop["sig"] is not None
         if master and (last or (args.save_every and step % args.save_every == 0)):
             save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict)
@@ -417,6 +448,7 @@ def main(argv=None):
             sys.exit(128 + stop["sig"])
     if master:
         logf.close()
+        plot_log(log_path, os.path.join(out, "train_log.png"))
         log(f"done: {out} ({time.time() - t_start:.1f}s)")
     if ddp:
         dist.destroy_process_group()
