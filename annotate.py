@@ -228,7 +228,7 @@ def annotate(args):
             os.fsync(fh.fileno())
             nbytes = fh.tell()
         done += len(chunk)
-        classify.write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
+        data.write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
         chunks += 1
         if args.stop_after is not None and chunks >= args.stop_after and done < len(recs):
             bar.close()

@@ -333,7 +333,7 @@ def save_classifier(model, tok, out_dir):
                for k, v in model.classifier.state_dict().items()})
     data.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, {"format": "pt"}))
     labels = model.labels
-    write_json(os.path.join(out_dir, "config.json"),
+    data.write_json(os.path.join(out_dir, "config.json"),
                dict(model.cfg.to_hf(), architectures=["BertForSequenceClassification"],
                     id2label={str(i): l for i, l in enumerate(labels)}, label2id={l: i for i, l in enumerate(labels)},
                     problem_type="single_label_classification", severity_classifier=dict(model.meta, head=model.head)))
@@ -411,10 +411,6 @@ def read_json(path):
         raise data.UserError(path, f"not valid JSON ({e})") from None
 
 
-def write_json(path, obj):
-    data.atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # WordPiece tokeniser (the tokenizers library), equivalent to BertTokenizerFast
 
@@ -473,13 +469,13 @@ class WordPieceTokenizer:
         data.atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
         mml = self.config.get("model_max_length")
         c = self.config
-        write_json(os.path.join(folder, "tokenizer_config.json"),
+        data.write_json(os.path.join(folder, "tokenizer_config.json"),
                    {"tokenizer_class": "BertTokenizer", "do_lower_case": bool(c.get("do_lower_case", False)),
                     "strip_accents": c.get("strip_accents"),
                     "tokenize_chinese_chars": c.get("tokenize_chinese_chars", True),
                     "model_max_length": int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512,
                     **self.names})
-        write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
+        data.write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
 
 
 def bert_normalizer(cfg):
@@ -727,11 +723,10 @@ def get_col(row, col):
     """A row's value by column name, exact first, then case/space-insensitively; KeyError if absent."""
     if col in row:
         return row[col]
-    k = " ".join(col.split()).lower()
-    for c, v in row.items():
-        if " ".join(str(c).split()).lower() == k:
-            return v
-    raise KeyError(col)
+    match = [v for c, v in row.items() if data._key(c) == data._key(col)]
+    if not match:
+        raise KeyError(col)
+    return match[0]
 
 
 def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
@@ -1013,7 +1008,7 @@ def train(argv=None):
                "epochs": history, "best_epoch": best["epoch"] if best else n_epochs, "steps": step,
                "seconds": round(time.time() - t_start, 1), "args": vars(args)}
     save_classifier(model.cpu(), tok, args.out)
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    data.write_json(os.path.join(args.out, "metrics.json"), metrics)
     if met is not None:
         print(f"validation ({len(va)} examples), epoch {metrics['best_epoch']}:")
         print(format_metrics(met, labels, majority))

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -855,19 +854,9 @@ def _load_state(model, tensors, dtype, device):
     return state
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path) on a temp file beside path, then rename it over path: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# atomic_write(path, write): write(tmp) fills a temp file beside path, which is then renamed over it. One copy, in
+# data/__init__.py (it also takes plain text); train.py imports it from here.
+from data import atomic_write  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------------------------------

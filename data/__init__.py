@@ -378,6 +378,11 @@ def sha256(path):
     return h.hexdigest()
 
 
+def write_json(path, obj):
+    """Write obj as indented JSON (UTF-8 Arabic kept readable) plus a newline, atomically."""
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
 def write_jsonl(path, records):
     """Write records (dicts) as JSON lines, UTF-8 Arabic kept readable (ensure_ascii=False), atomically."""
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -24,11 +24,9 @@ Example:
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
 import argparse
-import json
 import random
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `import data` work
@@ -287,7 +285,7 @@ def prepare(args):
     out = Path(args.out)
     data.write_jsonl(out / "train.jsonl", train)
     data.write_jsonl(out / "test.jsonl", test)
-    data.atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    data.write_json(out / "manifest.json", manifest)
     return manifest
 
 
