@@ -106,10 +106,11 @@ class BertConfig:
         if d.get("is_decoder") or d.get("add_cross_attention"):
             raise bad("is_decoder", "decoder BERTs are not supported")
         kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
-        for k, v in kw.items():
-            ok = {int: lambda: isinstance(v, int) and v >= 0, str: lambda: isinstance(v, str)}.get(
-                type(cls.__dataclass_fields__[k].default), lambda: isinstance(v, (int, float)) and math.isfinite(v))
-            if isinstance(v, bool) or not ok():
+        for k, v in kw.items():   # each value of the type of its default (classifier_dropout: a float)
+            kind = type(cls.__dataclass_fields__[k].default)
+            ok = (isinstance(v, str) if kind is str else isinstance(v, int) and v >= 0 if kind is int
+                  else isinstance(v, (int, float)) and math.isfinite(v))
+            if isinstance(v, bool) or not ok:
                 raise bad(k, f"{v!r} is not a valid value")
         cfg = cls(**kw)
         if cfg.hidden_size % max(1, cfg.num_attention_heads) or not cfg.num_attention_heads:
@@ -490,8 +491,7 @@ def load_tokenizer(folder):
     tokenizer_config.json's do_lower_case (default False: Arabic), strip_accents too (None = as lowercase, as in
     BERT). From vocab.txt the pipeline is BERT's: BertNormalizer -> BertPreTokenizer -> WordPiece('##', [UNK],
     100 chars per word), special tokens never split."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
+    from tokenizers import Tokenizer
     p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
                                                                  "vocab.txt"))
     cfg = read_json(p_cfg) if os.path.isfile(p_cfg) else {}
@@ -514,22 +514,19 @@ def load_tokenizer(folder):
                                                  **cfg})
         # as transformers does: the special tokens are never split, even when the file does not list them
         tk.add_special_tokens([n for n in special_names(cfg).values() if tk.token_to_id(n) is not None])
-    elif vocab_text is not None:
+    elif vocab_text is not None:   # BERT's own pipeline, as the tokenizers library assembles it from a vocabulary
+        from tokenizers.implementations import BertWordPieceTokenizer
         lines = vocab_text.split("\n")
         vocab = {t.rstrip("\r"): i for i, t in enumerate(lines[:-1] if vocab_text.endswith("\n") else lines)}
         names = special_names(cfg)
-        tk = Tokenizer(WordPiece(vocab, unk_token=names["unk_token"], max_input_chars_per_word=100))
-        tk.normalizer = bert_normalizer(cfg)
-        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tk.decoder = decoders.WordPiece(prefix="##")
+        missing = [names[k] for k in ("pad_token", "cls_token", "sep_token") if names[k] not in vocab]
+        if missing:
+            raise data.UserError(p_vocab, f"{missing[0]}: not in the vocabulary")
+        tk = BertWordPieceTokenizer(vocab, **names, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
+                                    strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg.get("do_lower_case")))
         extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
         extra = [t.get("content") if isinstance(t, dict) else t for t in extra] if isinstance(extra, list) else []
-        tk.add_special_tokens([n for n in list(names.values()) + extra if n in vocab])
-        c, s = names["cls_token"], names["sep_token"]
-        if c in vocab and s in vocab:
-            tk.post_processor = processors.TemplateProcessing(single=f"{c}:0 $A:0 {s}:0",
-                                                              pair=f"{c}:0 $A:0 {s}:0 $B:1 {s}:1",
-                                                              special_tokens=[(c, vocab[c]), (s, vocab[s])])
+        tk.add_special_tokens([n for n in extra if n in vocab])
     else:
         raise data.UserError(folder, "no tokenizer.json or vocab.txt")
     return WordPieceTokenizer(tk, dict({"do_lower_case": False}, **cfg), vocab_text)
@@ -910,9 +907,10 @@ def train(argv=None):
         enc, head = read_safetensors(folder)
         load_encoder(model.bert, enc, folder)
         old = cfg_dict.get("id2label") or {}
-        if head and [old.get(str(i)) for i in range(len(old))] == labels:
+        same_head = (cfg_dict.get("severity_classifier") or {}).get("head", "pooler") == args.head
+        if head and same_head and [old.get(str(i)) for i in range(len(old))] == labels:
             load_head(model, head, folder)
-            log(f"note: continuing from {args.model}'s classifier head (same labels)")
+            log(f"note: continuing from {args.model}'s classifier head (same labels and --head)")
     model.to(device)
     log(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}")
 
@@ -978,7 +976,7 @@ def train(argv=None):
             bar.set_postfix_str(f"loss {loss_sum / n_seen:.4f} lr {opt.param_groups[0]['lr']:.2e}", refresh=False)
             bar.update(1)
         bar.close()
-        rec = {"epoch": epoch + 1, "loss": kind, "train_loss": loss_sum / max(1, n_seen), "steps": step}
+        rec = {"epoch": epoch + 1, "objective": kind, "train_loss": loss_sum / max(1, n_seen), "steps": step}
         met = evaluate(scale)
         if met is not None:
             rec.update(val_accuracy=met["accuracy"], val_macro_f1=met["macro_f1"], val_ece=met["ece"])

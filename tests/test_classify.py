@@ -496,7 +496,7 @@ def test_seed_004_recipe_end_to_end(tmp_path):
                        "--device", "cpu", "--quiet", "--out", str(out)])
     # 406 training rows in batches of 128: 4 steps per epoch, so step 7 ends inside the second epoch
     assert m["steps"] == 7 and [e["steps"] for e in m["epochs"]] == [4, 7]
-    assert [e["loss"] for e in m["epochs"]] == ["ce", "ldam"]
+    assert [e["objective"] for e in m["epochs"]] == ["ce", "ldam"]
     model, tok, labels = classify.load_classifier(str(out))
     assert model.head == "linear" and model.meta["logit_scale_folded"] == 1.0
     rows = [json.loads(l) for l in open(SAMPLE_LABELS, encoding="utf-8") if l.strip()]
