@@ -877,6 +877,7 @@ def train(argv=None):
             raise data.UserError("--boost-classes", f"'{c}' is not a class ({', '.join(labels)})")
     folder, cfg_dict = resolve_checkpoint(args.model, args.revision)
     cfg = BertConfig.from_hf(cfg_dict, os.path.join(folder or args.model, "config.json"))
+    enc, head = read_safetensors(folder) if folder is not None else ({}, {})   # a corrupt file fails here
     if args.max_len > cfg.max_position_embeddings:
         raise data.UserError("--max-len", f"{args.max_len} exceeds the model's max_position_embeddings "
                                           f"{cfg.max_position_embeddings}")
@@ -904,7 +905,6 @@ def train(argv=None):
     torch.manual_seed(args.seed)
     model = BertClassifier(cfg, labels, args.head)
     if folder is not None:
-        enc, head = read_safetensors(folder)
         load_encoder(model.bert, enc, folder)
         old = cfg_dict.get("id2label") or {}
         same_head = (cfg_dict.get("severity_classifier") or {}).get("head", "pooler") == args.head
