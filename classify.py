@@ -136,7 +136,8 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         H = cfg.hidden_size
-        self.n_head, self.p_attn, self.act = cfg.num_attention_heads, cfg.attention_probs_dropout_prob, ACT[cfg.hidden_act]
+        self.n_head, self.p_attn = cfg.num_attention_heads, cfg.attention_probs_dropout_prob
+        self.act = ACT[cfg.hidden_act]
         self.qkv, self.o = nn.Linear(H, 3 * H), nn.Linear(H, H)   # qkv = [query | key | value] rows
         self.fc, self.proj = nn.Linear(H, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, H)
         self.norm1 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)

@@ -85,7 +85,8 @@ def read_xlsx(path, sheet=None):
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as e:   # not a zip, missing parts, malformed XML; openpyxl raises many kinds
-        raise data.DataError(path, 1, "file", f"not a valid .xlsx file ({type(e).__name__}: {data.one_line(e)[:200]})") from None
+        raise data.DataError(path, 1, "file",
+                             f"not a valid .xlsx file ({type(e).__name__}: {data.one_line(e)[:200]})") from None
     try:
         names = wb.sheetnames
         if not names:
