@@ -557,6 +557,38 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert "at least 2 classes" in msg
 
 
+def test_bad_checkpoint_or_flags_exit_2(tmp_path, capsys):
+    """A broken config.json, a bad value in it, a truncated weights file and seed 004's flags used wrongly: one line
+    naming the file (or flag), exit 2, nothing written."""
+    _, path = tiny_hf(tmp_path)
+    cfg = (path / "config.json").read_text()
+    for name, edit, needle in (
+            ("notjson", lambda d: (d / "config.json").write_text("{bad"), "config.json: not valid JSON"),
+            ("badvalue", lambda d: (d / "config.json").write_text(cfg.replace('"hidden_size": 32', '"hidden_size": "32"')),
+             "config.json: hidden_size: '32' is not a valid value"),
+            ("roberta", lambda d: (d / "config.json").write_text(cfg.replace('"model_type": "bert"', '"model_type": "x"')),
+             "config.json: model_type: 'x' is not supported"),
+            ("cut", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:3000]),
+             "model.safetensors: not a readable safetensors file")):
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            (d / f).write_bytes((path / f).read_bytes())
+        for f in ("vocab.txt", "tokenizer.json"):
+            (d / f).write_bytes(open(os.path.join(WORDPIECE, f), "rb").read())
+        edit(d)
+        with pytest.raises(SystemExit) as e:
+            classify.main(["--model", str(d), "--data", SAMPLE_LABELS, "--max-len", "64", "--device", "cpu",
+                           "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+        assert not (tmp_path / "out").exists()
+    msg = _run_cli(tmp_path, capsys, "--data", SAMPLE_LABELS, "--loss", "ldam", "--boost-classes", "urgent")
+    assert "--boost-classes: 'urgent' is not a class" in msg
+    msg = _run_cli(tmp_path, capsys, "--data", SAMPLE_LABELS, "--ce-epochs", "2")
+    assert "need --loss ldam" in msg
+
+
 def test_hub_download_is_restricted(monkeypatch, tmp_path):
     """Registry names resolve to repos; only config, safetensors and tokenizer files are asked for,
     with --revision and HF_TOKEN passed on; a failed download is a one-line ValueError."""
