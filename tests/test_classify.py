@@ -561,6 +561,7 @@ def test_bad_checkpoint_or_flags_exit_2(tmp_path, capsys):
     """A broken config.json, a bad value in it, a truncated weights file and seed 004's flags used wrongly: one line
     naming the file (or flag), exit 2, nothing written."""
     _, path = tiny_hf(tmp_path)
+    capsys.readouterr()   # transformers' own save messages
     cfg = (path / "config.json").read_text()
     for name, edit, needle in (
             ("notjson", lambda d: (d / "config.json").write_text("{bad"), "config.json: not valid JSON"),
