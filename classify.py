@@ -187,7 +187,8 @@ class Bert(nn.Module):
         folder, cfg_dict = resolve_checkpoint(name_or_path, revision)
         model = cls(BertConfig.from_hf(cfg_dict, os.path.join(folder or name_or_path, "config.json")))
         if folder is not None:
-            load_encoder(model, read_safetensors(folder)[0], folder)
+            load_tensors(model, read_safetensors(folder)[0], weight_table(model.cfg.num_hidden_layers), folder,
+                         "bert.")
         return model.to(device) if device is not None else model
 
 
@@ -224,7 +225,7 @@ def init_weights(module, std):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: ONE table from our names to HF BertModel's, read by load_encoder and written by save_classifier.
+# Checkpoints: ONE table from our names to HF BertModel's, read by load_tensors and written by hf_tensors.
 
 def weight_table(n_layers):
     """[(our name, [HF names])]; several HF names are stacked on dim 0 in ours (query | key | value -> qkv)."""
@@ -278,27 +279,28 @@ def read_safetensors(folder):
     return enc, head
 
 
-def load_encoder(bert, sd, where):
-    """Copy HF-named tensors into a Bert through weight_table, strictly: a missing or unexpected tensor or a
-    shape mismatch is an error naming it. A checkpoint without a pooler (MLM saves) keeps a random one."""
-    own, state = bert.state_dict(), {}
-    table = weight_table(bert.cfg.num_hidden_layers)
-    known = {h for _, hs in table for h in hs}
-    extra = [k for k in sd if k not in known]
+HEAD_TABLE = [("weight", ["classifier.weight"]), ("bias", ["classifier.bias"])]   # BertClassifier.classifier
+
+
+def load_tensors(module, sd, table, where, prefix=""):
+    """Copy HF-named tensors into module through a table, strictly: a missing or unexpected tensor or a shape
+    mismatch is an error naming it (prefix + HF name). A checkpoint without a pooler (MLM saves) keeps a random one."""
+    own, state = module.state_dict(), {}
+    extra = [k for k in sd if k not in {h for _, hs in table for h in hs}]
     if extra:
-        raise data.UserError(where, f"unexpected tensor 'bert.{extra[0]}' with shape {tuple(sd[extra[0]].shape)}")
+        raise data.UserError(where, f"unexpected tensor '{prefix}{extra[0]}' with shape {tuple(sd[extra[0]].shape)}")
     missing = [h for _, hs in table for h in hs if h not in sd]
     if missing and all(h.startswith("pooler.") for h in missing):
         log(f"note: {where} has no pooler; bert.pooler.dense starts random")
         table = [e for e in table if not e[0].startswith("pooler.")]
     elif missing:
-        raise data.UserError(where, f"missing tensor 'bert.{missing[0]}'"
+        raise data.UserError(where, f"missing tensor '{prefix}{missing[0]}'"
                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     for ours, hs in table:
         want = (own[ours].shape[0] // len(hs), *own[ours].shape[1:])
         for h in hs:
             if tuple(sd[h].shape) != want:
-                raise data.UserError(where, f"tensor 'bert.{h}': checkpoint shape {tuple(sd[h].shape)} != "
+                raise data.UserError(where, f"tensor '{prefix}{h}': checkpoint shape {tuple(sd[h].shape)} != "
                                             f"model shape {want}")
         state[ours] = torch.cat([sd[h].float() for h in hs])
     with torch.no_grad():
@@ -306,39 +308,25 @@ def load_encoder(bert, sd, where):
             own[k].copy_(v)
 
 
-def load_head(model, head, where):
-    own = model.classifier.state_dict()
-    for k, t in own.items():
-        v = head.get("classifier." + k)
-        if v is None:
-            raise data.UserError(where, f"missing tensor 'classifier.{k}' (model shape {tuple(t.shape)})")
-        if tuple(v.shape) != tuple(t.shape):
-            raise data.UserError(where, f"tensor 'classifier.{k}': checkpoint shape {tuple(v.shape)} != "
-                                        f"model shape {tuple(t.shape)}")
-    extra = sorted(set(head) - {"classifier." + k for k in own})
-    if extra:
-        raise data.UserError(where, f"unexpected tensor '{extra[0]}' with shape {tuple(head[extra[0]].shape)}")
-    with torch.no_grad():
-        for k in own:
-            own[k].copy_(head["classifier." + k].float())
+def hf_tensors(module, table, prefix=""):
+    """The table read backwards: module's tensors under their HF names (qkv split back into query, key, value)."""
+    own = module.state_dict()
+    return {prefix + h: part.contiguous().clone() for ours, hs in table
+            for h, part in zip(hs, own[ours].detach().float().cpu().chunk(len(hs)))}
 
 
 def save_classifier(model, tok, out_dir):
     """model.safetensors (HF BertForSequenceClassification names) + config.json + tokenizer files, atomically."""
     from safetensors.torch import save_file
-    own = model.bert.state_dict()
-    sd = {}
-    for ours, hs in weight_table(model.cfg.num_hidden_layers):
-        for h, part in zip(hs, own[ours].detach().float().cpu().chunk(len(hs))):
-            sd["bert." + h] = part.contiguous().clone()
-    sd.update({"classifier." + k: v.detach().float().cpu().contiguous().clone()
-               for k, v in model.classifier.state_dict().items()})
+    sd = {**hf_tensors(model.bert, weight_table(model.cfg.num_hidden_layers), "bert."),
+          **hf_tensors(model.classifier, HEAD_TABLE)}
     data.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, {"format": "pt"}))
     labels = model.labels
     data.write_json(os.path.join(out_dir, "config.json"),
-               dict(model.cfg.to_hf(), architectures=["BertForSequenceClassification"],
-                    id2label={str(i): l for i, l in enumerate(labels)}, label2id={l: i for i, l in enumerate(labels)},
-                    problem_type="single_label_classification", severity_classifier=dict(model.meta, head=model.head)))
+                    dict(model.cfg.to_hf(), architectures=["BertForSequenceClassification"],
+                         id2label={str(i): l for i, l in enumerate(labels)},
+                         label2id={l: i for i, l in enumerate(labels)}, problem_type="single_label_classification",
+                         severity_classifier=dict(model.meta, head=model.head)))
     tok.save(out_dir)
 
 
@@ -363,9 +351,9 @@ def load_classifier(path, device="cpu", revision=None, allow_random_head=None):
     meta = dict(cfg_dict.get("severity_classifier") or {})
     model = BertClassifier(cfg, labels, meta.get("head", "pooler"))
     if folder is not None:
-        load_encoder(model.bert, enc, folder)
+        load_tensors(model.bert, enc, weight_table(cfg.num_hidden_layers), folder, "bert.")
     if head:
-        load_head(model, head, folder)
+        load_tensors(model.classifier, head, HEAD_TABLE, folder)
     model.meta = meta
     tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
     return model.to(device).eval(), tok, labels
@@ -906,11 +894,11 @@ def train(argv=None):
     torch.manual_seed(args.seed)
     model = BertClassifier(cfg, labels, args.head)
     if folder is not None:
-        load_encoder(model.bert, enc, folder)
+        load_tensors(model.bert, enc, weight_table(cfg.num_hidden_layers), folder, "bert.")
         old = cfg_dict.get("id2label") or {}
         same_head = (cfg_dict.get("severity_classifier") or {}).get("head", "pooler") == args.head
         if head and same_head and [old.get(str(i)) for i in range(len(old))] == labels:
-            load_head(model, head, folder)
+            load_tensors(model.classifier, head, HEAD_TABLE, folder)
             log(f"note: continuing from {args.model}'s classifier head (same labels and --head)")
     model.to(device)
     log(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}")
