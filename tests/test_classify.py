@@ -192,6 +192,21 @@ def test_saved_classifier_loads_in_transformers(trained):
     assert np.abs(p1[0] - p[1]).max() < 1e-5
 
 
+def test_save_then_transformers_gives_the_same_logits(tmp_path):
+    """The weight table read backwards: what save_classifier writes, transformers' BertForSequenceClassification
+    computes exactly as the model in memory did (q, k and v split back in the right order)."""
+    from transformers import BertForSequenceClassification
+    model = _tiny_classifier(seed=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))        # nothing left at its init value (LayerNorms, biases)
+    classify.save_classifier(model, classify.load_tokenizer(WORDPIECE), str(tmp_path / "m"))
+    hf = BertForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
+    ids, am, tt = batch(vocab=50, T=9)
+    with torch.no_grad():
+        assert (hf(input_ids=ids, attention_mask=am, token_type_ids=tt).logits - model(ids, am, tt)).abs().max() < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokeniser
 
