@@ -35,6 +35,7 @@ Examples:
         --epochs 8 --lr 2e-3 --batch-size 32 --max-len 128
     python classify.py --model arabertv02 --data labels.csv --epochs 3 --lr 2e-5 --out out/classifier
 """
+import argparse
 import json
 import math
 import os
@@ -777,9 +778,13 @@ def stratified_split(y, val_frac, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout (the epilog) and shows every flag's default."""
+
+
 def get_args(argv=None):
     num, pos = data.number, dict(lo=0, lo_open=True)
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=os.path.join("data", "sample", "severity_labels.jsonl"),
                    help="labelled training file (.jsonl/.json/.csv/.tsv)")
     p.add_argument("--text-col", default="text", help="column with the text to classify (the question)")
