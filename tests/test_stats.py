@@ -103,8 +103,9 @@ def test_paired_diff_by_hand():
 
 def test_compare_two_runs(env, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_eval(env, a, "--seed", "0", "--bootstrap", "200")
-    run_eval(env, b, "--seed", "0", "--bootstrap", "200", "--model", env["run"])
+    fast = ("--n", "9", "--max-new-tokens", "8")
+    run_eval(env, a, "--seed", "0", "--bootstrap", "200", *fast)
+    run_eval(env, b, "--seed", "0", "--bootstrap", "200", "--model", env["run"], *fast)
     out = tmp_path / "cmp"
     res = E.main(["--compare", str(a), str(b / "eval.json"), "--out", str(out), "--bootstrap", "200",
                   "--bootstrap-seed", "1", "--permutations", "5000"])
