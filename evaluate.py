@@ -280,8 +280,10 @@ def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
 
 
 def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, temperature=0.7, top_k=0, top_p=1.0,
-                     seed=None, progress=None, stats=None, prompt="cue"):
+                     seed=None, progress=None, stats=None, prompt="cue", stop_at_cue=True):
     """Answers (after data.extract_answer) in the order of `questions`, generated in length-sorted batches.
+    stop_at_cue: a row stops once it has begun a new question and cue (data.answer_complete), which leaves every
+    answer as it was (what follows the new cue is never kept) and saves the rest of the batch's steps.
     temperature 0 = greedy; otherwise one generator seeded with `seed` drives every draw. stats (a dict), if given,
     gets "new_tokens" (generated before EOS) added."""
     prompts = encode_prompts(model, tok, questions, max_new_tokens, prompt)
@@ -295,7 +297,8 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         new = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen)
+                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen,
+                             stop=(lambda ids: data.answer_complete(tok.decode(ids))) if stop_at_cue else None)
         for i, ids in zip(idx, new):
             out[i] = data.extract_answer(tok.decode(ids))
         if stats is not None:
