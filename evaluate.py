@@ -12,6 +12,8 @@ answers (mean answer-token NLL, overall and per class: cheap, noise-free, needs 
     python evaluate.py --model runs/aragpt2-base/balanced --seed 0 --repeat 3      # a folder train.py wrote
     python evaluate.py --model out/tiny-balanced --bertscore-model out/cls-tiny --bertscore-layer 2 --greedy
     python evaluate.py --table runs/aragpt2-base/*/eval.json --paper --plot runs/aragpt2-base/table.png
+    python evaluate.py --compare runs/aragpt2-base/ce runs/aragpt2-base/balanced --out runs/aragpt2-base/ce-vs-balanced
+    python evaluate.py --model runs/notebook/balanced --recipe notebook      # the authors' notebooks' protocol
 
 Outputs (written atomically, only after everything succeeded): <out>/eval.json (settings, the setting label
 Base/CE/Mild/Strong/Balanced/custom read from the training run's args.json, data sha256, counts per class,
