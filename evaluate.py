@@ -35,7 +35,6 @@ bert-score 0.3.13 on transformers 5 (two workarounds, both here, both keep bert-
   - an empty candidate crashes it (it calls a tokenizer method transformers 5 removed); bert-score defines the
     score of an empty candidate as P = R = F1 = 0, so empty predictions get 0 and are not sent to it.
 """
-import argparse
 import json
 import os
 import sys
@@ -78,28 +77,21 @@ def paper_key(name):
     return next((k for k in PAPER_TABLE2 if REGISTRY[k]["repo"].split("/")[-1].lower() == low), None)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line on stderr ("error: ..."), exit status 2, like every other error."""
-
-    def error(self, message):
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-        sys.exit(2)
-
-
 def get_args(argv=None):
-    p = Parser(description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    num = data.number
+    p = data.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--model", default=None, help="registry name (see model.REGISTRY), HF repo id or local folder of the "
                    "untouched base model (setting Base), or a folder train.py wrote (setting from its args.json)")
     p.add_argument("--data", default=SAMPLE_TEST, help="canonical test file (question, answer, severity, p_nc, p_n, p_c)")
-    p.add_argument("--n", type=int, default=2000, help="evaluate the first N records (the paper: 2,000)")
+    p.add_argument("--n", type=num(int, lo=1), default=2000, help="evaluate the first N records (the paper: 2,000)")
     p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl (default: the model "
                    "folder if --model is a folder, else out/eval-<model>)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (and sequences per NLL batch)")
+    p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="prompts per generation batch (and sequences per NLL batch)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available); also runs the scorer")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weights dtype for generation and NLL: auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (deterministic)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (the paper: 0.7)")
+    p.add_argument("--temperature", type=num(float, lo=0), default=0.7, help="sampling temperature (the paper: 0.7)")
     p.add_argument("--recipe", choices=["paper", "notebook"], default="paper", help="defaults for --prompt, --top-k "
                    "and --top-p (each flag given still wins). paper = the paper's stated protocol: the training prompt "
                    "with the answer cue, plain sampling (top-k and top-p off). notebook = what the authors' notebooks "
@@ -107,30 +99,30 @@ def get_args(argv=None):
                    "generation_config.json (else config.json), else transformers' defaults (top_k 50, top_p 1)")
     p.add_argument("--prompt", choices=["cue", "no-cue"], default=None, help="generation prompt: cue = data.format_prompt "
                    "(the training prompt, ends with the answer cue); no-cue = \"\\n{Q}\\n\" (the notebooks). Default: by --recipe")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only; 0 = off. "
+    p.add_argument("--top-k", type=num(int, lo=0), default=None, help="sample from the k most likely tokens only; 0 = off. "
                    "Default: by --recipe (paper: 0; notebook: the model's generation config, else 50)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass; 1 = off. Default: by --recipe "
+    p.add_argument("--top-p", type=num(float, lo=0, hi=1, lo_open=True), default=None, help="nucleus sampling mass; 1 = off. Default: by --recipe "
                    "(paper: 1; notebook: the model's generation config, else 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (model.compile_decode). "
                    "Compiling several graphs (prefill, first decode steps, then dynamic shapes) takes about a minute "
                    "on a CPU, so it pays only on long runs")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="new tokens per answer (the paper: 50)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (run k of --repeat uses seed+k); "
+    p.add_argument("--max-new-tokens", type=num(int, lo=1), default=50, help="new tokens per answer (the paper: 50)")
+    p.add_argument("--seed", type=num(int, lo=0, hi=2**63 - 1 - 10**6), default=None, help="seed of the sampling generator (run k of --repeat uses seed+k); "
                    "default: drawn at random and written to eval.json")
-    p.add_argument("--repeat", type=int, default=1, help="K sampled runs with seeds seed..seed+K-1, reported as mean and "
+    p.add_argument("--repeat", type=num(int, lo=1), default=1, help="K sampled runs with seeds seed..seed+K-1, reported as mean and "
                    "std across runs plus each run's scores")
-    p.add_argument("--max-len", type=int, default=512, help="prompt+answer tokens kept for the eval NLL (as train.py)")
+    p.add_argument("--max-len", type=num(int, lo=2), default=512, help="prompt+answer tokens kept for the eval NLL (as train.py)")
     p.add_argument("--bertscore-model", default=DEFAULT_SCORER, help="bert-score model: a name bert-score knows, an HF "
                    "repo id, or a local folder (e.g. a classifier classify.py saved)")
-    p.add_argument("--bertscore-layer", type=int, default=None, help="layer whose embeddings are matched (default: "
+    p.add_argument("--bertscore-layer", type=num(int, lo=0), default=None, help="layer whose embeddings are matched (default: "
                    "bert-score's table, e.g. 9 for bert-base-multilingual-cased, 17 for xlm-roberta-large); "
                    "required for any model not in that table (AraBERT, local folders)")
     p.add_argument("--floor", action="store_true", help="also score every prediction against another record's "
                    "reference (a seeded derangement): the score of an unrelated pair, the floor that F1 differences "
                    "should be read against (BERTScore without rescaling is far from 0 for unrelated texts)")
-    p.add_argument("--bertscore-batch-size", type=int, default=64, help="sentences per bert-score batch")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
-    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--bertscore-batch-size", type=num(int, lo=1), default=64, help="sentences per bert-score batch")
+    p.add_argument("--bootstrap", type=num(int, lo=0), default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
+    p.add_argument("--bootstrap-seed", type=num(int, lo=0, hi=2**32 - 1), default=0, help="seed of the bootstrap resampling")
     p.add_argument("--name", default=None, help="row label in --table (default: the base model's name: the registry "
                    "name, or args.json's model for a train.py folder)")
     p.add_argument("--setting", choices=SETTINGS + ("custom",), default=None,
@@ -155,12 +147,6 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def fail(msg):
-    """The one way out on bad input: one line on stderr, exit 2."""
-    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # What is being evaluated
 
@@ -172,18 +158,14 @@ def describe_model(name_or_path):
     if not os.path.isfile(args_file):
         return os.path.basename(os.path.normpath(name_or_path)), "Base", None
     import train
-    with open(args_file, encoding="utf-8") as f:
-        try:
-            targs = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args_file}:{e.lineno}: json: {e.msg}") from None
+    targs = data.read_json(args_file, "training arguments")
     try:
         abc = targs.get("weights_abc")
         abc = train.parse_weights(str(targs.get("weights", ""))) if abc is None else tuple(float(x) for x in abc)
         if len(abc) != 3:
             raise ValueError(f"{len(abc)} values")
     except (AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"{args_file}:0: weights: cannot read the training weights a,b,c ({e})") from None
+        raise data.UserError(args_file, f"weights: cannot read the training weights a,b,c ({e})") from None
     setting = next((PRESET_SETTING[k] for k, v in train.PRESETS.items()
                     if k in PRESET_SETTING and all(abs(x - y) < 1e-9 for x, y in zip(v, abc))), "custom")
     base = str(targs.get("model") or name_or_path)
@@ -276,7 +258,8 @@ def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
     if model.cfg.pos == "learned":
         room = model.cfg.max_pos - max_new_tokens
         if room < 1:
-            raise ValueError(f"--max-new-tokens: {max_new_tokens} leaves no room for a prompt in {model.cfg.max_pos} positions")
+            raise data.UserError("--max-new-tokens", f"{max_new_tokens} leaves no room for a prompt in the model's "
+                                                     f"{model.cfg.max_pos} positions")
         prompts = [p[-room:] for p in prompts]
     return prompts
 
@@ -335,6 +318,49 @@ def answer_nll(model, tok, records, batch_size=64, max_len=512):
 # BERTScore
 
 
+# what a hub scorer may bring: config, safetensors weights and tokenizer files; never a pickle, never code
+SCORER_ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model",
+                "spiece.model", "added_tokens.json"]
+
+
+def scorer_folder(name):
+    """A local folder with the scorer's config.json and safetensors weights. A hub name (bert-score's names are hub
+    repos) is downloaded with SCORER_ALLOW, like model.resolve; the folder is what bert-score then gets, so it
+    cannot fall back to a pickled pytorch_model.bin. Refused (UserError) otherwise."""
+    flag = "--bertscore-model"
+    if os.path.isdir(name):
+        folder = name
+    elif os.path.exists(name):
+        raise data.UserError(flag, f"{name}: is a file, expected a folder or a hub name")
+    elif os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1:
+        raise data.UserError(flag, f"{name}: no such folder")
+    else:
+        from huggingface_hub import snapshot_download
+        try:
+            folder = snapshot_download(name, allow_patterns=SCORER_ALLOW)
+        except Exception:   # noqa: BLE001 - offline or hub down: an already-cached snapshot still serves
+            try:
+                folder = snapshot_download(name, allow_patterns=SCORER_ALLOW, local_files_only=True)
+            except Exception as e:   # noqa: BLE001 - any hub failure is the user's to fix (name, network, token)
+                raise data.UserError(flag, f"{name}: not a local folder, and cannot fetch it from the hub "
+                                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise data.UserError(flag, f"{name}: no config.json")
+    files = os.listdir(folder)
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))]
+        raise data.UserError(flag, f"{name}: no .safetensors weights" + (
+            f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)"
+            if pickles else ""))
+    from safetensors import safe_open
+    for f in sorted(f for f in files if f.endswith(".safetensors")):   # a cut or corrupt file fails here, by name
+        with data.reading(os.path.join(folder, f), "scorer weights", "re-download or re-save the scorer"):
+            with safe_open(os.path.join(folder, f), framework="pt") as h:
+                h.keys()
+    return folder
+
+
 class BertScore:
     """bert-score's BERTScorer (model loaded once), no idf, no rescaling; __call__ -> (N, 3) P, R, F1 in [0, 1].
 
@@ -346,29 +372,27 @@ class BertScore:
         from bert_score.utils import model2layers
         if layer is None:
             if model_type not in model2layers:
-                raise ValueError(f"--bertscore-model: {model_type!r} is not in bert-score's layer table: give "
-                                 f"--bertscore-layer (e.g. 9 for {DEFAULT_SCORER}, 17 for xlm-roberta-large)")
+                raise data.UserError("--bertscore-model", f"{model_type!r} is not in bert-score's layer table: give "
+                                     f"--bertscore-layer (e.g. 9 for {DEFAULT_SCORER}, 17 for xlm-roberta-large)")
             layer = model2layers[model_type]
         if layer < 0:
-            raise ValueError(f"--bertscore-layer: {layer} must be >= 0")
-        cfg_file = os.path.join(model_type, "config.json")
-        if os.path.isfile(cfg_file):                        # a local folder: check the layer before loading
-            with open(cfg_file, encoding="utf-8") as f:
-                n_layers = json.load(f).get("num_hidden_layers")
-            if n_layers is not None and layer > n_layers:
-                raise ValueError(f"--bertscore-layer: {layer} but {model_type} has {n_layers} layers")
-        elif os.path.isdir(model_type):
-            raise ValueError(f"--bertscore-model: {model_type}: no config.json")
+            raise data.UserError("--bertscore-layer", f"{layer} must be >= 0")
+        folder = scorer_folder(model_type)
+        cfg = data.read_json(os.path.join(folder, "config.json"), "scorer config")
+        n_layers = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
+        if isinstance(n_layers, int) and layer > n_layers:
+            raise data.UserError("--bertscore-layer", f"{layer} but {model_type} has {n_layers} layers")
         self.model_type, self.layer = model_type, layer
         from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()          # no load reports (a classifier's unused head) nor progress bars
         hf_logging.disable_progress_bar()
         try:
-            self.scorer = bert_score.BERTScorer(model_type=model_type, num_layers=layer, batch_size=batch_size,
+            # a local folder that holds safetensors (checked above): transformers loads those, never a pickle
+            self.scorer = bert_score.BERTScorer(model_type=folder, num_layers=layer, batch_size=batch_size,
                                                 idf=False, rescale_with_baseline=False, device=device)
-        except (OSError, ValueError, AssertionError, KeyError) as e:
-            raise ValueError(f"--bertscore-model: cannot load {model_type!r}: {e}") from None
+        except (OSError, ValueError, AssertionError, KeyError) as e:   # transformers' loaders: bad or missing files
+            raise data.UserError("--bertscore-model", f"cannot load {model_type!r}: {e}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
@@ -498,33 +522,27 @@ def paired_diff(a, b, n_boot=1000, seed=0, n_perm=10000, denom=None):
 # Evaluation
 
 
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device: {device} but CUDA is not available")
-    return device
-
-
 def check_args(args):
+    """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
-        raise ValueError("--model: required (or use --table)")
-    for flag, lo in (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("repeat", 1), ("max_len", 2),
-                     ("bertscore_batch_size", 1), ("bootstrap", 0)):
-        if getattr(args, flag) < lo:
-            raise ValueError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be >= {lo}")
+        raise data.UserError("--model", "required (or use --table)")
+    if args.plot or args.paper:
+        raise data.UserError("--plot/--paper", "only with --table")
     if not args.greedy and not args.temperature > 0:
-        raise ValueError(f"--temperature: {args.temperature} must be > 0 (use --greedy for greedy decoding)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p: {args.top_p} must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 0:
-        raise ValueError(f"--top-k: {args.top_k} must be >= 0")
+        raise data.UserError("--temperature", f"{args.temperature} must be > 0 (use --greedy for greedy decoding)")
     if args.floor and args.n < 2:
-        raise ValueError("--floor: needs --n >= 2")
+        raise data.UserError("--floor", "needs --n >= 2")
     if args.greedy and args.repeat > 1:
-        raise ValueError("--repeat: greedy runs are identical; repeat sampled runs only")
-    if not os.path.isfile(args.data):
-        raise ValueError(f"{args.data}:0: file: no such file")
+        raise data.UserError("--repeat", "greedy runs are identical; repeat sampled runs only")
+    data.input_file(args.data, "--data")
+    data.output_dir(out_folder(args), "--out")
+    for f in ("eval.json", "predictions.jsonl"):
+        data.output_file(os.path.join(out_folder(args), f), "--out")
+
+
+def out_folder(args):
+    return args.out or (args.model if os.path.isdir(args.model) else
+                        os.path.join("out", f"eval-{os.path.basename(os.path.normpath(args.model))}"))
 
 
 def evaluate(args):
@@ -535,24 +553,26 @@ def evaluate(args):
     records_all = data.load_records(args.data)
     records = records_all[:args.n]
     name, setting, targs = describe_model(args.model)
-    device = resolve_device(args.device)
+    device = str(data.resolve_device(args.device, "--device"))
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    try:   # find the model (a download for a hub name) before the scorer, load it after: both fail fast
-        path = args.model if args.model == "tiny" or os.path.isdir(args.model) else resolve(args.model)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(f"--model: cannot find {args.model!r}: {e}") from None
+    # find the model (a download for a hub name) before the scorer, load it after: both fail fast (model.py's
+    # loaders report a missing folder, bad config, tokenizer or weights as one UserError naming the file)
+    with data.for_flag("--model"):
+        path = args.model if args.model == "tiny" and not os.path.isdir(args.model) else resolve(args.model)
     # the scorer before any generation: a bad --bertscore-model fails in seconds, not after an hour
-    scorer = BertScore(args.bertscore_model, args.bertscore_layer, args.bertscore_batch_size, device)
-    try:
+    with data.for_flag("--bertscore-model"):
+        scorer = BertScore(args.bertscore_model, args.bertscore_layer, args.bertscore_batch_size, device)
+    with data.for_flag("--model"):
         tok = load_tokenizer(path)
         model = Decoder.from_pretrained(path, dtype=torch_dtype, device=device).eval()
-        if args.compile:
-            model.compile_decode()
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(f"--model: cannot load {args.model!r}: {e}") from None
     if tok.eos_id is None:
-        raise ValueError(f"--model: {args.model}: the tokenizer has no EOS token")
+        raise data.UserError("--model", f"{args.model}: the tokenizer has no EOS token")
+    if model.cfg.pos == "learned" and model.cfg.max_pos - args.max_new_tokens < 1:
+        raise data.UserError("--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in the model's "
+                                                 f"{model.cfg.max_pos} positions")
+    if args.compile:
+        model.compile_decode()
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     questions = [r["question"] for r in records]
     refs = [r["answer"] for r in records]
@@ -680,19 +700,47 @@ def fmt_cell(d, digits=2):
     return f"{d['mean']:.{digits}f}"
 
 
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _check_cells(path, where, table):
+    """A {group: cell} dict of an eval.json: each cell has a finite mean and numbers (or null) for lo/hi/std."""
+    if not isinstance(table, dict):
+        raise data.UserError(path, f"{where}: expected an object of group -> cell, got {type(table).__name__}")
+    for g, d in table.items():
+        if not isinstance(d, dict) or not _is_num(d.get("mean")):
+            raise data.UserError(path, f"{where}.{g}: expected a cell with a finite number 'mean'")
+        for k in ("lo", "hi", "std"):
+            if d.get(k) is not None and not _is_num(d[k]):
+                raise data.UserError(path, f"{where}.{g}.{k}: expected a number or null, got {d[k]!r}"[:200])
+
+
 def load_eval(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            ev = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}:0: file: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: json: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}:0: file: not UTF-8") from None
+    """An eval.json for --table, checked field by field (one UserError naming the file and the field)."""
+    data.input_file(path, "--table")
+    ev = data.read_json(path, "eval.json")
+    if not isinstance(ev, dict):
+        raise data.UserError(path, "not an eval.json written by evaluate.py (expected a JSON object)")
     for key in ("setting", "model", "scores", "nll"):
-        if not isinstance(ev, dict) or key not in ev:
-            raise ValueError(f"{path}:0: {key}: missing (not an eval.json written by evaluate.py)")
+        if key not in ev:
+            raise data.UserError(path, f"{key}: missing (not an eval.json written by evaluate.py)")
+    if not isinstance(ev["setting"], str):
+        raise data.UserError(path, f"setting: expected text, got {type(ev['setting']).__name__}")
+    m = ev["model"]
+    if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+        raise data.UserError(path, "model.name: expected text")
+    w = m.get("weights")
+    if w is not None and not (isinstance(w, list) and len(w) == 3 and all(_is_num(x) for x in w)):
+        raise data.UserError(path, "model.weights: expected three numbers or null")
+    for key in ("scores", "floor"):
+        if key == "floor" and ev.get("floor") is None:
+            continue
+        if not isinstance(ev[key], dict):
+            raise data.UserError(path, f"{key}: expected an object of metric -> groups")
+        for metric, table in ev[key].items():
+            _check_cells(path, f"{key}.{metric}", table)
+    _check_cells(path, "nll", ev["nll"])
     return ev
 
 
@@ -831,19 +879,15 @@ def save_plot(path, metric, rows, cols, cells):
             ax.set_ylim(max(0, min(low) - 5), min(100, max(high) + 5))
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        data.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def table_main(args):
+    if args.plot:
+        data.output_file(args.plot, "--plot")
     evs = [load_eval(p) for p in args.table]
     marks, skipped = table_significance(args.table, evs, args.metric, args.bootstrap, args.bootstrap_seed,
                                         args.permutations)
@@ -1034,19 +1078,18 @@ def table_significance(paths, evs, metric, n_boot, seed, n_perm):
 
 
 def main(argv=None):
+    """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
+    return data.run(_main, argv)
+
+
+def _main(argv=None):
     args = get_args(argv)
-    try:
-        if args.table:
-            return table_main(args)
-        if args.compare:
-            return compare_main(args)
-        if args.plot or args.paper:
-            raise ValueError("--plot/--paper: only with --table")
-        result, rows = evaluate(args)
-    except (ValueError, OSError) as e:  # data.DataError is a ValueError; so are our own checks. Nothing written yet.
-        fail(e)
-    out = args.out or (args.model if os.path.isdir(args.model) else
-                       os.path.join("out", f"eval-{os.path.basename(os.path.normpath(args.model))}"))
+    if args.table:
+        return table_main(args)
+    if args.compare:
+        return compare_main(args)
+    result, rows = evaluate(args)      # checks every flag and path (--out included) before any work
+    out = out_folder(args)
     result["out"] = out
     data.write_jsonl(os.path.join(out, "predictions.jsonl"), rows)
     data.atomic_write(os.path.join(out, "eval.json"), json.dumps(result, indent=2, ensure_ascii=False) + "\n")

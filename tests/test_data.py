@@ -423,7 +423,7 @@ def test_prepare_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
         args, where = ["--input", src], f"{src}:1: question: "
     elif case == "no_file":
         src = tmp_path / "nope.csv"
-        args, where = ["--input", src], f"{src}:1: file: "
+        args, where = ["--input", src], f"--input: {src}: no such file"
     else:
         src = tmp_path / "b.xlsx"
         src.write_bytes(b"not a zip")
