@@ -218,7 +218,7 @@ def model_generation_config(path):
                 try:
                     cfg = json.load(fh)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{e.lineno}: json: {e.msg}") from None
+                    raise data.DataError(f, e.lineno, "json", e.msg) from None
             got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
             if got or name == "generation_config.json":
                 return dict(got, source=f)
@@ -918,9 +918,14 @@ def load_examples(path):
     per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
     repeats), answer NLL and answer tokens (None where an older run did not record them)."""
     ev = load_eval(eval_json_path(path))
+    for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
+        if not isinstance(ev.get(key), kind):
+            raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
+    if not isinstance(ev["data"].get("n"), int) or isinstance(ev["data"].get("n"), bool):
+        raise data.UserError(eval_json_path(path), "data.n: expected the number of test records")
     pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
     if not os.path.isfile(pred):
-        raise ValueError(f"{pred}:0: file: no such file (the per-example scores are needed)")
+        raise data.UserError(pred, "no such file (the per-example scores are needed)")
     rows = {}
     with open(pred, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
@@ -928,12 +933,17 @@ def load_examples(path):
                 continue
             try:
                 r = json.loads(line)
+                missing = [k for k in ("severity", "question", "reference") if k not in r]
+                if missing:
+                    raise KeyError(missing[0])
+                for m in METRICS:
+                    r[m] = float(r[m])
                 rows.setdefault(int(r["index"]), []).append(r)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{pred}:{ln}: row: not a predictions.jsonl row ({e})") from None
+                raise data.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
     n = ev["data"]["n"]
     if sorted(rows) != list(range(n)):
-        raise ValueError(f"{pred}:0: index: expected the records 0..{n - 1} once per run")
+        raise data.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
     ex = {"path": pred, "severity": [], "question": [], "reference": []}
     cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
     for i in range(n):
@@ -961,8 +971,8 @@ def check_comparable(runs):
         checks += [(f"protocol {k}", a["generation"].get(k), b["generation"].get(k)) for k in PROTOCOL_KEYS]
         for what, x, y in checks:
             if x != y:
-                raise ValueError(f"--compare: {pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
-                                 f"comparison needs the same data, scorer and protocol")
+                raise data.UserError("--compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
+                                                  f"comparison needs the same data, scorer and protocol")
 
 
 def paired_table(exa, exb, n_boot, seed, n_perm):
@@ -972,7 +982,7 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
     for k in ("severity", "question", "reference"):
         if exa[k] != exb[k]:
             i = next(j for j, (x, y) in enumerate(zip(exa[k], exb[k])) if x != y)
-            raise ValueError(f"--compare: {exa['path']} and {exb['path']} differ in the {k} of record {i}")
+            raise data.UserError("--compare", f"{exa['path']} and {exb['path']} differ in the {k} of record {i}")
     sev = np.asarray(exa["severity"])
     out = {}
     ok = np.array([x is not None and y is not None for x, y in zip(exa["nll"], exb["nll"])])
@@ -998,7 +1008,7 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
 
 def compare_main(args):
     if not args.out:
-        raise ValueError("--out: required with --compare (compare.json is written there)")
+        raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")
     (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
     check_comparable([(args.compare[0], ea), (args.compare[1], eb)])

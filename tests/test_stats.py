@@ -138,6 +138,13 @@ def test_compare_two_runs(env, tmp_path, capsys):
         (c / "eval.json").write_text(json.dumps(ev), encoding="utf-8")
         (c / "predictions.jsonl").write_bytes((b / "predictions.jsonl").read_bytes())
         expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], needle)
+    c = tmp_path / "bad-rows"
+    c.mkdir()
+    (c / "eval.json").write_bytes((b / "eval.json").read_bytes())
+    expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl",
+                 "no such file")
+    (c / "predictions.jsonl").write_text('{"index": 0, "f1": 1}\n', encoding="utf-8")
+    expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl:1: row")
     assert not (tmp_path / "never").exists()
 
 
