@@ -593,8 +593,8 @@ class Decoder(nn.Module):
                 hit = [not d and stop(r[:r.index(eos_id)] if eos_id in r else r)
                        for d, r in zip(done.tolist(), so_far)]
                 done |= torch.tensor(hit, dtype=torch.bool, device=device)
-            if (eos_id is not None or stop is not None) and t % 8 == 7 and bool(done.all()):   # a host sync only every 8 steps
-                break
+            if (eos_id is not None or stop is not None) and t % 8 == 7 and bool(done.all()):
+                break                                                  # a host sync only every 8 steps
             if t + 1 < max_new_tokens:
                 logits = self.lm_head(self.hidden(nxt[:, None], mask, cache, P + t)[:, -1]).float()
         rows = out[:, :n].tolist()
