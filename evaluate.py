@@ -12,6 +12,8 @@ answers (mean answer-token NLL, overall and per class: cheap, noise-free, needs 
     python evaluate.py --model runs/aragpt2-base/balanced --seed 0 --repeat 3      # a folder train.py wrote
     python evaluate.py --model out/tiny-balanced --bertscore-model out/cls-tiny --bertscore-layer 2 --greedy
     python evaluate.py --table runs/aragpt2-base/*/eval.json --paper --plot runs/aragpt2-base/table.png
+    python evaluate.py --compare runs/aragpt2-base/ce runs/aragpt2-base/balanced --out runs/aragpt2-base/ce-vs-balanced
+    python evaluate.py --model runs/notebook/balanced --recipe notebook      # the authors' notebooks' protocol
 
 Outputs (written atomically, only after everything succeeded): <out>/eval.json (settings, the setting label
 Base/CE/Mild/Strong/Balanced/custom read from the training run's args.json, data sha256, counts per class,
@@ -194,7 +196,7 @@ def model_generation_config(path):
                 try:
                     cfg = json.load(fh)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{e.lineno}: json: {e.msg}") from None
+                    raise data.DataError(f, e.lineno, "json", e.msg) from None
             got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
             if got or name == "generation_config.json":
                 return dict(got, source=f)
@@ -241,8 +243,10 @@ def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
 
 
 def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, temperature=0.7, top_k=0, top_p=1.0,
-                     seed=None, progress=None, stats=None, prompt="cue"):
+                     seed=None, progress=None, stats=None, prompt="cue", stop_at_cue=True):
     """Answers (after data.extract_answer) in the order of `questions`, generated in length-sorted batches.
+    stop_at_cue: a row stops once it has begun a new question and cue (data.answer_complete), which leaves every
+    answer as it was (what follows the new cue is never kept) and saves the rest of the batch's steps.
     temperature 0 = greedy; otherwise one generator seeded with `seed` drives every draw. stats (a dict), if given,
     gets "new_tokens" (generated before EOS) added."""
     prompts = encode_prompts(model, tok, questions, max_new_tokens, prompt)
@@ -256,7 +260,8 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         new = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen)
+                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen,
+                             stop=(lambda ids: data.answer_complete(tok.decode(ids))) if stop_at_cue else None)
         for i, ids in zip(idx, new):
             out[i] = data.extract_answer(tok.decode(ids))
         if stats is not None:
@@ -893,9 +898,14 @@ def load_examples(path):
     per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
     repeats), answer NLL and answer tokens (None where an older run did not record them)."""
     ev = load_eval(eval_json_path(path))
+    for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
+        if not isinstance(ev.get(key), kind):
+            raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
+    if not isinstance(ev["data"].get("n"), int) or isinstance(ev["data"].get("n"), bool):
+        raise data.UserError(eval_json_path(path), "data.n: expected the number of test records")
     pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
     if not os.path.isfile(pred):
-        raise ValueError(f"{pred}:0: file: no such file (the per-example scores are needed)")
+        raise data.UserError(pred, "no such file (the per-example scores are needed)")
     rows = {}
     with open(pred, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
@@ -903,12 +913,17 @@ def load_examples(path):
                 continue
             try:
                 r = json.loads(line)
+                missing = [k for k in ("severity", "question", "reference") if k not in r]
+                if missing:
+                    raise KeyError(missing[0])
+                for m in METRICS:
+                    r[m] = float(r[m])
                 rows.setdefault(int(r["index"]), []).append(r)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{pred}:{ln}: row: not a predictions.jsonl row ({e})") from None
+                raise data.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
     n = ev["data"]["n"]
     if sorted(rows) != list(range(n)):
-        raise ValueError(f"{pred}:0: index: expected the records 0..{n - 1} once per run")
+        raise data.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
     ex = {"path": pred, "severity": [], "question": [], "reference": []}
     cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
     for i in range(n):
@@ -936,8 +951,8 @@ def check_comparable(runs):
         checks += [(f"protocol {k}", a["generation"].get(k), b["generation"].get(k)) for k in PROTOCOL_KEYS]
         for what, x, y in checks:
             if x != y:
-                raise ValueError(f"--compare: {pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
-                                 f"comparison needs the same data, scorer and protocol")
+                raise data.UserError("--compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
+                                                  f"comparison needs the same data, scorer and protocol")
 
 
 def paired_table(exa, exb, n_boot, seed, n_perm):
@@ -947,7 +962,7 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
     for k in ("severity", "question", "reference"):
         if exa[k] != exb[k]:
             i = next(j for j, (x, y) in enumerate(zip(exa[k], exb[k])) if x != y)
-            raise ValueError(f"--compare: {exa['path']} and {exb['path']} differ in the {k} of record {i}")
+            raise data.UserError("--compare", f"{exa['path']} and {exb['path']} differ in the {k} of record {i}")
     sev = np.asarray(exa["severity"])
     out = {}
     ok = np.array([x is not None and y is not None for x, y in zip(exa["nll"], exb["nll"])])
@@ -973,7 +988,7 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
 
 def compare_main(args):
     if not args.out:
-        raise ValueError("--out: required with --compare (compare.json is written there)")
+        raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")
     (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
     check_comparable([(args.compare[0], ea), (args.compare[1], eb)])

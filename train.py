@@ -560,7 +560,8 @@ def fit(argv=None):
                 scaler.scale(part * world).backward()
             loss_sum += part.detach()
             # the same estimator with w = 1: the unweighted NLL
-            nll_sum += (nll.detach().sum(1) * loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)).sum()
+            unit = loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)
+            nll_sum += (nll.detach().sum(1) * unit).sum()
             real_tokens += x.numel() - pads
             pad_tokens += pads
         if ddp:
@@ -586,7 +587,8 @@ def fit(argv=None):
         T = max(b[0].shape[1] for b in batches)
         mfu = raw_model.flops_per_token(T) * tok_s / (peak * world) if peak else None
         rec = {"step": step, "epoch": epoch, "loss": loss, "nll": nll_sum.item(), "lr": lr_now,
-               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
+               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()),
+               "tokens_seen": tokens_seen, "ms": dt * 1000,
                "tok_s": tok_s, "pad_frac": pad_tokens / max(1, pad_tokens + real_tokens)}
         if mfu is not None:
             rec["mfu"] = mfu

@@ -471,6 +471,15 @@ def extract_answer(generated_text):
     return before.strip()
 
 
+def answer_complete(generated_text):
+    """True once extract_answer(generated_text) can no longer change: the model has begun a new question and cue
+    (a cue after this question's own). Generation may stop there (evaluate.py asks this every 8 tokens)."""
+    text = generated_text
+    if text.lstrip().startswith(PROMPT_CUE):
+        text = text.lstrip()[len(PROMPT_CUE):]
+    return PROMPT_CUE in text
+
+
 # ----------------------------------------------------------------------------------------------
 # The command-line contract, shared by every script (train, classify, annotate, evaluate, prepare, bench):
 # a user's mistake (bad flag, bad or unreadable input file, unusable output path, unavailable device) prints
