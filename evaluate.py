@@ -425,7 +425,7 @@ def check_args(args):
 
 
 def out_folder(args):
-    return args.out or (args.model if os.path.isdir(args.model) else
+    return args.out if args.out is not None else (args.model if os.path.isdir(args.model) else
                         os.path.join("out", f"eval-{os.path.basename(os.path.normpath(args.model))}"))
 
 

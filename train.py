@@ -309,7 +309,7 @@ def fit(argv=None):
         eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
     elif eval_path != "none":
         data.input_file(eval_path, "--eval-data")
-    out = args.out or os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
+    out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
     data.output_dir(out, "--out")
     if args.device != "auto":
         data.resolve_device(args.device, "--device")
@@ -351,6 +351,8 @@ def fit(argv=None):
         tok = load_tokenizer(args.model)
         model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
+    if args.lora_rank > model.cfg.d_model:   # a rank above the width adds parameters and no expressiveness
+        raise data.UserError("--lora-rank", f"{args.lora_rank} exceeds the model's width {model.cfg.d_model}")
     if args.lora_rank > 0:
         wrapped = add_lora(model, lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
         log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers")

@@ -534,6 +534,8 @@ def input_file(path, flag):
 def output_dir(path, flag):
     """Refuse (UserError) an output folder that could not be created or written: an existing file, a parent that
     is a file, or a folder without write permission. Creates nothing."""
+    if not str(path).strip():
+        raise UserError(flag, "empty path")
     p = Path(path).absolute()
     if p.exists():
         if not p.is_dir():
@@ -554,6 +556,8 @@ def output_dir(path, flag):
 def output_file(path, flag):
     """Refuse (UserError) an output file path that could not be written atomically (folder not creatable or
     writable, or the path is a folder). Creates nothing."""
+    if not str(path).strip():
+        raise UserError(flag, "empty path")
     if os.path.isdir(path):
         raise UserError(flag, f"{path}: is a folder, expected a file path")
     output_dir(os.path.dirname(os.path.abspath(path)), flag)
@@ -574,6 +578,8 @@ def resolve_device(name, flag="--device"):
             raise UserError(flag, f"{name}: CUDA is not available on this machine (use --device cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(flag, f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(flag, f"{name}: MPS is not available on this machine (use --device cpu)")
     elif dev.type not in ("cpu", "mps"):
         raise UserError(flag, f"{name!r}: unsupported device type (use auto, cpu, cuda or cuda:N)")
     return dev

@@ -300,6 +300,9 @@ CASES = [
     ("train max-len 1", "train", lambda e, t: T(e, t, "--max-len", "1"), ["--max-len"]),
     ("train max-len too small for the prompt", "train", lambda e, t: T(e, t, "--max-len", "4"), ["--max-len"]),
     ("train unknown flag", "train", lambda e, t: T(e, t, "--lr-peak", "1"), ["--lr-peak"]),
+    ("train lora-rank above the width", "train", lambda e, t: T(e, t, "--lora-rank", "100000"), ["--lora-rank"]),
+    ("train out empty", "train", lambda e, t: T(e, t)[:-2] + ["--out", ""], ["--out"]),
+    ("train device mps", "train", lambda e, t: T(e, t, "--device", "mps"), ["--device"]),
     ("train device bogus", "train", lambda e, t: T(e, t, "--device", "tpu7"), ["--device"]),
     ("train grad-accum -1", "train", lambda e, t: T(e, t, "--grad-accum", "-1"), ["--grad-accum"]),
     # -- train.py: paths
@@ -350,6 +353,7 @@ CASES = [
     ("annotate out is a directory", "annotate", lambda e, t: A(e, t)[:4] + [a_dir(t), "--device", "cpu"], ["--out"]),
     ("annotate out under a file", "annotate",
      lambda e, t: A(e, t)[:4] + [os.path.join(a_file(t), "x.jsonl"), "--device", "cpu"], ["--out"]),
+    ("annotate out empty", "annotate", lambda e, t: A(e, t)[:4] + ["", "--device", "cpu"], ["--out"]),
     ("annotate input missing", "annotate", lambda e, t: A(e, t, inp=str(t / "nope.jsonl")), ["nope.jsonl"]),
     ("annotate input is a directory", "annotate", lambda e, t: A(e, t, inp=a_dir(t)), ["directory"]),
     ("annotate input lone surrogate", "annotate", lambda e, t: A(e, t, inp=bad_record(e, t, "lone surrogate")),
@@ -368,6 +372,7 @@ CASES = [
     # -- evaluate.py
     ("evaluate out is a file", "evaluate", lambda e, t: E(e, t, "--out", a_file(t)), ["--out"]),
     ("evaluate out under a file", "evaluate", lambda e, t: E(e, t, "--out", os.path.join(a_file(t), "ev")), ["--out"]),
+    ("evaluate out empty", "evaluate", lambda e, t: E(e, t, "--out", ""), ["--out"]),
     ("evaluate n 0", "evaluate", lambda e, t: E(e, t, "--n", "0"), ["--n"]),
     ("evaluate temperature nan", "evaluate", lambda e, t: E(e, t, "--temperature", "nan"), ["--temperature"]),
     ("evaluate top-p 2", "evaluate", lambda e, t: E(e, t, "--top-p", "2"), ["--top-p"]),
@@ -397,6 +402,7 @@ CASES = [
     ("prepare out is a file", "prepare", lambda e, t: P(e, t, "--out", a_file(t)), ["--out"]),
     ("prepare out/test.jsonl is a directory", "prepare",
      lambda e, t: P(e, t, "--out", str(t)) if a_dir(t, "test.jsonl") else None, ["--out", "test.jsonl"]),
+    ("prepare out empty", "prepare", lambda e, t: P(e, t, "--out", ""), ["--out"]),
     ("prepare input is a directory", "prepare", lambda e, t: P(e, t, inp=a_dir(t)), ["--input"]),
     ("prepare n-train -1", "prepare", lambda e, t: P(e, t, "--n-train", "-1"), ["--n-train"]),
     ("prepare seed nan", "prepare", lambda e, t: P(e, t, "--seed", "nan"), ["--seed"]),
@@ -444,9 +450,10 @@ if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
 
 
 @pytest.mark.parametrize("name,script,argv,needles", CASES, ids=[c[0] for c in CASES])
-def test_contract(env, tmp_path, name, script, argv, needles):
+def test_contract(env, tmp_path, monkeypatch, name, script, argv, needles):
     case = tmp_path / "case"
     case.mkdir()
+    monkeypatch.chdir(case)   # default output folders (out/...) land in the snapshot too
     args = argv(env, case)
     before = snapshot(case)
     code, err = call(script, args)
