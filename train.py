@@ -267,8 +267,8 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
 
 
 def all_finite(model):
-    """True when every parameter is finite (what a checkpoint must hold)."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """True when every parameter is finite (what a checkpoint must hold). One device sync."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def read_log_lines(log_path, step):
@@ -435,7 +435,7 @@ def fit(argv=None):
         """Stop: the bad update was not applied; name the checkpoint that remains (never a non-finite one)."""
         kept = (f"the last checkpoint is {state_path} (+ model.safetensors) at step {saved_step}" if saved_step
                 else f"no checkpoint was saved in {out}")
-        print(f"error: {what} at step {step + 1}: the update was skipped and training stopped; {kept}. "
+        print(f"error: {what} at step {step + 1}: training stopped and nothing of this step was saved; {kept}. "
               f"Try a lower --lr or --grad-clip 1", file=sys.stderr, flush=True)
         if ddp:
             dist.destroy_process_group()
@@ -485,6 +485,10 @@ def fit(argv=None):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        # finite loss and gradient, yet an update can still overflow (a huge --lr, or lr x weight decay): stop before
+        # such weights can be saved. Every rank holds the same weights, so all ranks stop together.
+        if not all_finite(raw_model):
+            diverged("the update made weights non-finite")
         step += 1
         if dev_type == "cuda":
             torch.cuda.synchronize()
@@ -513,9 +517,6 @@ def fit(argv=None):
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
         if master and (last or due):
-            if not all_finite(raw_model):   # finite loss and gradient, yet the update overflowed (a huge --lr)
-                step -= 1
-                diverged("the update made weights non-finite")
             save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict)
             saved_step, t_saved = step, time.time()
         if stop["sig"] is not None:
