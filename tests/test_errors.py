@@ -630,3 +630,24 @@ def test_an_update_that_overflows_the_weights_is_never_saved(env, tmp_path):
     assert code == 1, err
     assert "non-finite" in err and "no checkpoint was saved" in err, err
     assert not (out / "model.safetensors").exists() and not (out / "state.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags,saved", [(["--save-every", "0", "--save-minutes", "1e-9"], [1, 2, 3]),
+                                         (["--save-every", "2", "--save-minutes", "0"], [2, 3]),
+                                         (["--save-every", "0", "--save-minutes", "0"], [3])])
+def test_checkpoints_by_time_and_by_steps(env, tmp_path, monkeypatch, flags, saved):
+    """--save-minutes saves when that much time has passed since the last checkpoint (here: every step),
+    --save-every every N steps; the end of the run always saves."""
+    steps, orig = [], train.save_checkpoint
+
+    def spy(out, raw_model, opt, scaler, step, *a):
+        steps.append(step)
+        return orig(out, raw_model, opt, scaler, step, *a)
+    monkeypatch.setattr(train, "save_checkpoint", spy)
+    assert run_train(env, tmp_path / "out", "--lr", "1e-3", *flags, steps=3)[0] == 0
+    assert steps == saved
+
+
+def test_checkpoints_are_on_by_default():
+    a = train.get_args([])
+    assert a.save_every > 0 and 0 < a.save_minutes <= 60
