@@ -470,7 +470,6 @@ def test_the_table_covers_every_script():
 
 SUBPROCESS_CASES = [   # the same contract through `python <script>` (entry point, imports, stderr as a user sees it)
     ("train", lambda e, t: T(e, t, "--lr", "nan"), "--lr"),
-    ("train", lambda e, t: T(e, t, data_file=bad_record(e, t, "lone surrogate")), "bad.jsonl:2:"),
     ("evaluate", lambda e, t: ["--table", eval_json(t, "wrong types")], "eval.json"),
     ("prepare", lambda e, t: P(e, t, "--out", a_file(t)), "--out"),
     ("bench", lambda e, t: B(e, t, "--threads", "-1"), "--threads"),
