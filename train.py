@@ -216,6 +216,10 @@ def check_resume(path, meta, args_dict):
         if k not in saved:   # a state from an older train.py that did not record this setting
             continue
         a, b = saved[k], args_dict[k]
+        if k == "lora_targets" and isinstance(a, str):   # older states kept the flag's text
+            a = [t.strip() for t in a.split(",") if t.strip()]
+        if k == "dtype" and a == "auto":                   # older states kept the flag, not what it resolved to
+            continue
         if isinstance(a, list):
             a = tuple(a)
         if isinstance(b, list):

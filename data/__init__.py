@@ -502,6 +502,9 @@ def _range_text(lo, hi, lo_open, hi_open):
     return " and ".join(parts)
 
 
+INT64_MAX = 2 ** 63 - 1
+
+
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type: a finite number of `kind` (float or int) in [lo, hi] (open ends with lo_open/hi_open).
     Example: p.add_argument("--lr", type=data.number(float, lo=0)) refuses -1, nan, inf and 1e999."""
@@ -512,6 +515,8 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
             raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+        if kind is int and abs(v) > INT64_MAX:   # no count, size or seed here needs more; torch would overflow
+            raise argparse.ArgumentTypeError(f"{s[:30]}{'...' if len(s) > 30 else ''} is too large (the limit is 2**63 - 1)")
         if ((lo is not None and (v < lo or (lo_open and v == lo)))
                 or (hi is not None and (v > hi or (hi_open and v == hi)))):
             raise argparse.ArgumentTypeError(f"{s} must be {_range_text(lo, hi, lo_open, hi_open)}")

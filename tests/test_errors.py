@@ -295,6 +295,7 @@ CASES = [
     ("train grad-clip nan", "train", lambda e, t: T(e, t, "--grad-clip", "nan"), ["--grad-clip"]),
     ("train warmup -1", "train", lambda e, t: T(e, t, "--warmup", "-1"), ["--warmup"]),
     ("train seed -1", "train", lambda e, t: T(e, t, "--seed", "-1"), ["--seed"]),
+    ("train max-steps 10**400", "train", lambda e, t: T(e, t, "--max-steps", "1" + "0" * 400), ["--max-steps"]),
     ("train seed huge", "train", lambda e, t: T(e, t, "--seed", "9" * 40), ["--seed"]),
     ("train save-minutes -1", "train", lambda e, t: T(e, t, "--save-minutes", "-1"), ["--save-minutes"]),
     ("train max-len 1", "train", lambda e, t: T(e, t, "--max-len", "1"), ["--max-len"]),
@@ -417,6 +418,7 @@ CASES = [
 
     # -- bench.py
     ("bench threads -1", "bench", lambda e, t: B(e, t, "--threads", "-1"), ["--threads"]),
+    ("bench threads 10**6", "bench", lambda e, t: B(e, t, "--threads", "1000000"), ["--threads"]),
     ("bench iters 0", "bench", lambda e, t: B(e, t, "--iters", "0"), ["--iters"]),
     ("bench batch-size nan", "bench", lambda e, t: B(e, t, "--batch-size", "nan"), ["--batch-size"]),
     ("bench json is a directory", "bench", lambda e, t: B(e, t, "--json", a_dir(t)), ["--json"]),
