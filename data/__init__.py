@@ -78,7 +78,10 @@ def canonical_severity(label):
 
 def _decode(path):
     """Read a file as UTF-8 text (a leading BOM is dropped). Bad bytes -> DataError at their line."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:   # missing, a folder, no permission: the file is the problem, say so in one line
+        raise DataError(path, 1, "file", e.strerror or str(e)) from None
     if not raw.strip():
         raise DataError(path, 1, "file", "empty file")
     try:
