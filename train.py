@@ -2,7 +2,8 @@
 Severity-aware fine-tuning (arXiv 2604.06346): every answer token's cross-entropy is scaled by its example's weight
 
     w = a * p_nc + b * p_n + c * p_c          (soft severity probabilities from the AraBERT classifier)
-    L = sum_t w_t * NLL_t / (number of loss tokens in the whole optimizer step)
+    L = mean over the step's examples of (1/T) sum_t w * NLL_t     (--loss-norm example, the paper's formula)
+    L = sum_t w_t * NLL_t / (number of loss tokens in the whole optimizer step)      (--loss-norm token)
 
 so that critical questions pull harder on the gradient. --weights 1,1,1 is plain cross-entropy.
 
@@ -32,6 +33,15 @@ from model import LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer,
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
+# --recipe: defaults that each individual flag still overrides. paper = the paper's stated method (the parser's own
+# defaults). notebook = the authors' notebooks: loss over every position of a sequence EOS-padded to 512 (labels =
+# input ids), LoRA r 16 / alpha 32 / dropout 0.05, lr 2e-4, 3 epochs, batch 1 x grad-accum 8, linear decay, no warm-up
+# (their 4-bit quantisation of the frozen weights is not reproduced; README lists every difference).
+RECIPES = {
+    "paper": {},
+    "notebook": dict(loss_tokens="padded", loss_norm="example", max_len=512, lora_rank=16, lora_alpha=32,
+                     lora_dropout=0.05, lr=2e-4, epochs=3, batch_size=1, grad_accum=8, schedule="linear", warmup=0),
+}
 
 
 def peak_bf16(device_name):
@@ -67,10 +77,22 @@ def get_args(argv=None):
     p.add_argument("--lora-alpha", type=num(float, lo=0, lo_open=True), default=32, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--lora-dropout", type=num(float, lo=0, hi=1, hi_open=True), default=0.05, help="dropout on the LoRA input, in [0, 1)")
     p.add_argument("--lora-targets", default="qkv,o", help="comma-separated layer names: qkv, o, fc, proj, in_proj, out_proj")
-    p.add_argument("--loss-tokens", choices=["answer", "all"], default="answer", help="answer = the paper's formula; all = the notebooks (question tokens too, never padding)")
+    p.add_argument("--loss-tokens", choices=["answer", "all", "padded"], default="answer", help="answer = the paper's "
+                   "formula; all = question tokens too, never padding; padded = the notebooks' collator: every sequence "
+                   "padded with EOS to --max-len and every position counts, padding included")
+    p.add_argument("--loss-norm", choices=["example", "token"], default="example", help="example = the paper's "
+                   "formula, mean over the step's examples of each example's (1/T) sum_t w*NLL_t; token = sum of w*NLL "
+                   "over the step's loss tokens / their number (a long answer weighs more). Both count every "
+                   "micro-batch and process of the step, so --grad-accum and DDP do not change them")
+    p.add_argument("--recipe", choices=list(RECIPES), default="paper", help="defaults for the flags that differ "
+                   "between the paper's stated method (paper) and the authors' notebooks (notebook: " + ", ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["notebook"].items()) + "); any flag given "
+                   "explicitly still wins")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors (refused if the experiment changed; --max-steps / --epochs may grow)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines (the JSONL log is still written)")
+    known, _ = p.parse_known_args(argv)         # first pass: which recipe sets the defaults
+    p.set_defaults(**RECIPES[known.recipe])
     return p.parse_args(argv)
 
 
@@ -97,15 +119,35 @@ def severity_weight(rec, abc):
 
 def encode(records, tok, abc, max_len, loss_tokens):
     """Each record -> (input ids, loss mask, w). Text = prompt + answer + EOS; the loss mask marks the tokens whose
-    prediction counts (answer + EOS by default; every token with 'all')."""
+    prediction counts (answer + EOS by default; every token with 'all'). 'padded' = the notebooks' collator: the
+    sequence is padded with EOS (their pad token) to max_len and every position is a target, padding included."""
     out = []
     for r in records:
         p = tok.encode(data.format_prompt(r["question"]))
         a = tok.encode(r["answer"], special=False) + [tok.eos_id]
         ids = (p + a)[:max_len]
-        keep = [loss_tokens == "all"] * len(p) + [True] * len(a)
+        keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
+        if loss_tokens == "padded":
+            ids = ids + [tok.eos_id] * (max_len - len(ids))
+            keep = [True] * max_len
         out.append((ids, keep[:len(ids)], severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
     return out
+
+
+def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
+    """Per-example factor s_i (same shape as w) such that the step's loss is sum_i s_i * sum_t NLL_it, the sums
+    running over every example of the optimizer step (all micro-batches, all processes).
+
+        token:   s_i = w_i / step_tokens                      L = sum_i sum_t w_i NLL_it / N
+        example: s_i = w_i / n_i / step_examples              L = mean_i (1/n_i) sum_t w_i NLL_it  (the paper)
+
+    n_tokens (n_i): each example's loss tokens; step_tokens (N) and step_examples: the step's totals, counted over
+    every micro-batch and all-reduced over processes before the first backward, so the estimator does not depend on
+    how the step is split. An example without loss tokens gets 0 and is not counted in step_examples. A packed row
+    (several examples in one sequence) gives each token the s_i of the example it belongs to."""
+    if norm == "token":
+        return w / step_tokens
+    return torch.where(n_tokens > 0, w / n_tokens.clamp(min=1) / step_examples, torch.zeros_like(w))
 
 
 def collate(examples, pad_id, device):
@@ -188,7 +230,7 @@ def save_state(path, model, opt, scaler, step, args_dict):
 
 # What a resume must not change: the data order, the loss, the optimizer and the schedule depend on these. The number
 # of steps (--max-steps / --epochs) may grow; --eval-*, --save-*, --device, --quiet and --compile do not alter the run.
-RESUME_KEYS = ("model", "weights_abc", "data_sha256", "loss_tokens", "seed", "batch_size", "grad_accum", "world_size",
+RESUME_KEYS = ("model", "weights_abc", "data_sha256", "loss_tokens", "loss_norm", "seed", "batch_size", "grad_accum", "world_size",
                "max_len", "schedule", "warmup", "lr", "weight_decay", "grad_clip", "lora_rank", "lora_alpha",
                "lora_dropout", "lora_targets", "dtype")
 STATE_HINT = "delete it to start over, or resume from a copy that is intact"
@@ -258,8 +300,22 @@ def load_state(path, model, opt, scaler):
     return meta["step"], meta["args"]
 
 
-def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
-    """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged)."""
+def base_generation_config(model_name):
+    """The text of the base model's generation_config.json (its sampling settings, e.g. Qwen3's top_k/top_p), or
+    None when it has none (tiny, a folder without one). model.resolve's download already fetches it."""
+    if model_name == "tiny" and not os.path.isdir(model_name):
+        return None
+    from model import resolve
+    f = os.path.join(resolve(model_name), "generation_config.json")
+    if not os.path.isfile(f):
+        return None
+    with open(f, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None):
+    """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged), plus the
+    base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does."""
     save_state(os.path.join(out, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
     if any("lora_" in n for n, _ in raw_model.named_parameters()):
         import copy
@@ -268,6 +324,8 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
         export = raw_model
     export.save_pretrained(out)
     tok.save(out)
+    if generation_config is not None:
+        data.atomic_write(os.path.join(out, "generation_config.json"), generation_config)
 
 
 def all_finite(model):
@@ -353,6 +411,7 @@ def fit(argv=None):
     # -- model, tokenizer, data -------------------------------------------------------------------------------------
     with data.for_flag("--model"):
         tok = load_tokenizer(args.model)
+        gen_config = base_generation_config(args.model)
         model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
     if args.lora_rank > model.cfg.d_model:   # a rank above the width adds parameters and no expressiveness
@@ -454,10 +513,14 @@ def fit(argv=None):
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
         micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
         batches = [collate(m, pad_id, device) for m in micro]
-        # the loss denominator counts loss tokens of the whole step: every micro-batch, every rank
-        n_tok = torch.tensor(float(sum((b[1] != -100).sum().item() for b in batches)), device=device)
+        # the loss denominators count the whole step: every micro-batch, every rank (loss tokens, and examples
+        # that have at least one loss token)
+        per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]                   # (B,) per micro-batch
+        counts = torch.tensor([float(sum(n.sum().item() for n in per_ex_tok)),
+                               float(sum((n > 0).sum().item() for n in per_ex_tok))], device=device)
         if ddp:
-            dist.all_reduce(n_tok)
+            dist.all_reduce(counts)
+        n_tok, n_ex = counts[0], counts[1]
         lr_now = lr_at(step, total, lr, args.warmup, args.schedule)
         for g in opt.param_groups:
             g["lr"] = lr_now
@@ -466,19 +529,21 @@ def fit(argv=None):
         real_tokens, pad_tokens = 0, 0
         for j, (x, y, w, pads) in enumerate(batches):
             sync = not ddp or j == len(batches) - 1
+            scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)             # (B,)
             with (nullcontext() if sync else model.no_sync()), amp:
                 nll = model(x, targets=y)                            # (B, T) fp32, 0 where y == -100
-                weighted = (nll * w[:, None]).sum()
+                part = (nll.sum(1) * scale).sum()                    # this micro-batch's share of the step's loss
                 # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
-                scaler.scale(weighted * world / n_tok).backward()
-            loss_sum += weighted.detach()
-            nll_sum += nll.detach().sum()
+                scaler.scale(part * world).backward()
+            loss_sum += part.detach()
+            # the same estimator with w = 1: the unweighted NLL
+            nll_sum += (nll.detach().sum(1) * loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)).sum()
             real_tokens += x.numel() - pads
             pad_tokens += pads
         if ddp:
             dist.all_reduce(loss_sum)
             dist.all_reduce(nll_sum)
-        loss = (loss_sum / n_tok).item()
+        loss = loss_sum.item()
         scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         # a non-finite loss or gradient never reaches the weights. With fp16 the GradScaler skips an overflowing step
@@ -501,8 +566,8 @@ def fit(argv=None):
         tok_s = real_tokens * world / dt
         T = max(b[0].shape[1] for b in batches)
         mfu = raw_model.flops_per_token(T) * tok_s / (peak * world) if peak else None
-        rec = {"step": step, "epoch": epoch, "loss": loss, "nll": (nll_sum / n_tok).item(), "lr": lr_now,
-               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
+        rec = {"step": step, "epoch": epoch, "loss": loss, "nll": nll_sum.item(), "lr": lr_now,
+               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
                "tok_s": tok_s, "pad_frac": pad_tokens / max(1, pad_tokens + real_tokens)}
         if mfu is not None:
             rec["mfu"] = mfu
@@ -521,7 +586,7 @@ def fit(argv=None):
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
         if master and (last or due):
-            save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict)
+            save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
             saved_step, t_saved = step, time.time()
         if stop["sig"] is not None:
             log(f"signal {stop['sig']}: saved step {step} to {out}; rerun with --resume to continue")

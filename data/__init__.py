@@ -440,16 +440,33 @@ def write_jsonl(path, records):
 # The prompt template (the ONE place it lives). Training text = format_prompt(q) + answer + EOS;
 # the loss covers the answer (and EOS); generation starts from format_prompt(q).
 
-def format_prompt(question):
-    """"\\n{question}\\n\\nالاجابة:\\n" -- the answer follows the cue."""
-    return f"\n{question}\n\n{PROMPT_CUE}\n"
+def format_prompt(question, cue=True):
+    """"\\n{question}\\n\\nالاجابة:\\n" -- the answer follows the cue. cue=False: "\\n{question}\\n", the
+    generation prompt of the authors' notebooks (evaluate.py --recipe notebook), which left the cue out."""
+    return f"\n{question}\n\n{PROMPT_CUE}\n" if cue else f"\n{question}\n"
 
 
 def extract_answer(generated_text):
-    """The text after the first answer cue if present (so prompt + generation works), else all of
-    it; stripped."""
-    _, cue, after = generated_text.partition(PROMPT_CUE)
-    return (after if cue else generated_text).strip()
+    """The answer the model gave to THIS question, from the text it generated after the prompt, stripped.
+
+    The prompt already ends with the cue, so a model that goes on after its answer writes the training template
+    again: "<answer>\n<new question>\n\nالاجابة:\n<an invented answer>...". The answer ends where that new
+    question begins: at the last line break before the next cue (the new question is the line above it), or at the
+    cue itself when no line break comes before it. No cue at all: the whole text. A cue at the very start (a
+    prompt without the cue, the notebooks' "\n{Q}\n", lets the model write this question's cue itself) belongs to
+    this question and is skipped.
+
+        extract_answer("الراحة.\n\nعندي صداع؟\n\nالاجابة:\nراجع الطبيب") == "الراحة."
+    """
+    text = generated_text
+    if text.lstrip().startswith(PROMPT_CUE):          # this question's own cue (a cue-less prompt)
+        text = text.lstrip()[len(PROMPT_CUE):]
+    before, cue, _ = text.partition(PROMPT_CUE)
+    if cue:                                           # a new question/answer pair begins: cut before its question
+        head = before.rstrip()
+        cut = head.rfind("\n")                       # the line break that opens the new question
+        before = head[:cut] if cut >= 0 else head
+    return before.strip()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -283,6 +283,7 @@ def _step1(assets, tmp_path, monkeypatch, weights, loss_tokens="answer", grad_ac
     out = tmp_path / f"o-{weights}-{loss_tokens}-{grad_accum}"
     rc = run_main(base_args(assets, out, "--weights", weights, "--batch-size", 8 // grad_accum, "--grad-accum",
                             grad_accum, "--loss-tokens", loss_tokens, "--eval-data", "none",
+                            "--loss-norm", "token",   # these tests pin the token-level formula (test_loss_norm.py: example)
                             data_file=assets["train8"], steps=1))
     assert rc == 0
     log = step_lines(read_log(out))
