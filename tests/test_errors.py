@@ -228,6 +228,22 @@ def eval_json(tmp, kind):
     return str(p)
 
 
+def eval_run(tmp, name, bad_row=False, predictions=True):
+    """An eval folder for --compare: eval.json + predictions.jsonl of 2 records (record 1's f1 a string if bad_row)."""
+    d = tmp / name
+    d.mkdir()
+    cell = {"mean": 60.0, "lo": 59.0, "hi": 61.0, "n": 2}
+    ev = {"setting": "CE", "model": {"name": "m", "weights": [1, 1, 1]}, "scores": {"f1": {"overall": cell}},
+          "nll": {"overall": cell}, "data": {"n": 2, "sha256": "x"}, "bertscore": {}, "generation": {}}
+    (d / "eval.json").write_text(json.dumps(ev), encoding="utf-8")
+    rows = [{"index": i, "seed": 0, "question": "س", "reference": "ج", "prediction": "ج", "severity": "critical",
+             "precision": 60.0, "recall": 60.0, "f1": "sixty" if bad_row and i == 1 else 60.0, "nll": 2.0,
+             "nll_tokens": 3} for i in range(2)]
+    if predictions:
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(d)
+
+
 def a_file(tmp, name="file.txt"):
     p = tmp / name
     p.write_text("keep me\n", encoding="utf-8")
@@ -397,6 +413,20 @@ CASES = [
     ("evaluate table missing file", "evaluate", lambda e, t: ["--table", str(t / "none.json")], ["none.json"]),
     ("evaluate table plot under a file", "evaluate",
      lambda e, t: ["--table", eval_json(t, "ok"), "--plot", os.path.join(a_file(t), "p.png")], ["--plot"]),
+    ("evaluate compare without out", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b")],
+     ["--out"]),
+    ("evaluate compare out is a file", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out", a_file(t)], ["--out"]),
+    ("evaluate compare missing run", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["nope"]),
+    ("evaluate compare no predictions", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", predictions=False), "--out", str(t / "cmp")],
+     ["predictions.jsonl"]),
+    ("evaluate compare row of wrong types", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", bad_row=True), "--out", str(t / "cmp")],
+     ["predictions.jsonl:2"]),
+    ("evaluate permutations 0", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
+                                                          str(t / "cmp"), "--permutations", "0"], ["--permutations"]),
     ("evaluate device bogus", "evaluate", lambda e, t: E(e, t, "--device", "tpu7"), ["--device"]),
 
     # -- data/prepare.py
