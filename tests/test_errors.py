@@ -170,6 +170,8 @@ def model_variant(env, tmp, kind):
         (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
     elif kind == "tokenizer not a tokenizer":
         (d / "tokenizer.json").write_text('{"hello": "world"}', encoding="utf-8")
+    elif kind == "args.json not JSON":   # a folder train.py wrote, whose args.json was cut
+        (d / "args.json").write_text('{"weights": "balanced", ', encoding="utf-8")
     elif kind == "shard outside folder":
         outside = tmp / "elsewhere.safetensors"
         st.rename(outside)
@@ -427,6 +429,8 @@ CASES = [
      ["predictions.jsonl:2"]),
     ("evaluate permutations 0", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
                                                           str(t / "cmp"), "--permutations", "0"], ["--permutations"]),
+    ("evaluate args.json not JSON", "evaluate", lambda e, t: E(e, t, model=model_variant(e, t, "args.json not JSON")),
+     ["args.json"]),
     ("evaluate device bogus", "evaluate", lambda e, t: E(e, t, "--device", "tpu7"), ["--device"]),
 
     # -- data/prepare.py
@@ -434,6 +438,10 @@ CASES = [
     ("prepare out/test.jsonl is a directory", "prepare",
      lambda e, t: P(e, t, "--out", str(t)) if a_dir(t, "test.jsonl") else None, ["--out", "test.jsonl"]),
     ("prepare out empty", "prepare", lambda e, t: P(e, t, "--out", ""), ["--out"]),
+    ("prepare bad input keeps the previous outputs", "prepare",
+     lambda e, t: P(e, t, "--out", str(t / "prev"), inp=bad_record(e, t, "huge integer"))
+     if [a_file(t / "prev" if a_dir(t, "prev") else t, f) for f in ("train.jsonl", "test.jsonl", "manifest.json")]
+     else None, ["bad.jsonl:2:"]),
     ("prepare input is a directory", "prepare", lambda e, t: P(e, t, inp=a_dir(t)), ["--input"]),
     ("prepare n-train -1", "prepare", lambda e, t: P(e, t, "--n-train", "-1"), ["--n-train"]),
     ("prepare seed nan", "prepare", lambda e, t: P(e, t, "--seed", "nan"), ["--seed"]),
