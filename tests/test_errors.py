@@ -690,3 +690,25 @@ def test_checkpoints_by_time_and_by_steps(env, tmp_path, monkeypatch, flags, sav
 def test_checkpoints_are_on_by_default():
     a = train.get_args([])
     assert a.save_every > 0 and 0 < a.save_minutes <= 60
+
+
+def test_index_shards_are_checked_by_name_not_by_link_target(tmp_path):
+    """A hub snapshot's shards are links into the cache's blobs/ folder: they load. A shard NAMED outside the folder
+    ("../x") is refused (tested through train.py in the table)."""
+    from safetensors.torch import load_file, save_file
+    m = M.Decoder.from_pretrained("tiny")
+    m.save_pretrained(str(tmp_path / "src"))
+    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
+    keys = sorted(sd)
+    (tmp_path / "blobs").mkdir()
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    shards = {"model-1.safetensors": keys[:len(keys) // 2], "model-2.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / "blobs" / name))
+        os.symlink(tmp_path / "blobs" / name, snap / name)
+    shutil.copy(tmp_path / "src" / "config.json", snap / "config.json")
+    (snap / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, ks in shards.items() for k in ks}}), encoding="utf-8")
+    loaded = M.Decoder.from_pretrained(str(snap)).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())
