@@ -15,7 +15,6 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
-import argparse
 import json
 import math
 import os
