@@ -430,9 +430,8 @@ def fit(argv=None):
     for path, exs in ((args.data, train_ex), (eval_path, eval_ex)):
         for i, (ids, keep, _, _) in enumerate(exs):
             if not any(keep[1:]):   # keep[0] is never predicted
-                raise data.UserError("--max-len", f"{args.max_len} tokens leave record {i + 1} of {path} no answer "
-                                                  f"token to learn from (its prompt alone is {len(ids)}+ tokens): "
-                                                  f"raise --max-len")
+                raise data.UserError("--max-len", f"{args.max_len} tokens keep only the prompt of record {i + 1} of "
+                                                  f"{path}, no answer token to learn from: raise --max-len")
     per_step = args.batch_size * args.grad_accum * world
     if len(train_ex) < per_step:
         raise data.UserError(args.data, f"{len(train_ex)} examples < one optimizer step ({per_step} = --batch-size x "
