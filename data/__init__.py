@@ -473,7 +473,16 @@ def extract_answer(generated_text):
 # The command-line contract, shared by every script (train, classify, annotate, evaluate, prepare, bench):
 # a user's mistake (bad flag, bad or unreadable input file, unusable output path, unavailable device) prints
 # ONE line "error: <where>: <what is wrong and what to do>" on stderr and exits 2, before anything is written.
-# Anything else is a bug and keeps its traceback.
+# Anything else is a bug and keeps its traceback. Every script has the same shape:
+#
+#     def main(argv=None):
+#         return data.run(_main, argv)          # DataError / UserError -> one line, exit 2
+#
+#     def _main(argv=None):
+#         args = get_args(argv)                  # data.ArgumentParser, type=data.number(...) on every numeric flag
+#         data.input_file(...); data.output_dir(...); data.resolve_device(...)    # every path, before any work
+#         with data.for_flag("--model"):         # loaders name the file; for_flag adds the flag that named it
+#             ...                                # library reads go through data.reading() / data.read_json()
 
 class UserError(ValueError):
     """A user's mistake outside a data record. str(e) is one line: "<where>: <what>"."""
