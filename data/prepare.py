@@ -9,8 +9,9 @@ Sources:
           --input may be a local copy; otherwise it is fetched with huggingface_hub.hf_hub_download.
   ahd     an AHD-style .csv / .xlsx with question and answer columns (same handling as maqa).
 
-Steps: read -> (optional --normalize, Arabic normalisation) -> drop empty Q/A -> de-duplicate on the
-normalised question + answer (first kept) -> seeded shuffle -> test = first --n-test, train = next
+Steps: read -> (optional --normalize [orthographic], Arabic normalisation) -> drop empty Q/A -> de-duplicate
+on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
+questions -> MSA, data/dialect_rules.txt) -> seeded shuffle -> test = first --n-test, train = next
 --n-train (the test set does not change when --n-train changes). With fewer rows than asked for, the
 split is proportional and a note is printed.
 
@@ -64,6 +65,70 @@ def normalize_arabic(text):
     text = text.replace(TATWEEL, "")
     text = text.translate(LETTER_MAP)
     return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Dialect normalisation (seed 003): frequent Egyptian, Levantine, Gulf and Maghrebi words -> MSA, from a
+# plain-text table, one rule per line (data/dialect_rules.txt says how a rule matches). Applied to the
+# QUESTIONS only: they are the patients' words, in every dialect; the answers are the references that
+# BERTScore compares with, written by doctors mostly in MSA, and rewriting them would change the target
+# and make scores with and without the rules incomparable.
+
+DIALECT_RULES = Path(__file__).resolve().parent / "dialect_rules.txt"
+MARKS = r"[\u0610-\u061A\u064B-\u065F\u0670\u06D6-\u06ED\u0640]*"  # tashkeel + tatweel, skipped in a match
+FOLD_CLASS = {"ا": "اأإآٱ", "ي": "يى", "ه": "هة"}  # a folded letter matches any spelling normalize_arabic folds
+
+
+def load_dialect_rules(path=DIALECT_RULES):
+    """Read a rules table -> (compiled regex, {folded dialect form: MSA form}, {dialect: number of rules}).
+
+    Lines: "[dialect]" starts a section, "form = MSA" is a rule, "#" starts a comment. Two forms that are
+    equal after normalize_arabic are one form given twice (an error, reported at the second line)."""
+    path = data.input_file(str(path), "--dialect-rules")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.UserError("--dialect-rules", f"{path}: cannot read it ({e.__class__.__name__})") from None
+    table, first_line, counts, dialect = {}, {}, {}, None
+    for n, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]") and line[1:-1].strip():
+            dialect = line[1:-1].strip()
+            counts.setdefault(dialect, 0)
+            continue
+        if dialect is None:
+            raise data.DataError(path, n, "rule", "a rule before the first [dialect] line")
+        form, eq, msa = (" ".join(x.split()) for x in line.partition("="))
+        if not eq or not form or not msa or "=" in msa:
+            raise data.DataError(path, n, "rule", f"expected 'dialect form = MSA form', got {line!r}")
+        key = normalize_arabic(form)
+        if not re.fullmatch(r"[\u0621-\u064A]+( [\u0621-\u064A]+)*", key):
+            raise data.DataError(path, n, "rule", f"the dialect form {form!r} is not Arabic words")
+        if key in table:
+            raise data.DataError(path, n, "rule", f"{form!r} repeats the form of line {first_line[key]}")
+        table[key], first_line[key] = msa, n
+        counts[dialect] += 1
+    if not table:
+        raise data.DataError(path, 1, "rule", "no rules")
+    # One alternation, longest form first: at a given place the regex takes the first form that matches.
+    # Letters match their spelling variants, tashkeel/tatweel may follow any letter, a space any whitespace.
+    def form_regex(key):
+        words = [MARKS.join(f"[{FOLD_CLASS[c]}]" if c in FOLD_CLASS else c for c in w) for w in key.split(" ")]
+        return r"\s+".join(words)
+    # The conjunction و is optional and lazy (??): a form that itself starts with و (ودي, وايد) is tried first.
+    forms = sorted(table, key=lambda k: (-len(k), k))
+    regex = re.compile(rf"(?<!\w)(و{MARKS})??({'|'.join(map(form_regex, forms))}){MARKS}(?!\w)")
+    return regex, table, counts
+
+
+def normalize_dialect(text, rules):
+    """Replace every dialect form of `rules` (from load_dialect_rules) in text by its MSA form, in one pass;
+    an attached conjunction و is kept. Everything else is left exactly as written."""
+    regex, table, _ = rules
+    return regex.sub(lambda m: (m.group(1) or "") + table[normalize_arabic(m.group(2))], text)
 
 
 def dedup_key(q, a):
@@ -242,9 +307,14 @@ def parse_args(argv):
     p.add_argument("--answer-col", default=None,
                    help="name of the answer column (default: a column named 'answer', any case)")
     p.add_argument("--sheet", default=None, help="xlsx only: worksheet name or 1-based number (default: first)")
-    p.add_argument("--normalize", action="store_true",
-                   help="apply Arabic normalisation to the written text (URLs, emoji, diacritics, tatweel "
-                        "removed; alef/yaa/taa-marbuta unified; whitespace collapsed)")
+    p.add_argument("--normalize", nargs="*", choices=("orthographic", "dialect"), default=None,
+                   help="normalisation steps for the written text; the bare flag means orthographic. "
+                        "orthographic: URLs, emoji, diacritics, tatweel removed; alef/yaa/taa-marbuta unified; "
+                        "whitespace collapsed (questions and answers). dialect: the dialect words of "
+                        "--dialect-rules replaced by MSA (questions only). Both: --normalize orthographic dialect")
+    p.add_argument("--dialect-rules", default=None,
+                   help="rules table of --normalize dialect, one 'dialect form = MSA form' per line "
+                        "(default: data/dialect_rules.txt)")
     p.add_argument("--seed", type=num(int, lo=0), default=1234, help="seed of the shuffle before the split")
     p.add_argument("--n-train", type=num(int, lo=0), default=30000, help="training pairs to keep (paper: 30,000)")
     p.add_argument("--n-test", type=num(int, lo=0), default=2000, help="test pairs to keep (paper: 2,000)")
@@ -254,6 +324,7 @@ def parse_args(argv):
         p.error("--n-train and --n-test are both 0: nothing to write")
     if args.source != "apollo" and args.input is None:
         p.error(f"--input is required for --source {args.source}")
+    args.normalize = ["orthographic"] if args.normalize == [] else (args.normalize or [])  # bare flag: as before
     return args
 
 
@@ -269,6 +340,8 @@ def check_paths(args):
 def prepare(args):
     """Do the work; returns the manifest. Raises data.DataError on bad input before writing anything."""
     unpaired = 0
+    rules_file = args.dialect_rules or DIALECT_RULES
+    rules = load_dialect_rules(rules_file) if "dialect" in args.normalize else None  # before any work
     if args.source == "apollo":
         # A local file is used as is; otherwise --input (default: the MAQA-derived file) names the
         # file inside the hub dataset repo.
@@ -281,14 +354,14 @@ def prepare(args):
         path = origin = args.input
         rows = read_table(path, args.question_col, args.answer_col, args.sheet)
 
-    recs, seen, n_empty, n_dup = [], set(), 0, 0
+    recs, seen, n_empty, n_dup, n_dialect = [], set(), 0, 0, 0
     for line, row in rows:
         rec = {k: v for k, v in row.items()}
         # Empty Q/A are dropped (counted), not errors: scraped corpora have some. Everything else
         # (missing column, bad probabilities, unknown severity) is validated by the data contract.
         f = data._canonical_fields(path, line, rec, data.FIELD_ALIASES)
         q, a = (f.get(c, (None, None))[1] for c in ("question", "answer"))
-        if args.normalize:
+        if "orthographic" in args.normalize:
             q, a = (normalize_arabic(x) if isinstance(x, str) else x for x in (q, a))
         if isinstance(q, str) and isinstance(a, str) and (not q.strip() or not a.strip()):
             n_empty += 1
@@ -303,6 +376,11 @@ def prepare(args):
             n_dup += 1
             continue
         seen.add(key)
+        if rules is not None:  # after de-duplication: the same pairs and split with and without the rules
+            q = normalize_dialect(out["question"], rules)
+            q = normalize_arabic(q) if "orthographic" in args.normalize else q  # the MSA side is spelled too
+            n_dialect += q != out["question"]
+            out["question"] = q
         recs.append(out)
 
     n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test)
@@ -325,7 +403,10 @@ def prepare(args):
         "duplicates_removed": n_dup,
         "rows_after_dedup": len(recs),
         "has_severity": any("severity" in r for r in recs),
-        "normalize": args.normalize,
+        "normalize": "orthographic" in args.normalize,
+        "dialect": None if rules is None else {
+            "rules": args.dialect_rules or "data/dialect_rules.txt", "rules_sha256": data.sha256(rules_file),
+            "rules_per_dialect": rules[2], "questions_changed": n_dialect},
         "seed": args.seed,
         "requested": {"n_train": args.n_train, "n_test": args.n_test},
         "proportional_split": proportional,
