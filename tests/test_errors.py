@@ -444,6 +444,11 @@ CASES = [
      lambda e, t: P(e, t, "--out", str(t / "prev"), inp=bad_record(e, t, "huge integer"))
      if [a_file(t / "prev" if a_dir(t, "prev") else t, f) for f in ("train.jsonl", "test.jsonl", "manifest.json")]
      else None, ["bad.jsonl:2:"]),
+    ("prepare dialect-rules is a directory", "prepare",
+     lambda e, t: P(e, t, "--normalize", "dialect", "--dialect-rules", a_dir(t)), ["--dialect-rules"]),
+    ("prepare dialect-rules malformed", "prepare",
+     lambda e, t: P(e, t, "--normalize", "dialect", "--dialect-rules", jsonl(t, "rules.txt", "[egy]", "no equals sign")),
+     ["rules.txt:2:"]),
     ("prepare input is a directory", "prepare", lambda e, t: P(e, t, inp=a_dir(t)), ["--input"]),
     ("prepare n-train -1", "prepare", lambda e, t: P(e, t, "--n-train", "-1"), ["--n-train"]),
     ("prepare seed nan", "prepare", lambda e, t: P(e, t, "--seed", "nan"), ["--seed"]),
