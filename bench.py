@@ -69,7 +69,7 @@ def get_args(argv=None):
                    "implementation's own weights and optimizer state (the other model also lives on the device); "
                    "CPU = growth of the process's peak RSS during the step (VmHWM, reset before each step), plus "
                    "the same own-state bytes: process-wide and coarse (the allocator may reuse freed memory)")
-    p.add_argument("--threads", type=num(int, lo=0), default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=num(int, lo=0, hi=4096), default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--skip-train", action="store_true", help="do not time the training step")
     p.add_argument("--skip-gen", action="store_true", help="do not time generation")
     p.add_argument("--profile", type=num(int, lo=0), default=0, help="after timing, run N more steps of each implementation under "

@@ -192,11 +192,7 @@ def model_generation_config(path):
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name) if path and os.path.isdir(path) else None
         if f and os.path.isfile(f):
-            with open(f, encoding="utf-8") as fh:
-                try:
-                    cfg = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise data.DataError(f, e.lineno, "json", e.msg) from None
+            cfg = data.read_json(f, name)
             got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
             if got or name == "generation_config.json":
                 return dict(got, source=f)
@@ -519,7 +515,7 @@ def check_args(args):
 
 
 def out_folder(args):
-    return args.out or (args.model if os.path.isdir(args.model) else
+    return args.out if args.out is not None else (args.model if os.path.isdir(args.model) else
                         os.path.join("out", f"eval-{os.path.basename(os.path.normpath(args.model))}"))
 
 
@@ -906,24 +902,31 @@ def load_examples(path):
     pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
     if not os.path.isfile(pred):
         raise data.UserError(pred, "no such file (the per-example scores are needed)")
+    for key in ("data", "bertscore", "generation"):
+        if not isinstance(ev.get(key), dict):
+            raise data.UserError(eval_json_path(path), f"{key}: missing or not an object (needed by a paired comparison)")
+    n = ev["data"].get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise data.UserError(eval_json_path(path), f"data.n: expected a positive integer, got {n!r}")
     rows = {}
-    with open(pred, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                missing = [k for k in ("severity", "question", "reference") if k not in r]
-                if missing:
-                    raise KeyError(missing[0])
-                for m in METRICS:
-                    r[m] = float(r[m])
-                rows.setdefault(int(r["index"]), []).append(r)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise data.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
-    n = ev["data"]["n"]
+    with data.reading(pred, "predictions"):
+        with open(pred, encoding="utf-8") as f:
+            lines = list(enumerate(f, 1))
+    for ln, line in lines:
+        if not line.strip():
+            continue
+        try:
+            r = data.STRICT_JSON.decode(line)
+            if not all(isinstance(r[k], str) for k in ("severity", "question", "reference")) or \
+                    not all(_is_num(r[m]) for m in METRICS) or isinstance(r["index"], bool) or \
+                    not (r.get("nll") is None or _is_num(r["nll"])) or \
+                    not (r.get("nll_tokens") is None or _is_num(r["nll_tokens"])):
+                raise TypeError("wrong field types")
+            rows.setdefault(int(r["index"]), []).append(r)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
+            raise data.UserError(f"{pred}:{ln}", f"not a predictions.jsonl row ({e})") from None
     if sorted(rows) != list(range(n)):
-        raise data.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
+        raise data.UserError(pred, f"index: expected the records 0..{n - 1} once per run")
     ex = {"path": pred, "severity": [], "question": [], "reference": []}
     cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
     for i in range(n):
@@ -990,6 +993,7 @@ def compare_main(args):
     if not args.out:
         raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")
+    data.output_file(os.path.join(args.out, "compare.json"), "--out")
     (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
     check_comparable([(args.compare[0], ea), (args.compare[1], eb)])
     diffs = paired_table(xa, xb, args.bootstrap, args.bootstrap_seed, args.permutations)

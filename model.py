@@ -842,11 +842,12 @@ def _open_safetensors(path):
         wm = wm.get("weight_map") if isinstance(wm, dict) else None
         if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
             raise UserError(index, "weight_map: expected an object of tensor name -> shard file")
-        root = os.path.realpath(path)
+        # the names are checked, not where links lead: a hub snapshot's files are links into the cache's blobs/
+        root = os.path.abspath(path)
         files = []
         for x in sorted(set(wm.values())):
-            f = os.path.realpath(os.path.join(path, x))
-            if os.path.commonpath([root, f]) != root:   # "../other/model.safetensors", "/etc/...", a link out
+            f = os.path.normpath(os.path.join(root, x))
+            if os.path.isabs(x) or os.path.commonpath([root, f]) != root:   # "/etc/...", "../other/x.safetensors"
                 raise UserError(index, f"shard {x!r} lies outside the model folder: refused")
             if not f.endswith(".safetensors"):
                 raise UserError(index, f"shard {x!r} is not a .safetensors file: only safetensors are loaded")

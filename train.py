@@ -15,7 +15,6 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
-import argparse
 import json
 import math
 import os
@@ -287,6 +286,10 @@ def check_resume(path, meta, args_dict):
         if k not in saved:   # a state from an older train.py that did not record this setting
             continue
         a, b = saved[k], args_dict[k]
+        if k == "lora_targets" and isinstance(a, str):   # older states kept the flag's text
+            a = [t.strip() for t in a.split(",") if t.strip()]
+        if k == "dtype" and a == "auto":                   # older states kept the flag, not what it resolved to
+            continue
         if isinstance(a, list):
             a = tuple(a)
         if isinstance(b, list):
@@ -354,8 +357,8 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generatio
 
 
 def all_finite(model):
-    """True when every parameter is finite (what a checkpoint must hold)."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """True when every parameter is finite (what a checkpoint must hold). One device sync."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def read_log_lines(log_path, step):
@@ -396,7 +399,7 @@ def fit(argv=None):
         eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
     elif eval_path != "none":
         data.input_file(eval_path, "--eval-data")
-    out = args.out or os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
+    out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
     data.output_dir(out, "--out")
     if args.device != "auto":
         data.resolve_device(args.device, "--device")
@@ -439,6 +442,8 @@ def fit(argv=None):
         gen_config = base_generation_config(args.model)
         model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
+    if args.lora_rank > model.cfg.d_model:   # a rank above the width adds parameters and no expressiveness
+        raise data.UserError("--lora-rank", f"{args.lora_rank} exceeds the model's width {model.cfg.d_model}")
     if args.lora_rank > 0:
         wrapped = add_lora(model, lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
         log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers")
@@ -454,9 +459,8 @@ def fit(argv=None):
     for path, exs in ((args.data, train_ex), (eval_path, eval_ex)):
         for i, (ids, keep, _, _) in enumerate(exs):
             if not any(keep[1:]):   # keep[0] is never predicted
-                raise data.UserError("--max-len", f"{args.max_len} tokens leave record {i + 1} of {path} no answer "
-                                                  f"token to learn from (its prompt alone is {len(ids)}+ tokens): "
-                                                  f"raise --max-len")
+                raise data.UserError("--max-len", f"{args.max_len} tokens keep only the prompt of record {i + 1} of "
+                                                  f"{path}, no answer token to learn from: raise --max-len")
     per_step = args.batch_size * args.grad_accum * world
     if len(train_ex) < per_step:
         raise data.UserError(args.data, f"{len(train_ex)} examples < one optimizer step ({per_step} = --batch-size x "
@@ -521,7 +525,7 @@ def fit(argv=None):
         """Stop: the bad update was not applied; name the checkpoint that remains (never a non-finite one)."""
         kept = (f"the last checkpoint is {state_path} (+ model.safetensors) at step {saved_step}" if saved_step
                 else f"no checkpoint was saved in {out}")
-        print(f"error: {what} at step {step + 1}: the update was skipped and training stopped; {kept}. "
+        print(f"error: {what} at step {step + 1}: training stopped and nothing of this step was saved; {kept}. "
               f"Try a lower --lr or --grad-clip 1", file=sys.stderr, flush=True)
         if ddp:
             dist.destroy_process_group()
@@ -578,6 +582,10 @@ def fit(argv=None):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        # finite loss and gradient, yet an update can still overflow (a huge --lr, or lr x weight decay): stop before
+        # such weights can be saved. Every rank holds the same weights, so all ranks stop together.
+        if not all_finite(raw_model):
+            diverged("the update made weights non-finite")
         step += 1
         if dev_type == "cuda":
             torch.cuda.synchronize()
@@ -609,9 +617,6 @@ def fit(argv=None):
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
         if master and (last or due):
-            if not all_finite(raw_model):   # finite loss and gradient, yet the update overflowed (a huge --lr)
-                step -= 1
-                diverged("the update made weights non-finite")
             save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
             saved_step, t_saved = step, time.time()
         if stop["sig"] is not None:
