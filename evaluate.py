@@ -924,9 +924,9 @@ def load_examples(path):
                 raise TypeError("wrong field types")
             rows.setdefault(int(r["index"]), []).append(r)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
-            raise data.UserError(f"{pred}:{ln}", f"not a predictions.jsonl row ({e})") from None
+            raise data.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
     if sorted(rows) != list(range(n)):
-        raise data.UserError(pred, f"index: expected the records 0..{n - 1} once per run")
+        raise data.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
     ex = {"path": pred, "severity": [], "question": [], "reference": []}
     cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
     for i in range(n):
