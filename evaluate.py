@@ -897,17 +897,12 @@ def load_examples(path):
     for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
         if not isinstance(ev.get(key), kind):
             raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
-    if not isinstance(ev["data"].get("n"), int) or isinstance(ev["data"].get("n"), bool):
+    if not isinstance(ev["data"].get("n"), int) or isinstance(ev["data"].get("n"), bool) or ev["data"]["n"] < 1:
         raise data.UserError(eval_json_path(path), "data.n: expected the number of test records")
     pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
     if not os.path.isfile(pred):
         raise data.UserError(pred, "no such file (the per-example scores are needed)")
-    for key in ("data", "bertscore", "generation"):
-        if not isinstance(ev.get(key), dict):
-            raise data.UserError(eval_json_path(path), f"{key}: missing or not an object (needed by a paired comparison)")
-    n = ev["data"].get("n")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise data.UserError(eval_json_path(path), f"data.n: expected a positive integer, got {n!r}")
+    n = ev["data"]["n"]
     rows = {}
     with data.reading(pred, "predictions"):
         with open(pred, encoding="utf-8") as f:

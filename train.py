@@ -479,6 +479,9 @@ def fit(argv=None):
     step, saved_step = 0, None
     if args.resume:
         check_resume(state_path, saved_meta, args_dict)
+        if saved_meta["step"] > total:   # fewer steps than already done: not an extension of that run
+            raise data.UserError("--resume", f"the run saved in {state_path} is at step {saved_meta['step']}, past "
+                                             f"the {total} steps asked for (--max-steps / --epochs may only grow)")
         step, _ = load_state(state_path, model, opt, scaler)
         saved_step = step
         log(f"resumed from {state_path} at step {step}")

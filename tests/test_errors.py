@@ -622,6 +622,9 @@ def test_resume_refuses_a_changed_experiment(env, tmp_path):
                                "--lr", "1e-3", "--resume"])
     assert_contract(code, err, "--data")
     assert snapshot(out) == before
+    code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=1)   # fewer steps
+    assert_contract(code, err, "--resume", "step 2")
+    assert snapshot(out) == before
     # more steps is not a change of experiment
     assert run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=3)[0] == 0
     assert state_step(out) == 3
