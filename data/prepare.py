@@ -2,7 +2,7 @@
 
 Sources:
   maqa    MAQA (Harvard Dataverse doi:10.7910/DVN/Y2JBEZ) as downloaded: .csv, .tsv/.tab or .xlsx
-          (the .xlsx is read by a small built-in reader; openpyxl is not needed). Pick the columns
+          (the .xlsx is streamed with openpyxl's read-only mode). Pick the columns
           with --question-col / --answer-col (default: a column named question / answer, any case).
   apollo  FreedomIntelligence/ApolloCorpus, file train/sft/medicalPatient_ar.json: a JSON list of
           conversations [q1, a1, q2, a2, ...]; every (question, answer) turn pair becomes a record.
@@ -25,12 +25,9 @@ Example:
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
 import argparse
-import json
 import random
 import re
 import sys
-import zipfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `import data` work
@@ -137,87 +134,48 @@ def dedup_key(q, a):
 
 
 # ----------------------------------------------------------------------------------------------
-# A tiny .xlsx reader: an .xlsx is a zip of XML parts. We need the first (or a named) worksheet,
-# the shared-string table, and the cells' values as text. Tags are matched by local name so both
-# the transitional and the strict OOXML namespaces work.
+# .xlsx through openpyxl in read-only mode: the worksheet's rows are streamed from the zip (MAQA has >400k rows),
+# never loaded whole. Only the shared-string table is held in memory, as Excel itself needs it. A sheet without a
+# <dimension> element (Excel always writes one) is also read through once when the workbook is opened, so a
+# malformed one is reported then, without a row number.
 
-def _local(tag):
-    return tag.rsplit("}", 1)[-1]
-
-
-def _attr(el, name):
-    """Attribute by local name (e.g. r:id), or None."""
-    for k, v in el.attrib.items():
-        if _local(k) == name:
-            return v
-    return None
-
-
-def _col_index(ref):
-    """'C12' -> 2 (0-based column)."""
-    n = 0
-    for ch in ref:
-        if not ch.isalpha():
-            break
-        n = n * 26 + (ord(ch.upper()) - 64)
-    return n - 1
+def _text(v):
+    return "" if v is None else str(v)
 
 
 def read_xlsx(path, sheet=None):
-    """Rows of one worksheet as [(row number, {header: text})]; row 1 is the header."""
+    """Rows of one worksheet (the first, or --sheet by name or 1-based number) as [(row number, {header: text})];
+    the first non-blank row is the header. A malformed file is a one-line DataError naming the file (and row)."""
+    import openpyxl
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
-        raise data.DataError(path, 1, "file", "not a valid .xlsx file (not a zip archive)") from None
-    with zf:
-        names = set(zf.namelist())
-        try:
-            wb = ET.fromstring(zf.read("xl/workbook.xml"))
-            rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
-        except (KeyError, ET.ParseError):
-            raise data.DataError(path, 1, "file", "not a valid .xlsx file (no workbook)") from None
-        sheets = [(s.get("name"), _attr(s, "id")) for s in wb.iter() if _local(s.tag) == "sheet"]
-        if not sheets:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:   # not a zip, missing parts, malformed XML; openpyxl raises many kinds
+        raise data.DataError(path, 1, "file",
+                             f"not a valid .xlsx file ({type(e).__name__}: {data.one_line(e)[:200]})") from None
+    try:
+        names = wb.sheetnames
+        if not names:
             raise data.DataError(path, 1, "sheet", "the workbook has no worksheets")
-        if sheet is None:
-            rid = sheets[0][1]
-        else:
-            match = [r for i, (n, r) in enumerate(sheets) if n == sheet or str(i + 1) == str(sheet)]
-            if not match:
-                raise data.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(n for n, _ in sheets)})")
-            rid = match[0]
-        target = next((r.get("Target") for r in rels.iter() if r.get("Id") == rid), None)
-        if target is None:
-            raise data.DataError(path, 1, "sheet", "worksheet part not found in the workbook")
-        part = target.lstrip("/") if target.startswith("/") else "xl/" + target
-        # Shared strings: a cell of type "s" holds an index into this list. A string may be split
-        # into rich-text runs, so join every <t> under each <si>.
-        shared = []
-        if "xl/sharedStrings.xml" in names:
-            for si in ET.fromstring(zf.read("xl/sharedStrings.xml")):
-                if _local(si.tag) == "si":
-                    shared.append("".join(t.text or "" for t in si.iter() if _local(t.tag) == "t"))
-        rows, header = [], None
-        with zf.open(part) as fh:
-            for _, el in ET.iterparse(fh):  # streamed: MAQA has >400k rows
-                if _local(el.tag) != "row":
+        match = [n for i, n in enumerate(names) if sheet is None or n == sheet or str(i + 1) == str(sheet)]
+        if not match:
+            raise data.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(names)})")
+        rows, header, line = [], None, 0
+        try:
+            for line, values in enumerate(wb[match[0]].iter_rows(values_only=True), 1):
+                vals = [_text(v) for v in values]
+                if not any(v.strip() for v in vals):
                     continue
-                rnum, vals = int(el.get("r") or len(rows) + 2), {}
-                for i, c in enumerate(x for x in el if _local(x.tag) == "c"):
-                    ctype, ref = c.get("t", "n"), c.get("r")
-                    col = _col_index(ref) if ref else i
-                    if ctype == "inlineStr":
-                        val = "".join(t.text or "" for t in c.iter() if _local(t.tag) == "t")
-                    else:
-                        v = next((x.text or "" for x in c if _local(x.tag) == "v"), "")
-                        val = shared[int(v)] if ctype == "s" and v else v
-                    vals[col] = val
-                el.clear()
                 if header is None:
-                    if any(v.strip() for v in vals.values()):
-                        header = {i: v.strip() for i, v in vals.items()}
-                elif any(v.strip() for v in vals.values()):
-                    rows.append((rnum, {h: vals.get(i, "") for i, h in header.items()}))
+                    header = [v.strip() for v in vals]
+                else:
+                    rows.append((line, {h: vals[i] if i < len(vals) else "" for i, h in enumerate(header)}))
+        except IndexError:   # a cell pointing past the shared-string table
+            raise data.DataError(path, line + 1, f"sheet {match[0]}", "shared-string index out of range") from None
+        except Exception as e:   # truncated or malformed worksheet XML (ElementTree / lxml parse errors)
+            raise data.DataError(path, line + 1, f"sheet {match[0]}",
+                                 f"malformed worksheet ({type(e).__name__}: {data.one_line(e)[:200]})") from None
+    finally:
+        wb.close()
     if not rows:
         raise data.DataError(path, 1, "file", "no records (empty sheet)")
     return rows
@@ -417,7 +375,7 @@ def prepare(args):
     out = Path(args.out)
     data.write_jsonl(out / "train.jsonl", train)
     data.write_jsonl(out / "test.jsonl", test)
-    data.atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    data.write_json(out / "manifest.json", manifest)
     return manifest
 
 
