@@ -58,6 +58,9 @@ def get_args(argv=None):
     p.add_argument("--max-len", type=int, default=512, help="truncate prompt+answer to this many tokens")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--pack", action="store_true", help="padding-free: lay each step's examples (the same ones) end to "
+                   "end into rows of --max-len - 1 tokens, attention and positions restarting at every example; "
+                   "same loss, less padding (rows are exactly that wide under --compile: one shape)")
     p.add_argument("--seed", type=int, default=1337, help="seed for data order, init and dropout")
     p.add_argument("--eval-every", type=int, default=0, help="eval loss (overall and per severity) every N steps; 0 = only at the end")
     p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps; 0 = only at the end (and on SIGINT/SIGTERM)")
@@ -119,6 +122,75 @@ def collate(examples, pad_id, device):
     return x.to(device), y.to(device), w.to(device), pads
 
 
+def token_weights(examples, norm="token"):
+    """The weight every loss token of each example carries in the step's loss  sum(weight * NLL) / denominator.
+    norm 'token' (the default): the example's severity weight w; denominator = loss tokens of the whole step.
+    norm 'example' (the paper's per-instance mean): w / (the example's own number of loss tokens); denominator =
+    examples in the whole step. Because this is a per-token value, it stays exact wherever the token lands: in a
+    padded row or in a packed row shared with other examples (--pack)."""
+    if norm not in ("token", "example"):
+        raise ValueError(f"loss normalisation {norm!r}: choose token or example")
+    return [e[2] if norm == "token" else e[2] / max(1, sum(e[1][1:])) for e in examples]
+
+
+def pack_rows(lengths, width):
+    """First-fit decreasing: example indices -> rows whose lengths sum to at most `width` (each length <= width).
+    Longest first, each into the first row with room; deterministic (ties by index). Returns [[indices], ...]."""
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
+
+
+def pack_step(examples, width, max_rows, pad_id, device, norm="token", fixed=False):
+    """--pack: the examples of one step laid end to end into rows of `width` input tokens (FFD), cut into
+    micro-batches of at most max_rows rows (the padded micro-batch's bound: --batch-size x (--max-len - 1)).
+    Each example keeps its own x = ids[:-1], y = ids[1:] (-100 where the loss does not count), and the model is
+    told where each example starts (segments), so attention, positions and LFM2's conv restart there.
+    Rows are as wide as the fullest row, or exactly `width` when fixed (one shape for --compile); the slots left
+    at a row's end are padding (segment -1, y = -100, weight 0).
+    Returns [(x (R, T), y (R, T), w (R, T) per-token weight (see token_weights), padding slots, seg (R, T)), ...];
+    seg holds each token's index into `examples`."""
+    lengths = [len(e[0]) - 1 for e in examples]
+    weights = token_weights(examples, norm)
+    rows = pack_rows(lengths, width)
+    if not fixed:   # as many rows, made as narrow as FFD allows (binary search): evenly filled, little padding
+        lo, hi = max(max(lengths), -(-sum(lengths) // len(rows))), width
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(pack_rows(lengths, mid)) <= len(rows) else (mid + 1, hi)
+        narrow = pack_rows(lengths, lo)
+        rows = narrow if len(narrow) <= len(rows) else rows
+    fill = [sum(lengths[i] for i in r) for r in rows]
+    k = -(-len(rows) // max_rows)                                         # micro-batches
+    out = []
+    for group in (list(range(len(rows)))[j::k] for j in range(k)):        # FFD fills rows in decreasing order:
+        T = width if fixed else max(fill[r] for r in group)               # dealing them out balances the groups
+        x = torch.full((len(group), T), pad_id, dtype=torch.long)
+        y = torch.full((len(group), T), -100, dtype=torch.long)
+        w = torch.zeros((len(group), T), dtype=torch.float32)
+        seg = torch.full((len(group), T), -1, dtype=torch.long)
+        for b, r in enumerate(group):
+            t = 0
+            for i in rows[r]:
+                ids, keep = examples[i][0], examples[i][1]
+                n = lengths[i]
+                x[b, t:t + n] = torch.tensor(ids[:-1])
+                y[b, t:t + n] = torch.tensor([tk if kp else -100 for tk, kp in zip(ids[1:], keep[1:])])
+                w[b, t:t + n] = weights[i]
+                seg[b, t:t + n] = i
+                t += n
+        pads = len(group) * T - sum(fill[r] for r in group)
+        out.append((x.to(device), y.to(device), w.to(device), pads, seg.to(device)))
+    return out
+
+
 def step_batches(n_examples, step, per_step, seed):
     """Indices of the examples of optimizer step `step`: each epoch is a fresh seeded permutation, cut into global
     batches of per_step (the ragged tail is dropped). Pure function of (step, seed): resuming needs no data state."""
@@ -138,16 +210,27 @@ def lr_at(step, total, peak, warmup, schedule):
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, batch_size, pad_id, device, amp):
-    """Mean unweighted answer-token NLL, overall and per severity class (what the weighting should move)."""
+def evaluate_loss(model, examples, batch_size, pad_id, device, amp, pack_width=0):
+    """Mean unweighted answer-token NLL, overall and per severity class (what the weighting should move).
+    pack_width > 0: examples packed into rows of that many tokens (--pack), batch_size rows at a time."""
     model.eval()
     tot, cnt = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        x, y, _, _ = collate(chunk, pad_id, device)
-        with amp:
-            nll = model(x, targets=y).double().cpu()
-        per_ex, n = nll.sum(1), (y != -100).sum(1).double().cpu()
+    step = batch_size * (64 if pack_width else 1)
+    for i in range(0, len(examples), step):
+        chunk = examples[i:i + step]
+        per_ex, n = torch.zeros(len(chunk), dtype=torch.float64), torch.zeros(len(chunk), dtype=torch.float64)
+        if pack_width:   # per-example sums from each token's example index
+            for x, y, _, _, seg in pack_step(chunk, pack_width, batch_size, pad_id, device):
+                with amp:
+                    nll = model(x, targets=y, segments=seg).double().cpu()
+                real = seg.cpu() >= 0
+                per_ex.index_add_(0, seg.cpu()[real], nll[real])
+                n.index_add_(0, seg.cpu()[real], (y.cpu()[real] != -100).double())
+        else:
+            x, y, _, _ = collate(chunk, pad_id, device)
+            with amp:
+                nll = model(x, targets=y).double().cpu()
+            per_ex, n = nll.sum(1), (y != -100).sum(1).double().cpu()
         for j, e in enumerate(chunk):
             for c in (0, e[3] + 1):
                 tot[c] += per_ex[j]
@@ -345,8 +428,11 @@ def main(argv=None):
         idx, epoch = step_batches(len(train_ex), step, per_step, args.seed)
         mine = [train_ex[i] for i in idx[rank::world]]
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
-        micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
-        batches = [collate(m, pad_id, device) for m in micro]
+        if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows
+            batches = pack_step(mine, args.max_len - 1, args.batch_size, pad_id, device, fixed=args.compile)
+        else:
+            micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
+            batches = [collate(m, pad_id, device) for m in micro]
         # the loss denominator counts loss tokens of the whole step: every micro-batch, every rank
         n_tok = torch.tensor(float(sum((b[1] != -100).sum().item() for b in batches)), device=device)
         if ddp:
@@ -357,11 +443,11 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=device)
         nll_sum = torch.zeros((), device=device)
         real_tokens, pad_tokens = 0, 0
-        for j, (x, y, w, pads) in enumerate(batches):
+        for j, (x, y, w, pads, *seg) in enumerate(batches):     # seg: packed rows only
             sync = not ddp or j == len(batches) - 1
             with (nullcontext() if sync else model.no_sync()), amp:
-                nll = model(x, targets=y)                            # (B, T) fp32, 0 where y == -100
-                weighted = (nll * w[:, None]).sum()
+                nll = model(x, targets=y, **({"segments": seg[0]} if seg else {}))   # (B, T) fp32, 0 where y == -100
+                weighted = (nll * (w if w.dim() == 2 else w[:, None])).sum()       # w: per token (packed) or per row
                 # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
                 scaler.scale(weighted * world / n_tok).backward()
             loss_sum += weighted.detach()
@@ -402,7 +488,8 @@ def main(argv=None):
                 f"nll {rec['nll']:.4f} | lr {lr_now:.2e} | gnorm {rec['grad_norm']:.2f} | {dt * 1000:.0f} ms | "
                 f"{tok_s:,.0f} tok/s | pad {rec['pad_frac']:.0%}" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
         if eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
-            ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp)
+            ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp,
+                               pack_width=args.max_len - 1 if args.pack else 0)
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
         last = step == total or stop["sig"] is not None
