@@ -59,8 +59,10 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--pack", action="store_true", help="padding-free: lay each step's examples (the same ones) end to "
-                   "end into rows of --max-len - 1 tokens, attention and positions restarting at every example; "
-                   "same loss, less padding (rows are exactly that wide under --compile: one shape)")
+                   "end into rows as wide as the step's longest example, attention and positions restarting at "
+                   "every example; same loss, less padding. Micro-batches hold up to --batch-size rows (so fewer "
+                   "than --grad-accum may run); under --compile each is one row of exactly --max-len - 1 tokens: "
+                   "one shape, one compilation")
     p.add_argument("--seed", type=int, default=1337, help="seed for data order, init and dropout")
     p.add_argument("--eval-every", type=int, default=0, help="eval loss (overall and per severity) every N steps; 0 = only at the end")
     p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps; 0 = only at the end (and on SIGINT/SIGTERM)")
@@ -148,37 +150,49 @@ def pack_rows(lengths, width):
     return rows
 
 
-def pack_step(examples, width, max_rows, pad_id, device, norm="token", fixed=False):
-    """--pack: the examples of one step laid end to end into rows of `width` input tokens (FFD), cut into
-    micro-batches of at most max_rows rows (the padded micro-batch's bound: --batch-size x (--max-len - 1)).
-    Each example keeps its own x = ids[:-1], y = ids[1:] (-100 where the loss does not count), and the model is
-    told where each example starts (segments), so attention, positions and LFM2's conv restart there.
-    Rows are as wide as the fullest row, or exactly `width` when fixed (one shape for --compile); the slots left
-    at a row's end are padding (segment -1, y = -100, weight 0).
+def pack_step(examples, width, max_rows, pad_id, device, norm="token", fixed=False, flops=None):
+    """--pack: the examples of one step laid end to end into rows (first-fit decreasing), cut into micro-batches of
+    at most max_rows rows. Each example keeps its own x = ids[:-1], y = ids[1:] (-100 where the loss does not
+    count), and the model is told where each example starts (segments), so attention, positions and LFM2's conv
+    restart there. The slots left at a row's end are padding (segment -1, y = -100, weight 0).
+    Row width: fixed -> rows of exactly `width` tokens (one shape for --compile). Otherwise each micro-batch is as
+    wide as its fullest row, and the rows are cut at whichever width W from the step's longest example up to
+    `width` (the longest times 1, 2, 4 ..., each narrowed to the least width that needs no more rows) costs the
+    fewest slots * flops(slot width): flops(T) = training FLOPs per token at row width T (Decoder.flops_per_token),
+    or 1 (fewest slots, i.e. least padding) without it. Wider rows leave less padding but spend more on the masked
+    T x T attention, which matters for tiny models only.
     Returns [(x (R, T), y (R, T), w (R, T) per-token weight (see token_weights), padding slots, seg (R, T)), ...];
     seg holds each token's index into `examples`."""
     lengths = [len(e[0]) - 1 for e in examples]
     weights = token_weights(examples, norm)
-    rows = pack_rows(lengths, width)
-    if not fixed:   # as many rows, made as narrow as FFD allows (binary search): evenly filled, little padding
-        lo, hi = max(max(lengths), -(-sum(lengths) // len(rows))), width
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if len(pack_rows(lengths, mid)) <= len(rows) else (mid + 1, hi)
-        narrow = pack_rows(lengths, lo)
-        rows = narrow if len(narrow) <= len(rows) else rows
-    fill = [sum(lengths[i] for i in r) for r in rows]
-    k = -(-len(rows) // max_rows)                                         # micro-batches
+    flops = flops or (lambda T: 1.0)
+
+    def layout(W):   # -> ([(rows, T) per micro-batch], cost); rows fullest first
+        rows = pack_rows(lengths, W)
+        if not fixed:   # as many rows, as narrow as FFD allows (binary search): the rows come out evenly filled
+            lo, hi = max(max(lengths), -(-sum(lengths) // len(rows))), W
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if len(pack_rows(lengths, mid)) <= len(rows) else (mid + 1, hi)
+            narrow = pack_rows(lengths, lo)
+            rows = narrow if len(narrow) <= len(rows) else rows
+        rows.sort(key=lambda r: -sum(lengths[i] for i in r))
+        groups = [rows[j:j + max_rows] for j in range(0, len(rows), max_rows)]
+        groups = [(g, W if fixed else sum(lengths[i] for i in g[0])) for g in groups]
+        return groups, sum(len(g) * T * flops(T) for g, T in groups)
+
+    longest = max(lengths)
+    candidates = [width] if fixed else sorted({*(longest << k for k in range(12) if longest << k < width), width})
+    groups, _ = min((layout(W) for W in candidates), key=lambda gc: gc[1])
     out = []
-    for group in (list(range(len(rows)))[j::k] for j in range(k)):        # FFD fills rows in decreasing order:
-        T = width if fixed else max(fill[r] for r in group)               # dealing them out balances the groups
+    for group, T in groups:
         x = torch.full((len(group), T), pad_id, dtype=torch.long)
         y = torch.full((len(group), T), -100, dtype=torch.long)
         w = torch.zeros((len(group), T), dtype=torch.float32)
         seg = torch.full((len(group), T), -1, dtype=torch.long)
-        for b, r in enumerate(group):
+        for b, row in enumerate(group):
             t = 0
-            for i in rows[r]:
+            for i in row:
                 ids, keep = examples[i][0], examples[i][1]
                 n = lengths[i]
                 x[b, t:t + n] = torch.tensor(ids[:-1])
@@ -186,7 +200,7 @@ def pack_step(examples, width, max_rows, pad_id, device, norm="token", fixed=Fal
                 w[b, t:t + n] = weights[i]
                 seg[b, t:t + n] = i
                 t += n
-        pads = len(group) * T - sum(fill[r] for r in group)
+        pads = len(group) * T - sum(lengths[i] for row in group for i in row)
         out.append((x.to(device), y.to(device), w.to(device), pads, seg.to(device)))
     return out
 
@@ -212,15 +226,17 @@ def lr_at(step, total, peak, warmup, schedule):
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size, pad_id, device, amp, pack_width=0):
     """Mean unweighted answer-token NLL, overall and per severity class (what the weighting should move).
-    pack_width > 0: examples packed into rows of that many tokens (--pack), batch_size rows at a time."""
+    pack_width > 0: examples packed into rows of at most that many tokens (--pack, see pack_step), batch_size rows
+    at a time."""
     model.eval()
     tot, cnt = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    step = batch_size * (64 if pack_width else 1)
+    step = batch_size * (8 if pack_width else 1)
     for i in range(0, len(examples), step):
         chunk = examples[i:i + step]
         per_ex, n = torch.zeros(len(chunk), dtype=torch.float64), torch.zeros(len(chunk), dtype=torch.float64)
         if pack_width:   # per-example sums from each token's example index
-            for x, y, _, _, seg in pack_step(chunk, pack_width, batch_size, pad_id, device):
+            for x, y, _, _, seg in pack_step(chunk, pack_width, batch_size, pad_id, device,
+                                             flops=model.flops_per_token):
                 with amp:
                     nll = model(x, targets=y, segments=seg).double().cpu()
                 real = seg.cpu() >= 0
@@ -428,8 +444,11 @@ def main(argv=None):
         idx, epoch = step_batches(len(train_ex), step, per_step, args.seed)
         mine = [train_ex[i] for i in idx[rank::world]]
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
-        if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows
-            batches = pack_step(mine, args.max_len - 1, args.batch_size, pad_id, device, fixed=args.compile)
+        if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows, or
+            # under --compile exactly one full-width row each: one shape, so the step compiles once (the chunked
+            # loss loops over B*T rows, so a new number of rows would mean a new graph as surely as a new width)
+            batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
+                                fixed=args.compile, flops=raw_model.flops_per_token)
         else:
             micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
             batches = [collate(m, pad_id, device) for m in micro]
