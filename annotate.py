@@ -36,8 +36,9 @@ DECIMALS = 6                         # probabilities are rounded to this many de
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    num = data.number
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="Q/A file to annotate (.jsonl/.json/.csv/.tsv)")
     p.add_argument("--out", required=True, help="output .jsonl (canonical six-field records)")
     p.add_argument("--classifier", default=os.path.join("out", "classifier"),
@@ -50,20 +51,16 @@ def get_args(argv=None):
                         "critical; several classes may map to one severity, probabilities added)")
     p.add_argument("--question-col", default=None, help="question column when it is not named question/Question")
     p.add_argument("--answer-col", default=None, help="answer column when it is not named answer/Answer")
-    p.add_argument("--batch-size", type=int, default=64, help="questions per forward pass")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="max tokens per question incl. [CLS]/[SEP] (default: the classifier's training --max-len)")
-    p.add_argument("--chunk-size", type=int, default=4096,
+    p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="questions per forward pass")
+    p.add_argument("--max-len", type=num(int, lo=3), default=None,
+                   help="max tokens per question incl. [CLS]/[SEP], >= 3 (default: the classifier's training --max-len)")
+    p.add_argument("--chunk-size", type=num(int, lo=1), default=4096,
                    help="rows per resumable chunk (sorted by length inside a chunk); keep it the same when resuming")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto = cuda if available)")
-    p.add_argument("--limit", type=int, default=None, help="annotate only the first N rows")
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--limit", type=num(int, lo=1), default=None, help="annotate only the first N rows (>= 1)")
+    p.add_argument("--stop-after", type=num(int, lo=1), default=None,
                    help="debug: stop after this many chunks in this run, as if interrupted (rerun to resume)")
-    a = p.parse_args(argv)
-    for k in ("batch_size", "chunk_size"):
-        if getattr(a, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    return a
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,35 +73,45 @@ PRESETS = {
 }
 
 
+def parse_label_map(spec):
+    """'src=dst,...' (or a PRESETS name) -> {src: severity}; None for 'auto'. Checked before the classifier loads."""
+    spec = PRESETS.get(spec, spec)
+    if spec in (None, "", "auto"):
+        return None
+    mapping = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        src, eq, dst = part.partition("=")
+        src, dst = src.strip(), dst.strip()
+        if not eq or not src:
+            raise data.UserError("--label-map", f"'{part.strip()}' is not src=dst")
+        sev = dst if dst in SEVERITIES else data.canonical_severity(dst)
+        if sev is None:
+            raise data.UserError("--label-map", f"'{dst}' is not a severity ({', '.join(SEVERITIES)})")
+        mapping[src] = sev
+    return mapping
+
+
 def label_matrix(spec, labels):
     """(C, 3) 0/1 matrix M with M[c, s] = 1 when classifier class c counts as severity s;
     severity probabilities = probs @ M. spec: 'auto', a PRESETS name, or 'src=dst,...'.
     Every class must map to exactly one severity; several classes may share one."""
-    spec = PRESETS.get(spec, spec)
-    if spec in (None, "", "auto"):
+    given = parse_label_map(spec)
+    if given is None:
         mapping = {l: data.canonical_severity(l) for l in labels}
         bad = [l for l, s in mapping.items() if s is None]
         if bad:
-            raise ValueError(f"--label-map: classifier class '{bad[0]}' is not a severity name; "
-                             f"give --label-map 'src=dst,...' (classes: {', '.join(labels)})")
+            raise data.UserError("--label-map", f"classifier class '{bad[0]}' is not a severity name; "
+                                                f"give --label-map 'src=dst,...' (classes: {', '.join(labels)})")
     else:
-        mapping = {}
-        for part in spec.split(","):
-            if not part.strip():
-                continue
-            src, eq, dst = part.partition("=")
-            src, dst = src.strip(), dst.strip()
-            if not eq or not src:
-                raise ValueError(f"--label-map: '{part.strip()}' is not src=dst")
+        mapping = given
+        for src in mapping:
             if src not in labels:
-                raise ValueError(f"--label-map: '{src}' is not a class of the classifier ({', '.join(labels)})")
-            sev = dst if dst in SEVERITIES else data.canonical_severity(dst)
-            if sev is None:
-                raise ValueError(f"--label-map: '{dst}' is not a severity ({', '.join(SEVERITIES)})")
-            mapping[src] = sev
+                raise data.UserError("--label-map", f"'{src}' is not a class of the classifier ({', '.join(labels)})")
         missing = [l for l in labels if l not in mapping]
         if missing:
-            raise ValueError(f"--label-map: classifier class '{missing[0]}' is not mapped")
+            raise data.UserError("--label-map", f"classifier class '{missing[0]}' is not mapped")
     M = np.zeros((len(labels), len(SEVERITIES)))
     for c, l in enumerate(labels):
         M[c, SEVERITIES.index(mapping[l])] = 1.0
@@ -150,34 +157,45 @@ def _stamp(name):
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = get_args(argv)
+    """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
     try:
-        return annotate(args)
-    except (data.DataError, ValueError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(2)
+        return data.run(lambda a: annotate(get_args(a)), argv)
     except KeyboardInterrupt:
         print("\ninterrupted: finished chunks are kept in the .partial file; run the same command to resume",
               file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # missing input file, unreadable folder, ...
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
+
+
+def load_classifier(args, device):
+    """classify.load_classifier at the boundary: its errors about the folder or files become one UserError."""
+    with data.for_flag("--classifier"), data.reading(args.classifier, "classifier", "train one with classify.py"):
+        try:
+            return classify.load_classifier(args.classifier, device, args.revision)
+        except (ValueError, KeyError) as e:
+            if isinstance(e, (data.UserError, data.DataError)):
+                raise
+            raise data.UserError(args.classifier, str(e)) from None
 
 
 def annotate(args):
-    device = classify.resolve_device(args.device)
+    # every flag and path before any work; nothing is written before the first chunk is done
+    data.input_file(args.input, "input")
+    for f in (args.out, args.out + ".partial", args.out + ".partial.json"):
+        data.output_file(f, "--out")
+    device = str(data.resolve_device(args.device, "--device"))
+    parse_label_map(args.label_map)
     recs = read_questions(args.input, args.question_col, args.answer_col)
     if args.limit is not None:
-        recs = recs[:max(0, args.limit)]
-    model, tok, labels = classify.load_classifier(args.classifier, device, args.revision)
+        recs = recs[:args.limit]
+    model, tok, labels = load_classifier(args, device)
     M = label_matrix(args.label_map, labels)
     if model.meta.get("input") == "question+answer":
         print("warning: this classifier was trained on question+answer pairs; annotate.py feeds questions only",
               file=sys.stderr)
     max_len = min(args.max_len or int(model.meta.get("max_len", 512)), model.cfg.max_position_embeddings)
     if max_len < 3:
-        raise ValueError(f"--max-len {max_len} is too small")
+        raise data.UserError("--max-len", f"{max_len} is too small (the classifier's limit is "
+                                          f"{model.cfg.max_position_embeddings}; [CLS] and [SEP] take 2)")
 
     out = args.out
     partial, sidecar = out + ".partial", out + ".partial.json"

@@ -17,7 +17,6 @@ Columns: tokens/s (training: B*T per step; generation: new tokens per second, pr
 (generation: per new token), peak memory (MiB, see --help of --device), MFU against the device's bf16 peak
 (CUDA only), and the ratio ours / transformers of each figure (tokens/s above 1 and ms, memory below 1 favour ours).
 """
-import argparse
 import json
 import os
 import statistics
@@ -42,22 +41,23 @@ IMPLS = ("ours", "transformers")
 
 def get_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    num = data.number
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="registry name whose config.json shape is benchmarked with random "
                    "weights: " + ", ".join(REGISTRY))
     p.add_argument("--shape", choices=["full", "small"], default="full", help="full = the registry shape; small = scaled "
                    f"down to {SMALL['layers']} layers and hidden size {SMALL['hidden']} (vocabulary and head size kept)")
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers (after --shape)")
-    p.add_argument("--hidden", type=int, default=None, help="override the hidden size (after --shape); heads = hidden / "
+    p.add_argument("--layers", type=num(int, lo=1), default=None, help="override the number of layers (after --shape)")
+    p.add_argument("--hidden", type=num(int, lo=1), default=None, help="override the hidden size (after --shape); heads = hidden / "
                    "head_dim, KV heads and MLP width scale along")
-    p.add_argument("--batch-size", type=int, default=16 if cuda else 4, help="training micro-batch (sequences)")
-    p.add_argument("--seq-len", type=int, default=512 if cuda else 128, help="training sequence length (tokens)")
-    p.add_argument("--gen-batch", type=int, default=64 if cuda else 4, help="prompts per generate call")
-    p.add_argument("--gen-prompt-len", type=int, default=128 if cuda else 32, help="tokens per prompt")
-    p.add_argument("--new-tokens", type=int, default=50, help="sampled tokens per prompt (both stop exactly there)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each implementation first (compilation, "
+    p.add_argument("--batch-size", type=num(int, lo=1), default=16 if cuda else 4, help="training micro-batch (sequences)")
+    p.add_argument("--seq-len", type=num(int, lo=1), default=512 if cuda else 128, help="training sequence length (tokens)")
+    p.add_argument("--gen-batch", type=num(int, lo=1), default=64 if cuda else 4, help="prompts per generate call")
+    p.add_argument("--gen-prompt-len", type=num(int, lo=1), default=128 if cuda else 32, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=num(int, lo=1), default=50, help="sampled tokens per prompt (both stop exactly there)")
+    p.add_argument("--warmup", type=num(int, lo=0), default=3, help="untimed steps of each implementation first (compilation, "
                    "allocator and optimizer-state warm-up)")
-    p.add_argument("--iters", type=int, default=10, help="timed steps of each implementation; medians are reported")
+    p.add_argument("--iters", type=num(int, lo=1), default=10, help="timed steps of each implementation; medians are reported")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto = bf16 on CUDA, fp32 "
                    "on CPU. Training keeps fp32 weights under autocast (as train.py); generation casts the weights")
     p.add_argument("--compile", action="store_true", help="torch.compile our training step (forward + loss, fixed "
@@ -69,7 +69,7 @@ def get_args(argv=None):
                    "implementation's own weights and optimizer state (the other model also lives on the device); "
                    "CPU = growth of the process's peak RSS during the step (VmHWM, reset before each step), plus "
                    "the same own-state bytes: process-wide and coarse (the allocator may reuse freed memory)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=num(int, lo=0), default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--lengths", choices=["fixed", "maqa", "sample"], default="fixed", help="training examples: fixed = "
                    "every row --seq-len tokens (ours against transformers); maqa = a long-tailed MAQA-like length "
                    "distribution, sample = the lengths of data/sample/train.jsonl: ours padded (as train.py) against "
@@ -77,9 +77,9 @@ def get_args(argv=None):
                    "--batch-size examples per step, --seq-len = --max-len")
     p.add_argument("--skip-train", action="store_true", help="do not time the training step")
     p.add_argument("--skip-gen", action="store_true", help="do not time generation")
-    p.add_argument("--profile", type=int, default=0, help="after timing, run N more steps of each implementation under "
+    p.add_argument("--profile", type=num(int, lo=0), default=0, help="after timing, run N more steps of each implementation under "
                    "torch.profiler and print the top operators by self time")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, data and sampling")
+    p.add_argument("--seed", type=num(int, lo=0, hi=2**63 - 1), default=0, help="seed for weights, data and sampling")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file (atomically)")
     return p.parse_args(argv)
 
@@ -100,7 +100,7 @@ def scaled_config(hf, layers=None, hidden=None):
         d0, h0 = c[d_key], c[h_key]
         hd = c.get("head_dim") or d0 // h0
         if hidden % hd:
-            raise ValueError(f"--hidden: {hidden} is not a multiple of the head size {hd}")
+            raise data.UserError("--hidden", f"{hidden} is not a multiple of the head size {hd}")
         heads = hidden // hd
         c[d_key], c[h_key] = hidden, heads
         if c.get("num_key_value_heads"):
@@ -461,33 +461,32 @@ def print_table(title, s):
 
 
 def main(argv=None):
+    """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
+    return data.run(_main, argv)
+
+
+def _main(argv=None):
     args = get_args(argv)
-    try:
-        if args.model not in REGISTRY:
-            raise ValueError(f"--model: {args.model!r} is not a registry name ({', '.join(REGISTRY)})")
-        for flag in ("batch_size", "seq_len", "gen_batch", "gen_prompt_len", "new_tokens", "iters", "layers", "hidden"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1")
-        if args.warmup < 0:
-            raise ValueError("--warmup: must be >= 0")
-        if args.lengths != "fixed" and args.compile:
-            raise ValueError("--lengths with --compile: measure the compiled packed step with train.py --pack "
-                             "--compile (see README, Performance)")
-        layers = args.layers or (SMALL["layers"] if args.shape == "small" else None)
-        hidden = args.hidden or (SMALL["hidden"] if args.shape == "small" else None)
-        hf_cfg = scaled_config(REGISTRY[args.model]["config"], layers, hidden)
-        cfg = Config.from_hf(hf_cfg)
-        if cfg.pos == "learned" and not args.skip_gen and args.gen_prompt_len + args.new_tokens > cfg.max_pos:
-            raise ValueError(f"--gen-prompt-len + --new-tokens: {args.gen_prompt_len + args.new_tokens} exceed the "
-                             f"model's {cfg.max_pos} positions")
-        if cfg.pos == "learned" and not args.skip_train and args.seq_len > cfg.max_pos:
-            raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's {cfg.max_pos} positions")
-        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device: CUDA is not available here")
-    except (ValueError, KeyError, RuntimeError) as e:   # RuntimeError: torch.device of a bad --device string
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # every flag and path before any work
+    if args.model not in REGISTRY:
+        raise data.UserError("--model", f"{args.model!r} is not a registry name ({', '.join(REGISTRY)})")
+    if args.json:
+        data.output_file(args.json, "--json")
+    if args.skip_train and args.skip_gen:
+        raise data.UserError("--skip-train/--skip-gen", "both given: nothing to time")
+    if args.lengths != "fixed" and args.compile:
+        raise data.UserError("--lengths with --compile", "measure the compiled packed step with train.py --pack "
+                                                         "--compile (see README, Performance)")
+    layers = args.layers or (SMALL["layers"] if args.shape == "small" else None)
+    hidden = args.hidden or (SMALL["hidden"] if args.shape == "small" else None)
+    hf_cfg = scaled_config(REGISTRY[args.model]["config"], layers, hidden)
+    cfg = Config.from_hf(hf_cfg)
+    if cfg.pos == "learned" and not args.skip_gen and args.gen_prompt_len + args.new_tokens > cfg.max_pos:
+        raise data.UserError("--gen-prompt-len + --new-tokens", f"{args.gen_prompt_len + args.new_tokens} exceed "
+                                                                f"the model's {cfg.max_pos} positions")
+    if cfg.pos == "learned" and not args.skip_train and args.seq_len > cfg.max_pos:
+        raise data.UserError("--seq-len", f"{args.seq_len} exceeds the model's {cfg.max_pos} positions")
+    device = data.resolve_device(args.device, "--device")
 
     if args.threads:
         torch.set_num_threads(args.threads)

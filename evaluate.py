@@ -2,7 +2,7 @@
 Evaluate a causal LM on the severity-annotated test set the paper's way (arXiv 2604.06346), and compare runs.
 
 Protocol (the paper's, the default): prompt = data.format_prompt(question), sample 50 new tokens at temperature
-0.7, keep the text after the answer cue (data.extract_answer), score against the reference answer with BERTScore
+0.7, keep the answer to this question (data.extract_answer: the text before any new question and cue), score against the reference answer with BERTScore
 (bert-base-multilingual-cased, layer 9, no idf, no baseline rescaling), report P, R and F1 x 100 on the first
 2,000 test records. Added here: the same scores per severity class with bootstrap 95% intervals, a seeded run
 (--seed), a greedy run (--greedy), K sampled runs with a spread (--repeat), and the eval NLL of the reference
@@ -33,7 +33,6 @@ bert-score 0.3.13 on transformers 5 (two workarounds, both here, both keep bert-
   - an empty candidate crashes it (it calls a tokenizer method transformers 5 removed); bert-score defines the
     score of an empty candidate as P = R = F1 = 0, so empty predictions get 0 and are not sent to it.
 """
-import argparse
 import json
 import os
 import sys
@@ -76,51 +75,52 @@ def paper_key(name):
     return next((k for k in PAPER_TABLE2 if REGISTRY[k]["repo"].split("/")[-1].lower() == low), None)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line on stderr ("error: ..."), exit status 2, like every other error."""
-
-    def error(self, message):
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-        sys.exit(2)
-
-
 def get_args(argv=None):
-    p = Parser(description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    num = data.number
+    p = data.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--model", default=None, help="registry name (see model.REGISTRY), HF repo id or local folder of the "
                    "untouched base model (setting Base), or a folder train.py wrote (setting from its args.json)")
     p.add_argument("--data", default=SAMPLE_TEST, help="canonical test file (question, answer, severity, p_nc, p_n, p_c)")
-    p.add_argument("--n", type=int, default=2000, help="evaluate the first N records (the paper: 2,000)")
+    p.add_argument("--n", type=num(int, lo=1), default=2000, help="evaluate the first N records (the paper: 2,000)")
     p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl (default: the model "
                    "folder if --model is a folder, else out/eval-<model>)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (and sequences per NLL batch)")
+    p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="prompts per generation batch (and sequences per NLL batch)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available); also runs the scorer")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weights dtype for generation and NLL: auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (deterministic)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (the paper: 0.7)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only; 0 = off. The paper's "
-                   "notebooks called transformers' generate, whose default generation config uses top_k=50")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--temperature", type=num(float, lo=0), default=0.7, help="sampling temperature (the paper: 0.7)")
+    p.add_argument("--recipe", choices=["paper", "notebook"], default="paper", help="defaults for --prompt, --top-k "
+                   "and --top-p (each flag given still wins). paper = the paper's stated protocol: the training prompt "
+                   "with the answer cue, plain sampling (top-k and top-p off). notebook = what the authors' notebooks "
+                   "ran through transformers' generate: the cue-less prompt \"\\n{Q}\\n\", top_k/top_p from the model's "
+                   "generation_config.json (else config.json), else transformers' defaults (top_k 50, top_p 1)")
+    p.add_argument("--prompt", choices=["cue", "no-cue"], default=None, help="generation prompt: cue = data.format_prompt "
+                   "(the training prompt, ends with the answer cue); no-cue = \"\\n{Q}\\n\" (the notebooks). Default: by --recipe")
+    p.add_argument("--top-k", type=num(int, lo=0), default=None, help="sample from the k most likely tokens only; 0 = off. "
+                   "Default: by --recipe (paper: 0; notebook: the model's generation config, else 50)")
+    p.add_argument("--top-p", type=num(float, lo=0, hi=1, lo_open=True), default=None, help="nucleus sampling mass; 1 = off. Default: by --recipe "
+                   "(paper: 1; notebook: the model's generation config, else 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (model.compile_decode). "
                    "Compiling several graphs (prefill, first decode steps, then dynamic shapes) takes about a minute "
                    "on a CPU, so it pays only on long runs")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="new tokens per answer (the paper: 50)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (run k of --repeat uses seed+k); "
+    p.add_argument("--max-new-tokens", type=num(int, lo=1), default=50, help="new tokens per answer (the paper: 50)")
+    p.add_argument("--seed", type=num(int, lo=0, hi=2**63 - 1 - 10**6), default=None, help="seed of the sampling generator (run k of --repeat uses seed+k); "
                    "default: drawn at random and written to eval.json")
-    p.add_argument("--repeat", type=int, default=1, help="K sampled runs with seeds seed..seed+K-1, reported as mean and "
+    p.add_argument("--repeat", type=num(int, lo=1), default=1, help="K sampled runs with seeds seed..seed+K-1, reported as mean and "
                    "std across runs plus each run's scores")
-    p.add_argument("--max-len", type=int, default=512, help="prompt+answer tokens kept for the eval NLL (as train.py)")
+    p.add_argument("--max-len", type=num(int, lo=2), default=512, help="prompt+answer tokens kept for the eval NLL (as train.py)")
     p.add_argument("--bertscore-model", default=DEFAULT_SCORER, help="bert-score model: a name bert-score knows, an HF "
                    "repo id, or a local folder (e.g. a classifier classify.py saved)")
-    p.add_argument("--bertscore-layer", type=int, default=None, help="layer whose embeddings are matched (default: "
+    p.add_argument("--bertscore-layer", type=num(int, lo=0), default=None, help="layer whose embeddings are matched (default: "
                    "bert-score's table, e.g. 9 for bert-base-multilingual-cased, 17 for xlm-roberta-large); "
                    "required for any model not in that table (AraBERT, local folders)")
     p.add_argument("--floor", action="store_true", help="also score every prediction against another record's "
                    "reference (a seeded derangement): the score of an unrelated pair, the floor that F1 differences "
                    "should be read against (BERTScore without rescaling is far from 0 for unrelated texts)")
-    p.add_argument("--bertscore-batch-size", type=int, default=64, help="sentences per bert-score batch")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
-    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--bertscore-batch-size", type=num(int, lo=1), default=64, help="sentences per bert-score batch")
+    p.add_argument("--bootstrap", type=num(int, lo=0), default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
+    p.add_argument("--bootstrap-seed", type=num(int, lo=0, hi=2**32 - 1), default=0, help="seed of the bootstrap resampling")
     p.add_argument("--name", default=None, help="row label in --table (default: the base model's name: the registry "
                    "name, or args.json's model for a train.py folder)")
     p.add_argument("--setting", choices=SETTINGS + ("custom",), default=None,
@@ -134,13 +134,15 @@ def get_args(argv=None):
     p.add_argument("--paper", action="store_true", help="with --table: add the paper's Table 2 figures (BERTScore F1) "
                    "for models that are among the paper's ten")
     p.add_argument("--plot", default=None, help="with --table: save a PNG bar chart with intervals to this path")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                   help="paired comparison of two eval folders (eval.json + predictions.jsonl, or the eval.json paths) "
+                   "scored on the same data with the same scorer and protocol: per example B - A in P, R, F1 and "
+                   "answer NLL, overall and per severity, with a 95%% paired bootstrap interval and a paired "
+                   "sign-flip permutation p-value; printed and saved to --out/compare.json")
+    p.add_argument("--permutations", type=data.number(int, lo=1), default=10000, help="with --compare/--table: "
+                   "random sign flips of the permutation test (exact enumeration when 2^n is no more than this); "
+                   "seeded with --bootstrap-seed")
     return p.parse_args(argv)
-
-
-def fail(msg):
-    """The one way out on bad input: one line on stderr, exit 2."""
-    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,18 +156,14 @@ def describe_model(name_or_path):
     if not os.path.isfile(args_file):
         return os.path.basename(os.path.normpath(name_or_path)), "Base", None
     import train
-    with open(args_file, encoding="utf-8") as f:
-        try:
-            targs = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args_file}:{e.lineno}: json: {e.msg}") from None
+    targs = data.read_json(args_file, "training arguments")
     try:
         abc = targs.get("weights_abc")
         abc = train.parse_weights(str(targs.get("weights", ""))) if abc is None else tuple(float(x) for x in abc)
         if len(abc) != 3:
             raise ValueError(f"{len(abc)} values")
     except (AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"{args_file}:0: weights: cannot read the training weights a,b,c ({e})") from None
+        raise data.UserError(args_file, f"weights: cannot read the training weights a,b,c ({e})") from None
     setting = next((PRESET_SETTING[k] for k, v in train.PRESETS.items()
                     if k in PRESET_SETTING and all(abs(x - y) < 1e-9 for x, y in zip(v, abc))), "custom")
     base = str(targs.get("model") or name_or_path)
@@ -196,6 +194,53 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The two recipes: the paper's stated protocol and what the authors' notebooks ran
+
+# transformers' generate fills what neither the call nor the model's generation config sets with these (its
+# GenerationConfig._get_default_generation_params): the notebooks' sampling therefore used top_k 50 by default.
+HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0}
+# Sampling settings a generation config may hold that model.generate does not implement, with their neutral values.
+HF_UNSUPPORTED = {"repetition_penalty": 1.0, "typical_p": 1.0, "min_p": None, "no_repeat_ngram_size": 0,
+                  "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1}
+
+
+def model_generation_config(path):
+    """The generation settings a model folder ships: its generation_config.json, else the generation keys of its
+    config.json (what transformers' GenerationConfig.from_model_config falls back to); {} for neither (tiny).
+    Keys kept: top_k, top_p, temperature, do_sample and HF_UNSUPPORTED's, None values dropped."""
+    keys = ("top_k", "top_p", "temperature", "do_sample") + tuple(HF_UNSUPPORTED)
+    for name in ("generation_config.json", "config.json"):
+        f = os.path.join(path, name) if path and os.path.isdir(path) else None
+        if f and os.path.isfile(f):
+            with open(f, encoding="utf-8") as fh:
+                try:
+                    cfg = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{e.lineno}: json: {e.msg}") from None
+            got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
+            if got or name == "generation_config.json":
+                return dict(got, source=f)
+    return {}
+
+
+def resolve_recipe(args, gen_cfg):
+    """(prompt, top_k, top_p, notes) for a run: a flag given on the command line wins, else the recipe's default.
+    notebook: the model's generation config (gen_cfg), else transformers' defaults, as generate() did there; the
+    temperature (0.7) and max_new_tokens (50) were passed explicitly by the notebooks, so they come from the flags.
+    notes: the config's settings that model.generate does not implement (written to eval.json, printed)."""
+    nb = args.recipe == "notebook"
+    prompt = args.prompt or ("no-cue" if nb else "cue")
+    top_k, top_p = args.top_k, args.top_p
+    if top_k is None:
+        top_k = int(gen_cfg.get("top_k", HF_SAMPLING_DEFAULTS["top_k"])) if nb else 0
+    if top_p is None:
+        top_p = float(gen_cfg.get("top_p", HF_SAMPLING_DEFAULTS["top_p"])) if nb else 1.0
+    notes = [f"{k}={gen_cfg[k]} in {gen_cfg.get('source')} is not implemented here (ignored)"
+             for k, neutral in HF_UNSUPPORTED.items() if nb and k in gen_cfg and gen_cfg[k] != neutral]
+    return prompt, top_k, top_p, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Generation and NLL
 
 
@@ -204,23 +249,25 @@ def length_order(lengths):
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
-def encode_prompts(model, tok, questions, max_new_tokens):
-    """Prompt ids per question; a prompt too long for learned positions keeps its tail (the cue stays)."""
-    prompts = [tok.encode(data.format_prompt(q)) for q in questions]
+def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
+    """Prompt ids per question; a prompt too long for learned positions keeps its tail (the cue stays).
+    prompt: cue = data.format_prompt(q); no-cue = data.format_prompt(q, cue=False), the notebooks' "\n{Q}\n"."""
+    prompts = [tok.encode(data.format_prompt(q, cue=prompt == "cue")) for q in questions]
     if model.cfg.pos == "learned":
         room = model.cfg.max_pos - max_new_tokens
         if room < 1:
-            raise ValueError(f"--max-new-tokens: {max_new_tokens} leaves no room for a prompt in {model.cfg.max_pos} positions")
+            raise data.UserError("--max-new-tokens", f"{max_new_tokens} leaves no room for a prompt in the model's "
+                                                     f"{model.cfg.max_pos} positions")
         prompts = [p[-room:] for p in prompts]
     return prompts
 
 
 def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, temperature=0.7, top_k=0, top_p=1.0,
-                     seed=None, progress=None, stats=None):
+                     seed=None, progress=None, stats=None, prompt="cue"):
     """Answers (after data.extract_answer) in the order of `questions`, generated in length-sorted batches.
     temperature 0 = greedy; otherwise one generator seeded with `seed` drives every draw. stats (a dict), if given,
     gets "new_tokens" (generated before EOS) added."""
-    prompts = encode_prompts(model, tok, questions, max_new_tokens)
+    prompts = encode_prompts(model, tok, questions, max_new_tokens, prompt)
     device = model.wte.weight.device
     gen = None
     if temperature > 0:
@@ -266,6 +313,49 @@ def answer_nll(model, tok, records, batch_size=64, max_len=512):
 # BERTScore
 
 
+# what a hub scorer may bring: config, safetensors weights and tokenizer files; never a pickle, never code
+SCORER_ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model",
+                "spiece.model", "added_tokens.json"]
+
+
+def scorer_folder(name):
+    """A local folder with the scorer's config.json and safetensors weights. A hub name (bert-score's names are hub
+    repos) is downloaded with SCORER_ALLOW, like model.resolve; the folder is what bert-score then gets, so it
+    cannot fall back to a pickled pytorch_model.bin. Refused (UserError) otherwise."""
+    flag = "--bertscore-model"
+    if os.path.isdir(name):
+        folder = name
+    elif os.path.exists(name):
+        raise data.UserError(flag, f"{name}: is a file, expected a folder or a hub name")
+    elif os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1:
+        raise data.UserError(flag, f"{name}: no such folder")
+    else:
+        from huggingface_hub import snapshot_download
+        try:
+            folder = snapshot_download(name, allow_patterns=SCORER_ALLOW)
+        except Exception:   # noqa: BLE001 - offline or hub down: an already-cached snapshot still serves
+            try:
+                folder = snapshot_download(name, allow_patterns=SCORER_ALLOW, local_files_only=True)
+            except Exception as e:   # noqa: BLE001 - any hub failure is the user's to fix (name, network, token)
+                raise data.UserError(flag, f"{name}: not a local folder, and cannot fetch it from the hub "
+                                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise data.UserError(flag, f"{name}: no config.json")
+    files = os.listdir(folder)
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))]
+        raise data.UserError(flag, f"{name}: no .safetensors weights" + (
+            f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)"
+            if pickles else ""))
+    from safetensors import safe_open
+    for f in sorted(f for f in files if f.endswith(".safetensors")):   # a cut or corrupt file fails here, by name
+        with data.reading(os.path.join(folder, f), "scorer weights", "re-download or re-save the scorer"):
+            with safe_open(os.path.join(folder, f), framework="pt") as h:
+                h.keys()
+    return folder
+
+
 class BertScore:
     """bert-score's BERTScorer (model loaded once), no idf, no rescaling; __call__ -> (N, 3) P, R, F1 in [0, 1].
 
@@ -277,29 +367,27 @@ class BertScore:
         from bert_score.utils import model2layers
         if layer is None:
             if model_type not in model2layers:
-                raise ValueError(f"--bertscore-model: {model_type!r} is not in bert-score's layer table: give "
-                                 f"--bertscore-layer (e.g. 9 for {DEFAULT_SCORER}, 17 for xlm-roberta-large)")
+                raise data.UserError("--bertscore-model", f"{model_type!r} is not in bert-score's layer table: give "
+                                     f"--bertscore-layer (e.g. 9 for {DEFAULT_SCORER}, 17 for xlm-roberta-large)")
             layer = model2layers[model_type]
         if layer < 0:
-            raise ValueError(f"--bertscore-layer: {layer} must be >= 0")
-        cfg_file = os.path.join(model_type, "config.json")
-        if os.path.isfile(cfg_file):                        # a local folder: check the layer before loading
-            with open(cfg_file, encoding="utf-8") as f:
-                n_layers = json.load(f).get("num_hidden_layers")
-            if n_layers is not None and layer > n_layers:
-                raise ValueError(f"--bertscore-layer: {layer} but {model_type} has {n_layers} layers")
-        elif os.path.isdir(model_type):
-            raise ValueError(f"--bertscore-model: {model_type}: no config.json")
+            raise data.UserError("--bertscore-layer", f"{layer} must be >= 0")
+        folder = scorer_folder(model_type)
+        cfg = data.read_json(os.path.join(folder, "config.json"), "scorer config")
+        n_layers = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
+        if isinstance(n_layers, int) and layer > n_layers:
+            raise data.UserError("--bertscore-layer", f"{layer} but {model_type} has {n_layers} layers")
         self.model_type, self.layer = model_type, layer
         from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()          # no load reports (a classifier's unused head) nor progress bars
         hf_logging.disable_progress_bar()
         try:
-            self.scorer = bert_score.BERTScorer(model_type=model_type, num_layers=layer, batch_size=batch_size,
+            # a local folder that holds safetensors (checked above): transformers loads those, never a pickle
+            self.scorer = bert_score.BERTScorer(model_type=folder, num_layers=layer, batch_size=batch_size,
                                                 idf=False, rescale_with_baseline=False, device=device)
-        except (OSError, ValueError, AssertionError, KeyError) as e:
-            raise ValueError(f"--bertscore-model: cannot load {model_type!r}: {e}") from None
+        except (OSError, ValueError, AssertionError, KeyError) as e:   # transformers' loaders: bad or missing files
+            raise data.UserError("--bertscore-model", f"cannot load {model_type!r}: {e}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
@@ -378,37 +466,78 @@ def score_table(prf, severities, n_boot, seed):
     return {m: summarize(prf[:, j] * 100, severities, n_boot, seed) for j, m in enumerate(METRICS)}
 
 
+def sign_flip_p(values, n_perm=10000, seed=0):
+    """Two-sided p-value of the paired sign-flip permutation test of "sum(values) is 0": under the null each
+    example's difference is as likely to have the other sign, so p = P(|sum_i s_i v_i| >= |sum_i v_i|) over signs
+    s_i = +-1. A ratio statistic sum(v) / sum(denom) has the same p (the denominator does not flip).
+
+    Exact when 2^n <= n_perm: every sign vector once (the identity included). Otherwise n_perm random sign vectors,
+    signs = 2 * rng.integers(0, 2, size=(n_perm, n)) - 1 with rng = np.random.default_rng(seed) drawn in one block,
+    and p = (1 + hits) / (1 + n_perm), which never reports 0. Ties within 1e-9 of |sum v| count as extreme."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    if n == 0:
+        return None
+    t = abs(v.sum())
+    tol = 1e-9 * max(1.0, np.abs(v).sum())
+    if n <= 62 and (1 << n) <= n_perm:
+        codes = np.arange(1 << n, dtype=np.int64)[:, None]                 # (2^n, 1): bit i = sign of example i
+        signs = 1 - 2 * ((codes >> np.arange(n)) & 1)                       # (2^n, n) in {+1, -1}
+        return float((np.abs(signs @ v) >= t - tol).mean())
+    rng = np.random.default_rng(seed)
+    hits = 0
+    rows = max(1, (1 << 22) // n)                                           # blocks of at most ~4M signs
+    for s in range(0, n_perm, rows):
+        k = min(rows, n_perm - s)
+        signs = 2 * rng.integers(0, 2, size=(k, n)) - 1
+        hits += int((np.abs(signs @ v) >= t - tol).sum())
+    return (1 + hits) / (1 + n_perm)
+
+
+def paired_diff(a, b, n_boot=1000, seed=0, n_perm=10000, denom=None):
+    """Paired difference B - A over the same examples: {mean_a, mean_b, diff, lo, hi, p, n}.
+    Without denom: per-example d_i = b_i - a_i, diff = mean(d), its percentile bootstrap interval (bootstrap_ci,
+    level 0.95) and the sign-flip p-value of d. With denom (answer tokens n_i, equal in both runs): the ratio of sums
+    the eval.json NLL reports, diff = sum(n_i d_i) / sum(n_i), bootstrapped and permuted as that same statistic."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if denom is None:
+        v, den = b - a, None
+        ma, mb, diff = float(a.mean()), float(b.mean()), float(v.mean())
+    else:
+        den = np.asarray(denom, dtype=np.float64)
+        v = (b - a) * den
+        ma, mb = float((a * den).sum() / den.sum()), float((b * den).sum() / den.sum())
+        diff = float(v.sum() / den.sum())
+    lo, hi = bootstrap_ci(v, n_boot, seed, den)
+    return {"mean_a": ma, "mean_b": mb, "diff": diff, "lo": lo, "hi": hi, "p": sign_flip_p(v, n_perm, seed),
+            "n": int(len(v))}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device: {device} but CUDA is not available")
-    return device
-
-
 def check_args(args):
+    """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
-        raise ValueError("--model: required (or use --table)")
-    for flag, lo in (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("repeat", 1), ("max_len", 2),
-                     ("bertscore_batch_size", 1), ("bootstrap", 0)):
-        if getattr(args, flag) < lo:
-            raise ValueError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be >= {lo}")
+        raise data.UserError("--model", "required (or use --table)")
+    if args.plot or args.paper:
+        raise data.UserError("--plot/--paper", "only with --table")
     if not args.greedy and not args.temperature > 0:
-        raise ValueError(f"--temperature: {args.temperature} must be > 0 (use --greedy for greedy decoding)")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p: {args.top_p} must be in (0, 1]")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k: {args.top_k} must be >= 0")
+        raise data.UserError("--temperature", f"{args.temperature} must be > 0 (use --greedy for greedy decoding)")
     if args.floor and args.n < 2:
-        raise ValueError("--floor: needs --n >= 2")
+        raise data.UserError("--floor", "needs --n >= 2")
     if args.greedy and args.repeat > 1:
-        raise ValueError("--repeat: greedy runs are identical; repeat sampled runs only")
-    if not os.path.isfile(args.data):
-        raise ValueError(f"{args.data}:0: file: no such file")
+        raise data.UserError("--repeat", "greedy runs are identical; repeat sampled runs only")
+    data.input_file(args.data, "--data")
+    data.output_dir(out_folder(args), "--out")
+    for f in ("eval.json", "predictions.jsonl"):
+        data.output_file(os.path.join(out_folder(args), f), "--out")
+
+
+def out_folder(args):
+    return args.out or (args.model if os.path.isdir(args.model) else
+                        os.path.join("out", f"eval-{os.path.basename(os.path.normpath(args.model))}"))
 
 
 def evaluate(args):
@@ -419,24 +548,26 @@ def evaluate(args):
     records_all = data.load_records(args.data)
     records = records_all[:args.n]
     name, setting, targs = describe_model(args.model)
-    device = resolve_device(args.device)
+    device = str(data.resolve_device(args.device, "--device"))
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    try:   # find the model (a download for a hub name) before the scorer, load it after: both fail fast
-        path = args.model if args.model == "tiny" or os.path.isdir(args.model) else resolve(args.model)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(f"--model: cannot find {args.model!r}: {e}") from None
+    # find the model (a download for a hub name) before the scorer, load it after: both fail fast (model.py's
+    # loaders report a missing folder, bad config, tokenizer or weights as one UserError naming the file)
+    with data.for_flag("--model"):
+        path = args.model if args.model == "tiny" and not os.path.isdir(args.model) else resolve(args.model)
     # the scorer before any generation: a bad --bertscore-model fails in seconds, not after an hour
-    scorer = BertScore(args.bertscore_model, args.bertscore_layer, args.bertscore_batch_size, device)
-    try:
+    with data.for_flag("--bertscore-model"):
+        scorer = BertScore(args.bertscore_model, args.bertscore_layer, args.bertscore_batch_size, device)
+    with data.for_flag("--model"):
         tok = load_tokenizer(path)
         model = Decoder.from_pretrained(path, dtype=torch_dtype, device=device).eval()
-        if args.compile:
-            model.compile_decode()
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(f"--model: cannot load {args.model!r}: {e}") from None
     if tok.eos_id is None:
-        raise ValueError(f"--model: {args.model}: the tokenizer has no EOS token")
+        raise data.UserError("--model", f"{args.model}: the tokenizer has no EOS token")
+    if model.cfg.pos == "learned" and model.cfg.max_pos - args.max_new_tokens < 1:
+        raise data.UserError("--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in the model's "
+                                                 f"{model.cfg.max_pos} positions")
+    if args.compile:
+        model.compile_decode()
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     questions = [r["question"] for r in records]
     refs = [r["answer"] for r in records]
@@ -452,6 +583,10 @@ def evaluate(args):
     t_nll = time.time() - t0
 
     temperature = 0.0 if args.greedy else args.temperature
+    gen_cfg = model_generation_config(path)
+    prompt, top_k, top_p, notes = resolve_recipe(args, gen_cfg)
+    for note in notes:
+        log(f"warning: --recipe notebook: {note}")
     if args.greedy:
         seeds = [None]
     else:
@@ -464,8 +599,8 @@ def evaluate(args):
         t0 = time.time()
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
         prog = Progress(len(records), f"{tag}generate", args.quiet)
-        preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, args.top_k,
-                                 args.top_p, seed, prog, gen_stats)
+        preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, top_k,
+                                 top_p, seed, prog, gen_stats, prompt)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t_gen += time.time() - t0
@@ -485,7 +620,7 @@ def evaluate(args):
             rows.append({"index": i, "seed": seed, "question": r["question"], "reference": r["answer"],
                          "prediction": preds[i], "severity": r["severity"], "precision": 100 * prf[i, 0],
                          "recall": 100 * prf[i, 1], "f1": 100 * prf[i, 2],
-                         "nll": nll_sum[i] / nll_tok[i] if nll_tok[i] > 0 else None})
+                         "nll": nll_sum[i] / nll_tok[i] if nll_tok[i] > 0 else None, "nll_tokens": int(nll_tok[i])})
 
     def combine(arrays, key):
         """One run: its table. K runs: the mean over runs, interval = bootstrap of each example's K-run average,
@@ -509,8 +644,11 @@ def evaluate(args):
         "data": {"path": args.data, "sha256": data.sha256(args.data), "n": len(records), "n_file": len(records_all),
                  "counts": counts},
         "generation": {"mode": "greedy" if args.greedy else "sampled", "temperature": temperature,
-                       "top_k": args.top_k or None, "top_p": args.top_p if args.top_p < 1 else None,
-                       "max_new_tokens": args.max_new_tokens, "prompt": "data.format_prompt", "postprocess":
+                       "top_k": top_k or None, "top_p": top_p if top_p < 1 else None,
+                       "recipe": args.recipe, "model_generation_config": gen_cfg or None, "ignored": notes,
+                       "max_new_tokens": args.max_new_tokens,
+                       "prompt": "data.format_prompt" if prompt == "cue" else "data.format_prompt(cue=False)",
+                       "postprocess":
                        "data.extract_answer", "batch_size": args.batch_size, "dtype": dtype, "device": device,
                        "seeds": seeds, "repeat": len(seeds)},
         "bertscore": {"model": scorer.model_type, "layer": scorer.layer, "idf": False, "rescale_with_baseline": False,
@@ -557,19 +695,47 @@ def fmt_cell(d, digits=2):
     return f"{d['mean']:.{digits}f}"
 
 
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _check_cells(path, where, table):
+    """A {group: cell} dict of an eval.json: each cell has a finite mean and numbers (or null) for lo/hi/std."""
+    if not isinstance(table, dict):
+        raise data.UserError(path, f"{where}: expected an object of group -> cell, got {type(table).__name__}")
+    for g, d in table.items():
+        if not isinstance(d, dict) or not _is_num(d.get("mean")):
+            raise data.UserError(path, f"{where}.{g}: expected a cell with a finite number 'mean'")
+        for k in ("lo", "hi", "std"):
+            if d.get(k) is not None and not _is_num(d[k]):
+                raise data.UserError(path, f"{where}.{g}.{k}: expected a number or null, got {d[k]!r}"[:200])
+
+
 def load_eval(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            ev = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}:0: file: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: json: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}:0: file: not UTF-8") from None
+    """An eval.json for --table, checked field by field (one UserError naming the file and the field)."""
+    data.input_file(path, "--table")
+    ev = data.read_json(path, "eval.json")
+    if not isinstance(ev, dict):
+        raise data.UserError(path, "not an eval.json written by evaluate.py (expected a JSON object)")
     for key in ("setting", "model", "scores", "nll"):
-        if not isinstance(ev, dict) or key not in ev:
-            raise ValueError(f"{path}:0: {key}: missing (not an eval.json written by evaluate.py)")
+        if key not in ev:
+            raise data.UserError(path, f"{key}: missing (not an eval.json written by evaluate.py)")
+    if not isinstance(ev["setting"], str):
+        raise data.UserError(path, f"setting: expected text, got {type(ev['setting']).__name__}")
+    m = ev["model"]
+    if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+        raise data.UserError(path, "model.name: expected text")
+    w = m.get("weights")
+    if w is not None and not (isinstance(w, list) and len(w) == 3 and all(_is_num(x) for x in w)):
+        raise data.UserError(path, "model.weights: expected three numbers or null")
+    for key in ("scores", "floor"):
+        if key == "floor" and ev.get("floor") is None:
+            continue
+        if not isinstance(ev[key], dict):
+            raise data.UserError(path, f"{key}: expected an object of metric -> groups")
+        for metric, table in ev[key].items():
+            _check_cells(path, f"{key}.{metric}", table)
+    _check_cells(path, "nll", ev["nll"])
     return ev
 
 
@@ -608,9 +774,11 @@ METRIC_TITLE = {"f1": "BERTScore F1 (x100)", "precision": "BERTScore precision (
                 "floor": "BERTScore F1 (x100) against shuffled references (--floor)"}
 
 
-def build_tables(evs, metric="f1", paper=False):
+def build_tables(evs, metric="f1", paper=False, marks=None):
     """Markdown text: one table for all test answers, then one per severity class. Rows = models, columns =
-    Base, CE, Mild, Strong, Balanced (+ custom weights). Returns (text, cells) with cells[group][(row, col)]."""
+    Base, CE, Mild, Strong, Balanced (+ custom weights). Returns (text, cells) with cells[group][(row, col)].
+    marks: {(group, row, col): p} from table_significance; a cell with p < 0.05 gets " *"."""
+    marks = marks or {}
     rows, cols = [], list(SETTINGS)
     groups = {}
     for ev in evs:
@@ -636,7 +804,9 @@ def build_tables(evs, metric="f1", paper=False):
                 if d is None:
                     vals.append("-")
                 else:
-                    vals.append(fmt_cell(d, digits) + (f" (k={d['k']})" if d["k"] > 1 else ""))
+                    p = marks.get((g, r, c))
+                    vals.append(fmt_cell(d, digits) + (f" (k={d['k']})" if d["k"] > 1 else "")
+                                + (" *" if p is not None and p < 0.05 else ""))
             lines.append(f"| {r} | " + " | ".join(vals) + " |")
             if paper and g == "overall" and metric == "f1" and paper_key(r):
                 pname, pv = PAPER_TABLE2[paper_key(r)]
@@ -654,6 +824,11 @@ def build_tables(evs, metric="f1", paper=False):
             lines.append("")
     lines.append("Cells: mean [95% bootstrap interval] for one run; mean ± std across sampled runs (--repeat) or "
                  "across k eval.json files of the same model and setting (e.g. training seeds).")
+    if marks:
+        lines.append(f"*: differs from CE on the same test answers at p < 0.05 (paired sign-flip permutation test "
+                     f"over examples, as evaluate.py --compare; k files per cell are averaged per example first, so "
+                     f"the training seeds are held fixed). Tested against CE: {len(marks)} cells, "
+                     f"{sum(p < 0.05 for p in marks.values())} marked.")
     return "\n".join(lines) + "\n", (rows, cols, cells)
 
 
@@ -699,21 +874,21 @@ def save_plot(path, metric, rows, cols, cells):
             ax.set_ylim(max(0, min(low) - 5), min(100, max(high) + 5))
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        data.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def table_main(args):
+    if args.plot:
+        data.output_file(args.plot, "--plot")
     evs = [load_eval(p) for p in args.table]
-    text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper)
+    marks, skipped = table_significance(args.table, evs, args.metric, args.bootstrap, args.bootstrap_seed,
+                                        args.permutations)
+    for msg in skipped:
+        print(f"note: no significance mark for {msg}", file=sys.stderr)
+    text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks)
     if args.plot:
         save_plot(args.plot, args.metric, rows, cols, cells)
     print(text, end="")
@@ -722,20 +897,194 @@ def table_main(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Paired comparison of two runs (--compare) and the significance marks of --table
+
+PROTOCOL_KEYS = ("mode", "temperature", "top_k", "top_p", "max_new_tokens", "prompt", "postprocess", "repeat")
+SCORER_KEYS = ("model", "layer", "idf", "rescale_with_baseline", "scale")
+
+
+def eval_json_path(path):
+    """An eval folder or its eval.json -> the eval.json path."""
+    return os.path.join(path, "eval.json") if os.path.isdir(path) else path
+
+
+def load_examples(path):
+    """(eval.json dict, per-example arrays) of one run. The arrays come from predictions.jsonl beside the eval.json:
+    per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
+    repeats), answer NLL and answer tokens (None where an older run did not record them)."""
+    ev = load_eval(eval_json_path(path))
+    pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
+    if not os.path.isfile(pred):
+        raise ValueError(f"{pred}:0: file: no such file (the per-example scores are needed)")
+    rows = {}
+    with open(pred, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                rows.setdefault(int(r["index"]), []).append(r)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{pred}:{ln}: row: not a predictions.jsonl row ({e})") from None
+    n = ev["data"]["n"]
+    if sorted(rows) != list(range(n)):
+        raise ValueError(f"{pred}:0: index: expected the records 0..{n - 1} once per run")
+    ex = {"path": pred, "severity": [], "question": [], "reference": []}
+    cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
+    for i in range(n):
+        rs = rows[i]
+        for k in ("severity", "question", "reference"):
+            ex[k].append(rs[0][k])
+        for m in METRICS:
+            cols[m].append(float(np.mean([r[m] for r in rs])))
+        cols["nll"].append(rs[0].get("nll"))
+        cols["nll_tokens"].append(rs[0].get("nll_tokens"))
+    for m in METRICS:
+        ex[m] = np.array(cols[m])
+    ex["nll"] = cols["nll"]
+    ex["nll_tokens"] = cols["nll_tokens"]
+    return ev, ex
+
+
+def check_comparable(runs):
+    """Refuse (ValueError) runs that were not scored on the same data with the same scorer and protocol."""
+    (pa, a), rest = runs[0], runs[1:]
+    for pb, b in rest:
+        checks = [("data sha256", a["data"].get("sha256"), b["data"].get("sha256")),
+                  ("number of test records", a["data"].get("n"), b["data"].get("n"))]
+        checks += [(f"scorer {k}", a["bertscore"].get(k), b["bertscore"].get(k)) for k in SCORER_KEYS]
+        checks += [(f"protocol {k}", a["generation"].get(k), b["generation"].get(k)) for k in PROTOCOL_KEYS]
+        for what, x, y in checks:
+            if x != y:
+                raise ValueError(f"--compare: {pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
+                                 f"comparison needs the same data, scorer and protocol")
+
+
+def paired_table(exa, exb, n_boot, seed, n_perm):
+    """{metric: {group: paired_diff}} for P, R, F1 and answer NLL, overall and per severity. NLL: the ratio of sums
+    (eval.json's statistic) when both runs recorded equal answer-token counts, else the mean of per-example NLL
+    (noted under 'nll_statistic')."""
+    for k in ("severity", "question", "reference"):
+        if exa[k] != exb[k]:
+            i = next(j for j, (x, y) in enumerate(zip(exa[k], exb[k])) if x != y)
+            raise ValueError(f"--compare: {exa['path']} and {exb['path']} differ in the {k} of record {i}")
+    sev = np.asarray(exa["severity"])
+    out = {}
+    ok = np.array([x is not None and y is not None for x, y in zip(exa["nll"], exb["nll"])])
+    tokens = exa["nll_tokens"] == exb["nll_tokens"] and None not in exa["nll_tokens"]
+    for m in METRICS + ("nll",):
+        out[m] = {}
+        for g in GROUPS:
+            sel = np.ones(len(sev), bool) if g == "overall" else sev == g
+            if m == "nll":
+                sel &= ok
+            if not sel.any():
+                continue
+            if m == "nll":
+                a = np.array([exa["nll"][i] for i in np.flatnonzero(sel)])
+                b = np.array([exb["nll"][i] for i in np.flatnonzero(sel)])
+                den = np.array([exa["nll_tokens"][i] for i in np.flatnonzero(sel)], dtype=np.float64) if tokens else None
+                out[m][g] = paired_diff(a, b, n_boot, seed, n_perm, den)
+            else:
+                out[m][g] = paired_diff(exa[m][sel], exb[m][sel], n_boot, seed, n_perm)
+    out["nll_statistic"] = "ratio of sums (answer tokens)" if tokens else "mean of per-example NLL"
+    return out
+
+
+def compare_main(args):
+    if not args.out:
+        raise ValueError("--out: required with --compare (compare.json is written there)")
+    data.output_dir(args.out, "--out")
+    (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
+    check_comparable([(args.compare[0], ea), (args.compare[1], eb)])
+    diffs = paired_table(xa, xb, args.bootstrap, args.bootstrap_seed, args.permutations)
+    side = lambda ev, p: {"path": p, "name": ev["model"]["name"], "setting": ev["setting"],   # noqa: E731
+                          "seeds": ev["generation"].get("seeds")}
+    notes = []
+    if ea["generation"].get("seeds") != eb["generation"].get("seeds"):
+        notes.append("the two runs were sampled with different seeds")
+    result = {"a": side(ea, args.compare[0]), "b": side(eb, args.compare[1]),
+              "data": {k: ea["data"].get(k) for k in ("path", "sha256", "n", "counts")},
+              "bertscore": {k: ea["bertscore"].get(k) for k in SCORER_KEYS},
+              "protocol": {k: ea["generation"].get(k) for k in PROTOCOL_KEYS},
+              "difference": "B - A, per example, then averaged (sampled repeats averaged per example first)",
+              "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95,
+                            "interval": "percentile, examples resampled with replacement"},
+              "permutation": {"test": "paired sign-flip, two-sided", "random_flips": args.permutations,
+                              "seed": args.bootstrap_seed},
+              "nll_statistic": diffs.pop("nll_statistic"), "diff": diffs, "notes": notes}
+    out = os.path.join(args.out, "compare.json")
+    data.atomic_write(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"B - A: {result['b']['name']} / {result['b']['setting']} minus {result['a']['name']} / "
+          f"{result['a']['setting']} | n = {result['data']['n']}" + "".join(f" | note: {x}" for x in notes))
+    print("| metric | group | n | A | B | B - A [95% paired bootstrap] | p (sign-flip) |")
+    print("|---|---|---|---|---|---|---|")
+    for m in METRICS + ("nll",):
+        dg = 3 if m == "nll" else 2
+        for g, d in diffs[m].items():
+            ci = f" [{d['lo']:+.{dg}f}, {d['hi']:+.{dg}f}]" if d["lo"] is not None else ""
+            print(f"| {m} | {g} | {d['n']} | {d['mean_a']:.{dg}f} | {d['mean_b']:.{dg}f} | {d['diff']:+.{dg}f}{ci} | "
+                  f"{d['p']:.4f} |")
+    print(f"\nwrote {out}", file=sys.stderr)
+    return result
+
+
+def table_significance(paths, evs, metric, n_boot, seed, n_perm):
+    """{(group, row, column): p} for each cell of --table whose row also has a CE cell: the paired sign-flip
+    p-value of the cell against CE on the same test answers. Several eval.json in one cell (training seeds): their
+    per-example scores are averaged first, so the seeds are treated as fixed. Cells whose predictions.jsonl is
+    missing, or whose runs are not comparable, are left out and listed in the second return value."""
+    if metric not in METRICS + ("nll",):
+        return {}, []
+    cells = {}
+    for p, ev in zip(paths, evs):
+        cells.setdefault((ev["model"]["name"], column_of(ev)), []).append(p)
+
+    def merged(ps):
+        loaded = [load_examples(p) for p in ps]
+        check_comparable(list(zip(ps, [e for e, _ in loaded])))
+        exs = [x for _, x in loaded]
+        out = dict(exs[0])
+        for m in METRICS:
+            out[m] = np.mean([x[m] for x in exs], 0)
+        nll = [[x["nll"][i] for x in exs] for i in range(len(exs[0]["nll"]))]
+        out["nll"] = [None if None in v else float(np.mean(v)) for v in nll]
+        if any(x["nll_tokens"] != exs[0]["nll_tokens"] for x in exs):
+            out["nll_tokens"] = [None] * len(nll)
+        return out, loaded[0][0]
+
+    marks, skipped = {}, []
+    for (r, c), ps in cells.items():
+        if c == "CE" or (r, "CE") not in cells:
+            continue
+        try:
+            (xa, ea), (xb, eb) = merged(cells[(r, "CE")]), merged(ps)
+            check_comparable([(cells[(r, "CE")][0], ea), (ps[0], eb)])
+            diffs = paired_table(xa, xb, n_boot, seed, n_perm)
+        except ValueError as e:
+            skipped.append(f"{r} / {c}: {e}")
+            continue
+        for g, d in diffs[metric].items():
+            marks[(g, r, c)] = d["p"]
+    return marks, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
+    """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
+    return data.run(_main, argv)
+
+
+def _main(argv=None):
     args = get_args(argv)
-    try:
-        if args.table:
-            return table_main(args)
-        if args.plot or args.paper:
-            raise ValueError("--plot/--paper: only with --table")
-        result, rows = evaluate(args)
-    except (ValueError, OSError) as e:  # data.DataError is a ValueError; so are our own checks. Nothing written yet.
-        fail(e)
-    out = args.out or (args.model if os.path.isdir(args.model) else
-                       os.path.join("out", f"eval-{os.path.basename(os.path.normpath(args.model))}"))
+    if args.table:
+        return table_main(args)
+    if args.compare:
+        return compare_main(args)
+    result, rows = evaluate(args)      # checks every flag and path (--out included) before any work
+    out = out_folder(args)
     result["out"] = out
     data.write_jsonl(os.path.join(out, "predictions.jsonl"), rows)
     data.atomic_write(os.path.join(out, "eval.json"), json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -23,12 +23,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
+from data import UserError, atomic_write  # noqa: F401 - atomic_write: one home (data), used here and by callers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -656,15 +658,12 @@ class Decoder(nn.Module):
         dtype defaults to fp32 (master weights for training); pass torch.bfloat16 for inference."""
         dtype = dtype or torch.float32
         if name_or_path == "tiny" and not os.path.isdir(name_or_path):
-            print("tiny: no weights exist for this configuration; using random weights (seed 0)", file=sys.stderr)
+            # a note, not a warning: stdout, so that stderr stays one "error:" line if a later check fails
+            print("tiny: no weights exist for this configuration; using random weights (seed 0)", flush=True)
             cfg = Config.from_hf(dict(REGISTRY["tiny"]["config"]))
             return cls(cfg).to(device=device, dtype=dtype)
         path = resolve(name_or_path, revision)
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path}: no config.json")
-        with open(cfg_file, encoding="utf-8") as f:
-            cfg = Config.from_hf(json.load(f))
+        cfg = read_config(path)
         tensors = _open_safetensors(path)
         if cfg.family == "lfm2":   # the FFN width is whatever w1 says (configs disagree on how to derive it)
             w1 = next((k for k in tensors if k.endswith("feed_forward.w1.weight")), None)
@@ -812,17 +811,42 @@ def _weight_map(cfg):
     return m
 
 
+def read_config(path):
+    """Config of a model folder from its config.json; a missing, unreadable or unusable config is ONE UserError
+    naming the file (the scripts print it as "error: ..." and exit 2)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise UserError(path, "no config.json: not a model folder")
+    hf = data.read_json(cfg_file, "config")
+    if not isinstance(hf, dict):
+        raise UserError(cfg_file, "config must be a JSON object")
+    try:
+        cfg = Config.from_hf(hf)
+    except KeyError as e:
+        raise UserError(cfg_file, f"missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, IndexError) as e:
+        raise UserError(cfg_file, str(e)) from None
+    for k in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "max_pos"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(cfg_file, f"{k} = {v!r}: expected a positive integer")
+    if not (isinstance(cfg.norm_eps, (int, float)) and cfg.norm_eps > 0):
+        raise UserError(cfg_file, f"norm epsilon {cfg.norm_eps!r}: expected a positive number")
+    return cfg
+
+
 class _Tensors:
     """Lazy view over one or several safetensors files: names -> (file, name as stored)."""
 
-    def __init__(self, files):
+    def __init__(self, files, folder):
         from safetensors import safe_open
-        self.handles, self.where = [], {}
+        self.handles, self.where, self.name = [], {}, folder
         for f in files:
-            h = safe_open(f, framework="pt", device="cpu")
-            self.handles.append(h)
-            for k in h.keys():
-                self.where[k] = (h, k)
+            with data.reading(f, "weights", "re-download or re-save the model"):
+                h = safe_open(f, framework="pt", device="cpu")
+                self.handles.append(h)
+                for k in h.keys():
+                    self.where[k] = (h, k, f)
 
     def __iter__(self):
         return iter(self.where)
@@ -831,20 +855,34 @@ class _Tensors:
         return k in self.where
 
     def shape(self, k):
-        h, name = self.where[k]
-        return tuple(h.get_slice(name).get_shape())
+        h, name, f = self.where[k]
+        with data.reading(f, "weights", "re-download or re-save the model"):
+            return tuple(h.get_slice(name).get_shape())
 
     def get(self, k):
-        h, name = self.where[k]
-        return h.get_tensor(name)
+        h, name, f = self.where[k]
+        with data.reading(f, "weights", "re-download or re-save the model"):
+            return h.get_tensor(name)
 
 
 def _open_safetensors(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, x) for x in files]
+        wm = data.read_json(index, "index")
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+            raise UserError(index, "weight_map: expected an object of tensor name -> shard file")
+        root = os.path.realpath(path)
+        files = []
+        for x in sorted(set(wm.values())):
+            f = os.path.realpath(os.path.join(path, x))
+            if os.path.commonpath([root, f]) != root:   # "../other/model.safetensors", "/etc/...", a link out
+                raise UserError(index, f"shard {x!r} lies outside the model folder: refused")
+            if not f.endswith(".safetensors"):
+                raise UserError(index, f"shard {x!r} is not a .safetensors file: only safetensors are loaded")
+            if not os.path.isfile(f):
+                raise UserError(index, f"shard {x!r} is missing from {path}")
+            files.append(f)
     elif os.path.isfile(os.path.join(path, "model.safetensors")):   # not train.py's state.safetensors beside it
         files = [os.path.join(path, "model.safetensors")]
     else:
@@ -852,8 +890,8 @@ def _open_safetensors(path):
     if not files:
         pickles = [x for x in os.listdir(path) if x.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
-        raise FileNotFoundError(f"{path}: no .safetensors weights{hint}")
-    return _Tensors(files)
+        raise UserError(path, f"no .safetensors weights{hint}")
+    return _Tensors(files, path)
 
 
 def _load_state(model, tensors, dtype, device):
@@ -874,10 +912,11 @@ def _load_state(model, tensors, dtype, device):
         parts = []
         for hf_name, want in zip(entry.hf, entry.hf_shapes(ours[entry.ours])):
             if hf_name not in names:
-                raise ValueError(f"missing tensor {hf_name} in checkpoint (needed for {entry.ours})")
+                raise UserError(tensors.name, f"missing tensor {hf_name} in the weights (needed for {entry.ours})")
             got = tensors.shape(names[hf_name])
             if tuple(got) != tuple(want):
-                raise ValueError(f"tensor {hf_name}: checkpoint has shape {tuple(got)}, model expects {tuple(want)}")
+                raise UserError(tensors.name, f"tensor {hf_name}: the weights have shape {tuple(got)}, config.json "
+                                              f"says {tuple(want)}")
             parts.append(tensors.get(names[hf_name]).to(dtype))
             used.add(hf_name)
         state[entry.ours] = entry.to_ours(parts).contiguous().to(device)
@@ -890,23 +929,8 @@ def _load_state(model, tensors, dtype, device):
                       "using the embedding (as transformers does)", file=sys.stderr)
     extra = sorted(set(names) - used)
     if extra:
-        raise ValueError(f"unexpected tensor {extra[0]} in checkpoint ({len(extra)} unexpected in all)")
+        raise UserError(tensors.name, f"unexpected tensor {extra[0]} in the weights ({len(extra)} unexpected in all)")
     return state
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path) on a temp file beside path, then rename it over path: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -920,10 +944,17 @@ def resolve(name_or_path, revision=None):
     """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only)."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    if os.path.exists(name_or_path):
+        raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "
+                                      "name or an HF repo id")
     repo = REGISTRY[name_or_path]["repo"] if name_or_path in REGISTRY else name_or_path
+    first = name_or_path.split("/")[0]
+    looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith(("./", "../", "~")) or name_or_path.count("/") > 1
+                   or (name_or_path not in REGISTRY and first and os.path.isdir(first)))
+    if looks_local:
+        raise UserError(name_or_path, "no such folder")
     if repo is None or "/" not in repo and name_or_path not in REGISTRY:
-        raise FileNotFoundError(f"{name_or_path!r} is neither a folder, a registry name ({', '.join(REGISTRY)}) "
-                                f"nor an HF repo id")
+        raise UserError(name_or_path, f"neither a folder, a registry name ({', '.join(REGISTRY)}) nor an HF repo id")
     from huggingface_hub import snapshot_download
     kw = dict(revision=revision, allow_patterns=ALLOW, token=os.environ.get("HF_TOKEN"))
     try:
@@ -934,7 +965,8 @@ def resolve(name_or_path, revision=None):
         except Exception:
             gated = " (gated: accept its conditions on the hub and set HF_TOKEN)" if "gated" in REGISTRY.get(
                 name_or_path, {}).get("note", "") else ""
-            raise RuntimeError(f"cannot fetch {repo}{gated}: {e}") from e
+            raise UserError(name_or_path, f"not a local folder, and cannot fetch {repo} from the hub{gated}: "
+                                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 class Tokenizer:
@@ -974,30 +1006,33 @@ def load_tokenizer(name_or_path, revision=None):
     path = resolve(name_or_path, revision)
     j = lambda n: os.path.join(path, n)  # noqa: E731
     if os.path.isfile(j("tokenizer.json")):
-        tk = TK.from_file(j("tokenizer.json"))
+        with data.reading(j("tokenizer.json"), "tokenizer", "expected a tokenizer.json saved by the tokenizers library"):
+            tk = TK.from_file(j("tokenizer.json"))
     elif os.path.isfile(j("vocab.json")) and os.path.isfile(j("merges.txt")):
-        tk = TK(models.BPE.from_file(j("vocab.json"), j("merges.txt")))
+        with data.reading(f"{j('vocab.json')} + merges.txt", "tokenizer (byte-level BPE)"):
+            tk = TK(models.BPE.from_file(j("vocab.json"), j("merges.txt")))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
         if os.path.isfile(j("added_tokens.json")):
-            with open(j("added_tokens.json"), encoding="utf-8") as f:
-                added = sorted(json.load(f).items(), key=lambda kv: kv[1])
-            for tok, want in added:
+            added = data.read_json(j("added_tokens.json"), "added tokens")
+            if not isinstance(added, dict) or not all(isinstance(v, int) for v in added.values()):
+                raise UserError(j("added_tokens.json"), "expected an object of token -> id")
+            for tok, want in sorted(added.items(), key=lambda kv: kv[1]):
                 tk.add_tokens([AddedToken(tok, special=False, normalized=False)])
                 if tk.token_to_id(tok) != want:
-                    raise ValueError(f"{j('added_tokens.json')}: token {tok!r} got id {tk.token_to_id(tok)}, "
-                                     f"file says {want}")
+                    raise UserError(j("added_tokens.json"), f"token {tok!r} got id {tk.token_to_id(tok)}, "
+                                                            f"file says {want}")
     else:
-        raise FileNotFoundError(f"{path}: no tokenizer.json nor vocab.json + merges.txt")
+        raise UserError(path, "no tokenizer.json nor vocab.json + merges.txt")
     names = _special_names(path)
     if not os.path.isfile(j("tokenizer.json")):   # special tokens must stay one token, as in transformers
         specials = [n for n in {*names.values(), "<|endoftext|>"} if tk.token_to_id(n) is not None]
         tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in sorted(specials)])
     ids = {}
     if os.path.isfile(j("config.json")):
-        with open(j("config.json"), encoding="utf-8") as f:
-            c = json.load(f)
+        c = data.read_json(j("config.json"), "config")
+        c = c if isinstance(c, dict) else {}
         for k in ("bos", "eos", "pad"):
             v = c.get(f"{k}_token_id")
             ids[k] = v[0] if isinstance(v, list) else v
@@ -1013,8 +1048,9 @@ def _special_names(path):
     for fname in ("tokenizer_config.json", "special_tokens_map.json"):
         p = os.path.join(path, fname)
         if os.path.isfile(p):
-            with open(p, encoding="utf-8") as f:
-                c = json.load(f)
+            c = data.read_json(p, fname)
+            if not isinstance(c, dict):
+                raise UserError(p, "expected a JSON object")
             for k in ("bos", "eos", "pad"):
                 v = c.get(f"{k}_token")
                 v = v.get("content") if isinstance(v, dict) else v
@@ -1056,7 +1092,7 @@ def add_lora(model, targets=("qkv", "o"), rank=16, alpha=32, dropout=0.05):
     freeze everything else. Returns the wrapped module names."""
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad:
-        raise ValueError(f"LoRA target {bad[0]!r} unknown: choose from {', '.join(LORA_TARGETS)}")
+        raise UserError("--lora-targets", f"{bad[0]!r} unknown: choose from {', '.join(LORA_TARGETS)}")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -1066,7 +1102,7 @@ def add_lora(model, targets=("qkv", "o"), rank=16, alpha=32, dropout=0.05):
                 setattr(mod, child, LoRALinear(sub, rank, alpha, dropout))
                 wrapped.append(f"{name}.{child}")
     if not wrapped:
-        raise ValueError(f"LoRA targets {targets} match no layer of this model")
+        raise UserError("--lora-targets", f"{','.join(targets)} match no layer of this model")
     return wrapped
 
 

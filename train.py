@@ -2,7 +2,8 @@
 Severity-aware fine-tuning (arXiv 2604.06346): every answer token's cross-entropy is scaled by its example's weight
 
     w = a * p_nc + b * p_n + c * p_c          (soft severity probabilities from the AraBERT classifier)
-    L = sum_t w_t * NLL_t / (number of loss tokens in the whole optimizer step)
+    L = mean over the step's examples of (1/T) sum_t w * NLL_t     (--loss-norm example, the paper's formula)
+    L = sum_t w_t * NLL_t / (number of loss tokens in the whole optimizer step)      (--loss-norm token)
 
 so that critical questions pull harder on the gradient. --weights 1,1,1 is plain cross-entropy.
 
@@ -27,11 +28,20 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import Decoder, add_lora, atomic_write, load_tokenizer, merge_lora
+from model import LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer, merge_lora
 
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
+# --recipe: defaults that each individual flag still overrides. paper = the paper's stated method (the parser's own
+# defaults). notebook = the authors' notebooks: loss over every position of a sequence EOS-padded to 512 (labels =
+# input ids), LoRA r 16 / alpha 32 / dropout 0.05, lr 2e-4, 3 epochs, batch 1 x grad-accum 8, linear decay, no warm-up
+# (their 4-bit quantisation of the frozen weights is not reproduced; README lists every difference).
+RECIPES = {
+    "paper": {},
+    "notebook": dict(loss_tokens="padded", loss_norm="example", max_len=512, lora_rank=16, lora_alpha=32,
+                     lora_dropout=0.05, lr=2e-4, epochs=3, batch_size=1, grad_accum=8, schedule="linear", warmup=0),
+}
 
 
 def peak_bf16(device_name):
@@ -40,22 +50,23 @@ def peak_bf16(device_name):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    num = data.number
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="registry name (see model.REGISTRY), HF repo id, or local folder")
     p.add_argument("--data", default=os.path.join(SAMPLE, "train.jsonl"), help="training file, canonical JSONL/CSV (data/README.md)")
     p.add_argument("--eval-data", default="auto", help="held-out file for eval loss; 'auto' = test.jsonl beside --data, 'none' = no eval")
     p.add_argument("--weights", default="balanced", help="a,b,c for non-critical,neutral,critical or a preset: " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in PRESETS.items()))
     p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>)")
-    p.add_argument("--epochs", type=float, default=3, help="passes over the training data")
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 with LoRA, 5e-5 full fine-tuning, 3e-3 for a randomly initialised model)")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--epochs", type=num(float, lo=0, lo_open=True), default=3, help="passes over the training data (> 0)")
+    p.add_argument("--max-steps", type=num(int, lo=0), default=0, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
+    p.add_argument("--grad-accum", type=num(int, lo=1), default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=num(float, lo=0), default=None, help="peak learning rate (default 2e-4 with LoRA, 5e-5 full fine-tuning, 3e-3 for a randomly initialised model); 0 = a dry run that measures the loss without changing the weights")
+    p.add_argument("--warmup", type=num(int, lo=0), default=0, help="linear warm-up steps")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up (to 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (never on norms, biases, embeddings)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
-    p.add_argument("--max-len", type=int, default=512, help="truncate prompt+answer to this many tokens")
+    p.add_argument("--weight-decay", type=num(float, lo=0), default=0.0, help="AdamW weight decay (never on norms, biases, embeddings)")
+    p.add_argument("--grad-clip", type=num(float, lo=0), default=1.0, help="clip the global grad norm (0 = off)")
+    p.add_argument("--max-len", type=num(int, lo=2), default=512, help="truncate prompt+answer to this many tokens")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--pack", action="store_true", help="padding-free: lay each step's examples (the same ones) end to "
@@ -63,17 +74,30 @@ def get_args(argv=None):
                    "every example; same loss, less padding. Micro-batches hold up to --batch-size rows (so fewer "
                    "than --grad-accum may run); under --compile each is one row of exactly --max-len - 1 tokens: "
                    "one shape, one compilation")
-    p.add_argument("--seed", type=int, default=1337, help="seed for data order, init and dropout")
-    p.add_argument("--eval-every", type=int, default=0, help="eval loss (overall and per severity) every N steps; 0 = only at the end")
-    p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps; 0 = only at the end (and on SIGINT/SIGTERM)")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning (notebooks: 16)")
-    p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scale = alpha / rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    p.add_argument("--seed", type=num(int, lo=0, hi=2**31 - 1), default=1337, help="seed for data order, init and dropout")
+    p.add_argument("--eval-every", type=num(int, lo=0), default=0, help="eval loss (overall and per severity) every N steps; 0 = only at the end")
+    p.add_argument("--save-every", type=num(int, lo=0), default=1000, help="write a checkpoint every N steps (0 = not by steps); one is also written at the end and on SIGINT/SIGTERM")
+    p.add_argument("--save-minutes", type=num(float, lo=0), default=30, help="also write a checkpoint when this many minutes have passed since the last one (0 = not by time): a kill -9 loses at most this much")
+    p.add_argument("--lora-rank", type=num(int, lo=0), default=0, help="LoRA rank; 0 = full fine-tuning (notebooks: 16)")
+    p.add_argument("--lora-alpha", type=num(float, lo=0, lo_open=True), default=32, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--lora-dropout", type=num(float, lo=0, hi=1, hi_open=True), default=0.05, help="dropout on the LoRA input, in [0, 1)")
     p.add_argument("--lora-targets", default="qkv,o", help="comma-separated layer names: qkv, o, fc, proj, in_proj, out_proj")
-    p.add_argument("--loss-tokens", choices=["answer", "all"], default="answer", help="answer = the paper's formula; all = the notebooks (question tokens too, never padding)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors")
+    p.add_argument("--loss-tokens", choices=["answer", "all", "padded"], default="answer", help="answer = the paper's "
+                   "formula; all = question tokens too, never padding; padded = the notebooks' collator: every sequence "
+                   "padded with EOS to --max-len and every position counts, padding included")
+    p.add_argument("--loss-norm", choices=["example", "token"], default="example", help="example = the paper's "
+                   "formula, mean over the step's examples of each example's (1/T) sum_t w*NLL_t; token = sum of w*NLL "
+                   "over the step's loss tokens / their number (a long answer weighs more). Both count every "
+                   "micro-batch and process of the step, so --grad-accum and DDP do not change them")
+    p.add_argument("--recipe", choices=list(RECIPES), default="paper", help="defaults for the flags that differ "
+                   "between the paper's stated method (paper) and the authors' notebooks (notebook: " + ", ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["notebook"].items()) + "); any flag given "
+                   "explicitly still wins")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors (refused if the experiment changed; --max-steps / --epochs may grow)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines (the JSONL log is still written)")
+    known, _ = p.parse_known_args(argv)         # first pass: which recipe sets the defaults
+    p.set_defaults(**RECIPES[known.recipe])
     return p.parse_args(argv)
 
 
@@ -85,9 +109,11 @@ def parse_weights(s):
     try:
         w = tuple(float(x) for x in parts)
     except ValueError:
-        raise ValueError(f"--weights: {s!r} is neither a,b,c numbers nor a preset ({', '.join(PRESETS)})") from None
+        raise data.UserError("--weights", f"{s!r} is neither a,b,c numbers nor a preset ({', '.join(PRESETS)})") from None
     if len(w) != 3 or not all(math.isfinite(x) and x >= 0 for x in w):
-        raise ValueError(f"--weights: {s!r} must be three finite non-negative numbers a,b,c")
+        raise data.UserError("--weights", f"{s!r} must be three finite non-negative numbers a,b,c")
+    if not any(w):
+        raise data.UserError("--weights", f"{s!r}: all three are 0, so every example has weight 0 and nothing is learned")
     return w
 
 
@@ -98,15 +124,35 @@ def severity_weight(rec, abc):
 
 def encode(records, tok, abc, max_len, loss_tokens):
     """Each record -> (input ids, loss mask, w). Text = prompt + answer + EOS; the loss mask marks the tokens whose
-    prediction counts (answer + EOS by default; every token with 'all')."""
+    prediction counts (answer + EOS by default; every token with 'all'). 'padded' = the notebooks' collator: the
+    sequence is padded with EOS (their pad token) to max_len and every position is a target, padding included."""
     out = []
     for r in records:
         p = tok.encode(data.format_prompt(r["question"]))
         a = tok.encode(r["answer"], special=False) + [tok.eos_id]
         ids = (p + a)[:max_len]
-        keep = [loss_tokens == "all"] * len(p) + [True] * len(a)
+        keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
+        if loss_tokens == "padded":
+            ids = ids + [tok.eos_id] * (max_len - len(ids))
+            keep = [True] * max_len
         out.append((ids, keep[:len(ids)], severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
     return out
+
+
+def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
+    """Per-example factor s_i (same shape as w) such that the step's loss is sum_i s_i * sum_t NLL_it, the sums
+    running over every example of the optimizer step (all micro-batches, all processes).
+
+        token:   s_i = w_i / step_tokens                      L = sum_i sum_t w_i NLL_it / N
+        example: s_i = w_i / n_i / step_examples              L = mean_i (1/n_i) sum_t w_i NLL_it  (the paper)
+
+    n_tokens (n_i): each example's loss tokens; step_tokens (N) and step_examples: the step's totals, counted over
+    every micro-batch and all-reduced over processes before the first backward, so the estimator does not depend on
+    how the step is split. An example without loss tokens gets 0 and is not counted in step_examples. A packed row
+    (several examples in one sequence) gives each token the s_i of the example it belongs to."""
+    if norm == "token":
+        return w / step_tokens
+    return torch.where(n_tokens > 0, w / n_tokens.clamp(min=1) / step_examples, torch.zeros_like(w))
 
 
 def collate(examples, pad_id, device):
@@ -124,17 +170,6 @@ def collate(examples, pad_id, device):
     return x.to(device), y.to(device), w.to(device), pads
 
 
-def token_weights(examples, norm="token"):
-    """The weight every loss token of each example carries in the step's loss  sum(weight * NLL) / denominator.
-    norm 'token' (the default): the example's severity weight w; denominator = loss tokens of the whole step.
-    norm 'example' (the paper's per-instance mean): w / (the example's own number of loss tokens); denominator =
-    examples in the whole step. Because this is a per-token value, it stays exact wherever the token lands: in a
-    padded row or in a packed row shared with other examples (--pack)."""
-    if norm not in ("token", "example"):
-        raise ValueError(f"loss normalisation {norm!r}: choose token or example")
-    return [e[2] if norm == "token" else e[2] / max(1, sum(e[1][1:])) for e in examples]
-
-
 def pack_rows(lengths, width):
     """First-fit decreasing: example indices -> rows whose lengths sum to at most `width` (each length <= width).
     Longest first, each into the first row with room; deterministic (ties by index). Returns [[indices], ...]."""
@@ -150,7 +185,7 @@ def pack_rows(lengths, width):
     return rows
 
 
-def pack_step(examples, width, max_rows, pad_id, device, norm="token", fixed=False, flops=None):
+def pack_step(examples, width, max_rows, pad_id, device, fixed=False, flops=None):
     """--pack: the examples of one step laid end to end into rows (first-fit decreasing), cut into micro-batches of
     at most max_rows rows. Each example keeps its own x = ids[:-1], y = ids[1:] (-100 where the loss does not
     count), and the model is told where each example starts (segments), so attention, positions and LFM2's conv
@@ -161,10 +196,9 @@ def pack_step(examples, width, max_rows, pad_id, device, norm="token", fixed=Fal
     fewest slots * flops(slot width): flops(T) = training FLOPs per token at row width T (Decoder.flops_per_token),
     or 1 (fewest slots, i.e. least padding) without it. Wider rows leave less padding but spend more on the masked
     T x T attention, which matters for tiny models only.
-    Returns [(x (R, T), y (R, T), w (R, T) per-token weight (see token_weights), padding slots, seg (R, T)), ...];
-    seg holds each token's index into `examples`."""
+    Returns [(x (R, T), y (R, T), w (R, T) each token's severity weight, padding slots, seg (R, T)), ...]; seg holds
+    each token's index into `examples` (see loss_scale for how the loss normalisations use it)."""
     lengths = [len(e[0]) - 1 for e in examples]
-    weights = token_weights(examples, norm)
     flops = flops or (lambda T: 1.0)
 
     def layout(W):   # -> ([(rows, T) per micro-batch], cost); rows fullest first
@@ -197,7 +231,7 @@ def pack_step(examples, width, max_rows, pad_id, device, norm="token", fixed=Fal
                 n = lengths[i]
                 x[b, t:t + n] = torch.tensor(ids[:-1])
                 y[b, t:t + n] = torch.tensor([tk if kp else -100 for tk, kp in zip(ids[1:], keep[1:])])
-                w[b, t:t + n] = weights[i]
+                w[b, t:t + n] = examples[i][2]
                 seg[b, t:t + n] = i
                 t += n
         pads = len(group) * T - sum(lengths[i] for row in group for i in row)
@@ -281,21 +315,67 @@ def save_state(path, model, opt, scaler, step, args_dict):
     atomic_write(path, lambda p: save_file(uniq, p, metadata={"meta": json.dumps(meta)}))
 
 
+# What a resume must not change: the data order, the loss, the optimizer and the schedule depend on these. The number
+# of steps (--max-steps / --epochs) may grow; --eval-*, --save-*, --device, --quiet and --compile do not alter the run.
+RESUME_KEYS = ("model", "weights_abc", "data_sha256", "loss_tokens", "loss_norm", "seed", "batch_size", "grad_accum", "world_size",
+               "max_len", "schedule", "warmup", "lr", "weight_decay", "grad_clip", "lora_rank", "lora_alpha",
+               "lora_dropout", "lora_targets", "dtype")
+STATE_HINT = "delete it to start over, or resume from a copy that is intact"
+
+
+def read_state_meta(path):
+    """The metadata of a resume state (step, args, ...), or ONE UserError naming the file when it is corrupt."""
+    from safetensors import safe_open
+    with data.reading(path, "resume state", STATE_HINT):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = (f.metadata() or {}).get("meta")
+    try:
+        meta = json.loads(meta)
+        if not isinstance(meta.get("step"), int) or not isinstance(meta.get("args"), dict):
+            raise ValueError("no step or args")
+    except (TypeError, ValueError, AttributeError):
+        raise data.UserError(path, f"not a resume state written by train.py (metadata unreadable); {STATE_HINT}") from None
+    return meta
+
+
+def check_resume(path, meta, args_dict):
+    """Refuse a resume that would change the experiment (see RESUME_KEYS)."""
+    saved = meta["args"]
+    for k in RESUME_KEYS:
+        if k not in saved:   # a state from an older train.py that did not record this setting
+            continue
+        a, b = saved[k], args_dict[k]
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            flag = {"weights_abc": "--weights", "data_sha256": "--data (its content)",
+                    "world_size": "the number of processes"}.get(k, "--" + k.replace("_", "-"))
+            raise data.UserError("--resume", f"{flag} is {b} but the run saved in {path} used {a}: a resume must not "
+                                             f"change the experiment; use another --out for a new run")
+
+
 def load_state(path, model, opt, scaler):
     from safetensors import safe_open
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta = json.loads(f.metadata()["meta"])
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    meta = read_state_meta(path)
+    with data.reading(path, "resume state", STATE_HINT):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}
     for k, src in meta.get("aliases", {}).items():
         t[k] = t[src]
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-    state = {}
-    for k, v in t.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(t["rng.cpu"])
+    try:
+        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        state = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(t["rng.cpu"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise data.UserError(path, f"does not fit this model and optimizer ({str(e).splitlines()[0][:200]}); "
+                                   f"{STATE_HINT}") from None
     if "rng.cuda" in t and torch.cuda.is_available():
         torch.cuda.set_rng_state(t["rng.cuda"])
     if meta["scaler"] and scaler.is_enabled():
@@ -303,8 +383,22 @@ def load_state(path, model, opt, scaler):
     return meta["step"], meta["args"]
 
 
-def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
-    """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged)."""
+def base_generation_config(model_name):
+    """The text of the base model's generation_config.json (its sampling settings, e.g. Qwen3's top_k/top_p), or
+    None when it has none (tiny, a folder without one). model.resolve's download already fetches it."""
+    if model_name == "tiny" and not os.path.isdir(model_name):
+        return None
+    from model import resolve
+    f = os.path.join(resolve(model_name), "generation_config.json")
+    if not os.path.isfile(f):
+        return None
+    with open(f, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None):
+    """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged), plus the
+    base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does."""
     save_state(os.path.join(out, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
     if any("lora_" in n for n, _ in raw_model.named_parameters()):
         import copy
@@ -313,25 +407,64 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict):
         export = raw_model
     export.save_pretrained(out)
     tok.save(out)
+    if generation_config is not None:
+        data.atomic_write(os.path.join(out, "generation_config.json"), generation_config)
+
+
+def all_finite(model):
+    """True when every parameter is finite (what a checkpoint must hold)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def read_log_lines(log_path, step):
+    """Lines of train_log.jsonl up to `step`, for a resume. A line cut off by a kill (the last one) is dropped."""
+    kept, dropped = [], 0
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for ln in f:
+            try:
+                rec = json.loads(ln)
+                if not isinstance(rec, dict):
+                    raise ValueError
+            except ValueError:
+                dropped += 1
+                continue
+            if rec.get("step", 0) <= step:
+                kept.append(ln if ln.endswith("\n") else ln + "\n")
+    return kept, dropped
 
 
 def main(argv=None):
+    """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
+    return data.run(fit, argv)
+
+
+def fit(argv=None):
     args = get_args(argv)
     # -- validate everything before anything is written ------------------------------------------------------------
-    try:
-        abc = parse_weights(args.weights)
-        for flag in ("batch_size", "grad_accum", "max_len"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1")
-        train_recs = data.load_records(args.data)
-        eval_path = args.eval_data
-        if eval_path == "auto":
-            cand = os.path.join(os.path.dirname(os.path.abspath(args.data)), "test.jsonl")
-            eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
-        eval_recs = data.load_records(eval_path) if eval_path != "none" else []
-    except (ValueError, FileNotFoundError) as e:   # data.DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    abc = parse_weights(args.weights)
+    lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    bad = [t for t in lora_targets if t not in LORA_TARGETS]
+    if bad or not lora_targets:
+        raise data.UserError("--lora-targets", f"{bad[0] if bad else args.lora_targets!r} is not a layer name: "
+                                               f"choose from {', '.join(LORA_TARGETS)}")
+    data.input_file(args.data, "--data")
+    eval_path = args.eval_data
+    if eval_path == "auto":
+        cand = os.path.join(os.path.dirname(os.path.abspath(args.data)), "test.jsonl")
+        eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
+    elif eval_path != "none":
+        data.input_file(eval_path, "--eval-data")
+    out = args.out or os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
+    data.output_dir(out, "--out")
+    if args.device != "auto":
+        data.resolve_device(args.device, "--device")
+    train_recs = data.load_records(args.data)
+    eval_recs = data.load_records(eval_path) if eval_path != "none" else []
+    state_path = os.path.join(out, "state.safetensors")
+    if args.resume:
+        if not os.path.isfile(state_path):
+            raise data.UserError("--resume", f"{state_path}: no saved state to resume from")
+        saved_meta = read_state_meta(state_path)   # a corrupt state fails here, in seconds
 
     # -- processes, device, precision ------------------------------------------------------------------------------
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -356,27 +489,36 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "fp16")
     torch.manual_seed(args.seed + rank)
 
-    out = args.out or os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
 
     # -- model, tokenizer, data -------------------------------------------------------------------------------------
-    tok = load_tokenizer(args.model)
-    model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
+    with data.for_flag("--model"):
+        tok = load_tokenizer(args.model)
+        gen_config = base_generation_config(args.model)
+        model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
     if args.lora_rank > 0:
-        wrapped = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+        wrapped = add_lora(model, lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
         log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers")
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
+    if tok.eos_id is None:
+        raise data.UserError("--model", f"{args.model}: the tokenizer has no EOS token (set eos_token_id in config.json)")
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if model.cfg.pos == "learned" and args.max_len > model.cfg.max_pos + 1:   # inputs are ids[:-1]
         log(f"--max-len {args.max_len} exceeds the model's {model.cfg.max_pos} positions: using {model.cfg.max_pos + 1}")
         args.max_len = model.cfg.max_pos + 1
     train_ex = encode(train_recs, tok, abc, args.max_len, args.loss_tokens)
     eval_ex = encode(eval_recs, tok, abc, args.max_len, "answer")
+    for path, exs in ((args.data, train_ex), (eval_path, eval_ex)):
+        for i, (ids, keep, _, _) in enumerate(exs):
+            if not any(keep[1:]):   # keep[0] is never predicted
+                raise data.UserError("--max-len", f"{args.max_len} tokens leave record {i + 1} of {path} no answer "
+                                                  f"token to learn from (its prompt alone is {len(ids)}+ tokens): "
+                                                  f"raise --max-len")
     per_step = args.batch_size * args.grad_accum * world
     if len(train_ex) < per_step:
-        print(f"error: {args.data}: {len(train_ex)} examples < one optimizer step ({per_step})", file=sys.stderr)
-        sys.exit(2)
+        raise data.UserError(args.data, f"{len(train_ex)} examples < one optimizer step ({per_step} = --batch-size x "
+                                        f"--grad-accum x processes)")
     total = args.max_steps or max(1, int(args.epochs * (len(train_ex) // per_step)))
 
     # AdamW; no weight decay on norms, biases and embeddings (anything 1-D, plus wte/wpe)
@@ -386,18 +528,13 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                             fused=dev_type == "cuda")
-    step = 0
-    state_path = os.path.join(out, "state.safetensors")
+    args_dict = dict(vars(args), weights_abc=abc, lr=lr, world_size=world, dtype=dtype, lora_targets=lora_targets,
+                     data_sha256=data.sha256(args.data))
+    step, saved_step = 0, None
     if args.resume:
-        if not os.path.isfile(state_path):
-            print(f"error: {state_path}: --resume but no saved state", file=sys.stderr)
-            sys.exit(2)
-        step, saved = load_state(state_path, model, opt, scaler)
-        for k in ("batch_size", "grad_accum", "world_size", "seed", "loss_tokens", "max_len"):
-            now = world if k == "world_size" else getattr(args, k)
-            if saved.get(k) != now:   # the data order and the loss depend on these: a resume must not change them
-                print(f"error: {state_path}: --resume with {k}={now} but the saved run used {saved.get(k)}", file=sys.stderr)
-                sys.exit(2)
+        check_resume(state_path, saved_meta, args_dict)
+        step, _ = load_state(state_path, model, opt, scaler)
+        saved_step = step
         log(f"resumed from {state_path} at step {step}")
     raw_model = model
     if args.compile:
@@ -406,13 +543,14 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev_type == "cuda" else None)
     model.train()
 
-    args_dict = dict(vars(args), weights_abc=abc, lr=lr, world_size=world)
+    # -- from here on, files are written -----------------------------------------------------------------------------
     if master:
         os.makedirs(out, exist_ok=True)
         log_path = os.path.join(out, "train_log.jsonl")
-        if args.resume and os.path.isfile(log_path):   # drop log lines past the resumed step
-            with open(log_path, encoding="utf-8") as f:
-                kept = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
+        if args.resume and os.path.isfile(log_path):   # drop log lines past the resumed step (and a line cut by a kill)
+            kept, dropped = read_log_lines(log_path, step)
+            if dropped:
+                log(f"note: {log_path}: dropped {dropped} unreadable line(s) (cut off when the run was killed)")
             data.atomic_write(log_path, "".join(kept))
         elif not args.resume and os.path.isfile(log_path):
             os.remove(log_path)
@@ -437,8 +575,18 @@ def main(argv=None):
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
 
-    crash_at = int(os.environ.get("TRAIN_CRASH_AT_STEP", "0"))   # tests only: die hard (SIGKILL) after this step
+    def diverged(what):
+        """Stop: the bad update was not applied; name the checkpoint that remains (never a non-finite one)."""
+        kept = (f"the last checkpoint is {state_path} (+ model.safetensors) at step {saved_step}" if saved_step
+                else f"no checkpoint was saved in {out}")
+        print(f"error: {what} at step {step + 1}: the update was skipped and training stopped; {kept}. "
+              f"Try a lower --lr or --grad-clip 1", file=sys.stderr, flush=True)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+
     t_start, tokens_seen, start_step = time.time(), 0, step
+    t_saved = time.time()
     while step < total:
         t0 = time.time()
         idx, epoch = step_batches(len(train_ex), step, per_step, args.seed)
@@ -449,13 +597,21 @@ def main(argv=None):
             # loss loops over B*T rows, so a new number of rows would mean a new graph as surely as a new width)
             batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
                                 fixed=args.compile, flops=raw_model.flops_per_token)
+            n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
+            # per token: its own example's loss-token count (0 on padding), so that loss_scale gives every token
+            # the factor of the example it belongs to, whichever row it landed in
+            per_ex_tok = [n_i.to(device)[b[4].clamp(min=0)] * (b[4] >= 0) for b in batches]   # (R, T)
         else:
             micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
             batches = [collate(m, pad_id, device) for m in micro]
-        # the loss denominator counts loss tokens of the whole step: every micro-batch, every rank
-        n_tok = torch.tensor(float(sum((b[1] != -100).sum().item() for b in batches)), device=device)
+            per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]               # (B,) per micro-batch
+            n_i = torch.cat(per_ex_tok).cpu()
+        # the loss denominators count the whole step: every micro-batch, every rank (loss tokens, and examples
+        # that have at least one loss token)
+        counts = torch.tensor([float(n_i.sum()), float((n_i > 0).sum())], device=device)
         if ddp:
-            dist.all_reduce(n_tok)
+            dist.all_reduce(counts)
+        n_tok, n_ex = counts[0], counts[1]
         lr_now = lr_at(step, total, lr, args.warmup, args.schedule)
         for g in opt.param_groups:
             g["lr"] = lr_now
@@ -464,25 +620,29 @@ def main(argv=None):
         real_tokens, pad_tokens = 0, 0
         for j, (x, y, w, pads, *seg) in enumerate(batches):     # seg: packed rows only
             sync = not ddp or j == len(batches) - 1
+            scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)   # (B,), packed: (R, T) per token
             with (nullcontext() if sync else model.no_sync()), amp:
                 nll = model(x, targets=y, **({"segments": seg[0]} if seg else {}))   # (B, T) fp32, 0 where y == -100
-                weighted = (nll * (w if w.dim() == 2 else w[:, None])).sum()       # w: per token (packed) or per row
+                per_row = nll if scale.dim() == 2 else nll.sum(1)    # packed: per token; padded: per example
+                part = (per_row * scale).sum()                       # this micro-batch's share of the step's loss
                 # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
-                scaler.scale(weighted * world / n_tok).backward()
-            loss_sum += weighted.detach()
-            nll_sum += nll.detach().sum()
+                scaler.scale(part * world).backward()
+            loss_sum += part.detach()
+            # the same estimator with w = 1: the unweighted NLL
+            nll_sum += (per_row.detach() * loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)).sum()
             real_tokens += x.numel() - pads
             pad_tokens += pads
         if ddp:
             dist.all_reduce(loss_sum)
             dist.all_reduce(nll_sum)
-        loss = (loss_sum / n_tok).item()
-        if not math.isfinite(loss):
-            print(f"error: non-finite loss {loss} at step {step}; stopping. The last good checkpoint in {out} is kept.",
-                  file=sys.stderr)
-            sys.exit(1)
+        loss = loss_sum.item()
         scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        # a non-finite loss or gradient never reaches the weights. With fp16 the GradScaler skips an overflowing step
+        # itself (and lowers its scale): that is routine, not divergence; a non-finite loss is.
+        if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(gnorm.item())):
+            opt.zero_grad(set_to_none=True)
+            diverged(f"non-finite loss {loss}" if not math.isfinite(loss) else f"non-finite gradient norm {gnorm.item()}")
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -494,8 +654,8 @@ def main(argv=None):
         tok_s = real_tokens * world / dt
         T = max(b[0].shape[1] for b in batches)
         mfu = raw_model.flops_per_token(T) * tok_s / (peak * world) if peak else None
-        rec = {"step": step, "epoch": epoch, "loss": loss, "nll": (nll_sum / n_tok).item(), "lr": lr_now,
-               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
+        rec = {"step": step, "epoch": epoch, "loss": loss, "nll": nll_sum.item(), "lr": lr_now,
+               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
                "tok_s": tok_s, "pad_frac": pad_tokens / max(1, pad_tokens + real_tokens)}
         if mfu is not None:
             rec["mfu"] = mfu
@@ -512,10 +672,14 @@ def main(argv=None):
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
         last = step == total or stop["sig"] is not None
-        if master and (last or (args.save_every and step % args.save_every == 0)):
-            save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict)
-        if crash_at and step == crash_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        due = (args.save_every and step % args.save_every == 0) or \
+            (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
+        if master and (last or due):
+            if not all_finite(raw_model):   # finite loss and gradient, yet the update overflowed (a huge --lr)
+                step -= 1
+                diverged("the update made weights non-finite")
+            save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
+            saved_step, t_saved = step, time.time()
         if stop["sig"] is not None:
             log(f"signal {stop['sig']}: saved step {step} to {out}; rerun with --resume to continue")
             if ddp:

@@ -15,6 +15,7 @@ Example:
     text = data.format_prompt(recs[0]["question"]) + recs[0]["answer"]   # + EOS token when training
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -103,9 +104,54 @@ def _has_surrogate(v):
     return isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v)
 
 
+class _JSONProblem(ValueError):
+    """Raised inside the decoder's hooks: a JSON value no record may hold (the field is named when known)."""
+
+    def __init__(self, field, problem):
+        self.field, self.problem = field, problem
+        super().__init__(problem)
+
+
+def _pairs(pairs):
+    """object_pairs_hook: refuse a key given twice (json would keep the last one silently, so a record could
+    change severity unseen)."""
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise _JSONProblem(k, "key given twice in one record")
+        obj[k] = v
+    return obj
+
+
+def _constant(name):
+    raise _JSONProblem("json", f"{name} is not a number (JSON has no NaN or Infinity)")
+
+
+def _int(s):
+    # integers too long for a float (or for int(), which refuses > 4300 digits) become inf, which every
+    # numeric check then refuses as out of range; short ones stay exact ints
+    return int(s) if len(s) <= 18 else float(s)
+
+
+STRICT_JSON = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_int)
+
+
+def _strict(path, line, decode, offset=0):
+    """Run decode() (a JSON parse of text starting at `line`) and turn every way it can fail into a DataError
+    naming the line: the decoder's own line for syntax errors (counted from `line`), else `line`."""
+    try:
+        return decode()
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno if offset is None else line + e.lineno - 1, "json", e.msg) from None
+    except _JSONProblem as e:
+        raise DataError(path, line, e.field, e.problem) from None
+    except RecursionError:
+        raise DataError(path, line, "json", "nested too deeply (a record is one flat object)") from None
+
+
 def _json_items(path, text):
     """Items of a JSON list as (line where the item starts, item), keeping line numbers."""
-    dec = json.JSONDecoder()
+    dec = STRICT_JSON
     i, n, line, last = 0, len(text), 1, 0
     ws = " \t\r\n"
 
@@ -128,11 +174,9 @@ def _json_items(path, text):
     if i < n and text[i] == "]":
         return items
     while True:
-        try:
-            obj, end = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, "json", e.msg) from None
-        items.append((lineno(i), obj))
+        start = lineno(i)
+        obj, end = _strict(path, start, lambda: dec.raw_decode(text, i), offset=None)
+        items.append((start, obj))
         i = skip(end)
         if i < n and text[i] == ",":
             i = skip(i + 1)
@@ -155,10 +199,7 @@ def _parse(path, text):
         for lineno, ln in enumerate(text.split("\n"), 1):
             if not ln.strip():
                 continue  # blank lines are allowed
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, "json", e.msg) from None
+            obj = _strict(path, lineno, lambda: STRICT_JSON.decode(ln))
             if not isinstance(obj, dict):
                 raise DataError(path, lineno, "row", "expected a JSON object")
             rows.append((lineno, obj))
@@ -178,6 +219,9 @@ def _parse(path, text):
                     pass  # blank line
                 elif header is None:
                     header = [c.strip() for c in row]
+                    twice = [c for i, c in enumerate(header) if c in header[:i]]
+                    if twice:   # dict(zip(...)) would keep the last one silently
+                        raise DataError(path, start, twice[0], "column given twice in the header")
                 elif len(row) != len(header):
                     raise DataError(path, start, "row", f"{len(row)} values but the header has {len(header)} columns")
                 else:
@@ -230,6 +274,9 @@ def _text(path, line, f, canon):
         raise DataError(path, line, _col(col, canon), f"expected text, got {type(v).__name__}")
     if not v.strip():
         raise DataError(path, line, _col(col, canon), "empty")
+    bad = next((ch for ch in v if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:   # a lone surrogate (JSON "\ud800"): not a character, cannot be encoded or tokenized
+        raise DataError(path, line, _col(col, canon), f"lone surrogate \\u{ord(bad):04x} is not valid Unicode text")
     return v.strip()
 
 
@@ -252,10 +299,12 @@ def _probs(path, line, f):
             raise DataError(path, line, name, f"not a number ({v!r})")
         try:
             p = float(v)
-        except ValueError:
-            raise DataError(path, line, name, f"not a number ({v!r})") from None
-        if not (0.0 <= p <= 1.0):  # also false for NaN
-            raise DataError(path, line, name, f"probability {v} is outside [0, 1]")
+        except (ValueError, OverflowError):
+            raise DataError(path, line, name, f"not a number ({str(v)[:40]!r})") from None
+        if not math.isfinite(p):
+            raise DataError(path, line, name, f"not a finite number ({str(v)[:40]})")
+        if not (0.0 <= p <= 1.0):
+            raise DataError(path, line, name, f"probability {str(v)[:40]} is outside [0, 1]")
         ps.append(p)
     s = math.fsum(ps)
     if abs(s - 1.0) > SUM_TOL:
@@ -341,20 +390,28 @@ def severity_probs(record):
 # ----------------------------------------------------------------------------------------------
 # Writing
 
-def atomic_write(path, text):
-    """Write text (UTF-8) to path atomically: temp file in the same folder, fsync, os.replace.
-    A reader never sees a half-written file, and a crash leaves the old file (if any) intact."""
+def atomic_write(path, content):
+    """Write a file atomically: temp file in the same folder, fsync, os.replace. A reader never sees half a file,
+    and a crash leaves the old file (if any) intact. content: text (UTF-8), bytes, or a function write(tmp_path)
+    that writes the temp file itself (safetensors' save_file, a tokenizer's save). The file gets the permissions of
+    any new file (0666 minus the umask), not mkstemp's 0600, so others can read a model on a shared machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if callable(content):
+            os.close(fd)
+            content(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+                fh.flush()
+                os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -380,16 +437,33 @@ def write_jsonl(path, records):
 # The prompt template (the ONE place it lives). Training text = format_prompt(q) + answer + EOS;
 # the loss covers the answer (and EOS); generation starts from format_prompt(q).
 
-def format_prompt(question):
-    """"\\n{question}\\n\\nالاجابة:\\n" -- the answer follows the cue."""
-    return f"\n{question}\n\n{PROMPT_CUE}\n"
+def format_prompt(question, cue=True):
+    """"\\n{question}\\n\\nالاجابة:\\n" -- the answer follows the cue. cue=False: "\\n{question}\\n", the
+    generation prompt of the authors' notebooks (evaluate.py --recipe notebook), which left the cue out."""
+    return f"\n{question}\n\n{PROMPT_CUE}\n" if cue else f"\n{question}\n"
 
 
 def extract_answer(generated_text):
-    """The text after the first answer cue if present (so prompt + generation works), else all of
-    it; stripped."""
-    _, cue, after = generated_text.partition(PROMPT_CUE)
-    return (after if cue else generated_text).strip()
+    """The answer the model gave to THIS question, from the text it generated after the prompt, stripped.
+
+    The prompt already ends with the cue, so a model that goes on after its answer writes the training template
+    again: "<answer>\n<new question>\n\nالاجابة:\n<an invented answer>...". The answer ends where that new
+    question begins: at the last line break before the next cue (the new question is the line above it), or at the
+    cue itself when no line break comes before it. No cue at all: the whole text. A cue at the very start (a
+    prompt without the cue, the notebooks' "\n{Q}\n", lets the model write this question's cue itself) belongs to
+    this question and is skipped.
+
+        extract_answer("الراحة.\n\nعندي صداع؟\n\nالاجابة:\nراجع الطبيب") == "الراحة."
+    """
+    text = generated_text
+    if text.lstrip().startswith(PROMPT_CUE):          # this question's own cue (a cue-less prompt)
+        text = text.lstrip()[len(PROMPT_CUE):]
+    before, cue, _ = text.partition(PROMPT_CUE)
+    if cue:                                           # a new question/answer pair begins: cut before its question
+        head = before.rstrip()
+        cut = head.rfind("\n")                       # the line break that opens the new question
+        before = head[:cut] if cut >= 0 else head
+    return before.strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,3 +594,54 @@ def resolve_device(name, flag="--device"):
     elif dev.type not in ("cpu", "mps"):
         raise UserError(flag, f"{name!r}: unsupported device type (use auto, cpu, cuda or cuda:N)")
     return dev
+
+
+@contextlib.contextmanager
+def reading(path, what="file", hint=""):
+    """The boundary around a library call that reads a file the user gave (json, safetensors, tokenizers, open):
+    the library's own errors become ONE UserError naming the file, with `hint` (what to do) appended.
+    Anything else (a bug) passes through with its traceback.
+
+        with data.reading(cfg_file, "config"):
+            cfg = json.load(open(cfg_file))"""
+    hint = f"; {hint}" if hint else ""
+    try:
+        yield
+    except (UserError, DataError):
+        raise
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}", f"{what} is not valid JSON ({e.msg}){hint}") from None
+    except _JSONProblem as e:
+        raise UserError(path, f"{what}: {e.field}: {e.problem}{hint}") from None
+    except UnicodeDecodeError:
+        raise UserError(path, f"{what} is not UTF-8 text{hint}") from None
+    except RecursionError:
+        raise UserError(path, f"{what} is nested too deeply{hint}") from None
+    except OSError as e:
+        raise UserError(path, f"cannot read {what}: {e.strerror or e}{hint}") from None
+    except Exception as e:   # noqa: BLE001 - only the two kinds below; anything else is re-raised
+        if type(e).__name__ == "SafetensorError":        # safetensors: truncated, corrupt, not safetensors at all
+            raise UserError(path, f"not a valid safetensors file ({e}){hint}") from None
+        if type(e) is Exception:                        # the tokenizers library raises bare Exceptions
+            raise UserError(path, f"cannot read {what} ({e}){hint}") from None
+        raise
+
+
+def read_json(path, what="JSON file", hint=""):
+    """A JSON file the user gave (config.json, args.json, eval.json, ...): the parsed value, or ONE UserError
+    naming the file (missing, unreadable, not UTF-8, not JSON, a key given twice, nested too deeply)."""
+    with reading(path, what, hint):
+        with open(path, "rb") as fh:
+            return STRICT_JSON.decode(fh.read().decode("utf-8-sig"))
+
+
+@contextlib.contextmanager
+def for_flag(flag):
+    """Prefix the flag to a UserError raised inside (a loader that knows the file but not which flag named it):
+    "error: --model: out/x/config.json: not valid JSON ...". """
+    try:
+        yield
+    except UserError as e:
+        if e.where.startswith("--"):   # already names a flag
+            raise
+        raise UserError(f"{flag}: {e.where}" if e.where else flag, e.what) from None

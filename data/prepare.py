@@ -227,9 +227,10 @@ def split_sizes(n, n_train, n_test):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    num = data.number
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--source", choices=("maqa", "apollo", "ahd"), default="maqa",
                    help="corpus the input comes from (decides how it is read); default maqa")
     p.add_argument("--input", default=None,
@@ -244,16 +245,25 @@ def parse_args(argv):
     p.add_argument("--normalize", action="store_true",
                    help="apply Arabic normalisation to the written text (URLs, emoji, diacritics, tatweel "
                         "removed; alef/yaa/taa-marbuta unified; whitespace collapsed)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the shuffle before the split")
-    p.add_argument("--n-train", type=int, default=30000, help="training pairs to keep (paper: 30,000)")
-    p.add_argument("--n-test", type=int, default=2000, help="test pairs to keep (paper: 2,000)")
+    p.add_argument("--seed", type=num(int, lo=0), default=1234, help="seed of the shuffle before the split")
+    p.add_argument("--n-train", type=num(int, lo=0), default=30000, help="training pairs to keep (paper: 30,000)")
+    p.add_argument("--n-test", type=num(int, lo=0), default=2000, help="test pairs to keep (paper: 2,000)")
     p.add_argument("--revision", default=None, help="apollo only: hub revision (commit) to download")
     args = p.parse_args(argv)
-    if args.n_train < 0 or args.n_test < 0:
-        p.error("--n-train and --n-test must be >= 0")
+    if args.n_train == 0 and args.n_test == 0:
+        p.error("--n-train and --n-test are both 0: nothing to write")
     if args.source != "apollo" and args.input is None:
         p.error(f"--input is required for --source {args.source}")
     return args
+
+
+def check_paths(args):
+    """Input and every output path, before anything is read or written (nothing is replaced on a bad path)."""
+    if args.source != "apollo" or (args.input is not None and Path(args.input).exists()):
+        data.input_file(args.input, "--input")
+    data.output_dir(args.out, "--out")
+    for f in ("train.jsonl", "test.jsonl", "manifest.json"):
+        data.output_file(str(Path(args.out) / f), "--out")
 
 
 def prepare(args):
@@ -269,8 +279,6 @@ def prepare(args):
         rows, unpaired = read_apollo(path)
     else:
         path = origin = args.input
-        if not Path(path).is_file():
-            raise data.DataError(path, 1, "file", "no such file")
         rows = read_table(path, args.question_col, args.answer_col, args.sheet)
 
     recs, seen, n_empty, n_dup = [], set(), 0, 0
@@ -333,14 +341,17 @@ def prepare(args):
 
 
 def main(argv=None):
+    """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
+    return data.run(_main, argv)
+
+
+def _main(argv=None):
     args = parse_args(argv)
-    try:
-        m = prepare(args)
-    except (data.DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_paths(args)
+    m = prepare(args)
     print(f"{m['rows_read']} rows read, {m['dropped_empty']} empty dropped, {m['duplicates_removed']} duplicates "
           f"removed -> {m['n_train']} train / {m['n_test']} test in {args.out}")
+    return m
 
 
 if __name__ == "__main__":

@@ -230,10 +230,26 @@ def test_jsonl_lines_split_on_newline_only(tmp_path):
 def test_prompt_template():
     assert data.PROMPT_CUE == "الاجابة:"
     assert data.format_prompt("س") == "\nس\n\nالاجابة:\n"
-    full = data.format_prompt("ما علاج الزكام؟") + "الراحة والسوائل."
-    assert data.extract_answer(full) == "الراحة والسوائل."
-    assert data.extract_answer("  جواب بلا علامة \n") == "جواب بلا علامة"
-    assert data.extract_answer("كلام الاجابة: الجواب الاجابة: المزيد") == "الجواب الاجابة: المزيد"
+
+
+# Hand-written generations (the text a model writes after the prompt, which ends with the cue) -> the answer to
+# THIS question. A model that goes on after its answer writes the template again: a new question, then a cue.
+EXTRACT_CASES = [
+    ("الراحة والسوائل.", "الراحة والسوائل."),                                     # just the answer (EOS ended it)
+    ("  جواب بلا علامة \n", "جواب بلا علامة"),                                   # the cue never appears
+    ("الراحة والسوائل.\n\nعندي صداع؟\n\nالاجابة:\nراجع الطبيب", "الراحة والسوائل."),  # the example
+    ("سطر أول.\nسطر ثان.\nسؤال جديد؟\n\nالاجابة:\nجواب آخر", "سطر أول.\nسطر ثان."),   # a two-line answer
+    ("\nسؤال جديد؟\n\nالاجابة:\nجواب مخترع", ""),                               # empty answer, then a new pair
+    ("", ""),                                                                    # nothing generated (EOS first)
+    ("كلام الاجابة: الجواب الاجابة: المزيد", "كلام"),                             # no line break: cut at the cue
+    ("\nالاجابة:\nاشرب الماء.\nسؤال؟\n\nالاجابة:\nلا", "اشرب الماء."),          # cue-less prompt: own cue first
+    ("\nالاجابة:\n", ""),                                                       # cue-less prompt, empty answer
+]
+
+
+@pytest.mark.parametrize("generated, want", EXTRACT_CASES)
+def test_extract_answer_keeps_this_questions_answer(generated, want):
+    assert data.extract_answer(generated) == want
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,7 +423,7 @@ def test_prepare_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
         args, where = ["--input", src], f"{src}:1: question: "
     elif case == "no_file":
         src = tmp_path / "nope.csv"
-        args, where = ["--input", src], f"{src}:1: file: "
+        args, where = ["--input", src], f"--input: {src}: no such file"
     else:
         src = tmp_path / "b.xlsx"
         src.write_bytes(b"not a zip")

@@ -131,14 +131,6 @@ def test_pack_step_row_width_policy():
     assert max(widths(big)) > 2 * longest and pad(big) < 0.05
 
 
-def test_token_weights_by_hand():
-    ex = [([1, 2, 3, 4], [False, False, True, True], 1.5, 0), ([1, 2, 3], [True, True, True], 0.5, 1)]
-    assert train.token_weights(ex, "token") == [1.5, 0.5]
-    assert train.token_weights(ex, "example") == [1.5 / 2, 0.5 / 2]   # loss tokens = keep[1:]
-    with pytest.raises(ValueError):
-        train.token_weights(ex, "sequence")
-
-
 # ----------------------------------------------------------------------------------------------- the model
 
 @pytest.mark.parametrize("fam", FAMS)
@@ -223,13 +215,18 @@ def _assert_same_run(a, b):
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_lr0_losses_equal_packed_and_padded(assets, tmp_path, fam):
-    """--lr 0, --grad-accum 2: every step's logged loss (and unweighted NLL, grad norm, eval loss) is the padded
-    run's to 1e-5, and the packed run logs less padding for the same real tokens."""
-    pad = _run(assets, fam, tmp_path / "pad", "--lr", 0, "--grad-accum", 2)
-    pack = _run(assets, fam, tmp_path / "pack", "--lr", 0, "--grad-accum", 2, "--pack")
-    steps_pad, steps_pack = _assert_same_run(pad, pack)
-    for a, b in zip(steps_pack, steps_pad):   # same real tokens (checked above) in fewer slots
-        assert a["pad_frac"] < b["pad_frac"] - 0.05
+    """--lr 0, --grad-accum 2, both --loss-norm: every step's logged loss (and unweighted NLL, grad norm, eval loss)
+    is the padded run's to 1e-5, and the packed run logs less padding for the same real tokens."""
+    losses = {}
+    for norm in ("token", "example"):
+        extra = ["--lr", 0, "--grad-accum", 2, "--loss-norm", norm]
+        pad = _run(assets, fam, tmp_path / f"pad-{norm}", *extra)
+        pack = _run(assets, fam, tmp_path / f"pack-{norm}", *extra, "--pack")
+        steps_pad, steps_pack = _assert_same_run(pad, pack)
+        for a, b in zip(steps_pack, steps_pad):   # same real tokens (checked above) in fewer slots
+            assert a["pad_frac"] < b["pad_frac"] - 0.05
+        losses[norm] = [r["loss"] for r in steps_pack]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(losses["token"], losses["example"]))   # two different estimators
 
 
 def _capture_grads(monkeypatch):
@@ -272,9 +269,9 @@ def test_real_steps_same_weights_packed_and_padded(assets, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("norm", ["token", "example"])
 def test_both_loss_normalisations_exact_under_packing(assets, norm):
-    """The step's loss sum(weight * NLL) / denominator with token_weights: packed rows give the padded batch's
-    value, and both equal the hand formula from each example run alone (token: sum w*nll / all loss tokens;
-    example: mean over examples of w * own mean NLL)."""
+    """train.loss_scale given each token its own example's loss-token count (what train.py does with --pack):
+    packed rows give the step's loss of the hand formula from each example run alone (token: sum w*nll / all loss
+    tokens; example: mean over examples of w * own mean NLL), and so does the padded batch."""
     import data
     fam = "lfm2"                                                 # the conv makes packing the most delicate
     m = M.Decoder.from_pretrained(assets["folder"](fam)).eval()
@@ -284,39 +281,22 @@ def test_both_loss_normalisations_exact_under_packing(assets, norm):
     with torch.no_grad():
         for e in ex:                                             # each example alone, no padding at all
             x, y, _, _ = train.collate([e], tok.pad_id, "cpu")
-            nll = m(x, targets=y)
-            per_sum.append(nll.sum().item())
+            per_sum.append(m(x, targets=y).sum().item())
             per_n.append(int((y != -100).sum()))
         if norm == "token":
             want = sum(e[2] * s for e, s in zip(ex, per_sum)) / sum(per_n)
         else:
             want = sum(e[2] * s / n for e, s, n in zip(ex, per_sum, per_n)) / len(ex)
-        denom = sum(per_n) if norm == "token" else len(ex)
-        tw = train.token_weights(ex, norm)
-        x, y, _, _ = train.collate(ex, tok.pad_id, "cpu")       # one padded batch, per-example weights
-        padded = (m(x, targets=y) * torch.tensor(tw)[:, None]).sum().item() / denom
-        packed = sum((m(x, targets=y, segments=s) * w).sum().item()
-                     for x, y, w, _, s in train.pack_step(ex, 47, 2, tok.pad_id, "cpu", norm=norm)) / denom
+        N, E = torch.tensor(float(sum(per_n))), torch.tensor(float(len(ex)))
+        x, y, w, _ = train.collate(ex, tok.pad_id, "cpu")       # one padded batch, per-example factors
+        padded = (m(x, targets=y).sum(1) * train.loss_scale(w, (y != -100).sum(1).float(), norm, N, E)).sum().item()
+        n_i = torch.tensor([float(n) for n in per_n])
+        packed = 0.0
+        for x, y, w, _, seg in train.pack_step(ex, 47, 2, tok.pad_id, "cpu"):
+            n_tok = n_i[seg.clamp(min=0)] * (seg >= 0)          # per token: its example's count, 0 on padding
+            packed += (m(x, targets=y, segments=seg) * train.loss_scale(w, n_tok, norm, N, E)).sum().item()
     assert abs(padded - want) <= 1e-5 * abs(want)
     assert abs(packed - want) <= 1e-5 * abs(want)
-    other = "example" if norm == "token" else "token"           # the two really differ on these lengths
-    assert abs(sum(a * s for a, s in zip(train.token_weights(ex, other), per_sum)) / denom - want) > 1e-3
-
-
-# ----------------------------------------------------------------------------------------------- bench.py
-
-def test_bench_lengths_packed_row_same_tokens_less_padding(tmp_path):
-    """bench.py --lengths: the three implementations train on the same real tokens; packing leaves less padding.
-    The MAQA-like model: log-normal question (median 40) and answer (median 60, sigma 1) token counts + EOS."""
-    import bench
-    pairs = bench.example_lengths("maqa", 4000, 10 ** 6, 0)
-    totals = sorted(t for _, t in pairs)
-    assert all(p < t for p, t in pairs)
-    assert 95 <= totals[2000] <= 125                            # median of q + a + 1 (~40 + 60, log-normal sum)
-    assert totals[3960] > 500                                   # the long tail: the top 1 % beyond 500 tokens
-    capped = bench.example_lengths("maqa", 100, 256, 0)
-    assert max(t for _, t in capped) == 256 and all(p < t for p, t in capped)
-    r = bench.main(["--lengths", "maqa", "--skip-gen", "--warmup", "0", "--iters", "2", "--batch-size", "8",
-                    "--seq-len", "256", "--json", str(tmp_path / "b.json")])["train_lengths"]
-    assert r["ours"]["real_tokens"] == r["ours packed"]["real_tokens"] == r["transformers"]["real_tokens"]
-    assert r["ours packed"]["pad_frac"] < r["ours"]["pad_frac"] / 2
+    token = sum(e[2] * s for e, s in zip(ex, per_sum)) / sum(per_n)
+    example = sum(e[2] * s / n for e, s, n in zip(ex, per_sum, per_n)) / len(ex)
+    assert abs(token - example) > 1e-3                          # the two really differ on these lengths

@@ -1,0 +1,625 @@
+"""The command-line contract of every script (README "Bad input"), table-driven.
+
+Each case runs one script's real command line -- main(argv), i.e. argparse and everything after it -- and asserts
+what the user must see: exit status 2, exactly one stderr line starting with "error:", no traceback, and nothing
+written (the case's folder is byte-for-byte what it was before). Most cases run in-process (one pytest process,
+many cases: cheap); a few go through a real `python script.py` subprocess. After the table: divergence, resume
+refusals, a cut log line, a corrupt resume state, the umask, and --lr 0 as a dry run. (kill -9 + resume equal to
+the uninterrupted run: tests/test_train.py::test_resume_after_kill_equals_uninterrupted.)
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import traceback
+import zipfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import annotate  # noqa: E402
+import bench  # noqa: E402
+import classify  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import model as M  # noqa: E402
+import train  # noqa: E402
+from data import prepare  # noqa: E402
+
+SAMPLE = os.path.join(ROOT, "data", "sample")
+SCRIPTS = {"train": train, "annotate": annotate, "evaluate": evaluate, "prepare": prepare, "bench": bench,
+           "classify": classify}
+PATHS = {"train": "train.py", "annotate": "annotate.py", "evaluate": "evaluate.py", "prepare": "data/prepare.py",
+         "bench": "bench.py", "classify": "classify.py"}
+CUDA = torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+def _bert_folder(folder):
+    """A tiny random BERT (transformers' layout, safetensors) with a character WordPiece vocabulary: a valid scorer
+    for evaluate.py and the shape of a classifier folder for corrupting."""
+    from transformers import BertConfig, BertModel
+    chars = sorted({c for r in data.load_records(os.path.join(SAMPLE, "test.jsonl")) for c in r["question"] + r["answer"]
+                    if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 128}, f)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Read-only inputs shared by all cases: a tiny decoder folder, 8 training records, 4 test records, a scorer."""
+    root = tmp_path_factory.mktemp("errors_env")
+    mdir = str(root / "model")
+    M.Decoder.from_pretrained("tiny").save_pretrained(mdir)
+    M.load_tokenizer("tiny").save(mdir)
+    recs = data.load_records(os.path.join(SAMPLE, "train.jsonl"))
+    (root / "d").mkdir()
+    tr, te = str(root / "d" / "train.jsonl"), str(root / "d" / "test.jsonl")
+    data.write_jsonl(tr, recs[:8])
+    data.write_jsonl(te, data.load_records(os.path.join(SAMPLE, "test.jsonl"))[:4])
+    good = json.dumps(recs[0], ensure_ascii=False)
+    return dict(root=root, model=mdir, train=tr, test=te, recs=recs[:8], good=good,
+                scorer=_bert_folder(str(root / "scorer")), labels=os.path.join(SAMPLE, "severity_labels.jsonl"))
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_signals():
+    n = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def call(script, argv):
+    """script.main(argv) in-process -> (exit status, stderr). An exception that escapes is a traceback: returned as
+    status 'traceback' with the formatted traceback as stderr, so the table reports it like any other failure."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            SCRIPTS[script].main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:   # noqa: BLE001 - exactly what the contract forbids; reported, not raised
+            return "traceback", err.getvalue() + traceback.format_exc()
+    return code, err.getvalue()
+
+
+def snapshot(folder):
+    """Every path under folder with its size, mtime and mode: 'nothing written' = equal snapshots."""
+    out = {}
+    for dp, dns, fns in os.walk(folder):
+        for n in dns + fns:
+            p = os.path.join(dp, n)
+            st = os.lstat(p)
+            out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def assert_contract(code, err, *needles):
+    assert code == 2, f"exit status {code!r}, want 2; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"want exactly one stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+# ----------------------------------------------------------------------------------------------- bad files
+
+def jsonl(tmp, name, *lines):
+    p = tmp / name
+    p.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+    return str(p)
+
+
+def bad_record(env, tmp, kind):
+    """A .jsonl whose line 2 is bad in one way; the first line is a good record."""
+    g = env["good"]
+    rec = json.loads(g)
+    line2 = {
+        "duplicate key": g[:-1] + ', "severity": "neutral"}',
+        "huge integer": json.dumps({**rec, "p_c": 10 ** 400}),
+        "deep nesting": '{"question": ' + "[" * 200000 + "]" * 200000 + "}",
+        "lone surrogate": g.replace('"question": "', '"question": "\\ud800', 1),
+        "NaN": json.dumps({**rec, "p_c": float("nan")}),
+        "1e999": json.dumps(rec).replace(json.dumps(rec["p_c"]), "1e999", 1),
+    }[kind]
+    return jsonl(tmp, "bad.jsonl", g, line2)
+
+
+def model_variant(env, tmp, kind):
+    """A copy of the tiny model folder, broken in one way."""
+    d = tmp / "m"
+    shutil.copytree(env["model"], d)
+    st = d / "model.safetensors"
+    if kind == "truncated safetensors":
+        b = st.read_bytes()
+        st.write_bytes(b[:len(b) // 2])
+    elif kind == "garbage safetensors":
+        st.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    elif kind == "only pytorch_model.bin":
+        st.rename(d / "pytorch_model.bin")
+    elif kind == "config not JSON":
+        (d / "config.json").write_text("{model_type: gpt2", encoding="utf-8")
+    elif kind == "config wrong types":
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c["n_embd"] = "wide"
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    elif kind == "tokenizer not a tokenizer":
+        (d / "tokenizer.json").write_text('{"hello": "world"}', encoding="utf-8")
+    elif kind == "shard outside folder":
+        outside = tmp / "elsewhere.safetensors"
+        st.rename(outside)
+        (d / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"wte.weight": "../elsewhere.safetensors"}}), encoding="utf-8")
+    return str(d)
+
+
+def scorer_variant(env, tmp, kind):
+    d = tmp / "scorer"
+    shutil.copytree(env["scorer"], d)
+    st = d / "model.safetensors"
+    if kind == "only pytorch_model.bin":
+        st.rename(d / "pytorch_model.bin")
+    elif kind == "truncated safetensors":
+        b = st.read_bytes()
+        st.write_bytes(b[:len(b) // 3])
+    return str(d)
+
+
+def xlsx(tmp, kind):
+    """A .xlsx written by openpyxl, then broken: the sheet XML cut in half, or a shared-string index past the end."""
+    import openpyxl
+    src, dst = tmp / "ok.xlsx", tmp / "bad.xlsx"
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    for row in (["question", "answer"], ["ما هو السكري؟", "ارتفاع سكر الدم."], ["سؤال", "جواب"]):
+        ws.append(row)
+    wb.save(src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            b = zin.read(item.filename)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                if kind == "truncated sheet XML":
+                    b = b[:len(b) // 2]
+                else:   # the first shared-string cell points far past the shared strings
+                    b = b.replace(b't="s"><v>0</v>', b't="s"><v>999</v>', 1)
+                    assert b"<v>999</v>" in b, "test set-up: openpyxl wrote no shared-string cell"
+            zout.writestr(item, b)
+    os.remove(src)
+    return str(dst)
+
+
+def eval_json(tmp, kind):
+    ev = {"setting": "Base", "model": {"name": "m", "weights": None},
+          "scores": {"f1": {"overall": {"mean": 60.0, "lo": 59.0, "hi": 61.0, "n": 4}}},
+          "nll": {"overall": {"mean": 2.0, "lo": 1.9, "hi": 2.1, "n": 4}}}
+    p = tmp / "eval.json"
+    if kind == "wrong types":
+        ev["scores"]["f1"]["overall"]["mean"] = "sixty"
+    elif kind == "setting a number":
+        ev["setting"] = 3
+    elif kind == "scores a list":
+        ev["scores"] = [1, 2]
+    p.write_text("{not json" if kind == "not JSON" else json.dumps(ev), encoding="utf-8")
+    return str(p)
+
+
+def a_file(tmp, name="file.txt"):
+    p = tmp / name
+    p.write_text("keep me\n", encoding="utf-8")
+    return str(p)
+
+
+def a_dir(tmp, name="somedir"):
+    p = tmp / name
+    p.mkdir(exist_ok=True)
+    return str(p)
+
+
+# ----------------------------------------------------------------------------------------------- the table
+# (id, script, argv(env, tmp) -> list, needles in the error line). tmp is the case's own folder: outputs go there,
+# bad inputs are made there, and it must be unchanged by the run.
+
+def T(env, tmp, *extra, model=None, data_file=None):
+    return ["--model", model or env["model"], "--data", data_file or env["train"], "--eval-data", "none",
+            "--max-steps", "1", "--quiet", "--out", str(tmp / "out"), *extra]
+
+
+def A(env, tmp, *extra, inp=None, clf="tiny"):
+    return [inp or env["test"], "--classifier", clf, "--out", str(tmp / "ann.jsonl"), "--device", "cpu", *extra]
+
+
+def E(env, tmp, *extra, model=None, scorer=None):
+    return ["--model", model or env["model"], "--data", env["test"], "--out", str(tmp / "ev"), "--bertscore-model",
+            scorer or env["scorer"], "--bertscore-layer", "1", "--greedy", "--n", "2", "--bootstrap", "0",
+            "--max-new-tokens", "2", "--quiet", *extra]
+
+
+def P(env, tmp, *extra, inp=None):
+    return ["--input", inp or env["train"], "--out", str(tmp / "prep"), "--n-train", "4", "--n-test", "2", *extra]
+
+
+def B(env, tmp, *extra):
+    return ["--model", "tiny", "--shape", "small", "--iters", "1", "--warmup", "0", "--batch-size", "1",
+            "--seq-len", "8", "--gen-batch", "1", "--gen-prompt-len", "4", "--new-tokens", "2", *extra]
+
+
+def C(env, tmp, *extra, model="tiny", data_file=None):
+    return ["--model", model, "--data", data_file or env["labels"], "--out", str(tmp / "clf"), "--epochs", "1",
+            "--device", "cpu", *extra]
+
+
+CASES = [
+    # -- train.py: flags
+    ("train lr -1", "train", lambda e, t: T(e, t, "--lr", "-1"), ["--lr"]),
+    ("train lr nan", "train", lambda e, t: T(e, t, "--lr", "nan"), ["--lr"]),
+    ("train lr inf", "train", lambda e, t: T(e, t, "--lr", "inf"), ["--lr"]),
+    ("train epochs nan", "train", lambda e, t: T(e, t, "--epochs", "nan"), ["--epochs"]),
+    ("train epochs 0", "train", lambda e, t: T(e, t, "--epochs", "0", "--max-steps", "0"), ["--epochs"]),
+    ("train max-steps -5", "train", lambda e, t: T(e, t, "--max-steps", "-5"), ["--max-steps"]),
+    ("train max-steps 1.5", "train", lambda e, t: T(e, t, "--max-steps", "1.5"), ["--max-steps"]),
+    ("train weight-decay -1", "train", lambda e, t: T(e, t, "--weight-decay", "-1"), ["--weight-decay"]),
+    ("train weights 0,0,0", "train", lambda e, t: T(e, t, "--weights", "0,0,0"), ["--weights"]),
+    ("train weights two values", "train", lambda e, t: T(e, t, "--weights", "1,2"), ["--weights"]),
+    ("train weights nan", "train", lambda e, t: T(e, t, "--weights", "nan,1,1"), ["--weights"]),
+    ("train lora-dropout 2", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-dropout", "2"), ["--lora-dropout"]),
+    ("train lora-dropout 1", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-dropout", "1"), ["--lora-dropout"]),
+    ("train lora-target unknown", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-targets", "qkv,attn"),
+     ["--lora-targets", "attn"]),
+    ("train lora-alpha 0", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-alpha", "0"), ["--lora-alpha"]),
+    ("train batch-size 0", "train", lambda e, t: T(e, t, "--batch-size", "0"), ["--batch-size"]),
+    ("train grad-clip nan", "train", lambda e, t: T(e, t, "--grad-clip", "nan"), ["--grad-clip"]),
+    ("train warmup -1", "train", lambda e, t: T(e, t, "--warmup", "-1"), ["--warmup"]),
+    ("train seed -1", "train", lambda e, t: T(e, t, "--seed", "-1"), ["--seed"]),
+    ("train seed huge", "train", lambda e, t: T(e, t, "--seed", "9" * 40), ["--seed"]),
+    ("train save-minutes -1", "train", lambda e, t: T(e, t, "--save-minutes", "-1"), ["--save-minutes"]),
+    ("train max-len 1", "train", lambda e, t: T(e, t, "--max-len", "1"), ["--max-len"]),
+    ("train max-len too small for the prompt", "train", lambda e, t: T(e, t, "--max-len", "4"), ["--max-len"]),
+    ("train unknown flag", "train", lambda e, t: T(e, t, "--lr-peak", "1"), ["--lr-peak"]),
+    ("train device bogus", "train", lambda e, t: T(e, t, "--device", "tpu7"), ["--device"]),
+    ("train grad-accum -1", "train", lambda e, t: T(e, t, "--grad-accum", "-1"), ["--grad-accum"]),
+    # -- train.py: paths
+    ("train data is a directory", "train", lambda e, t: T(e, t, data_file=a_dir(t)), ["--data", "directory"]),
+    ("train data missing", "train", lambda e, t: T(e, t, data_file=str(t / "nope.jsonl")), ["--data", "nope.jsonl"]),
+    ("train eval-data is a directory", "train", lambda e, t: T(e, t)[:-2] + ["--eval-data", a_dir(t), "--out", str(t / "o")],
+     ["--eval-data"]),
+    ("train out is a file", "train", lambda e, t: T(e, t)[:-2] + ["--out", a_file(t)], ["--out"]),
+    ("train out under a file", "train", lambda e, t: T(e, t)[:-2] + ["--out", os.path.join(a_file(t), "sub")], ["--out"]),
+    ("train resume without state", "train", lambda e, t: T(e, t, "--resume"), ["--resume"]),
+    # -- train.py: the model folder
+    ("train model missing folder", "train", lambda e, t: T(e, t, model=str(t / "no_model")), ["--model", "no_model"]),
+    ("train model missing relative folder", "train", lambda e, t: T(e, t, model="./no/such/model"), ["--model"]),
+    ("train model is a file", "train", lambda e, t: T(e, t, model=a_file(t)), ["--model"]),
+    ("train model truncated safetensors", "train", lambda e, t: T(e, t, model=model_variant(e, t, "truncated safetensors")),
+     ["model.safetensors"]),
+    ("train model garbage safetensors", "train", lambda e, t: T(e, t, model=model_variant(e, t, "garbage safetensors")),
+     ["model.safetensors"]),
+    ("train model only pytorch_model.bin", "train",
+     lambda e, t: T(e, t, model=model_variant(e, t, "only pytorch_model.bin")), ["pytorch_model.bin"]),
+    ("train model config not JSON", "train", lambda e, t: T(e, t, model=model_variant(e, t, "config not JSON")),
+     ["config.json"]),
+    ("train model config wrong types", "train", lambda e, t: T(e, t, model=model_variant(e, t, "config wrong types")),
+     ["config.json"]),
+    ("train model tokenizer not a tokenizer", "train",
+     lambda e, t: T(e, t, model=model_variant(e, t, "tokenizer not a tokenizer")), ["tokenizer.json"]),
+    ("train model shard outside folder", "train",
+     lambda e, t: T(e, t, model=model_variant(e, t, "shard outside folder")), ["outside"]),
+    # -- train.py: data records (file:line:field)
+    ("train data duplicate key", "train", lambda e, t: T(e, t, data_file=bad_record(e, t, "duplicate key")),
+     ["bad.jsonl:2:", "severity"]),
+    ("train data huge integer", "train", lambda e, t: T(e, t, data_file=bad_record(e, t, "huge integer")),
+     ["bad.jsonl:2:", "p_c"]),
+    ("train data 1e999", "train", lambda e, t: T(e, t, data_file=bad_record(e, t, "1e999")), ["bad.jsonl:2:", "p_c"]),
+    ("train data NaN", "train", lambda e, t: T(e, t, data_file=bad_record(e, t, "NaN")), ["bad.jsonl:2:"]),
+    ("train data deep nesting", "train", lambda e, t: T(e, t, data_file=bad_record(e, t, "deep nesting")),
+     ["bad.jsonl:2:"]),
+    ("train data lone surrogate", "train", lambda e, t: T(e, t, data_file=bad_record(e, t, "lone surrogate")),
+     ["bad.jsonl:2:", "question"]),
+    ("train data duplicate CSV column", "train",
+     lambda e, t: T(e, t, data_file=str((t / "d.csv").write_text("question,answer,answer\nq,a,b\n") and t / "d.csv")),
+     ["d.csv:1:", "answer"]),
+
+    # -- annotate.py
+    ("annotate limit 0", "annotate", lambda e, t: A(e, t, "--limit", "0"), ["--limit"]),
+    ("annotate batch-size 0", "annotate", lambda e, t: A(e, t, "--batch-size", "0"), ["--batch-size"]),
+    ("annotate max-len 2", "annotate", lambda e, t: A(e, t, "--max-len", "2"), ["--max-len"]),
+    ("annotate out is a directory", "annotate", lambda e, t: A(e, t)[:4] + [a_dir(t), "--device", "cpu"], ["--out"]),
+    ("annotate out under a file", "annotate",
+     lambda e, t: A(e, t)[:4] + [os.path.join(a_file(t), "x.jsonl"), "--device", "cpu"], ["--out"]),
+    ("annotate input missing", "annotate", lambda e, t: A(e, t, inp=str(t / "nope.jsonl")), ["nope.jsonl"]),
+    ("annotate input is a directory", "annotate", lambda e, t: A(e, t, inp=a_dir(t)), ["directory"]),
+    ("annotate input lone surrogate", "annotate", lambda e, t: A(e, t, inp=bad_record(e, t, "lone surrogate")),
+     ["bad.jsonl:2:", "question"]),
+    ("annotate input duplicate key", "annotate", lambda e, t: A(e, t, inp=bad_record(e, t, "duplicate key")),
+     ["bad.jsonl:2:"]),
+    ("annotate classifier missing folder", "annotate", lambda e, t: A(e, t, clf=str(t / "no_clf")), ["no_clf"]),
+    ("annotate classifier truncated safetensors", "annotate",
+     lambda e, t: A(e, t, clf=scorer_variant(e, t, "truncated safetensors")), ["--classifier", "safetensors"]),
+    ("annotate classifier only pytorch_model.bin", "annotate",
+     lambda e, t: A(e, t, clf=scorer_variant(e, t, "only pytorch_model.bin")), ["--classifier"]),
+    ("annotate label-map not a severity", "annotate", lambda e, t: A(e, t, "--label-map", "x=y"), ["--label-map"]),
+    ("annotate label-map not src=dst", "annotate", lambda e, t: A(e, t, "--label-map", "critical"), ["--label-map"]),
+    ("annotate device bogus", "annotate", lambda e, t: A(e, t)[:-2] + ["--device", "tpu7"], ["--device"]),
+
+    # -- evaluate.py
+    ("evaluate out is a file", "evaluate", lambda e, t: E(e, t, "--out", a_file(t)), ["--out"]),
+    ("evaluate out under a file", "evaluate", lambda e, t: E(e, t, "--out", os.path.join(a_file(t), "ev")), ["--out"]),
+    ("evaluate n 0", "evaluate", lambda e, t: E(e, t, "--n", "0"), ["--n"]),
+    ("evaluate temperature nan", "evaluate", lambda e, t: E(e, t, "--temperature", "nan"), ["--temperature"]),
+    ("evaluate top-p 2", "evaluate", lambda e, t: E(e, t, "--top-p", "2"), ["--top-p"]),
+    ("evaluate bootstrap -1", "evaluate", lambda e, t: E(e, t, "--bootstrap", "-1"), ["--bootstrap"]),
+    ("evaluate data is a directory", "evaluate", lambda e, t: E(e, t, "--data", a_dir(t)), ["--data"]),
+    ("evaluate model missing", "evaluate", lambda e, t: E(e, t, model=str(t / "no_model")), ["--model"]),
+    ("evaluate model truncated safetensors", "evaluate",
+     lambda e, t: E(e, t, model=model_variant(e, t, "truncated safetensors")), ["--model", "model.safetensors"]),
+    ("evaluate scorer only pytorch_model.bin", "evaluate",
+     lambda e, t: E(e, t, scorer=scorer_variant(e, t, "only pytorch_model.bin")), ["--bertscore-model", "safetensors"]),
+    ("evaluate scorer missing folder", "evaluate", lambda e, t: E(e, t, scorer=str(t / "no_scorer")),
+     ["--bertscore-model"]),
+    ("evaluate scorer truncated safetensors", "evaluate",
+     lambda e, t: E(e, t, scorer=scorer_variant(e, t, "truncated safetensors")), ["--bertscore-model"]),
+    ("evaluate plot without table", "evaluate", lambda e, t: E(e, t, "--plot", str(t / "p.png")), ["--plot"]),
+    ("evaluate table wrong types", "evaluate", lambda e, t: ["--table", eval_json(t, "wrong types")], ["eval.json", "mean"]),
+    ("evaluate table setting a number", "evaluate", lambda e, t: ["--table", eval_json(t, "setting a number")],
+     ["setting"]),
+    ("evaluate table scores a list", "evaluate", lambda e, t: ["--table", eval_json(t, "scores a list")], ["scores"]),
+    ("evaluate table not JSON", "evaluate", lambda e, t: ["--table", eval_json(t, "not JSON")], ["eval.json"]),
+    ("evaluate table missing file", "evaluate", lambda e, t: ["--table", str(t / "none.json")], ["none.json"]),
+    ("evaluate table plot under a file", "evaluate",
+     lambda e, t: ["--table", eval_json(t, "ok"), "--plot", os.path.join(a_file(t), "p.png")], ["--plot"]),
+    ("evaluate device bogus", "evaluate", lambda e, t: E(e, t, "--device", "tpu7"), ["--device"]),
+
+    # -- data/prepare.py
+    ("prepare out is a file", "prepare", lambda e, t: P(e, t, "--out", a_file(t)), ["--out"]),
+    ("prepare out/test.jsonl is a directory", "prepare",
+     lambda e, t: P(e, t, "--out", str(t)) if a_dir(t, "test.jsonl") else None, ["--out", "test.jsonl"]),
+    ("prepare input is a directory", "prepare", lambda e, t: P(e, t, inp=a_dir(t)), ["--input"]),
+    ("prepare n-train -1", "prepare", lambda e, t: P(e, t, "--n-train", "-1"), ["--n-train"]),
+    ("prepare seed nan", "prepare", lambda e, t: P(e, t, "--seed", "nan"), ["--seed"]),
+    ("prepare input lone surrogate", "prepare", lambda e, t: P(e, t, inp=bad_record(e, t, "lone surrogate")),
+     ["bad.jsonl:2:"]),
+    ("prepare input duplicate key", "prepare", lambda e, t: P(e, t, inp=bad_record(e, t, "duplicate key")),
+     ["bad.jsonl:2:"]),
+    ("prepare xlsx truncated sheet XML", "prepare", lambda e, t: P(e, t, inp=xlsx(t, "truncated sheet XML")),
+     ["bad.xlsx"]),
+    ("prepare xlsx shared string out of range", "prepare",
+     lambda e, t: P(e, t, inp=xlsx(t, "shared string out of range")), ["bad.xlsx"]),
+
+    # -- bench.py
+    ("bench threads -1", "bench", lambda e, t: B(e, t, "--threads", "-1"), ["--threads"]),
+    ("bench iters 0", "bench", lambda e, t: B(e, t, "--iters", "0"), ["--iters"]),
+    ("bench batch-size nan", "bench", lambda e, t: B(e, t, "--batch-size", "nan"), ["--batch-size"]),
+    ("bench json is a directory", "bench", lambda e, t: B(e, t, "--json", a_dir(t)), ["--json"]),
+    ("bench json under a file", "bench", lambda e, t: B(e, t, "--json", os.path.join(a_file(t), "b.json")), ["--json"]),
+    ("bench model unknown", "bench", lambda e, t: B(e, t, "--model", "gpt-17"), ["--model"]),
+    ("bench device bogus", "bench", lambda e, t: B(e, t, "--device", "tpu7"), ["--device"]),
+
+    # -- classify.py (rewritten by another branch; these describe the same contract)
+    ("classify lr -1", "classify", lambda e, t: C(e, t, "--lr", "-1"), ["--lr"]),
+    ("classify epochs 0", "classify", lambda e, t: C(e, t, "--epochs", "0"), ["--epochs"]),
+    ("classify lr nan", "classify", lambda e, t: C(e, t, "--lr", "nan"), ["--lr"]),
+    ("classify val-frac 2", "classify", lambda e, t: C(e, t, "--val-frac", "2"), ["--val-frac"]),
+    ("classify batch-size 0", "classify", lambda e, t: C(e, t, "--batch-size", "0"), ["--batch-size"]),
+    ("classify data is a directory", "classify", lambda e, t: C(e, t, data_file=a_dir(t)), ["--data"]),
+    ("classify data missing", "classify", lambda e, t: C(e, t, data_file=str(t / "nope.jsonl")), ["nope.jsonl"]),
+    ("classify data duplicate key", "classify",
+     lambda e, t: C(e, t, data_file=jsonl(t, "bad.jsonl", '{"text": "س", "label": "critical"}',
+                                          '{"text": "س", "label": "critical", "label": "neutral"}')), ["bad.jsonl:2:"]),
+    ("classify out is a file", "classify", lambda e, t: C(e, t, "--out", a_file(t)), ["--out"]),
+    ("classify model truncated safetensors", "classify",
+     lambda e, t: C(e, t, model=scorer_variant(e, t, "truncated safetensors")), ["model.safetensors"]),
+    ("classify model only pytorch_model.bin", "classify",
+     lambda e, t: C(e, t, model=scorer_variant(e, t, "only pytorch_model.bin")), ["safetensors"]),
+    ("classify model missing folder", "classify", lambda e, t: C(e, t, model=str(t / "no_model")), ["no_model"]),
+]
+if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
+    CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
+        ("train", lambda e, t: T(e, t, "--device", "cuda")), ("annotate", lambda e, t: A(e, t)[:-2] + ["--device", "cuda"]),
+        ("evaluate", lambda e, t: E(e, t, "--device", "cuda")), ("bench", lambda e, t: B(e, t, "--device", "cuda")),
+        ("classify", lambda e, t: C(e, t)[:-2] + ["--device", "cuda"]))]
+
+
+@pytest.mark.parametrize("name,script,argv,needles", CASES, ids=[c[0] for c in CASES])
+def test_contract(env, tmp_path, name, script, argv, needles):
+    case = tmp_path / "case"
+    case.mkdir()
+    args = argv(env, case)
+    before = snapshot(case)
+    code, err = call(script, args)
+    assert_contract(code, err, *needles)
+    assert snapshot(case) == before, "the failed run wrote something"
+
+
+def test_the_table_covers_every_script():
+    assert {c[1] for c in CASES} == set(SCRIPTS)
+    assert len(CASES) >= 100
+
+
+# ----------------------------------------------------------------------------------------------- real processes
+
+SUBPROCESS_CASES = [   # the same contract through `python <script>` (entry point, imports, stderr as a user sees it)
+    ("train", lambda e, t: T(e, t, "--lr", "nan"), "--lr"),
+    ("train", lambda e, t: T(e, t, data_file=bad_record(e, t, "lone surrogate")), "bad.jsonl:2:"),
+    ("evaluate", lambda e, t: ["--table", eval_json(t, "wrong types")], "eval.json"),
+    ("prepare", lambda e, t: P(e, t, "--out", a_file(t)), "--out"),
+    ("bench", lambda e, t: B(e, t, "--threads", "-1"), "--threads"),
+    ("annotate", lambda e, t: A(e, t, "--limit", "0"), "--limit"),
+]
+
+
+@pytest.mark.parametrize("script,argv,needle", SUBPROCESS_CASES, ids=[f"{s}-{n}" for s, _, n in SUBPROCESS_CASES])
+def test_contract_in_a_subprocess(env, tmp_path, script, argv, needle):
+    case = tmp_path / "case"
+    case.mkdir()
+    args = [str(a) for a in argv(env, case)]
+    before = snapshot(case)
+    env_vars = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, PATHS[script]), *args], capture_output=True, text=True,
+                       cwd=str(case), env=env_vars, timeout=120)
+    assert_contract(p.returncode, p.stderr, needle)
+    assert snapshot(case) == before
+
+
+# ----------------------------------------------------------------------------------------------- training faults
+
+def read_log(out):
+    with open(os.path.join(str(out), "train_log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def state_step(out):
+    return train.read_state_meta(os.path.join(str(out), "state.safetensors"))["step"]
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(str(folder), "model.safetensors"))
+
+
+def run_train(env, out, *extra, steps=2):
+    return call("train", ["--model", env["model"], "--data", env["train"], "--eval-data", "none", "--quiet",
+                          "--out", str(out), "--batch-size", "4", "--max-steps", str(steps), *extra])
+
+
+def test_divergence_without_a_checkpoint_says_none_was_saved(env, tmp_path):
+    out = tmp_path / "out"
+    code, err = run_train(env, out, "--lr", "1e30", "--grad-clip", "0", "--save-every", "0", "--save-minutes", "0",
+                          steps=50)
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "non-finite" in lines[0], err
+    assert "no checkpoint was saved" in lines[0], lines[0]
+    assert not (out / "model.safetensors").exists() and not (out / "state.safetensors").exists()
+
+
+def test_divergence_keeps_the_named_checkpoint_finite(env, tmp_path):
+    """--lr 1e30: the update that makes the loss non-finite is skipped; the message names the checkpoint that
+    remains and its step; that checkpoint and the resume state hold only finite numbers."""
+    out = tmp_path / "out"
+    code, err = run_train(env, out, "--lr", "1e30", "--grad-clip", "0", "--save-every", "1", steps=50)
+    assert code == 1, err
+    k = state_step(out)
+    assert f"at step {k}" in err and "state.safetensors" in err, err
+    assert [r["step"] for r in read_log(out)] == list(range(1, k + 1))
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+    from safetensors.torch import load_file
+    st = load_file(str(out / "state.safetensors"))
+    assert all(torch.isfinite(v).all() for k_, v in st.items() if v.is_floating_point())
+
+
+def test_non_finite_gradient_is_never_applied(env, tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (step 2): the weights stay those of step 1 and the run stops, status 1."""
+    out = tmp_path / "out"
+    orig, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def poisoned(parameters, max_norm, *a, **k):
+        ps = list(parameters)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            ps[0].grad.fill_(float("nan"))
+        return orig(ps, max_norm, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    code, err = run_train(env, out, "--lr", "1e-2", "--save-every", "1", steps=5)
+    assert code == 1 and "gradient norm" in err and "at step 1" in err, err
+    assert state_step(out) == 1
+
+
+def test_resume_refuses_a_changed_experiment(env, tmp_path):
+    out = tmp_path / "out"
+    assert run_train(env, out, "--save-every", "1", "--lr", "1e-3")[0] == 0
+    before = snapshot(out)
+    changed_data = tmp_path / "d2"
+    changed_data.mkdir()
+    shutil.copy(env["train"], changed_data / "train.jsonl")
+    with open(changed_data / "train.jsonl", "a", encoding="utf-8") as f:   # same path name, other content
+        f.write(env["good"] + "\n")
+    for flags, needle in ((["--weights", "ce"], "--weights"), (["--lr", "2e-3"], "--lr"), (["--seed", "1"], "--seed"),
+                          (["--batch-size", "2"], "--batch-size"), (["--loss-tokens", "all"], "--loss-tokens"),
+                          (["--schedule", "cosine"], "--schedule"), (["--weight-decay", "0.1"], "--weight-decay"),
+                          (["--max-len", "100"], "--max-len"), (["--lora-rank", "2"], "--lora-rank")):
+        code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", *flags, steps=4)
+        assert_contract(code, err, "--resume", needle)
+        assert snapshot(out) == before, flags
+    code, err = call("train", ["--model", env["model"], "--data", str(changed_data / "train.jsonl"), "--eval-data",
+                               "none", "--quiet", "--out", str(out), "--batch-size", "4", "--max-steps", "4",
+                               "--lr", "1e-3", "--resume"])
+    assert_contract(code, err, "--data")
+    assert snapshot(out) == before
+    # more steps is not a change of experiment
+    assert run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=3)[0] == 0
+    assert state_step(out) == 3
+
+
+def test_resume_recovers_a_cut_log_line_and_refuses_a_corrupt_state(env, tmp_path):
+    out = tmp_path / "out"
+    assert run_train(env, out, "--save-every", "1", "--lr", "1e-3", steps=2)[0] == 0
+    with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "epoch": 0, "lo')          # what a kill -9 in the middle of a write leaves
+    code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=3)
+    assert code == 0, err
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    st = out / "state.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    before = snapshot(out)
+    code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=4)
+    assert_contract(code, err, "state.safetensors")
+    assert snapshot(out) == before
+
+
+def test_lr_0_is_a_dry_run(env, tmp_path):
+    """--lr 0 is accepted: the loss is measured, the weights do not move."""
+    out = tmp_path / "out"
+    code, err = run_train(env, out, "--lr", "0", steps=2)
+    assert code == 0, err
+    assert all(math.isfinite(r["loss"]) for r in read_log(out))
+    a, b = weights(env["model"]), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_outputs_follow_the_umask(env, tmp_path):
+    """Files written atomically get 0666 minus the umask (mkstemp alone would leave them 0600)."""
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "out"
+        assert run_train(env, out, "--lr", "1e-3", steps=1)[0] == 0
+        prep = tmp_path / "prep"
+        assert call("prepare", ["--input", env["train"], "--out", str(prep), "--n-train", "4", "--n-test", "2"])[0] == 0
+    finally:
+        os.umask(old)
+    files = ["model.safetensors", "config.json", "tokenizer.json", "state.safetensors", "args.json"]
+    for f in [out / f for f in files] + [prep / "train.jsonl", prep / "manifest.json"]:
+        assert oct(os.stat(f).st_mode & 0o777) == oct(0o640), f
+
+
+def test_an_update_that_overflows_the_weights_is_never_saved(env, tmp_path):
+    """Finite loss and gradient, yet AdamW's decoupled decay (lr x weight decay = 1e40) sends the weights past the
+    float range in step 1: the checkpoint due at step 1 is not written, and the message says none was saved."""
+    out = tmp_path / "out"
+    code, err = run_train(env, out, "--lr", "1e30", "--weight-decay", "1e10", "--save-every", "1", steps=3)
+    assert code == 1, err
+    assert "non-finite" in err and "no checkpoint was saved" in err, err
+    assert not (out / "model.safetensors").exists() and not (out / "state.safetensors").exists()
