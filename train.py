@@ -70,10 +70,10 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--pack", action="store_true", help="padding-free: lay each step's examples (the same ones) end to "
-                   "end into rows as wide as the step's longest example, attention and positions restarting at "
-                   "every example; same loss, less padding. Micro-batches hold up to --batch-size rows (so fewer "
-                   "than --grad-accum may run); under --compile each is one row of exactly --max-len - 1 tokens: "
-                   "one shape, one compilation")
+                   "end into rows of up to --max-len - 1 tokens (the width with the fewest FLOPs), attention, "
+                   "positions and LFM2's conv restarting at every example; same loss, less padding. Micro-batches "
+                   "hold up to --batch-size rows (so fewer than --grad-accum may run); under --compile each is one "
+                   "row of exactly --max-len - 1 tokens: one shape, one compilation")
     p.add_argument("--seed", type=num(int, lo=0, hi=2**31 - 1), default=1337, help="seed for data order, init and dropout")
     p.add_argument("--eval-every", type=num(int, lo=0), default=0, help="eval loss (overall and per severity) every N steps; 0 = only at the end")
     p.add_argument("--save-every", type=num(int, lo=0), default=1000, help="write a checkpoint every N steps (0 = not by steps); one is also written at the end and on SIGINT/SIGTERM")
