@@ -4,6 +4,7 @@ Time our Decoder against transformers on the same random weights: the severity-w
     python bench.py                                          # tiny shape, CPU defaults (batch 4 x 128, fp32)
     python bench.py --model qwen2.5-0.5b --shape small       # a registry shape scaled down to 4 layers x 256
     python bench.py --model aragpt2-base --compile --json out/bench-aragpt2.json     # on a GPU: bf16, batch 16 x 512
+    python bench.py --lengths maqa --skip-gen                # variable lengths: padded vs packed (train.py --pack)
 
 Both models are built from one set of random weights (ours: Decoder(Config.from_hf(registry config)), saved with
 save_pretrained, loaded by transformers' AutoModelForCausalLM with SDPA attention), so nothing is downloaded.
@@ -526,7 +527,8 @@ def _main(argv=None):
         report["train_lengths"] = dict(r, kind=args.lengths, batch_size=args.batch_size, max_len=args.seq_len)
         L = r["lengths"]
         print(f"\ntrain step, {args.lengths} lengths (median {L['median']:.0f}, mean {L['mean']:.0f}, max {L['max']} "
-              f"tokens), {args.batch_size} examples per step, --max-len {args.seq_len}; real tokens only")
+              f"tokens), {args.batch_size} examples per step, --max-len {args.seq_len}; real tokens only, over all "
+              f"{args.iters} timed steps (the same steps for each)")
         print(f"{'':<20} {'real tokens/s':>14} {'ms/step':>10} {'padding':>8}")
         for k in ("ours", "ours packed", "transformers"):
             name = {"ours": "ours padded", "transformers": "transformers padded"}.get(k, k)
