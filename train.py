@@ -593,8 +593,8 @@ def fit(argv=None):
         mine = [train_ex[i] for i in idx[rank::world]]
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
         if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows, or
-            # under --compile exactly one full-width row each: one shape, so the step compiles once (the chunked
-            # loss loops over B*T rows, so a new number of rows would mean a new graph as surely as a new width)
+            # under --compile exactly one full-width row each: one shape, so the step compiles once (a new number
+            # of rows would recompile as surely as a new width does)
             batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
                                 fixed=args.compile, flops=raw_model.flops_per_token)
             n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
