@@ -496,7 +496,9 @@ class Decoder(nn.Module):
         """Positions and masks for tokens in slots [start, start+T) attending to keys in slots [0, S).
         segments (B, T): packed rows, several examples end to end (see hidden)."""
         cfg = self.cfg
-        if segments is not None:   # packed: positions restart at 0 for each example (RoPE, GPT-2's wpe, ALiBi)
+        if segments is not None:   # packed: positions restart at 0 for each example (RoPE, GPT-2's wpe, ALiBi).
+            # GPT-2's learned positions need it exactly; RoPE and ALiBi see only distances within an example, so
+            # for them it keeps the angles those of the padded run (the same rounding in bf16, not larger ones)
             pos = segment_positions(segments)                                              # (B, T)
         elif mask is None:
             pos = torch.arange(start, start + T, device=device)[None]                      # (1, T)
