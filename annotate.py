@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import classify
 import data
@@ -57,6 +58,7 @@ def get_args(argv=None):
     p.add_argument("--chunk-size", type=num(int, lo=1), default=4096,
                    help="rows per resumable chunk (sorted by length inside a chunk); keep it the same when resuming")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto = cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--limit", type=num(int, lo=1), default=None, help="annotate only the first N rows (>= 1)")
     p.add_argument("--stop-after", type=num(int, lo=1), default=None,
                    help="debug: stop after this many chunks in this run, as if interrupted (rerun to resume)")
@@ -225,7 +227,8 @@ def annotate(args):
     with open(partial, "r+b" if done else "wb") as fh:
         fh.truncate(nbytes)
 
-    bar = classify.Progress(len(recs), "annotate", "rows", start=done)
+    bar = tqdm(total=len(recs), initial=done, desc="annotate", unit="row", file=sys.stderr, dynamic_ncols=True,
+               disable=True if args.quiet else None)   # silent when stderr is not a terminal
     chunks = 0
     while done < len(recs):
         chunk = recs[done:done + args.chunk_size]
@@ -243,7 +246,7 @@ def annotate(args):
             os.fsync(fh.fileno())
             nbytes = fh.tell()
         done += len(chunk)
-        classify._write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
+        data.write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
         chunks += 1
         if args.stop_after is not None and chunks >= args.stop_after and done < len(recs):
             bar.close()

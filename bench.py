@@ -29,9 +29,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
-from classify import Progress
 from model import REGISTRY, Config, Decoder
 from train import peak_bf16   # dense bf16 peak FLOP/s by device name (H100 SXM / H200: 989e12)
 
@@ -70,7 +70,7 @@ def get_args(argv=None):
                    "implementation's own weights and optimizer state (the other model also lives on the device); "
                    "CPU = growth of the process's peak RSS during the step (VmHWM, reset before each step), plus "
                    "the same own-state bytes: process-wide and coarse (the allocator may reuse freed memory)")
-    p.add_argument("--threads", type=num(int, lo=0), default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=num(int, lo=0, hi=4096), default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--lengths", choices=["fixed", "maqa", "sample"], default="fixed", help="training examples: fixed = "
                    "every row --seq-len tokens (ours against transformers); maqa = a long-tailed MAQA-like length "
                    "distribution, sample = the lengths of data/sample/train.jsonl: ours padded (as train.py) against "
@@ -81,6 +81,7 @@ def get_args(argv=None):
     p.add_argument("--profile", type=num(int, lo=0), default=0, help="after timing, run N more steps of each implementation under "
                    "torch.profiler and print the top operators by self time")
     p.add_argument("--seed", type=num(int, lo=0, hi=2**63 - 1), default=0, help="seed for weights, data and sampling")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file (atomically)")
     return p.parse_args(argv)
 
@@ -224,13 +225,14 @@ def own_bytes(model, opt=None):
 
 
 
-def run_alternating(phase, fns, warmup, iters, device, meter):
+def run_alternating(phase, fns, warmup, iters, device, meter, quiet=False):
     """Call each implementation's step in turn (the order swaps every round so neither always runs first).
     Returns {impl: (median seconds, max peak bytes over timed steps)}."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = {k: [] for k in fns}
     peaks = {k: 0 for k in fns}
-    prog = Progress(warmup + iters, f"[{phase}]", "steps")
+    prog = tqdm(total=warmup + iters, desc=f"[{phase}]", unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=True if quiet else None)   # silent when stderr is not a terminal
     for i in range(warmup + iters):
         order = list(fns) if i % 2 == 0 else list(fns)[::-1]
         for k in order:
@@ -552,7 +554,7 @@ def _main(argv=None):
         steps, opts = make_train_steps(ours, theirs, batch, amp, device.type == "cuda", args.compile,
                                        args.compile_transformers)
         try:
-            res = run_alternating("train", steps, args.warmup, args.iters, device, meter)
+            res = run_alternating("train", steps, args.warmup, args.iters, device, meter, args.quiet)
         except Exception as e:   # noqa: BLE001 - a compile failure must not lose the eager figures
             if not args.compile:
                 raise
@@ -560,7 +562,7 @@ def _main(argv=None):
                   "timing eager instead", file=sys.stderr)
             steps, opts = make_train_steps(ours, theirs, batch, amp, device.type == "cuda", False, False)
             report["compile_train"] = False
-            res = run_alternating("train", steps, args.warmup, args.iters, device, meter)
+            res = run_alternating("train", steps, args.warmup, args.iters, device, meter, args.quiet)
         own = {"ours": own_bytes(ours, opts["ours"]), "transformers": own_bytes(theirs, opts["transformers"])}
         s = summarise(res, {k: B * T for k in IMPLS}, 1, ours.flops_per_token(T), peak_flops, own)
         report["train"] = dict(s, batch_size=B, seq_len=T, flops_per_token=ours.flops_per_token(T))
@@ -584,7 +586,7 @@ def _main(argv=None):
         prompts = torch.randint(1, cfg.vocab_size, (Bg, P), generator=g).to(device)
         steps, counts = make_gen_steps(ours, theirs, prompts, N, args.seed)
         try:
-            res = run_alternating("generate", steps, args.warmup, args.iters, device, meter)
+            res = run_alternating("generate", steps, args.warmup, args.iters, device, meter, args.quiet)
         except Exception as e:   # noqa: BLE001 - compiling the decode step is best effort
             if not args.compile:
                 raise
@@ -592,7 +594,7 @@ def _main(argv=None):
                   "timing eager generation instead", file=sys.stderr)
             del ours.hidden                                    # back to the class's (eager) method
             report["compile_decode"] = False
-            res = run_alternating("generate", steps, args.warmup, args.iters, device, meter)
+            res = run_alternating("generate", steps, args.warmup, args.iters, device, meter, args.quiet)
         if counts["ours"] != counts["transformers"] or counts["ours"] != Bg * N:
             print(f"warning: new tokens differ: ours {counts['ours']}, transformers {counts['transformers']}, "
                   f"expected {Bg * N}", file=sys.stderr)

@@ -1,45 +1,39 @@
-"""Train (fine-tune) the severity classifier: a small hand-written BERT encoder + [CLS] head.
+"""Fine-tune the severity classifier: a small hand-written BERT encoder + a head on [CLS].
 
-The paper annotates every question with a softmax over (non-critical, neutral, critical) from a
-fine-tuned AraBERT that reads the QUESTION only. This script fine-tunes any BERT checkpoint
-(safetensors only, never pickles, never remote code) on a labelled CSV/JSONL file, evaluates it on a
-seeded stratified validation split, and writes a folder that both this code (annotate.py) and
-transformers' BertForSequenceClassification / AutoModel (hence bert-score) can load:
+The paper annotates every question with a softmax over (non-critical, neutral, critical) from a fine-tuned AraBERT
+that reads the QUESTION only. This script fine-tunes any BERT checkpoint (safetensors only, never pickles, never
+remote code) on a labelled CSV/JSONL file, evaluates it on a seeded stratified validation split, and writes a folder
+that annotate.py and transformers (BertForSequenceClassification, AutoModel, hence bert-score) can load:
 
     <out>/model.safetensors   bert.embeddings.*, bert.encoder.layer.{i}.*, bert.pooler.dense.*, classifier.*
     <out>/config.json         model_type bert, BertForSequenceClassification, id2label/label2id, ...
     <out>/vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     <out>/metrics.json        accuracy, macro-F1, per-class P/R/F1, confusion matrix, ECE (15 bins)
 
-Also from seed 004 (AbjadMed): LDAM loss with deferred re-weighting, FGM adversarial training,
-layer-wise LR decay and head-tail truncation of question+answer inputs. Exactly what is computed
-(z = logits, y = true class, n_y = training examples of class y, L = number of encoder layers):
-  --loss ldam     loss = CE(s * (z - m_y * onehot(y)), y), m_y = K / n_y^(1/4) with K chosen so that
-                  max_y m_y = --ldam-max-m (0.5), s = --ldam-s (30), as in Cao et al. 2019's code.
-                  After training, s is multiplied into the saved classifier weight and bias, so
-                  softmax(saved logits) = the trained softmax(s * z) (for annotate.py and transformers).
-  --drw-epoch E   epochs 0..E-1 unweighted, epochs >= E use class weights w_y = (1-b)/(1-b^n_y),
-                  b = --drw-beta, normalised to sum to the number of classes; the batch loss is then
-                  sum_i w_{y_i} l_i / sum_i w_{y_i}. (Cao et al.'s LDAM-DRW. Seed 004 describes its DRW
-                  as "plain CE for 5 epochs, then LDAM"; here --loss picks the loss for all epochs.)
-  --fgm-eps e     after the clean backward, word_embeddings.weight += e * g / ||g||_2 (g its gradient,
-                  norm over the whole matrix); the adversarial loss is backpropagated onto the same
-                  gradients; the embeddings are then restored from a copy (bit-exact).
-  --llrd x        lr: classifier and pooler = --lr; encoder layer i (0 = bottom) = lr * x^(L-i);
-                  embeddings = lr * x^(L+1). Biases and LayerNorm weights get no weight decay.
-  --answer-col    [CLS] Q [SEP] A [SEP] in --max-len: the answer keeps at least --min-answer-tokens
-                  (50), a too-long answer keeps its first ceil(k/2) and last floor(k/2) tokens.
-  schedule        linear warmup over --warmup-frac of the steps, then linear decay to 0; AdamW.
+What a training step computes (z = logits, y = true class, n_y = training examples of class y, L = layers):
+  --head          pooler: z = W tanh(P h_[CLS]) + b (BertForSequenceClassification); linear: z = W h_[CLS] + b
+                  (seed 004; transformers' BertForSequenceClassification would add a pooler, so with 'linear'
+                  only annotate.py and AutoModel (the encoder) read the folder as trained)
+  --loss ldam     loss = CE(s * (z - m_y * onehot(y)), y), m_y = C / n_y^(1/4): C = --ldam-c when given (seed 004:
+                  1), else chosen so that max_y m_y = --ldam-max-m (Cao et al. 2019's code); s = --ldam-s.
+                  --boost-classes A,B treats those classes as having n_y / 10 examples, for the margins only.
+                  After training, s is folded into the saved head: softmax(saved logits) = softmax(s * z).
+  --ce-epochs E   plain CE for epochs 0..E-1, then --loss (seed 004's "CE for 5 epochs, then LDAM").
+  --drw-epoch E   from epoch E on, class weights w_y = (1-b)/(1-b^n_y), b = --drw-beta, normalised to sum to the
+                  number of classes; batch loss = sum_i w_{y_i} l_i / sum_i w_{y_i} (Cao et al.'s DRW).
+  --fgm-eps e     after the clean backward, word embeddings += e * g / ||g||_2 (g their gradient, whole-matrix
+                  norm); the adversarial loss is backpropagated onto the same gradients; embeddings restored.
+  --llrd x        lr: head and pooler = --lr; layer i (0 = bottom) = lr * x^(L-i); embeddings = lr * x^(L+1).
+  --answer-col    [CLS] Q [SEP] A [SEP] in --max-len: the answer keeps at least --min-answer-tokens (50), a
+                  too-long answer keeps its first ceil(k/2) and last floor(k/2) tokens.
+  schedule        AdamW; linear warmup over --warmup-frac of the steps, then linear decay to 0.
   ECE             15 equal-width bins (b/15, (b+1)/15] on the max probability,
                   sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|.
 
 Examples:
     python classify.py --model tiny --data data/sample/severity_labels.jsonl --out out/cls-tiny \\
         --epochs 8 --lr 2e-3 --batch-size 32 --max-len 128
-    python classify.py --model arabertv02 --data labels.csv --text-col text --label-col label \\
-        --epochs 3 --lr 2e-5 --out out/classifier          # then: python annotate.py ...
-
-Importable: Bert, BertClassifier, load_tokenizer, load_classifier, predict_proba, ece, ...
+    python classify.py --model arabertv02 --data labels.csv --epochs 3 --lr 2e-5 --out out/classifier
 """
 import argparse
 import json
@@ -54,9 +48,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
-from model import atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -72,22 +66,18 @@ REGISTRY = {
              "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                         "intermediate_size": 128, "max_position_embeddings": 512}},
 }
-
-# What snapshot_download may fetch: config, safetensors weights and tokenizer files. Nothing else
-# (no *.bin / *.pt / *.h5 / *.msgpack, no remote code).
+# What snapshot_download may fetch: config, safetensors and tokenizer files; never *.bin/*.pt/*.h5, never code.
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.txt", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json"]
-
-# Default label set, in the order of the record fields p_nc, p_n, p_c.
-SEVERITIES = tuple(data.SEVERITIES)
+SEVERITIES = tuple(data.SEVERITIES)   # default label set, in the order of the record fields p_nc, p_n, p_c
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
+# ----------------------------------------------------------------------------------------------------------------
+# Config and model
 
 @dataclass
 class BertConfig:
@@ -107,410 +97,335 @@ class BertConfig:
     classifier_dropout: float | None = None
 
     @classmethod
-    def from_hf(cls, d):
-        """From a HF config.json dict (unknown keys ignored; unsupported variants rejected)."""
+    def from_hf(cls, d, where="config.json"):
+        """From a HF config.json dict: unknown keys ignored, unsupported variants and bad values refused."""
+        bad = lambda key, what: data.UserError(where, f"{key}: {what}")   # noqa: E731
         if d.get("model_type", "bert") != "bert":
-            raise ValueError(f"config.json: model_type: '{d.get('model_type')}' is not supported (BERT only)")
+            raise bad("model_type", f"'{d.get('model_type')}' is not supported (BERT only)")
         if d.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"config.json: position_embedding_type: '{d['position_embedding_type']}' "
-                             "is not supported (absolute only)")
+            raise bad("position_embedding_type", f"'{d['position_embedding_type']}' is not supported (absolute only)")
         if d.get("is_decoder") or d.get("add_cross_attention"):
-            raise ValueError("config.json: is_decoder: decoder BERTs are not supported")
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
-        if "classifier_dropout" in d:
-            kw["classifier_dropout"] = d["classifier_dropout"]
+            raise bad("is_decoder", "decoder BERTs are not supported")
+        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
+        for k, v in kw.items():   # each value of the type of its default (classifier_dropout: a float)
+            kind = type(cls.__dataclass_fields__[k].default)
+            ok = (isinstance(v, str) if kind is str else isinstance(v, int) and v >= 0 if kind is int
+                  else isinstance(v, (int, float)) and math.isfinite(v))
+            if isinstance(v, bool) or not ok:
+                raise bad(k, f"{v!r} is not a valid value")
         cfg = cls(**kw)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"config.json: hidden_size {cfg.hidden_size} is not a multiple of "
-                             f"num_attention_heads {cfg.num_attention_heads}")
-        _act(cfg.hidden_act)  # fail early on an unsupported activation
+        if cfg.hidden_size % max(1, cfg.num_attention_heads) or not cfg.num_attention_heads:
+            raise bad("hidden_size", f"{cfg.hidden_size} is not a multiple of num_attention_heads "
+                                     f"{cfg.num_attention_heads}")
+        if cfg.hidden_act not in ACT:
+            raise bad("hidden_act", f"'{cfg.hidden_act}' is not supported ({', '.join(ACT)})")
         return cfg
 
     def to_hf(self):
-        d = asdict(self)
-        d.update(model_type="bert", position_embedding_type="absolute", is_decoder=False,
-                 add_cross_attention=False, use_cache=True, tie_word_embeddings=True, dtype="float32")
-        return d
+        return dict(asdict(self), model_type="bert", position_embedding_type="absolute", is_decoder=False,
+                    add_cross_attention=False, use_cache=True, tie_word_embeddings=True, dtype="float32")
 
 
-def _act(name):
-    """Activation by HF name. 'gelu' is the exact erf GELU (as in BERT), the *_new/tanh ones the tanh fit."""
-    if name == "gelu":
-        return lambda x: F.gelu(x)
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    raise ValueError(f"config.json: hidden_act: '{name}' is not supported (gelu, gelu_new, relu)")
+# 'gelu' is BERT's exact erf GELU; the *_new / tanh names are the tanh fit.
+ACT = {"gelu": F.gelu, "relu": F.relu, **{k: lambda x: F.gelu(x, approximate="tanh")
+                                          for k in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Model. Module names follow HF's BertModel so state_dict keys are the checkpoint's keys.
+class Block(nn.Module):
+    """One post-LN BERT layer: x = norm1(x + o(attention(qkv(x)))); x = norm2(x + proj(act(fc(x))))."""
 
-class Embeddings(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
-
-    def forward(self, input_ids, token_type_ids):
-        T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) \
-            + self.position_embeddings(pos)[None]
-        return self.dropout(self.LayerNorm(x))
-
-
-class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         H = cfg.hidden_size
-        self.n_head, self.p = cfg.num_attention_heads, cfg.attention_probs_dropout_prob
-        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
+        self.n_head, self.p_attn = cfg.num_attention_heads, cfg.attention_probs_dropout_prob
+        self.act = ACT[cfg.hidden_act]
+        self.qkv, self.o = nn.Linear(H, 3 * H), nn.Linear(H, H)   # qkv = [query | key | value] rows
+        self.fc, self.proj = nn.Linear(H, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, H)
+        self.norm1 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask):   # x (B, T, H); mask (B, 1, 1, T) bool, True = real key, or None
         B, T, H = x.shape
-        # (B, T, H) -> (B, n_head, T, head_dim)
-        q, k, v = (lin(x).view(B, T, self.n_head, H // self.n_head).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))
-        # mask: (B, 1, 1, T) bool, True = key is a real token; broadcast over heads and queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
-        return y.transpose(1, 2).reshape(B, T, H)
-
-
-class AddNorm(nn.Module):
-    """dense -> dropout -> LayerNorm(residual + .) : BERT's post-LN sublayer output."""
-
-    def __init__(self, cfg, d_in):
-        super().__init__()
-        self.dense = nn.Linear(d_in, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
-
-    def forward(self, h, residual):
-        return self.LayerNorm(residual + self.dropout(self.dense(h)))
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.self = SelfAttention(cfg)
-        self.output = AddNorm(cfg, cfg.hidden_size)
-
-    def forward(self, x, mask):
-        return self.output(self.self(x, mask), x)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = _act(cfg.hidden_act)
-
-    def forward(self, x):
-        return self.act(self.dense(x))
-
-
-class Layer(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.attention = Attention(cfg)
-        self.intermediate = Intermediate(cfg)
-        self.output = AddNorm(cfg, cfg.intermediate_size)
-
-    def forward(self, x, mask):
-        x = self.attention(x, mask)
-        return self.output(self.intermediate(x), x)
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
-class Pooler(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, h):  # (B, T, H) -> (B, H): tanh(dense(h[:, 0])) on [CLS]
-        return torch.tanh(self.dense(h[:, 0]))
-
-
-def _init_weights(module, std):
-    """BERT's init: normal(0, std) for Linear/Embedding weights, zero biases, LayerNorm = identity."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, std)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, H // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_attn if self.training else 0.0)
+        x = self.norm1(x + self.drop(self.o(y.transpose(1, 2).reshape(B, T, H))))
+        return self.norm2(x + self.drop(self.proj(self.act(self.fc(x)))))
 
 
 class Bert(nn.Module):
-    """BERT encoder (+ its pooler, kept here so the checkpoint layout is HF's `bert.pooler.dense`).
-
-    model(input_ids, attention_mask=None, token_type_ids=None) -> last hidden states (B, T, H).
-    attention_mask (B, T): 1/True = real token, 0 = padding (padding may be anywhere).
-    """
+    """The encoder: model(input_ids, attention_mask=None, token_type_ids=None) -> hidden states (B, T, H).
+    attention_mask (B, T): 1 = real token, 0 = padding (anywhere). pool(h) = tanh(pooler(h[:, 0])), BERT's pooler."""
 
     def __init__(self, cfg):
         super().__init__()
+        H = cfg.hidden_size
         self.cfg = cfg
-        self.embeddings = Embeddings(cfg)
-        self.encoder = Encoder(cfg)
-        self.pooler = Pooler(cfg)
-        _init_weights(self, cfg.initializer_range)
+        self.wte = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_token_id)
+        self.wpe = nn.Embedding(cfg.max_position_embeddings, H)
+        self.wtt = nn.Embedding(cfg.type_vocab_size, H)
+        self.emb_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.pooler = nn.Linear(H, H)
+        init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.drop(self.emb_norm(self.wte(input_ids) + self.wtt(tt) + self.wpe(pos)[None]))
+        for block in self.layers:
+            x = block(x, mask)
         return x
+
+    def pool(self, h):   # (B, T, H) -> (B, H)
+        return torch.tanh(self.pooler(h[:, 0]))
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None):
         """Encoder (+ pooler) from a registry name, hub repo id or local folder of safetensors."""
         folder, cfg_dict = resolve_checkpoint(name_or_path, revision)
-        cfg = BertConfig.from_hf(cfg_dict)
-        model = cls(cfg)
+        model = cls(BertConfig.from_hf(cfg_dict, os.path.join(folder or name_or_path, "config.json")))
         if folder is not None:
-            enc, _ = split_state_dict(read_safetensors(folder), folder)
-            load_encoder_state(model, enc, folder)
+            load_tensors(model, read_safetensors(folder)[0], weight_table(model.cfg.num_hidden_layers), folder,
+                         "bert.")
         return model.to(device) if device is not None else model
 
 
 class BertClassifier(nn.Module):
-    """HF BertForSequenceClassification layout: bert -> pooler (tanh dense on [CLS]) -> dropout -> classifier."""
+    """bert -> [CLS] (through the pooler, or not with head='linear') -> dropout -> classifier: logits (B, C)."""
 
-    def __init__(self, cfg, labels):
+    def __init__(self, cfg, labels, head="pooler"):
         super().__init__()
-        self.cfg, self.labels = cfg, list(labels)
+        self.cfg, self.labels, self.head = cfg, list(labels), head
         self.bert = Bert(cfg)
-        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = nn.Dropout(cfg.classifier_dropout if cfg.classifier_dropout is not None
+                                  else cfg.hidden_dropout_prob)
         self.classifier = nn.Linear(cfg.hidden_size, len(self.labels))
-        _init_weights(self.classifier, cfg.initializer_range)
-        self.meta = {}  # training facts saved under config.json["severity_classifier"]
+        init_weights(self.classifier, cfg.initializer_range)
+        self.meta = {}   # training facts, saved under config.json["severity_classifier"]
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):  # -> logits (B, C)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         h = self.bert(input_ids, attention_mask, token_type_ids)
-        return self.classifier(self.dropout(self.bert.pooler(h)))
+        return self.classifier(self.dropout(self.bert.pool(h) if self.head == "pooler" else h[:, 0]))
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoint reading / writing
-
-def resolve_checkpoint(name_or_path, revision=None):
-    """-> (folder with safetensors or None for random 'tiny', HF config dict)."""
-    if name_or_path in REGISTRY:
-        entry = REGISTRY[name_or_path]
-        if entry["repo"] is None:  # tiny: built-in config, random weights, the sample vocabulary
-            vocab = os.path.join(SAMPLE_WORDPIECE, "vocab.txt")
-            if not os.path.exists(vocab):
-                raise ValueError(f"{vocab}: missing (the 'tiny' model uses the sample WordPiece vocabulary)")
-            with open(vocab, encoding="utf-8") as fh:
-                n = sum(1 for _ in fh)
-            log(f"note: '{name_or_path}' has RANDOM weights (vocab {n} from {SAMPLE_WORDPIECE})")
-            return None, dict(entry["config"], vocab_size=n, model_type="bert")
-        name_or_path = entry["repo"]
-    folder = _download(name_or_path, revision)
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ValueError(f"{cfg_path}: missing (not a HF BERT checkpoint folder)")
-    with open(cfg_path, encoding="utf-8") as fh:
-        return folder, json.load(fh)
+def init_weights(module, std):
+    """BERT's init: normal(0, std) Linear/Embedding weights (padding row 0), zero biases, LayerNorm = identity."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight.data[m.padding_idx])
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
-def _download(name_or_path, revision=None):
-    """A local folder as is; otherwise a hub repo id fetched with snapshot_download (HF_TOKEN honoured)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) or name_or_path.startswith((".", "/")):
-        raise ValueError(f"{name_or_path}: not a folder, registry name ({', '.join(REGISTRY)}) or hub repo id")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_PATTERNS,
-                                 token=os.environ.get("HF_TOKEN") or None)
-    except Exception as e:  # offline, unknown repo, gated repo without token, ...
-        msg = " ".join(str(e).split())[:300]
-        raise ValueError(f"{name_or_path}: download failed ({type(e).__name__}: {msg})") from None
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: ONE table from our names to HF BertModel's, read by load_tensors and written by hf_tensors.
+
+def weight_table(n_layers):
+    """[(our name, [HF names])]; several HF names are stacked on dim 0 in ours (query | key | value -> qkv)."""
+    wb = ("weight", "bias")
+    t = [("wte.weight", ["embeddings.word_embeddings.weight"]),
+         ("wpe.weight", ["embeddings.position_embeddings.weight"]),
+         ("wtt.weight", ["embeddings.token_type_embeddings.weight"])]
+    t += [(f"emb_norm.{w}", [f"embeddings.LayerNorm.{w}"]) for w in wb]
+    for i in range(n_layers):
+        p, h = f"layers.{i}.", f"encoder.layer.{i}."
+        for w in wb:
+            t += [(p + "qkv." + w, [f"{h}attention.self.{n}.{w}" for n in ("query", "key", "value")]),
+                  (p + "o." + w, [h + "attention.output.dense." + w]),
+                  (p + "norm1." + w, [h + "attention.output.LayerNorm." + w]),
+                  (p + "fc." + w, [h + "intermediate.dense." + w]),
+                  (p + "proj." + w, [h + "output.dense." + w]),
+                  (p + "norm2." + w, [h + "output.LayerNorm." + w])]
+    return t + [(f"pooler.{w}", [f"pooler.dense.{w}"]) for w in wb]
+
+
+# Tensors a checkpoint may carry that nothing here uses: pre-training heads, and the position/token-type id
+# buffers old transformers versions serialised.
+IGNORED = re.compile(r"^(cls\.|.*\.position_ids$|.*embeddings\.token_type_ids$)")
 
 
 def read_safetensors(folder):
-    """All tensors of a folder's safetensors checkpoint (sharded or not) as {name: tensor}."""
-    from safetensors.torch import load_file
+    """-> (encoder tensors by HF name without 'bert.', head tensors 'classifier.*') of a folder's safetensors
+    (sharded or not). TF-era LayerNorm.gamma/beta become weight/bias. Never reads a pickle."""
+    from safetensors import SafetensorError, safe_open
     index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+    if os.path.isfile(index):
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
-        raise ValueError(f"{folder}: no *.safetensors weights (pickled .bin checkpoints are never loaded)")
-    sd = {}
-    for f in files:
-        sd.update(load_file(os.path.join(folder, f)))
-    return sd
-
-
-# Tensors a BERT checkpoint may carry that the encoder does not use: pre-training heads (MLM/NSP),
-# and position/token-type id buffers that old versions of transformers serialised.
-_IGNORED = re.compile(r"^(cls\.|.*\.position_ids$|.*embeddings\.token_type_ids$)")
-
-
-def split_state_dict(sd, where):
-    """-> (encoder tensors without the 'bert.' prefix, head tensors 'classifier.*'). TF-era names
-    LayerNorm.gamma/beta are renamed to weight/bias; unknown tensors are left in for the strict check."""
+        raise data.UserError(folder, "no *.safetensors weights (pickled .bin checkpoints are never loaded)")
     enc, head = {}, {}
-    for k, v in sd.items():
-        k2 = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
-        if _IGNORED.match(k2):
-            continue
-        if k2.startswith("classifier."):
-            head[k2] = v
-        else:
-            enc[k2[5:] if k2.startswith("bert.") else k2] = v
+    for f in files:
+        path = os.path.join(folder, f)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as fh:
+                sd = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise data.UserError(path, f"not a readable safetensors file, truncated or corrupt? ({e})") from None
+        for k, v in sd.items():
+            k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
+            if not IGNORED.match(k):
+                (head if k.startswith("classifier.") else enc)[k.removeprefix("bert.")] = v
     return enc, head
 
 
-def load_encoder_state(model, sd, where):
-    """Copy tensors into a Bert strictly: unexpected/missing tensors or shape mismatches raise,
-    naming the tensor (and both shapes). A checkpoint without a pooler keeps a random one (noted)."""
-    own = model.state_dict()
-    for k, v in sd.items():
-        if k not in own:
-            raise ValueError(f"{where}: unexpected tensor 'bert.{k}' with shape {tuple(v.shape)}")
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{where}: tensor 'bert.{k}': checkpoint shape {tuple(v.shape)} != "
-                             f"model shape {tuple(own[k].shape)}")
-    missing = [k for k in own if k not in sd]
-    if missing and all(k.startswith("pooler.") for k in missing):
+HEAD_TABLE = [("weight", ["classifier.weight"]), ("bias", ["classifier.bias"])]   # BertClassifier.classifier
+
+
+def load_tensors(module, sd, table, where, prefix=""):
+    """Copy HF-named tensors into module through a table, strictly: a missing or unexpected tensor or a shape
+    mismatch is an error naming it (prefix + HF name). A checkpoint without a pooler (MLM saves) keeps a random one."""
+    own, state = module.state_dict(), {}
+    extra = [k for k in sd if k not in {h for _, hs in table for h in hs}]
+    if extra:
+        raise data.UserError(where, f"unexpected tensor '{prefix}{extra[0]}' with shape {tuple(sd[extra[0]].shape)}")
+    missing = [h for _, hs in table for h in hs if h not in sd]
+    if missing and all(h.startswith("pooler.") for h in missing):
         log(f"note: {where} has no pooler; bert.pooler.dense starts random")
+        table = [e for e in table if not e[0].startswith("pooler.")]
     elif missing:
-        k = missing[0]
-        raise ValueError(f"{where}: missing tensor 'bert.{k}' (model shape {tuple(own[k].shape)})"
-                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise data.UserError(where, f"missing tensor '{prefix}{missing[0]}'"
+                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    for ours, hs in table:
+        want = (own[ours].shape[0] // len(hs), *own[ours].shape[1:])
+        for h in hs:
+            if tuple(sd[h].shape) != want:
+                raise data.UserError(where, f"tensor '{prefix}{h}': checkpoint shape {tuple(sd[h].shape)} != "
+                                            f"model shape {want}")
+        state[ours] = torch.cat([sd[h].float() for h in hs])
     with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v.to(own[k].dtype))
+        for k, v in state.items():
+            own[k].copy_(v)
 
 
-def _write_json(path, obj):
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, indent=2)
-            fh.write("\n")
-    atomic_write(path, w)
+def hf_tensors(module, table, prefix=""):
+    """The table read backwards: module's tensors under their HF names (qkv split back into query, key, value)."""
+    own = module.state_dict()
+    return {prefix + h: part.contiguous().clone() for ours, hs in table
+            for h, part in zip(hs, own[ours].detach().float().cpu().chunk(len(hs)))}
 
 
 def save_classifier(model, tok, out_dir):
-    """model.safetensors (HF BertForSequenceClassification names) + config.json + tokenizer files."""
+    """model.safetensors (HF BertForSequenceClassification names) + config.json + tokenizer files, atomically."""
     from safetensors.torch import save_file
-    sd = {"bert." + k: v.detach().float().cpu().contiguous().clone() for k, v in model.bert.state_dict().items()}
-    sd.update({"classifier." + k: v.detach().float().cpu().contiguous().clone()
-               for k, v in model.classifier.state_dict().items()})
-    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    cfg = model.cfg.to_hf()
-    cfg.update(architectures=["BertForSequenceClassification"],
-               id2label={str(i): l for i, l in enumerate(model.labels)},
-               label2id={l: i for i, l in enumerate(model.labels)},
-               problem_type="single_label_classification",
-               severity_classifier=model.meta)
-    _write_json(os.path.join(out_dir, "config.json"), cfg)
+    sd = {**hf_tensors(model.bert, weight_table(model.cfg.num_hidden_layers), "bert."),
+          **hf_tensors(model.classifier, HEAD_TABLE)}
+    data.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, {"format": "pt"}))
+    labels = model.labels
+    data.write_json(os.path.join(out_dir, "config.json"),
+                    dict(model.cfg.to_hf(), architectures=["BertForSequenceClassification"],
+                         id2label={str(i): l for i, l in enumerate(labels)},
+                         label2id={l: i for i, l in enumerate(labels)}, problem_type="single_label_classification",
+                         severity_classifier=dict(model.meta, head=model.head)))
     tok.save(out_dir)
 
 
 def load_classifier(path, device="cpu", revision=None, allow_random_head=None):
-    """(model in eval mode on device, tokenizer, labels) from a classify.py folder, hub repo or
-    registry name. A checkpoint without a trained head is refused, except 'tiny' (random, noted)."""
+    """(model in eval mode on device, tokenizer, labels) from a classify.py folder, hub repo or registry name.
+    A checkpoint without a trained head is refused, except 'tiny' (random, noted)."""
     if allow_random_head is None:
         allow_random_head = path == "tiny"
     folder, cfg_dict = resolve_checkpoint(path, revision)
-    cfg = BertConfig.from_hf(cfg_dict)
+    cfg = BertConfig.from_hf(cfg_dict, os.path.join(folder or path, "config.json"))
+    enc, head = read_safetensors(folder) if folder is not None else ({}, {})
     id2label = cfg_dict.get("id2label")
-    head = {}
-    if folder is not None:
-        enc, head = split_state_dict(read_safetensors(folder), folder)
     if head:
-        if not id2label:
-            raise ValueError(f"{path}: config.json has no id2label for its classifier head")
-        labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
+        if not isinstance(id2label, dict) or not all(str(i) in id2label for i in range(len(id2label))):
+            raise data.UserError(path, "config.json has no usable id2label for its classifier head")
+        labels = [id2label[str(i)] for i in range(len(id2label))]
     elif allow_random_head:
         labels = list(SEVERITIES)
         log(f"note: {path} has no classifier head; using a RANDOM {len(labels)}-class head")
     else:
-        raise ValueError(f"{path}: no classifier head (classifier.weight); train one with classify.py")
-    model = BertClassifier(cfg, labels)
+        raise data.UserError(path, "no classifier head (classifier.weight); train one with classify.py")
+    meta = dict(cfg_dict.get("severity_classifier") or {})
+    model = BertClassifier(cfg, labels, meta.get("head", "pooler"))
     if folder is not None:
-        load_encoder_state(model.bert, enc, folder)
+        load_tensors(model.bert, enc, weight_table(cfg.num_hidden_layers), folder, "bert.")
     if head:
-        load_head_state(model, head, folder)
-    model.meta = dict(cfg_dict.get("severity_classifier") or {})
+        load_tensors(model.classifier, head, HEAD_TABLE, folder)
+    model.meta = meta
     tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
     return model.to(device).eval(), tok, labels
 
 
-def load_head_state(model, head, where):
-    own = model.classifier.state_dict()
-    for k in own:
-        v = head.get("classifier." + k)
-        if v is None:
-            raise ValueError(f"{where}: missing tensor 'classifier.{k}' (model shape {tuple(own[k].shape)})")
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{where}: tensor 'classifier.{k}': checkpoint shape {tuple(v.shape)} != "
-                             f"model shape {tuple(own[k].shape)}")
-    extra = sorted(set(head) - {"classifier." + k for k in own})
-    if extra:
-        raise ValueError(f"{where}: unexpected tensor '{extra[0]}' with shape {tuple(head[extra[0]].shape)}")
-    with torch.no_grad():
-        for k in own:
-            own[k].copy_(head["classifier." + k].float())
+def resolve_checkpoint(name_or_path, revision=None):
+    """-> (folder with safetensors, or None for the random 'tiny'; HF config dict)."""
+    entry = REGISTRY.get(name_or_path)
+    if entry and entry["repo"] is None:   # tiny: built-in config, random weights, the sample vocabulary
+        vocab = os.path.join(SAMPLE_WORDPIECE, "vocab.txt")
+        if not os.path.isfile(vocab):
+            raise data.UserError(vocab, "missing (the 'tiny' model uses the sample WordPiece vocabulary)")
+        with open(vocab, encoding="utf-8") as fh:
+            n = sum(1 for _ in fh)
+        log(f"note: '{name_or_path}' has RANDOM weights (vocab {n} from {SAMPLE_WORDPIECE})")
+        return None, dict(entry["config"], vocab_size=n, model_type="bert")
+    name = entry["repo"] if entry else name_or_path
+    folder = name if os.path.isdir(name) else download(name, revision)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise data.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise data.UserError(cfg_path, "expected a JSON object")
+    return folder, cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# WordPiece tokeniser (tokenizers library), equivalent to BertTokenizerFast
+def download(repo, revision=None):
+    """A hub repo id fetched with snapshot_download (HF_TOKEN honoured), only the HUB_PATTERNS files."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith((".", "/")):
+        raise data.UserError(repo, f"not a folder, registry name ({', '.join(REGISTRY)}) or hub repo id")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS,
+                                 token=os.environ.get("HF_TOKEN") or None)
+    except Exception as e:   # offline, unknown repo, gated repo without a token, ...
+        raise data.UserError(repo, f"download failed ({type(e).__name__}: {data.one_line(e)[:300]})") from None
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise data.UserError(path, f"not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# WordPiece tokeniser (the tokenizers library), equivalent to BertTokenizerFast
 
 SPECIAL = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
            "mask_token": "[MASK]"}
 
 
-def _tok_name(cfg, key):
-    v = cfg.get(key, SPECIAL[key])
-    return v.get("content", SPECIAL[key]) if isinstance(v, dict) else v
+def special_names(cfg):
+    return {k: (v.get("content", d) if isinstance(v, dict) else v) for k, d in SPECIAL.items()
+            for v in [cfg.get(k, d)]}
 
 
 class WordPieceTokenizer:
-    """A tokenizers.Tokenizer plus the special ids and the input builders used here.
+    """A tokenizers.Tokenizer plus the special ids. encode(texts) -> id lists without special tokens;
+    single() / pair() add [CLS]/[SEP] and truncate; save(folder) writes the four tokenizer files."""
 
-    encode(texts) -> list of id lists WITHOUT special tokens; single()/pair() add [CLS]/[SEP] and
-    truncate. save(folder) writes vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json.
-    """
-
-    def __init__(self, tk, config, vocab_lines=None):
-        self.tk, self.config = tk, dict(config)
-        self.vocab_lines = vocab_lines  # original vocab.txt content, copied verbatim on save
-        self.names = {k: _tok_name(config, k) for k in SPECIAL}
-        ids = {k: tk.token_to_id(n) for k, n in self.names.items()}
+    def __init__(self, tk, config, vocab_text=None):
+        self.tk, self.config, self.vocab_text = tk, dict(config), vocab_text   # vocab.txt copied verbatim on save
+        self.names = special_names(config)
         for k in ("pad_token", "cls_token", "sep_token"):
-            if ids[k] is None:
-                raise ValueError(f"tokenizer: {self.names[k]}: not in the vocabulary")
-        self.pad_id, self.cls_id, self.sep_id = ids["pad_token"], ids["cls_token"], ids["sep_token"]
+            if tk.token_to_id(self.names[k]) is None:
+                raise data.UserError("tokenizer", f"{self.names[k]}: not in the vocabulary")
+        self.pad_id, self.cls_id, self.sep_id = (tk.token_to_id(self.names[k]) for k in ("pad_token", "cls_token",
+                                                                                          "sep_token"))
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, texts):
@@ -522,49 +437,39 @@ class WordPieceTokenizer:
         return out, [0] * len(out)
 
     def pair(self, q, a, max_len, min_answer=50):
-        """[CLS] Q [SEP] A [SEP] in max_len (head-tail truncation, seed 004).
-
-        If it does not fit: the answer keeps max(min_answer, room left by the question) tokens
-        (min_answer capped at half the budget so the question never vanishes), the question keeps
-        its head in the rest; an answer longer than its share keeps its first ceil(n/2) and last
-        floor(n/2) tokens of that share. token_type_ids: 0 for [CLS] Q [SEP], 1 for A [SEP].
-        """
+        """[CLS] Q [SEP] A [SEP] in max_len (head-tail truncation, seed 004). If it does not fit, the answer keeps
+        max(min_answer, room left by the question) tokens (min_answer at most half the budget, so the question never
+        vanishes), the question its head in the rest; a longer answer keeps its first ceil(n/2) and last floor(n/2)
+        tokens of that share. token_type_ids: 0 for [CLS] Q [SEP], 1 for A [SEP]."""
         budget = max_len - 3
         if budget < 2:
-            raise ValueError(f"--max-len {max_len} is too small for a question+answer pair")
+            raise data.UserError("--max-len", f"{max_len} is too small for a question+answer pair")
         if len(q) + len(a) > budget:
             a_keep = min(len(a), max(min(min_answer, budget // 2), budget - len(q)))
             q = q[:budget - a_keep]
             if len(a) > a_keep:
                 tail = a_keep // 2
                 a = a[:a_keep - tail] + (a[len(a) - tail:] if tail else [])
-        ids = [self.cls_id] + q + [self.sep_id] + a + [self.sep_id]
-        return ids, [0] * (len(q) + 2) + [1] * (len(a) + 1)
+        return [self.cls_id] + q + [self.sep_id] + a + [self.sep_id], [0] * (len(q) + 2) + [1] * (len(a) + 1)
 
     def save(self, folder):
-        vocab = self.vocab_lines
-        if vocab is None:  # tokenizer.json only: rebuild vocab.txt from the WordPiece vocabulary
-            v = self.tk.get_vocab(with_added_tokens=False)
-            vocab = "".join(t + "\n" for t, _ in sorted(v.items(), key=lambda kv: kv[1]))
-
-        def w_text(text):
-            def w(tmp):
-                with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-                    fh.write(text)
-            return w
-        atomic_write(os.path.join(folder, "vocab.txt"), w_text(vocab))
-        atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
+        vocab = self.vocab_text
+        if vocab is None:   # from tokenizer.json only: vocab.txt rebuilt from the WordPiece vocabulary
+            vocab = "".join(t + "\n" for t, _ in sorted(self.tk.get_vocab(False).items(), key=lambda kv: kv[1]))
+        data.atomic_write(os.path.join(folder, "vocab.txt"), vocab)
+        data.atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
         mml = self.config.get("model_max_length")
-        mml = int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512
-        cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": bool(self.config.get("do_lower_case", False)),
-               "strip_accents": self.config.get("strip_accents"),
-               "tokenize_chinese_chars": self.config.get("tokenize_chinese_chars", True), "model_max_length": mml,
-               **self.names}
-        _write_json(os.path.join(folder, "tokenizer_config.json"), cfg)
-        _write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
+        c = self.config
+        data.write_json(os.path.join(folder, "tokenizer_config.json"),
+                   {"tokenizer_class": "BertTokenizer", "do_lower_case": bool(c.get("do_lower_case", False)),
+                    "strip_accents": c.get("strip_accents"),
+                    "tokenize_chinese_chars": c.get("tokenize_chinese_chars", True),
+                    "model_max_length": int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512,
+                    **self.names})
+        data.write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
 
 
-def _bert_normalizer(cfg):
+def bert_normalizer(cfg):
     from tokenizers import normalizers
     return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
                                       strip_accents=cfg.get("strip_accents"),
@@ -572,247 +477,145 @@ def _bert_normalizer(cfg):
 
 
 def load_tokenizer(folder):
-    """WordPiece tokeniser from tokenizer.json (preferred) or vocab.txt in folder.
-
-    Lower-casing follows tokenizer_config.json's do_lower_case when given, else False (Arabic);
-    strip_accents follows the config too (None = same as lowercase, as in BERT: lower-casing BERTs
-    also drop Arabic diacritics). From vocab.txt the pipeline is BERT's: BertNormalizer ->
-    BertPreTokenizer -> WordPiece('##', [UNK], 100 chars max per word), special tokens unsplit.
-    """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
-    cfg = {}
-    p_cfg = os.path.join(folder, "tokenizer_config.json")
-    if os.path.exists(p_cfg):
-        with open(p_cfg, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    p_json, p_vocab = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "vocab.txt")
-    vocab_lines = None
-    if os.path.exists(p_vocab):
+    """WordPiece tokeniser from tokenizer.json (preferred) or vocab.txt in folder. Lower-casing follows
+    tokenizer_config.json's do_lower_case (default False: Arabic), strip_accents too (None = as lowercase, as in
+    BERT). From vocab.txt the pipeline is BERT's: BertNormalizer -> BertPreTokenizer -> WordPiece('##', [UNK],
+    100 chars per word), special tokens never split."""
+    from tokenizers import Tokenizer
+    p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
+                                                                 "vocab.txt"))
+    cfg = read_json(p_cfg) if os.path.isfile(p_cfg) else {}
+    vocab_text = None
+    if os.path.isfile(p_vocab):
         with open(p_vocab, encoding="utf-8", newline="") as fh:
-            vocab_lines = fh.read()
-    if os.path.exists(p_json):
-        tk = Tokenizer.from_file(p_json)
+            vocab_text = fh.read()
+    if os.path.isfile(p_json):
+        try:
+            tk = Tokenizer.from_file(p_json)
+        except Exception as e:   # tokenizers raises a bare Exception on malformed files
+            raise data.UserError(p_json, f"not a readable tokenizer.json ({data.one_line(e)[:200]})") from None
         norm = json.loads(tk.to_str()).get("normalizer") or {}
-        if "do_lower_case" in cfg and norm.get("type") == "BertNormalizer" and (
-                norm.get("lowercase") != bool(cfg["do_lower_case"])
-                or norm.get("strip_accents") != cfg.get("strip_accents", norm.get("strip_accents"))):
-            tk.normalizer = _bert_normalizer(dict({"tokenize_chinese_chars": norm.get("handle_chinese_chars", True)},
-                                                  **cfg))
-        if "do_lower_case" not in cfg and norm.get("type") == "BertNormalizer":
-            cfg = dict(cfg, do_lower_case=bool(norm.get("lowercase")), strip_accents=norm.get("strip_accents"))
+        if norm.get("type") == "BertNormalizer":
+            if "do_lower_case" not in cfg:
+                cfg = dict(cfg, do_lower_case=bool(norm.get("lowercase")), strip_accents=norm.get("strip_accents"))
+            elif (norm.get("lowercase") != bool(cfg["do_lower_case"])
+                  or norm.get("strip_accents") != cfg.get("strip_accents", norm.get("strip_accents"))):
+                tk.normalizer = bert_normalizer({"tokenize_chinese_chars": norm.get("handle_chinese_chars", True),
+                                                 **cfg})
         # as transformers does: the special tokens are never split, even when the file does not list them
-        names = {k: _tok_name(cfg, k) for k in SPECIAL}
-        tk.add_special_tokens([n for n in names.values() if tk.token_to_id(n) is not None])
-    elif vocab_lines is not None:
-        vocab = {}
-        for i, line in enumerate(vocab_lines.split("\n")[:-1] if vocab_lines.endswith("\n")
-                                 else vocab_lines.split("\n")):
-            vocab[line.rstrip("\r")] = i
-        names = {k: _tok_name(cfg, k) for k in SPECIAL}
-        tk = Tokenizer(WordPiece(vocab, unk_token=names["unk_token"], max_input_chars_per_word=100))
-        tk.normalizer = _bert_normalizer(cfg)
-        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tk.decoder = decoders.WordPiece(prefix="##")
+        tk.add_special_tokens([n for n in special_names(cfg).values() if tk.token_to_id(n) is not None])
+    elif vocab_text is not None:   # BERT's own pipeline, as the tokenizers library assembles it from a vocabulary
+        from tokenizers.implementations import BertWordPieceTokenizer
+        lines = vocab_text.split("\n")
+        vocab = {t.rstrip("\r"): i for i, t in enumerate(lines[:-1] if vocab_text.endswith("\n") else lines)}
+        names = special_names(cfg)
+        missing = [names[k] for k in ("pad_token", "cls_token", "sep_token") if names[k] not in vocab]
+        if missing:
+            raise data.UserError(p_vocab, f"{missing[0]}: not in the vocabulary")
+        tk = BertWordPieceTokenizer(vocab, **names, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
+                                    strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg.get("do_lower_case")))
         extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
         extra = [t.get("content") if isinstance(t, dict) else t for t in extra] if isinstance(extra, list) else []
-        tk.add_special_tokens([n for n in list(names.values()) + extra if n in vocab])
-        cls_, sep_ = names["cls_token"], names["sep_token"]
-        if cls_ in vocab and sep_ in vocab:
-            tk.post_processor = processors.TemplateProcessing(
-                single=f"{cls_}:0 $A:0 {sep_}:0", pair=f"{cls_}:0 $A:0 {sep_}:0 $B:1 {sep_}:1",
-                special_tokens=[(cls_, vocab[cls_]), (sep_, vocab[sep_])])
+        tk.add_special_tokens([n for n in extra if n in vocab])
     else:
-        raise ValueError(f"{folder}: no tokenizer.json or vocab.txt")
-    cfg.setdefault("do_lower_case", False)
-    return WordPieceTokenizer(tk, cfg, vocab_lines)
+        raise data.UserError(folder, "no tokenizer.json or vocab.txt")
+    return WordPieceTokenizer(tk, dict({"do_lower_case": False}, **cfg), vocab_text)
 
 
-# ----------------------------------------------------------------------------------------------
-# Batching, inference, metrics
-
-def collate(seqs, pad_id, device):
-    """[(ids, token_types)] -> (input_ids, attention_mask, token_type_ids), right-padded (B, T)."""
-    T = max(len(s[0]) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    tt = torch.zeros((len(seqs), T), dtype=torch.long)
-    am = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (a, b) in enumerate(seqs):
-        ids[i, :len(a)] = torch.tensor(a)
-        tt[i, :len(b)] = torch.tensor(b)
-        am[i, :len(a)] = 1
-    return ids.to(device), am.to(device), tt.to(device)
-
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs, batches, inference
 
 def build_inputs(tok, texts, max_len, answers=None, min_answer=50):
     """Token sequences [(ids, token_type_ids)]: [CLS] text [SEP], or head-tail [CLS] Q [SEP] A [SEP]."""
     q = tok.encode(texts)
     if answers is None:
         return [tok.single(x, max_len) for x in q]
-    a = tok.encode(answers)
-    return [tok.pair(x, y, max_len, min_answer) for x, y in zip(q, a)]
+    return [tok.pair(x, a, max_len, min_answer) for x, a in zip(q, tok.encode(answers))]
 
 
-def _autocast(device):
-    dev = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+def collate(seqs, pad_id, device):
+    """[(ids, token_types)] -> input_ids, attention_mask, token_type_ids, each (B, T), right-padded."""
+    T = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    tt, am = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (a, b) in enumerate(seqs):
+        ids[i, :len(a)], tt[i, :len(b)], am[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
+    return ids.to(device), am.to(device), tt.to(device)
+
+
+def autocast(device):
+    cuda = torch.device(device).type == "cuda"
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
 
 
 @torch.inference_mode()
 def predict_logits(model, seqs, batch_size=64, progress=None):
-    """Logits (N, C) float32 for token sequences; batches sorted by length (little padding),
-    results returned in input order."""
+    """Logits (N, C) float32, batches sorted by length (little padding), rows in input order."""
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = torch.empty((len(seqs), len(model.labels)), dtype=torch.float32)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        ids, am, tt = collate([seqs[i] for i in idx], model.cfg.pad_token_id, device)
-        with _autocast(device):
-            logits = model(ids, am, tt)
-        out[idx] = logits.float().cpu()
+        with autocast(device):
+            out[idx] = model(*collate([seqs[i] for i in idx], model.cfg.pad_token_id, device)).float().cpu()
         if progress is not None:
             progress.update(len(idx))
     return out
 
 
 def predict_proba(model, tok, texts, batch_size=64, max_len=512, answers=None, progress=None):
-    """Softmax probabilities (N, C) as float64 numpy, in model.labels order, for raw texts
-    (question only, or question+answer pairs with head-tail truncation when answers is given)."""
+    """Softmax probabilities (N, C) float64 numpy in model.labels order, for raw questions (or question+answer
+    pairs, head-tail truncated, when answers is given). progress: anything with update(n), e.g. a tqdm bar."""
     seqs = build_inputs(tok, texts, max_len, answers, model.meta.get("min_answer_tokens", 50))
-    logits = predict_logits(model, seqs, batch_size, progress)
-    return torch.softmax(logits.double(), dim=-1).numpy()
+    return torch.softmax(predict_logits(model, seqs, batch_size, progress).double(), dim=-1).numpy()
 
 
-def ece(probs, y, n_bins=15):
-    """Expected calibration error: bins of equal width on the max probability, bin b = (b/n, (b+1)/n];
-    ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|."""
-    probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
-    conf, pred = probs.max(1), probs.argmax(1)
-    b = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    total = 0.0
-    for k in range(n_bins):
-        m = b == k
-        if m.any():
-            total += m.mean() * abs((pred[m] == y[m]).mean() - conf[m].mean())
-    return float(total)
+# ----------------------------------------------------------------------------------------------------------------
+# A training step, in the order it runs: the epoch's loss and class weights, the loss, FGM, the LLRD groups'
+# learning rates (each checked against a hand computation in tests/test_classify.py)
+
+def epoch_loss(epoch, loss, ce_epochs=0):
+    """The loss of a 0-based epoch: plain 'ce' for the first ce_epochs epochs, then `loss`."""
+    return "ce" if epoch < ce_epochs else loss
 
 
-def classification_metrics(probs, y, labels):
-    """accuracy, macro-F1, per-class precision/recall/F1/support, confusion (rows true, cols predicted), ECE."""
-    probs, y = np.asarray(probs), np.asarray(y)
-    C = len(labels)
-    pred = probs.argmax(1)
-    cm = np.zeros((C, C), dtype=int)
-    np.add.at(cm, (y, pred), 1)
-    per = {}
-    for c, name in enumerate(labels):
-        tp, n_pred, n_true = cm[c, c], cm[:, c].sum(), cm[c, :].sum()
-        p = tp / n_pred if n_pred else 0.0
-        r = tp / n_true if n_true else 0.0
-        per[name] = {"precision": float(p), "recall": float(r),
-                     "f1": float(2 * p * r / (p + r)) if p + r else 0.0, "support": int(n_true)}
-    return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else 0.0,
-            "macro_f1": float(np.mean([v["f1"] for v in per.values()])),
-            "per_class": per, "confusion": cm.tolist(), "ece": ece(probs, y) if len(y) else 0.0}
-
-
-def format_metrics(m, labels, majority=None):
-    w = max(12, max(len(l) for l in labels) + 2)
-    lines = [f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
-    for l in labels:
-        v = m["per_class"][l]
-        lines.append(f"{l:<{w}}{v['precision']:>10.3f}{v['recall']:>10.3f}{v['f1']:>10.3f}{v['support']:>10d}")
-    s = f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE(15 bins) {m['ece']:.4f}  n={m['n']}"
-    if majority is not None:
-        s += f"  (majority-class baseline {majority:.4f})"
-    lines += [s, "confusion matrix (rows = true, columns = predicted):",
-              " " * w + "".join(f"{l[:10]:>12}" for l in labels)]
-    for l, row in zip(labels, m["confusion"]):
-        lines.append(f"{l:<{w}}" + "".join(f"{x:>12d}" for x in row))
-    return "\n".join(lines)
-
-
-class Progress:
-    """A one-line progress display with rate and ETA on stderr (throttled to ~2 updates/s)."""
-
-    def __init__(self, total, desc="", unit="it", start=0):
-        self.total, self.desc, self.unit = total, desc, unit
-        self.n = self.n0 = start
-        self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, k=1, extra=""):
-        self.n += k
-        now = time.time()
-        if now - self.last >= (0.5 if self.tty else 10.0) or self.n >= self.total:
-            self.last = now
-            self._show(now, extra)
-
-    def _show(self, now, extra=""):
-        el = now - self.t0
-        rate = (self.n - self.n0) / el if el > 0 else 0.0
-        eta = (self.total - self.n) / rate if rate > 0 else float("nan")
-        pct = 100.0 * self.n / self.total if self.total else 100.0
-        msg = (f"{self.desc} {self.n}/{self.total} ({pct:.0f}%) {rate:.1f} {self.unit}/s "
-               f"elapsed {_hms(el)} ETA {_hms(eta)} {extra}")
-        print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty:
-            print(file=sys.stderr, flush=True)
-
-
-def _hms(s):
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Training pieces (each tested against a hand computation)
-
-def ldam_margins(counts, max_m=0.5):
-    """LDAM margins (Cao et al. 2019): m_y = C / n_y^(1/4), C chosen so the largest margin (the
-    rarest class) is max_m. Classes with no examples count as 1."""
+def ldam_margins(counts, max_m=0.5, c=None, boost=()):
+    """LDAM margins m_y = C / n_y^(1/4) (Cao et al. 2019). C = c when given (seed 004: c = 1), else chosen so that
+    the largest margin is max_m (Cao et al.'s code). Classes in boost count as n_y / 10 (seed 004's targeted margin
+    boosting); classes without examples count as 1."""
     n = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+    n[list(boost)] /= 10
     m = n.pow(-0.25)
-    return (m * (max_m / m.max())).float()
+    return (m * (c if c is not None else max_m / m.max())).float()
 
 
 def drw_weights(counts, beta=0.9999):
     """Class-balanced weights from the effective number (Cui et al. 2019): w_y = (1-beta)/(1-beta^n_y),
-    normalised to sum to the number of classes. Classes with no examples count as 1."""
+    normalised to sum to the number of classes. Classes without examples count as 1."""
     n = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
-    w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), n))
+    w = (1.0 - beta) / (1.0 - torch.tensor(beta, dtype=torch.float64) ** n)
     return (w / w.sum() * len(w)).float()
 
 
 def epoch_class_weights(epoch, drw_epoch, counts, beta=0.9999):
-    """The DRW switch: None (unweighted) before 0-based epoch `drw_epoch` or when it is None,
-    drw_weights(counts, beta) from that epoch on (as in the LDAM paper's LDAM-DRW schedule)."""
-    if drw_epoch is None or epoch < drw_epoch:
-        return None
-    return drw_weights(counts, beta)
+    """DRW: None (unweighted) before 0-based epoch drw_epoch (or when it is None), drw_weights after."""
+    return None if drw_epoch is None or epoch < drw_epoch else drw_weights(counts, beta)
 
 
 def classification_loss(logits, y, kind="ce", margins=None, s=30.0, weight=None):
-    """ce:   cross_entropy(z, y, weight)
-    ldam: cross_entropy(s * (z - m_y * onehot(y)), y, weight)   (margin on the true class only).
-    With weight, the mean is weighted: sum_i w_{y_i} l_i / sum_i w_{y_i} (PyTorch's convention)."""
-    logits = logits.float()
+    """ce: cross_entropy(z, y, weight); ldam: cross_entropy(s * (z - m_y * onehot(y)), y, weight). With weight the
+    mean is sum_i w_{y_i} l_i / sum_i w_{y_i} (PyTorch's convention)."""
+    z = logits.float()
     if kind == "ldam":
-        logits = s * (logits - F.one_hot(y, logits.shape[1]).to(logits.dtype) * margins.to(logits.device)[y][:, None])
-    return F.cross_entropy(logits, y, weight=None if weight is None else weight.to(logits.device))
+        z = s * (z - F.one_hot(y, z.shape[1]).to(z.dtype) * margins.to(z.device)[y][:, None])
+    return F.cross_entropy(z, y, weight=None if weight is None else weight.to(z.device))
 
 
 def fgm_step(embedding, eps, adv_loss_fn):
-    """FGM (Miyato et al. 2017) on an embedding matrix, after the clean backward:
-    r = eps * g / ||g||_2 (g = its gradient, whole-matrix norm); weight += r; adv_loss_fn().backward()
-    (gradients accumulate onto the clean ones); weight restored bit-exactly from a copy.
-    Returns the adversarial loss, or None when the gradient is missing, zero or non-finite."""
+    """FGM (Miyato et al. 2017) after the clean backward: weight += eps * g / ||g||_2 (whole-matrix norm);
+    adv_loss_fn().backward() adds onto the clean gradients; the weight is restored bit for bit from a copy.
+    Returns the adversarial loss, or None when the gradient is missing, zero or not finite."""
     w = embedding.weight
     if w.grad is None or eps <= 0:
         return None
@@ -832,74 +635,105 @@ def fgm_step(embedding, eps, adv_loss_fn):
 
 
 def param_groups(model, lr, llrd=1.0, weight_decay=0.01):
-    """AdamW groups with layer-wise LR decay (Howard & Ruder 2018; seed 004's eta_l = eta_head * xi^(L-l)):
-    classifier + pooler: lr;  encoder layer i (0 = bottom, L-1 = top): lr * llrd^(L - i);
-    embeddings: lr * llrd^(L + 1). llrd = 1 gives one lr everywhere. Biases and LayerNorm weights
-    get no weight decay. Every group carries 'base_lr' (the lr before the schedule) and 'name'."""
-    L = model.cfg.num_hidden_layers
-    groups = {}
-
-    def add(name, p, scale, pname):
-        nd = p.ndim < 2 or "LayerNorm" in pname  # biases, LayerNorm: no weight decay
-        key = (name, nd)
-        if key not in groups:
-            groups[key] = {"params": [], "lr": lr * scale, "base_lr": lr * scale,
-                           "weight_decay": 0.0 if nd else weight_decay, "name": name + ("/no_decay" if nd else "")}
-        groups[key]["params"].append(p)
-
+    """AdamW groups with layer-wise LR decay (seed 004: eta_l = eta_head * xi^(L-l)): head and pooler lr; layer i
+    (0 = bottom) lr * llrd^(L-i); embeddings lr * llrd^(L+1). No weight decay on biases and LayerNorms. Each group
+    carries 'base_lr' (before the schedule) and 'name'."""
+    L, groups = model.cfg.num_hidden_layers, {}
     for pname, p in model.named_parameters():
-        if pname.startswith("bert.embeddings."):
-            add("embeddings", p, llrd ** (L + 1), pname)
-        elif pname.startswith("bert.encoder.layer."):
-            i = int(pname.split(".")[3])
-            add(f"layer.{i}", p, llrd ** (L - i), pname)
+        layer = re.match(r"bert\.layers\.(\d+)\.", pname)
+        if layer:
+            name, scale = f"layer.{layer[1]}", llrd ** (L - int(layer[1]))
         elif pname.startswith(("bert.pooler.", "classifier.")):
-            add("head", p, 1.0, pname)
+            name, scale = "head", 1.0
         else:
-            raise ValueError(f"param_groups: unexpected parameter {pname}")
+            name, scale = "embeddings", llrd ** (L + 1)
+        nd = p.ndim < 2 or "norm" in pname
+        g = groups.setdefault((name, nd), {"params": [], "lr": lr * scale, "base_lr": lr * scale,
+                                           "weight_decay": 0.0 if nd else weight_decay,
+                                           "name": name + ("/no_decay" if nd else "")})
+        g["params"].append(p)
     return list(groups.values())
 
 
 def lr_mult(step, total, warmup):
     """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+def ece(probs, y, n_bins=15):
+    """Expected calibration error on the max probability, equal-width bins b = (b/n, (b+1)/n] (a confidence on an
+    edge belongs to the bin below it): sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|."""
+    probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
+    conf, right = probs.max(1), probs.argmax(1) == y
+    b = np.searchsorted(np.arange(1, n_bins + 1) / n_bins, conf, side="left").clip(0, n_bins - 1)
+    return float(sum((b == k).mean() * abs(right[b == k].mean() - conf[b == k].mean())
+                     for k in np.unique(b)))
+
+
+def classification_metrics(probs, y, labels):
+    """accuracy, macro-F1, per-class precision/recall/F1/support, confusion (rows true, cols predicted), ECE."""
+    probs, y = np.asarray(probs), np.asarray(y)
+    pred = probs.argmax(1)
+    cm = np.zeros((len(labels), len(labels)), dtype=int)
+    np.add.at(cm, (y, pred), 1)
+    per = {}
+    for c, name in enumerate(labels):
+        tp, n_pred, n_true = cm[c, c], cm[:, c].sum(), cm[c, :].sum()
+        p, r = (tp / n_pred if n_pred else 0.0), (tp / n_true if n_true else 0.0)
+        per[name] = {"precision": float(p), "recall": float(r), "f1": float(2 * p * r / (p + r)) if p + r else 0.0,
+                     "support": int(n_true)}
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+            "macro_f1": float(np.mean([v["f1"] for v in per.values()])),
+            "per_class": per, "confusion": cm.tolist(), "ece": ece(probs, y) if len(y) else 0.0}
+
+
+def format_metrics(m, labels, majority=None):
+    w = max(12, max(len(l) for l in labels) + 2)
+    lines = [f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for l in labels:
+        v = m["per_class"][l]
+        lines.append(f"{l:<{w}}{v['precision']:>10.3f}{v['recall']:>10.3f}{v['f1']:>10.3f}{v['support']:>10d}")
+    s = f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE(15 bins) {m['ece']:.4f}  n={m['n']}"
+    lines += [s + (f"  (majority-class baseline {majority:.4f})" if majority is not None else ""),
+              "confusion matrix (rows = true, columns = predicted):", " " * w + "".join(f"{l[:10]:>12}" for l in labels)]
+    lines += [f"{l:<{w}}" + "".join(f"{x:>12d}" for x in row) for l, row in zip(labels, m["confusion"])]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Data
 
-def _get(row, col):
+def get_col(row, col):
     """A row's value by column name, exact first, then case/space-insensitively; KeyError if absent."""
     if col in row:
         return row[col]
-    k = " ".join(col.split()).lower()
-    for c, v in row.items():
-        if " ".join(str(c).split()).lower() == k:
-            return v
-    raise KeyError(col)
+    match = [v for c, v in row.items() if data._key(c) == data._key(col)]
+    if not match:
+        raise KeyError(col)
+    return match[0]
 
 
 def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
-    """-> (texts, answers or None, y (list[int]), labels). Without --labels the label set is the
-    three severities when every label is one (aliases such as mild/moderate/severe or the Arabic names
-    accepted), else the sorted set of labels found. One-line DataError on any bad row."""
-    rows = data.read_rows(path)
+    """-> (texts, answers or None, y (list[int]), labels). Without labels the label set is the three severities
+    when every label is one (aliases such as mild/severe or the Arabic names accepted), else the sorted set found.
+    One-line DataError on any bad row."""
     texts, answers, raw = [], [] if answer_col else None, []
-    for line, row in rows:
-        for col, field in ((text_col, "text"), (answer_col, "answer")):
+    for line, row in data.read_rows(path):
+        for col, field, out in ((text_col, "text", texts), (answer_col, "answer", answers)):
             if col is None:
                 continue
             try:
-                v = _get(row, col)
+                v = get_col(row, col)
             except KeyError:
                 raise data.DataError(path, line, col, f"missing column (the {field} column; see --{field}-col)") from None
             if not isinstance(v, str) or not v.strip():
                 raise data.DataError(path, line, col, "empty" if isinstance(v, str) else f"expected text, got {v!r}")
-            (texts if field == "text" else answers).append(v.strip())
+            out.append(v.strip())
         try:
-            v = _get(row, label_col)
+            v = get_col(row, label_col)
         except KeyError:
             raise data.DataError(path, line, label_col, "missing column (see --label-col)") from None
         if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
@@ -909,49 +743,48 @@ def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
             raise data.DataError(path, line, label_col, "empty label")
         raw.append((line, v))
     if labels:
-        index = {l: i for i, l in enumerate(labels)}
         for line, v in raw:
-            if v not in index:
+            if v not in labels:
                 raise data.DataError(path, line, label_col, f"unknown label '{v}' (--labels: {', '.join(labels)})")
-        y = [index[v] for _, v in raw]
+        y = [labels.index(v) for _, v in raw]
     elif all(data.canonical_severity(v) for _, v in raw):
         labels = list(SEVERITIES)
         y = [labels.index(data.canonical_severity(v)) for _, v in raw]
     else:
         labels = sorted({v for _, v in raw})
         y = [labels.index(v) for _, v in raw]
-    present = sorted(set(y))
-    if len(present) < 2:
-        raise data.DataError(path, raw[0][0], label_col,
-                             f"need at least 2 classes, found only '{labels[present[0]]}'")
+    if len(set(y)) < 2:
+        raise data.DataError(path, raw[0][0], label_col, f"need at least 2 classes, found only '{labels[y[0]]}'")
     return texts, answers, y, list(labels)
 
 
 def stratified_split(y, val_frac, seed):
-    """Seeded stratified split -> (train indices, val indices). Each class gives round(n_c * val_frac)
-    examples to validation (at least 1 when it has >= 2 and val_frac > 0; never all of them)."""
+    """Seeded stratified split -> (train indices, val indices). Each class gives round(n_c * val_frac) examples to
+    validation (at least 1 when it has >= 2 and val_frac > 0; never all of them)."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y)
     tr, va = [], []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        k = int(round(len(idx) * val_frac))
+        k = min(int(round(len(idx) * val_frac)), len(idx) - 1)
         if val_frac > 0 and len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
-        else:
-            k = min(k, len(idx) - 1)
+            k = max(k, 1)
         va += idx[:k].tolist()
         tr += idx[k:].tolist()
     return sorted(tr), sorted(va)
 
 
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout (the epilog) and shows every flag's default."""
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    num, pos = data.number, dict(lo=0, lo_open=True)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=os.path.join("data", "sample", "severity_labels.jsonl"),
                    help="labelled training file (.jsonl/.json/.csv/.tsv)")
     p.add_argument("--text-col", default="text", help="column with the text to classify (the question)")
@@ -965,201 +798,219 @@ def get_args(argv=None):
                    help=f"encoder: registry name ({', '.join(REGISTRY)}), hub repo id or local folder")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--out", default=os.path.join("out", "classifier"), help="output folder")
-    p.add_argument("--val-frac", type=float, default=0.1, help="fraction held out (stratified, seeded) for validation")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    p.add_argument("--eval-batch-size", type=int, default=128, help="batch size for validation")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (of the head when --llrd < 1)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
-    p.add_argument("--warmup-frac", type=float, default=0.1, help="fraction of steps of linear warmup, then linear decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    p.add_argument("--max-len", type=int, default=512, help="max tokens per input incl. [CLS]/[SEP]")
-    p.add_argument("--min-answer-tokens", type=int, default=50,
+    p.add_argument("--head", choices=["pooler", "linear"], default="pooler",
+                   help="pooler: BertForSequenceClassification's tanh pooler then a linear layer; linear: a linear "
+                        "layer on the [CLS] state (seed 004)")
+    p.add_argument("--val-frac", type=num(float, lo=0, hi=1, hi_open=True), default=0.1,
+                   help="fraction held out (stratified, seeded) for validation")
+    p.add_argument("--epochs", type=num(int, lo=1), default=3, help="training epochs")
+    p.add_argument("--max-steps", type=num(int, lo=0), default=0,
+                   help="optimizer steps; overrides --epochs when > 0 (seed 004: 8000)")
+    p.add_argument("--batch-size", type=num(int, lo=1), default=32, help="training batch size")
+    p.add_argument("--eval-batch-size", type=num(int, lo=1), default=128, help="batch size for validation")
+    p.add_argument("--lr", type=num(float, **pos), default=2e-5, help="peak learning rate (of the head with --llrd)")
+    p.add_argument("--weight-decay", type=num(float, lo=0), default=0.01,
+                   help="AdamW weight decay (not on biases/LayerNorm)")
+    p.add_argument("--warmup-frac", type=num(float, lo=0, hi=1), default=0.1,
+                   help="fraction of steps of linear warmup, then linear decay")
+    p.add_argument("--grad-clip", type=num(float, lo=0), default=1.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--max-len", type=num(int, lo=3), default=512, help="max tokens per input incl. [CLS]/[SEP]")
+    p.add_argument("--min-answer-tokens", type=num(int, lo=0), default=50,
                    help="with --answer-col: tokens kept for the answer at least (seed 004: 50)")
-    p.add_argument("--seed", type=int, default=42, help="seed for init, split and shuffling")
+    p.add_argument("--seed", type=num(int, lo=0), default=42, help="seed for init, split and shuffling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
     p.add_argument("--loss", choices=["ce", "ldam"], default="ce",
-                   help="ce, or ldam: cross_entropy(s*(z - m_y onehot)), m_y = C/n_y^(1/4) scaled to --ldam-max-m")
-    p.add_argument("--ldam-max-m", type=float, default=0.5, help="LDAM: margin of the rarest class")
-    p.add_argument("--ldam-s", type=float, default=30.0,
-                   help="LDAM: logit scale s; folded into the saved classifier so its softmax is the trained one")
-    p.add_argument("--drw-epoch", type=int, default=None,
-                   help="deferred re-weighting: from this 0-based epoch on (i.e. after this many epochs), class "
-                        "weights (1-beta)/(1-beta^n_y) normalised to sum to n_classes (default: off)")
-    p.add_argument("--drw-beta", type=float, default=0.9999, help="DRW: beta of the effective number")
-    p.add_argument("--fgm-eps", type=float, default=0.0,
+                   help="ce, or ldam: cross_entropy(s*(z - m_y onehot)), m_y = C/n_y^(1/4)")
+    p.add_argument("--ldam-c", type=num(float, **pos), default=None,
+                   help="LDAM: C of m_y = C/n_y^(1/4), given directly (seed 004: 1); default: scale to --ldam-max-m")
+    p.add_argument("--ldam-max-m", type=num(float, **pos), default=0.5,
+                   help="LDAM without --ldam-c: C chosen so the rarest class's margin is this (Cao et al.)")
+    p.add_argument("--ldam-s", type=num(float, **pos), default=30.0,
+                   help="LDAM: logit scale s (seed 004's formula: 1); folded into the saved classifier")
+    p.add_argument("--boost-classes", default=None,
+                   help="LDAM: comma-separated classes whose margin uses n_y/10 (seed 004's targeted margin boosting)")
+    p.add_argument("--ce-epochs", type=num(int, lo=0), default=0,
+                   help="train with plain CE for this many epochs, then with --loss (seed 004: 5)")
+    p.add_argument("--drw-epoch", type=num(int, lo=0), default=None,
+                   help="deferred re-weighting: from this 0-based epoch on, class weights (1-beta)/(1-beta^n_y) "
+                        "normalised to sum to n_classes (default: off)")
+    p.add_argument("--drw-beta", type=num(float, lo=0, hi=1, hi_open=True), default=0.9999,
+                   help="DRW: beta of the effective number")
+    p.add_argument("--fgm-eps", type=num(float, lo=0), default=0.0,
                    help="FGM adversarial training on the word embeddings with this epsilon (seed 004: 0.2; 0 = off)")
-    p.add_argument("--llrd", type=float, default=1.0,
+    p.add_argument("--llrd", type=num(float, lo=0, hi=1, lo_open=True), default=1.0,
                    help="layer-wise LR decay factor xi: head/pooler lr, layer i lr*xi^(L-i), embeddings "
                         "lr*xi^(L+1) (seed 004: 0.9; 1 = off)")
     p.add_argument("--keep-best", action="store_true",
                    help="save the epoch with the best validation macro-F1 instead of the last one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    if not 0 <= a.val_frac < 1:
-        p.error("--val-frac must be in [0, 1)")
-    for k in ("epochs", "batch_size", "eval_batch_size", "max_len"):
-        if getattr(a, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if a.max_len < 3:
-        p.error("--max-len must be >= 3")
+    if a.loss == "ce" and (a.ce_epochs or a.boost_classes or a.ldam_c is not None):
+        p.error("--ce-epochs, --boost-classes and --ldam-c need --loss ldam")
     return a
 
 
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here")
-    return name
+def split_list(s):
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
 
 
-def evaluate(model, seqs, y, labels, batch_size, scale=1.0):
-    if not len(y):
-        return None, None
-    logits = predict_logits(model, seqs, batch_size) * scale
-    probs = torch.softmax(logits.double(), -1).numpy()
-    return classification_metrics(probs, np.asarray(y), labels), probs
-
-
-def main(argv=None):
+def train(argv=None):
+    # -- everything a user can get wrong is checked before any work and before anything is written --------------
     args = get_args(argv)
-    try:
-        return train(args)
-    except (data.DataError, ValueError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # missing input file, unreadable folder, ...
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def train(args):
     t_start = time.time()
-    device = resolve_device(args.device)
-    labels_arg = [l.strip() for l in args.labels.split(",") if l.strip()] if args.labels else None
-    if labels_arg is not None and len(set(labels_arg)) != len(labels_arg):
-        raise ValueError(f"--labels: duplicate class names in '{args.labels}'")
+    device = data.resolve_device(args.device)
+    data.input_file(args.data, "--data")
+    data.output_dir(args.out, "--out")
+    labels_arg = split_list(args.labels) or None
+    if labels_arg and len(set(labels_arg)) != len(labels_arg):
+        raise data.UserError("--labels", f"duplicate class names in '{args.labels}'")
     texts, answers, y, labels = read_labelled(args.data, args.text_col, args.label_col, args.answer_col, labels_arg)
-    C = len(labels)
+    boost = split_list(args.boost_classes)
+    for c in boost:
+        if c not in labels:
+            raise data.UserError("--boost-classes", f"'{c}' is not a class ({', '.join(labels)})")
+    folder, cfg_dict = resolve_checkpoint(args.model, args.revision)
+    cfg = BertConfig.from_hf(cfg_dict, os.path.join(folder or args.model, "config.json"))
+    enc, head = read_safetensors(folder) if folder is not None else ({}, {})   # a corrupt file fails here
+    if args.max_len > cfg.max_position_embeddings:
+        raise data.UserError("--max-len", f"{args.max_len} exceeds the model's max_position_embeddings "
+                                          f"{cfg.max_position_embeddings}")
+    tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
+    if tok.vocab_size > cfg.vocab_size:
+        raise data.UserError(args.model, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+
+    # -- data: a seeded stratified split, inputs tokenised once --------------------------------------------------
+    C, y = len(labels), np.asarray(y)
     tr, va = stratified_split(y, args.val_frac, args.seed)
-    y_np = np.asarray(y)
-    counts = np.bincount(y_np[tr], minlength=C)
+    counts = np.bincount(y[tr], minlength=C)
     for c in np.flatnonzero(counts == 0):
         log(f"warning: class '{labels[c]}' has no training examples")
     log(f"data: {len(y)} rows, {len(tr)} train / {len(va)} val; train counts "
         + ", ".join(f"{l}={n}" for l, n in zip(labels, counts)))
-
-    # Model: encoder from the checkpoint, a fresh head (or the checkpoint's own when its labels match).
-    torch.manual_seed(args.seed)
-    folder, cfg_dict = resolve_checkpoint(args.model, args.revision)
-    cfg = BertConfig.from_hf(cfg_dict)
-    if args.max_len > cfg.max_position_embeddings:
-        raise ValueError(f"--max-len {args.max_len} exceeds the model's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
-    model = BertClassifier(cfg, labels)
-    tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
-    if folder is not None:
-        enc, head = split_state_dict(read_safetensors(folder), folder)
-        load_encoder_state(model.bert, enc, folder)
-        old = cfg_dict.get("id2label") or {}
-        if head and [old.get(str(i)) for i in range(len(old))] == labels:
-            load_head_state(model, head, folder)
-            log(f"note: continuing from {args.model}'s classifier head (same labels)")
-    model.to(device)
-    log(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}")
-
-    # Inputs, tokenised once.
     seqs = build_inputs(tok, texts, args.max_len, answers, args.min_answer_tokens)
     n_trunc = sum(len(s[0]) >= args.max_len for s in seqs)
     if n_trunc:
         log(f"note: {n_trunc} of {len(seqs)} inputs reach --max-len {args.max_len} (truncated)")
+    val_seqs = [seqs[i] for i in va]
+    majority_class = int(counts.argmax())
+    majority = float((y[va] == majority_class).mean()) if va else None
 
-    groups = param_groups(model, args.lr, args.llrd, args.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                            fused=torch.device(device).type == "cuda")
+    # -- model: the checkpoint's encoder, a fresh head (or the checkpoint's own when its labels match) -----------
+    torch.manual_seed(args.seed)
+    model = BertClassifier(cfg, labels, args.head)
+    if folder is not None:
+        load_tensors(model.bert, enc, weight_table(cfg.num_hidden_layers), folder, "bert.")
+        old = cfg_dict.get("id2label") or {}
+        same_head = (cfg_dict.get("severity_classifier") or {}).get("head", "pooler") == args.head
+        if head and same_head and [old.get(str(i)) for i in range(len(old))] == labels:
+            load_tensors(model.classifier, head, HEAD_TABLE, folder)
+            log(f"note: continuing from {args.model}'s classifier head (same labels and --head)")
+    model.to(device)
+    log(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}")
+
+    # -- optimizer, schedule, losses -------------------------------------------------------------------------------
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.llrd, args.weight_decay), lr=args.lr,
+                            betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
     steps_per_epoch = math.ceil(len(tr) / args.batch_size)
-    total = steps_per_epoch * args.epochs
+    total = args.max_steps or steps_per_epoch * args.epochs
+    n_epochs = math.ceil(total / steps_per_epoch)
     warmup = int(round(args.warmup_frac * total))
-    margins = ldam_margins(counts, args.ldam_max_m) if args.loss == "ldam" else None
-    scale = args.ldam_s if args.loss == "ldam" else 1.0
-    y_t = torch.as_tensor(y_np)
-    gen = torch.Generator().manual_seed(args.seed)
-    majority = float((y_np[va] == np.bincount(y_np[tr], minlength=C).argmax()).mean()) if va else None
+    margins = ldam_margins(counts, args.ldam_max_m, args.ldam_c, [labels.index(c) for c in boost])
+    if args.loss == "ldam":
+        log("LDAM margins: " + ", ".join(f"{l}={m:.3f}" for l, m in zip(labels, margins.tolist())))
+    y_t, gen = torch.as_tensor(y), torch.Generator().manual_seed(args.seed)
 
-    history, best, step = [], None, 0
-    for epoch in range(args.epochs):
+    def evaluate(scale):   # validation metrics of softmax(scale * logits)
+        if not va:
+            return None
+        probs = torch.softmax(predict_logits(model, val_seqs, args.eval_batch_size).double() * scale, -1).numpy()
+        return classification_metrics(probs, y[va], labels)
+
+    # -- the loop: one epoch = one seeded permutation of the training rows; validation after each -----------------
+    history, best, step, scale = [], None, 0, 1.0
+    for epoch in range(n_epochs):
         model.train()
+        kind = epoch_loss(epoch, args.loss, args.ce_epochs)
+        scale = args.ldam_s if kind == "ldam" else 1.0
         weight = epoch_class_weights(epoch, args.drw_epoch, counts, args.drw_beta)
-        if weight is not None and (epoch == args.drw_epoch or epoch == 0):
+        if weight is not None and epoch in (0, args.drw_epoch):
             log("DRW class weights: " + ", ".join(f"{l}={w:.3f}" for l, w in zip(labels, weight.tolist())))
+        if args.loss != "ce" and epoch == args.ce_epochs and epoch > 0:
+            log(f"epoch {epoch + 1}: switching from ce to {args.loss}")
         perm = torch.randperm(len(tr), generator=gen).tolist()
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", "step")
+        n_steps = min(steps_per_epoch, total - step)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{n_epochs}", unit="step", file=sys.stderr,
+                   disable=True if args.quiet else None, dynamic_ncols=True)
         loss_sum, n_seen = 0.0, 0
-        for b in range(steps_per_epoch):
+        for b in range(n_steps):
             idx = [tr[i] for i in perm[b * args.batch_size:(b + 1) * args.batch_size]]
             ids, am, tt = collate([seqs[i] for i in idx], cfg.pad_token_id, device)
             yb = y_t[idx].to(device)
-            m = lr_mult(step, total, warmup)
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * m
+                g["lr"] = g["base_lr"] * lr_mult(step, total, warmup)
 
             def loss_fn():
-                with _autocast(device):
+                with autocast(device):
                     logits = model(ids, am, tt)
-                return classification_loss(logits, yb, args.loss, margins, args.ldam_s, weight)
+                return classification_loss(logits, yb, kind, margins, args.ldam_s, weight)
 
             loss = loss_fn()
             loss_v = loss.item()
             if not math.isfinite(loss_v):
-                raise ValueError(f"training: loss is {loss_v} at step {step + 1} (try a lower --lr)")
+                raise data.UserError("--lr", f"the loss is {loss_v} at step {step + 1}; try a lower --lr")
             loss.backward()
             if args.fgm_eps > 0:
-                fgm_step(model.bert.embeddings.word_embeddings, args.fgm_eps, loss_fn)
+                fgm_step(model.bert.wte, args.fgm_eps, loss_fn)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            loss_sum += loss_v * len(idx)
-            n_seen += len(idx)
-            bar.update(1, f"loss {loss_sum / n_seen:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            loss_sum, n_seen = loss_sum + loss_v * len(idx), n_seen + len(idx)
+            bar.set_postfix_str(f"loss {loss_sum / n_seen:.4f} lr {opt.param_groups[0]['lr']:.2e}", refresh=False)
+            bar.update(1)
         bar.close()
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen)}
-        met, _ = evaluate(model, [seqs[i] for i in va], y_np[va], labels, args.eval_batch_size, scale)
+        rec = {"epoch": epoch + 1, "objective": kind, "train_loss": loss_sum / max(1, n_seen), "steps": step}
+        met = evaluate(scale)
         if met is not None:
             rec.update(val_accuracy=met["accuracy"], val_macro_f1=met["macro_f1"], val_ece=met["ece"])
-            if args.keep_best and (best is None or met["macro_f1"] > best[0]):
-                best = (met["macro_f1"], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            if args.keep_best and (best is None or met["macro_f1"] > best["f1"]):
+                best = {"f1": met["macro_f1"], "epoch": epoch + 1, "scale": scale,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(rec)
         log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
 
     if best is not None:
-        model.load_state_dict(best[2])
-        log(f"keeping epoch {best[1]} (best validation macro-F1 {best[0]:.4f})")
-    # LDAM trains softmax(s * z): fold s into the head so the saved logits are the trained ones
-    # (annotate.py and transformers both just take softmax(logits)).
-    if scale != 1.0:
-        with torch.no_grad():
-            model.classifier.weight.mul_(scale)
-            model.classifier.bias.mul_(scale)
-    met, _ = evaluate(model, [seqs[i] for i in va], y_np[va], labels, args.eval_batch_size)
+        model.load_state_dict(best["state"])
+        scale = best["scale"]
+        log(f"keeping epoch {best['epoch']} (best validation macro-F1 {best['f1']:.4f})")
+    # LDAM trains softmax(s * z): fold s into the head so that the saved logits are the trained ones (annotate.py
+    # and transformers both take softmax(logits)).
+    with torch.no_grad():
+        model.classifier.weight.mul_(scale)
+        model.classifier.bias.mul_(scale)
+
+    # -- save: the model folder, then metrics.json (both atomic) -------------------------------------------------
+    met = evaluate(1.0)
     model.meta = {"trained_with": "classify.py", "input": "question+answer" if answers is not None else "text",
                   "max_len": args.max_len, "min_answer_tokens": args.min_answer_tokens, "loss": args.loss,
                   "logit_scale_folded": scale, "base_model": args.model, "labels": labels}
-    metrics = {"val": met, "majority_baseline_accuracy": majority,
-               "majority_class": labels[int(np.bincount(y_np[tr], minlength=C).argmax())],
+    metrics = {"val": met, "majority_baseline_accuracy": majority, "majority_class": labels[majority_class],
                "labels": labels, "n_train": len(tr), "n_val": len(va), "train_counts": counts.tolist(),
-               "epochs": history, "best_epoch": best[1] if best else args.epochs,
+               "epochs": history, "best_epoch": best["epoch"] if best else n_epochs, "steps": step,
                "seconds": round(time.time() - t_start, 1), "args": vars(args)}
     save_classifier(model.cpu(), tok, args.out)
-    _write_json(os.path.join(args.out, "metrics.json"), metrics)
+    data.write_json(os.path.join(args.out, "metrics.json"), metrics)
     if met is not None:
         print(f"validation ({len(va)} examples), epoch {metrics['best_epoch']}:")
         print(format_metrics(met, labels, majority))
     print(f"saved {args.out} ({metrics['seconds']:.0f} s)")
     return metrics
+
+
+def main(argv=None):
+    """train(argv) under the command-line contract: a user's mistake is one line 'error: ...' and exit 2."""
+    return data.run(train, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ answers (mean answer-token NLL, overall and per class: cheap, noise-free, needs 
     python evaluate.py --model runs/aragpt2-base/balanced --seed 0 --repeat 3      # a folder train.py wrote
     python evaluate.py --model out/tiny-balanced --bertscore-model out/cls-tiny --bertscore-layer 2 --greedy
     python evaluate.py --table runs/aragpt2-base/*/eval.json --paper --plot runs/aragpt2-base/table.png
+    python evaluate.py --compare runs/aragpt2-base/ce runs/aragpt2-base/balanced --out runs/aragpt2-base/ce-vs-balanced
+    python evaluate.py --model runs/notebook/balanced --recipe notebook      # the authors' notebooks' protocol
 
 Outputs (written atomically, only after everything succeeded): <out>/eval.json (settings, the setting label
 Base/CE/Mild/Strong/Balanced/custom read from the training run's args.json, data sha256, counts per class,
@@ -40,6 +42,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 
@@ -170,29 +173,6 @@ def describe_model(name_or_path):
     return os.path.basename(os.path.normpath(base)), setting, dict(targs, weights_abc=list(abc))
 
 
-class Progress:
-    """A small progress line with ETA on stderr (redrawn in place on a terminal, every ~10% otherwise)."""
-
-    def __init__(self, total, desc, quiet=False):
-        self.total, self.desc, self.quiet = max(1, total), desc, quiet
-        self.done, self.t0, self.shown = 0, time.time(), -1
-        self.tty = sys.stderr.isatty()
-
-    def update(self, k):
-        self.done += k
-        if self.quiet:
-            return
-        frac = self.done / self.total
-        if not self.tty and int(frac * 10) == self.shown and self.done < self.total:
-            return
-        self.shown = int(frac * 10)
-        el = time.time() - self.t0
-        eta = el / frac * (1 - frac) if frac > 0 else 0
-        line = f"{self.desc} {self.done}/{self.total} [{'#' * int(20 * frac):<20}] {el:.0f}s elapsed, eta {eta:.0f}s"
-        print(("\r" + line) if self.tty else line, end="" if self.tty and self.done < self.total else "\n",
-              file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The two recipes: the paper's stated protocol and what the authors' notebooks ran
 
@@ -212,11 +192,7 @@ def model_generation_config(path):
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name) if path and os.path.isdir(path) else None
         if f and os.path.isfile(f):
-            with open(f, encoding="utf-8") as fh:
-                try:
-                    cfg = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{e.lineno}: json: {e.msg}") from None
+            cfg = data.read_json(f, name)
             got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
             if got or name == "generation_config.json":
                 return dict(got, source=f)
@@ -263,8 +239,10 @@ def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
 
 
 def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, temperature=0.7, top_k=0, top_p=1.0,
-                     seed=None, progress=None, stats=None, prompt="cue"):
+                     seed=None, progress=None, stats=None, prompt="cue", stop_at_cue=True):
     """Answers (after data.extract_answer) in the order of `questions`, generated in length-sorted batches.
+    stop_at_cue: a row stops once it has begun a new question and cue (data.answer_complete), which leaves every
+    answer as it was (what follows the new cue is never kept) and saves the rest of the batch's steps.
     temperature 0 = greedy; otherwise one generator seeded with `seed` drives every draw. stats (a dict), if given,
     gets "new_tokens" (generated before EOS) added."""
     prompts = encode_prompts(model, tok, questions, max_new_tokens, prompt)
@@ -278,12 +256,13 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         new = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen)
+                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen,
+                             stop=(lambda ids: data.answer_complete(tok.decode(ids))) if stop_at_cue else None)
         for i, ids in zip(idx, new):
             out[i] = data.extract_answer(tok.decode(ids))
         if stats is not None:
             stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(ids) for ids in new)
-        if progress:
+        if progress is not None:
             progress.update(len(idx))
     return out
 
@@ -536,7 +515,7 @@ def check_args(args):
 
 
 def out_folder(args):
-    return args.out or (args.model if os.path.isdir(args.model) else
+    return args.out if args.out is not None else (args.model if os.path.isdir(args.model) else
                         os.path.join("out", f"eval-{os.path.basename(os.path.normpath(args.model))}"))
 
 
@@ -598,9 +577,11 @@ def evaluate(args):
     for k, seed in enumerate(seeds):
         t0 = time.time()
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
-        prog = Progress(len(records), f"{tag}generate", args.quiet)
+        prog = tqdm(total=len(records), desc=f"{tag}generate", unit="row", file=sys.stderr, dynamic_ncols=True,
+                    disable=True if args.quiet else None)   # silent when stderr is not a terminal
         preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, top_k,
                                  top_p, seed, prog, gen_stats, prompt)
+        prog.close()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t_gen += time.time() - t0
@@ -913,22 +894,34 @@ def load_examples(path):
     per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
     repeats), answer NLL and answer tokens (None where an older run did not record them)."""
     ev = load_eval(eval_json_path(path))
+    for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
+        if not isinstance(ev.get(key), kind):
+            raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
+    if not isinstance(ev["data"].get("n"), int) or isinstance(ev["data"].get("n"), bool) or ev["data"]["n"] < 1:
+        raise data.UserError(eval_json_path(path), "data.n: expected the number of test records")
     pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
     if not os.path.isfile(pred):
-        raise ValueError(f"{pred}:0: file: no such file (the per-example scores are needed)")
-    rows = {}
-    with open(pred, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                rows.setdefault(int(r["index"]), []).append(r)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{pred}:{ln}: row: not a predictions.jsonl row ({e})") from None
+        raise data.UserError(pred, "no such file (the per-example scores are needed)")
     n = ev["data"]["n"]
+    rows = {}
+    with data.reading(pred, "predictions"):
+        with open(pred, encoding="utf-8") as f:
+            lines = list(enumerate(f, 1))
+    for ln, line in lines:
+        if not line.strip():
+            continue
+        try:
+            r = data.STRICT_JSON.decode(line)
+            if not all(isinstance(r[k], str) for k in ("severity", "question", "reference")) or \
+                    not all(_is_num(r[m]) for m in METRICS) or isinstance(r["index"], bool) or \
+                    not (r.get("nll") is None or _is_num(r["nll"])) or \
+                    not (r.get("nll_tokens") is None or _is_num(r["nll_tokens"])):
+                raise TypeError("wrong field types")
+            rows.setdefault(int(r["index"]), []).append(r)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
+            raise data.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
     if sorted(rows) != list(range(n)):
-        raise ValueError(f"{pred}:0: index: expected the records 0..{n - 1} once per run")
+        raise data.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
     ex = {"path": pred, "severity": [], "question": [], "reference": []}
     cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
     for i in range(n):
@@ -956,8 +949,8 @@ def check_comparable(runs):
         checks += [(f"protocol {k}", a["generation"].get(k), b["generation"].get(k)) for k in PROTOCOL_KEYS]
         for what, x, y in checks:
             if x != y:
-                raise ValueError(f"--compare: {pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
-                                 f"comparison needs the same data, scorer and protocol")
+                raise data.UserError("--compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
+                                                  f"comparison needs the same data, scorer and protocol")
 
 
 def paired_table(exa, exb, n_boot, seed, n_perm):
@@ -967,7 +960,7 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
     for k in ("severity", "question", "reference"):
         if exa[k] != exb[k]:
             i = next(j for j, (x, y) in enumerate(zip(exa[k], exb[k])) if x != y)
-            raise ValueError(f"--compare: {exa['path']} and {exb['path']} differ in the {k} of record {i}")
+            raise data.UserError("--compare", f"{exa['path']} and {exb['path']} differ in the {k} of record {i}")
     sev = np.asarray(exa["severity"])
     out = {}
     ok = np.array([x is not None and y is not None for x, y in zip(exa["nll"], exb["nll"])])
@@ -993,8 +986,9 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
 
 def compare_main(args):
     if not args.out:
-        raise ValueError("--out: required with --compare (compare.json is written there)")
+        raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")
+    data.output_file(os.path.join(args.out, "compare.json"), "--out")
     (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
     check_comparable([(args.compare[0], ea), (args.compare[1], eb)])
     diffs = paired_table(xa, xb, args.bootstrap, args.bootstrap_seed, args.permutations)

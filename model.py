@@ -589,11 +589,15 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=50, temperature=0.7, top_k=None, top_p=None, eos_id=None,
-                 generator=None):
+                 generator=None, stop=None):
         """Sample (or greedy when temperature == 0) up to max_new_tokens after each prompt.
         prompts: list of token-id lists of any lengths (left-padded here). Returns the new tokens of each row,
         cut before its first EOS (eos_id None = the model's; a negative eos_id = none, every row runs to the end).
-        A static KV cache (and LFM2's conv state) holds the prefix."""
+        A static KV cache (and LFM2's conv state) holds the prefix.
+        stop: optional callable(new token ids of a row so far) -> bool, asked every 8 steps about unfinished rows (e.g.
+        "the text now holds a stop string"); a row it accepts counts as finished, like one that wrote EOS, and the
+        batch ends once every row is. Rows keep the tokens they drew (the caller cuts at the stop string); every row
+        still draws at every step, so stopping changes no other row's sample."""
         cfg, device = self.cfg, self.wte.weight.device
         eos_id = cfg.eos_id if eos_id is None else eos_id
         eos_id = None if eos_id is not None and eos_id < 0 else eos_id   # eos_id -1: no EOS, run to the end
@@ -625,8 +629,13 @@ class Decoder(nn.Module):
             n = t + 1
             if eos_id is not None:
                 done |= nxt == eos_id
-                if t % 8 == 7 and bool(done.all()):                   # a host sync only every 8 steps
-                    break
+            if stop is not None and t % 8 == 7:
+                so_far = out[:, :n].tolist()
+                hit = [not d and stop(r[:r.index(eos_id)] if eos_id in r else r)
+                       for d, r in zip(done.tolist(), so_far)]
+                done |= torch.tensor(hit, dtype=torch.bool, device=device)
+            if (eos_id is not None or stop is not None) and t % 8 == 7 and bool(done.all()):
+                break                                                  # a host sync only every 8 steps
             if t + 1 < max_new_tokens:
                 logits = self.lm_head(self.hidden(nxt[:, None], mask, cache, P + t)[:, -1]).float()
         rows = out[:, :n].tolist()
@@ -874,11 +883,12 @@ def _open_safetensors(path):
         wm = wm.get("weight_map") if isinstance(wm, dict) else None
         if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
             raise UserError(index, "weight_map: expected an object of tensor name -> shard file")
-        root = os.path.realpath(path)
+        # the names are checked, not where links lead: a hub snapshot's files are links into the cache's blobs/
+        root = os.path.abspath(path)
         files = []
         for x in sorted(set(wm.values())):
-            f = os.path.realpath(os.path.join(path, x))
-            if os.path.commonpath([root, f]) != root:   # "../other/model.safetensors", "/etc/...", a link out
+            f = os.path.normpath(os.path.join(root, x))
+            if os.path.isabs(x) or os.path.commonpath([root, f]) != root:   # "/etc/...", "../other/x.safetensors"
                 raise UserError(index, f"shard {x!r} lies outside the model folder: refused")
             if not f.endswith(".safetensors"):
                 raise UserError(index, f"shard {x!r} is not a .safetensors file: only safetensors are loaded")

@@ -15,7 +15,6 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
-import argparse
 import json
 import math
 import os
@@ -291,6 +290,35 @@ def evaluate_loss(model, examples, batch_size, pad_id, device, amp, pack_width=0
     return out
 
 
+def plot_log(log_path, png_path):
+    """<out>/train_log.png from train_log.jsonl: training loss and eval loss (overall and per severity) against steps,
+    and the learning rate below. Written atomically, with matplotlib's Agg canvas (no display, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    with open(log_path, encoding="utf-8") as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    train_recs = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval_loss" in r]
+    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], lw=0.8, color="0.6", label="train (weighted)")
+    for key, style in [("eval_loss", dict(color="k", lw=2, label="eval, all"))] + [
+            (f"eval_loss_{s}", dict(lw=1.2, ls="--", label=f"eval, {s}")) for s in data.SEVERITIES]:
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, **style)
+    ax.set_ylabel("loss (nats / answer token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_lr.plot([r["step"] for r in train_recs], [r["lr"] for r in train_recs], color="tab:blue")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    canvas = FigureCanvasAgg(fig)
+    data.atomic_write(png_path, lambda tmp: canvas.print_png(tmp))
+    return fig
+
+
 # -- checkpoint: one safetensors file holds every tensor (model, optimizer, RNG); its metadata holds the rest --------
 
 def save_state(path, model, opt, scaler, step, args_dict):
@@ -345,6 +373,10 @@ def check_resume(path, meta, args_dict):
         if k not in saved:   # a state from an older train.py that did not record this setting
             continue
         a, b = saved[k], args_dict[k]
+        if k == "lora_targets" and isinstance(a, str):   # older states kept the flag's text
+            a = [t.strip() for t in a.split(",") if t.strip()]
+        if k == "dtype" and a == "auto":                   # older states kept the flag, not what it resolved to
+            continue
         if isinstance(a, list):
             a = tuple(a)
         if isinstance(b, list):
@@ -412,8 +444,8 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generatio
 
 
 def all_finite(model):
-    """True when every parameter is finite (what a checkpoint must hold)."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """True when every parameter is finite (what a checkpoint must hold). One device sync."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def read_log_lines(log_path, step):
@@ -454,7 +486,7 @@ def fit(argv=None):
         eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
     elif eval_path != "none":
         data.input_file(eval_path, "--eval-data")
-    out = args.out or os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
+    out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
     data.output_dir(out, "--out")
     if args.device != "auto":
         data.resolve_device(args.device, "--device")
@@ -497,6 +529,8 @@ def fit(argv=None):
         gen_config = base_generation_config(args.model)
         model = Decoder.from_pretrained(args.model, device=device)     # fp32 master weights; autocast does the rest
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
+    if args.lora_rank > model.cfg.d_model:   # a rank above the width adds parameters and no expressiveness
+        raise data.UserError("--lora-rank", f"{args.lora_rank} exceeds the model's width {model.cfg.d_model}")
     if args.lora_rank > 0:
         wrapped = add_lora(model, lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
         log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers")
@@ -512,9 +546,8 @@ def fit(argv=None):
     for path, exs in ((args.data, train_ex), (eval_path, eval_ex)):
         for i, (ids, keep, _, _) in enumerate(exs):
             if not any(keep[1:]):   # keep[0] is never predicted
-                raise data.UserError("--max-len", f"{args.max_len} tokens leave record {i + 1} of {path} no answer "
-                                                  f"token to learn from (its prompt alone is {len(ids)}+ tokens): "
-                                                  f"raise --max-len")
+                raise data.UserError("--max-len", f"{args.max_len} tokens keep only the prompt of record {i + 1} of "
+                                                  f"{path}, no answer token to learn from: raise --max-len")
     per_step = args.batch_size * args.grad_accum * world
     if len(train_ex) < per_step:
         raise data.UserError(args.data, f"{len(train_ex)} examples < one optimizer step ({per_step} = --batch-size x "
@@ -533,6 +566,9 @@ def fit(argv=None):
     step, saved_step = 0, None
     if args.resume:
         check_resume(state_path, saved_meta, args_dict)
+        if saved_meta["step"] > total:   # fewer steps than already done: not an extension of that run
+            raise data.UserError("--resume", f"the run saved in {state_path} is at step {saved_meta['step']}, past "
+                                             f"the {total} steps asked for (--max-steps / --epochs may only grow)")
         step, _ = load_state(state_path, model, opt, scaler)
         saved_step = step
         log(f"resumed from {state_path} at step {step}")
@@ -579,7 +615,7 @@ def fit(argv=None):
         """Stop: the bad update was not applied; name the checkpoint that remains (never a non-finite one)."""
         kept = (f"the last checkpoint is {state_path} (+ model.safetensors) at step {saved_step}" if saved_step
                 else f"no checkpoint was saved in {out}")
-        print(f"error: {what} at step {step + 1}: the update was skipped and training stopped; {kept}. "
+        print(f"error: {what} at step {step + 1}: training stopped and nothing of this step was saved; {kept}. "
               f"Try a lower --lr or --grad-clip 1", file=sys.stderr, flush=True)
         if ddp:
             dist.destroy_process_group()
@@ -629,7 +665,8 @@ def fit(argv=None):
                 scaler.scale(part * world).backward()
             loss_sum += part.detach()
             # the same estimator with w = 1: the unweighted NLL
-            nll_sum += (per_row.detach() * loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)).sum()
+            unit = loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)
+            nll_sum += (per_row.detach() * unit).sum()
             real_tokens += x.numel() - pads
             pad_tokens += pads
         if ddp:
@@ -646,6 +683,10 @@ def fit(argv=None):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        # finite loss and gradient, yet an update can still overflow (a huge --lr, or lr x weight decay): stop before
+        # such weights can be saved. Every rank holds the same weights, so all ranks stop together.
+        if not all_finite(raw_model):
+            diverged("the update made weights non-finite")
         step += 1
         if dev_type == "cuda":
             torch.cuda.synchronize()
@@ -655,7 +696,8 @@ def fit(argv=None):
         T = max(b[0].shape[1] for b in batches)
         mfu = raw_model.flops_per_token(T) * tok_s / (peak * world) if peak else None
         rec = {"step": step, "epoch": epoch, "loss": loss, "nll": nll_sum.item(), "lr": lr_now,
-               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()), "tokens_seen": tokens_seen, "ms": dt * 1000,
+               "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()),
+               "tokens_seen": tokens_seen, "ms": dt * 1000,
                "tok_s": tok_s, "pad_frac": pad_tokens / max(1, pad_tokens + real_tokens)}
         if mfu is not None:
             rec["mfu"] = mfu
@@ -671,13 +713,12 @@ def fit(argv=None):
                                pack_width=args.max_len - 1 if args.pack else 0)
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
+            if master:
+                plot_log(log_path, os.path.join(out, "train_log.png"))
         last = step == total or stop["sig"] is not None
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
         if master and (last or due):
-            if not all_finite(raw_model):   # finite loss and gradient, yet the update overflowed (a huge --lr)
-                step -= 1
-                diverged("the update made weights non-finite")
             save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
             saved_step, t_saved = step, time.time()
         if stop["sig"] is not None:
@@ -687,6 +728,7 @@ def fit(argv=None):
             sys.exit(128 + stop["sig"])
     if master:
         logf.close()
+        plot_log(log_path, os.path.join(out, "train_log.png"))
         log(f"done: {out} ({time.time() - t_start:.1f}s)")
     if ddp:
         dist.destroy_process_group()

@@ -78,7 +78,10 @@ def canonical_severity(label):
 
 def _decode(path):
     """Read a file as UTF-8 text (a leading BOM is dropped). Bad bytes -> DataError at their line."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:   # missing, a folder, no permission: the file is the problem, say so in one line
+        raise DataError(path, 1, "file", e.strerror or str(e)) from None
     if not raw.strip():
         raise DataError(path, 1, "file", "empty file")
     try:
@@ -428,6 +431,11 @@ def sha256(path):
     return h.hexdigest()
 
 
+def write_json(path, obj):
+    """Write obj as indented JSON (UTF-8 Arabic kept readable) plus a newline, atomically."""
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
 def write_jsonl(path, records):
     """Write records (dicts) as JSON lines, UTF-8 Arabic kept readable (ensure_ascii=False), atomically."""
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -466,11 +474,29 @@ def extract_answer(generated_text):
     return before.strip()
 
 
+def answer_complete(generated_text):
+    """True once extract_answer(generated_text) can no longer change: the model has begun a new question and cue
+    (a cue after this question's own). Generation may stop there (evaluate.py asks this every 8 tokens)."""
+    text = generated_text
+    if text.lstrip().startswith(PROMPT_CUE):
+        text = text.lstrip()[len(PROMPT_CUE):]
+    return PROMPT_CUE in text
+
+
 # ----------------------------------------------------------------------------------------------
 # The command-line contract, shared by every script (train, classify, annotate, evaluate, prepare, bench):
 # a user's mistake (bad flag, bad or unreadable input file, unusable output path, unavailable device) prints
 # ONE line "error: <where>: <what is wrong and what to do>" on stderr and exits 2, before anything is written.
-# Anything else is a bug and keeps its traceback.
+# Anything else is a bug and keeps its traceback. Every script has the same shape:
+#
+#     def main(argv=None):
+#         return data.run(_main, argv)          # DataError / UserError -> one line, exit 2
+#
+#     def _main(argv=None):
+#         args = get_args(argv)                  # data.ArgumentParser, type=data.number(...) on every numeric flag
+#         data.input_file(...); data.output_dir(...); data.resolve_device(...)    # every path, before any work
+#         with data.for_flag("--model"):         # loaders name the file; for_flag adds the flag that named it
+#             ...                                # library reads go through data.reading() / data.read_json()
 
 class UserError(ValueError):
     """A user's mistake outside a data record. str(e) is one line: "<where>: <what>"."""
@@ -519,6 +545,9 @@ def _range_text(lo, hi, lo_open, hi_open):
     return " and ".join(parts)
 
 
+INT64_MAX = 2 ** 63 - 1
+
+
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type: a finite number of `kind` (float or int) in [lo, hi] (open ends with lo_open/hi_open).
     Example: p.add_argument("--lr", type=data.number(float, lo=0)) refuses -1, nan, inf and 1e999."""
@@ -529,6 +558,8 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
             raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+        if kind is int and abs(v) > INT64_MAX:   # no count, size or seed here needs more; torch would overflow
+            raise argparse.ArgumentTypeError(f"{s[:30]}{'...' if len(s) > 30 else ''} is too large (the limit is 2**63 - 1)")
         if ((lo is not None and (v < lo or (lo_open and v == lo)))
                 or (hi is not None and (v > hi or (hi_open and v == hi)))):
             raise argparse.ArgumentTypeError(f"{s} must be {_range_text(lo, hi, lo_open, hi_open)}")
@@ -551,6 +582,8 @@ def input_file(path, flag):
 def output_dir(path, flag):
     """Refuse (UserError) an output folder that could not be created or written: an existing file, a parent that
     is a file, or a folder without write permission. Creates nothing."""
+    if not str(path).strip():
+        raise UserError(flag, "empty path")
     p = Path(path).absolute()
     if p.exists():
         if not p.is_dir():
@@ -571,6 +604,8 @@ def output_dir(path, flag):
 def output_file(path, flag):
     """Refuse (UserError) an output file path that could not be written atomically (folder not creatable or
     writable, or the path is a folder). Creates nothing."""
+    if not str(path).strip():
+        raise UserError(flag, "empty path")
     if os.path.isdir(path):
         raise UserError(flag, f"{path}: is a folder, expected a file path")
     output_dir(os.path.dirname(os.path.abspath(path)), flag)
@@ -591,6 +626,8 @@ def resolve_device(name, flag="--device"):
             raise UserError(flag, f"{name}: CUDA is not available on this machine (use --device cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(flag, f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(flag, f"{name}: MPS is not available on this machine (use --device cpu)")
     elif dev.type not in ("cpu", "mps"):
         raise UserError(flag, f"{name!r}: unsupported device type (use auto, cpu, cuda or cuda:N)")
     return dev

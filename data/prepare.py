@@ -2,15 +2,16 @@
 
 Sources:
   maqa    MAQA (Harvard Dataverse doi:10.7910/DVN/Y2JBEZ) as downloaded: .csv, .tsv/.tab or .xlsx
-          (the .xlsx is read by a small built-in reader; openpyxl is not needed). Pick the columns
+          (the .xlsx is streamed with openpyxl's read-only mode). Pick the columns
           with --question-col / --answer-col (default: a column named question / answer, any case).
   apollo  FreedomIntelligence/ApolloCorpus, file train/sft/medicalPatient_ar.json: a JSON list of
           conversations [q1, a1, q2, a2, ...]; every (question, answer) turn pair becomes a record.
           --input may be a local copy; otherwise it is fetched with huggingface_hub.hf_hub_download.
   ahd     an AHD-style .csv / .xlsx with question and answer columns (same handling as maqa).
 
-Steps: read -> (optional --normalize, Arabic normalisation) -> drop empty Q/A -> de-duplicate on the
-normalised question + answer (first kept) -> seeded shuffle -> test = first --n-test, train = next
+Steps: read -> (optional --normalize [orthographic], Arabic normalisation) -> drop empty Q/A -> de-duplicate
+on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
+questions -> MSA, data/dialect_rules.txt) -> seeded shuffle -> test = first --n-test, train = next
 --n-train (the test set does not change when --n-train changes). With fewer rows than asked for, the
 split is proportional and a note is printed.
 
@@ -24,12 +25,9 @@ Example:
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
 import argparse
-import json
 import random
 import re
 import sys
-import zipfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `import data` work
@@ -66,93 +64,118 @@ def normalize_arabic(text):
     return " ".join(text.split())
 
 
+# ----------------------------------------------------------------------------------------------
+# Dialect normalisation (seed 003): frequent Egyptian, Levantine, Gulf and Maghrebi words -> MSA, from a
+# plain-text table, one rule per line (data/dialect_rules.txt says how a rule matches). Applied to the
+# QUESTIONS only: they are the patients' words, in every dialect; the answers are the references that
+# BERTScore compares with, written by doctors mostly in MSA, and rewriting them would change the target
+# and make scores with and without the rules incomparable.
+
+DIALECT_RULES = Path(__file__).resolve().parent / "dialect_rules.txt"
+MARKS = r"[\u0610-\u061A\u064B-\u065F\u0670\u06D6-\u06ED\u0640]*"  # tashkeel + tatweel, skipped in a match
+FOLD_CLASS = {"ا": "اأإآٱ", "ي": "يى", "ه": "هة"}  # a folded letter matches any spelling normalize_arabic folds
+
+
+def load_dialect_rules(path=DIALECT_RULES):
+    """Read a rules table -> (compiled regex, {folded dialect form: MSA form}, {dialect: number of rules}).
+
+    Lines: "[dialect]" starts a section, "form = MSA" is a rule, "#" starts a comment. Two forms that are
+    equal after normalize_arabic are one form given twice (an error, reported at the second line)."""
+    path = data.input_file(str(path), "--dialect-rules")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.UserError("--dialect-rules", f"{path}: cannot read it ({e.__class__.__name__})") from None
+    table, first_line, counts, dialect = {}, {}, {}, None
+    for n, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]") and line[1:-1].strip():
+            dialect = line[1:-1].strip()
+            counts.setdefault(dialect, 0)
+            continue
+        if dialect is None:
+            raise data.DataError(path, n, "rule", "a rule before the first [dialect] line")
+        form, eq, msa = (" ".join(x.split()) for x in line.partition("="))
+        if not eq or not form or not msa or "=" in msa:
+            raise data.DataError(path, n, "rule", f"expected 'dialect form = MSA form', got {line!r}")
+        key = normalize_arabic(form)
+        if not re.fullmatch(r"[\u0621-\u064A]+( [\u0621-\u064A]+)*", key):
+            raise data.DataError(path, n, "rule", f"the dialect form {form!r} is not Arabic words")
+        if key in table:
+            raise data.DataError(path, n, "rule", f"{form!r} repeats the form of line {first_line[key]}")
+        table[key], first_line[key] = msa, n
+        counts[dialect] += 1
+    if not table:
+        raise data.DataError(path, 1, "rule", "no rules")
+    # One alternation, longest form first: at a given place the regex takes the first form that matches.
+    # Letters match their spelling variants, tashkeel/tatweel may follow any letter, a space any whitespace.
+    def form_regex(key):
+        words = [MARKS.join(f"[{FOLD_CLASS[c]}]" if c in FOLD_CLASS else c for c in w) for w in key.split(" ")]
+        return r"\s+".join(words)
+    # The conjunction و is optional and lazy (??): a form that itself starts with و (ودي, وايد) is tried first.
+    forms = sorted(table, key=lambda k: (-len(k), k))
+    regex = re.compile(rf"(?<!\w)(و{MARKS})??({'|'.join(map(form_regex, forms))}){MARKS}(?!\w)")
+    return regex, table, counts
+
+
+def normalize_dialect(text, rules):
+    """Replace every dialect form of `rules` (from load_dialect_rules) in text by its MSA form, in one pass;
+    an attached conjunction و is kept. Everything else is left exactly as written."""
+    regex, table, _ = rules
+    return regex.sub(lambda m: (m.group(1) or "") + table[normalize_arabic(m.group(2))], text)
+
+
 def dedup_key(q, a):
     """Two pairs are duplicates when their normalised, case-folded question and answer match."""
     return normalize_arabic(q).casefold(), normalize_arabic(a).casefold()
 
 
 # ----------------------------------------------------------------------------------------------
-# A tiny .xlsx reader: an .xlsx is a zip of XML parts. We need the first (or a named) worksheet,
-# the shared-string table, and the cells' values as text. Tags are matched by local name so both
-# the transitional and the strict OOXML namespaces work.
+# .xlsx through openpyxl in read-only mode: the worksheet's rows are streamed from the zip (MAQA has >400k rows),
+# never loaded whole. Only the shared-string table is held in memory, as Excel itself needs it. A sheet without a
+# <dimension> element (Excel always writes one) is also read through once when the workbook is opened, so a
+# malformed one is reported then, without a row number.
 
-def _local(tag):
-    return tag.rsplit("}", 1)[-1]
-
-
-def _attr(el, name):
-    """Attribute by local name (e.g. r:id), or None."""
-    for k, v in el.attrib.items():
-        if _local(k) == name:
-            return v
-    return None
-
-
-def _col_index(ref):
-    """'C12' -> 2 (0-based column)."""
-    n = 0
-    for ch in ref:
-        if not ch.isalpha():
-            break
-        n = n * 26 + (ord(ch.upper()) - 64)
-    return n - 1
+def _text(v):
+    return "" if v is None else str(v)
 
 
 def read_xlsx(path, sheet=None):
-    """Rows of one worksheet as [(row number, {header: text})]; row 1 is the header."""
+    """Rows of one worksheet (the first, or --sheet by name or 1-based number) as [(row number, {header: text})];
+    the first non-blank row is the header. A malformed file is a one-line DataError naming the file (and row)."""
+    import openpyxl
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
-        raise data.DataError(path, 1, "file", "not a valid .xlsx file (not a zip archive)") from None
-    with zf:
-        names = set(zf.namelist())
-        try:
-            wb = ET.fromstring(zf.read("xl/workbook.xml"))
-            rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
-        except (KeyError, ET.ParseError):
-            raise data.DataError(path, 1, "file", "not a valid .xlsx file (no workbook)") from None
-        sheets = [(s.get("name"), _attr(s, "id")) for s in wb.iter() if _local(s.tag) == "sheet"]
-        if not sheets:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:   # not a zip, missing parts, malformed XML; openpyxl raises many kinds
+        raise data.DataError(path, 1, "file",
+                             f"not a valid .xlsx file ({type(e).__name__}: {data.one_line(e)[:200]})") from None
+    try:
+        names = wb.sheetnames
+        if not names:
             raise data.DataError(path, 1, "sheet", "the workbook has no worksheets")
-        if sheet is None:
-            rid = sheets[0][1]
-        else:
-            match = [r for i, (n, r) in enumerate(sheets) if n == sheet or str(i + 1) == str(sheet)]
-            if not match:
-                raise data.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(n for n, _ in sheets)})")
-            rid = match[0]
-        target = next((r.get("Target") for r in rels.iter() if r.get("Id") == rid), None)
-        if target is None:
-            raise data.DataError(path, 1, "sheet", "worksheet part not found in the workbook")
-        part = target.lstrip("/") if target.startswith("/") else "xl/" + target
-        # Shared strings: a cell of type "s" holds an index into this list. A string may be split
-        # into rich-text runs, so join every <t> under each <si>.
-        shared = []
-        if "xl/sharedStrings.xml" in names:
-            for si in ET.fromstring(zf.read("xl/sharedStrings.xml")):
-                if _local(si.tag) == "si":
-                    shared.append("".join(t.text or "" for t in si.iter() if _local(t.tag) == "t"))
-        rows, header = [], None
-        with zf.open(part) as fh:
-            for _, el in ET.iterparse(fh):  # streamed: MAQA has >400k rows
-                if _local(el.tag) != "row":
+        match = [n for i, n in enumerate(names) if sheet is None or n == sheet or str(i + 1) == str(sheet)]
+        if not match:
+            raise data.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(names)})")
+        rows, header, line = [], None, 0
+        try:
+            for line, values in enumerate(wb[match[0]].iter_rows(values_only=True), 1):
+                vals = [_text(v) for v in values]
+                if not any(v.strip() for v in vals):
                     continue
-                rnum, vals = int(el.get("r") or len(rows) + 2), {}
-                for i, c in enumerate(x for x in el if _local(x.tag) == "c"):
-                    ctype, ref = c.get("t", "n"), c.get("r")
-                    col = _col_index(ref) if ref else i
-                    if ctype == "inlineStr":
-                        val = "".join(t.text or "" for t in c.iter() if _local(t.tag) == "t")
-                    else:
-                        v = next((x.text or "" for x in c if _local(x.tag) == "v"), "")
-                        val = shared[int(v)] if ctype == "s" and v else v
-                    vals[col] = val
-                el.clear()
                 if header is None:
-                    if any(v.strip() for v in vals.values()):
-                        header = {i: v.strip() for i, v in vals.items()}
-                elif any(v.strip() for v in vals.values()):
-                    rows.append((rnum, {h: vals.get(i, "") for i, h in header.items()}))
+                    header = [v.strip() for v in vals]
+                else:
+                    rows.append((line, {h: vals[i] if i < len(vals) else "" for i, h in enumerate(header)}))
+        except IndexError:   # a cell pointing past the shared-string table
+            raise data.DataError(path, line + 1, f"sheet {match[0]}", "shared-string index out of range") from None
+        except Exception as e:   # truncated or malformed worksheet XML (ElementTree / lxml parse errors)
+            raise data.DataError(path, line + 1, f"sheet {match[0]}",
+                                 f"malformed worksheet ({type(e).__name__}: {data.one_line(e)[:200]})") from None
+    finally:
+        wb.close()
     if not rows:
         raise data.DataError(path, 1, "file", "no records (empty sheet)")
     return rows
@@ -242,9 +265,14 @@ def parse_args(argv):
     p.add_argument("--answer-col", default=None,
                    help="name of the answer column (default: a column named 'answer', any case)")
     p.add_argument("--sheet", default=None, help="xlsx only: worksheet name or 1-based number (default: first)")
-    p.add_argument("--normalize", action="store_true",
-                   help="apply Arabic normalisation to the written text (URLs, emoji, diacritics, tatweel "
-                        "removed; alef/yaa/taa-marbuta unified; whitespace collapsed)")
+    p.add_argument("--normalize", nargs="*", choices=("orthographic", "dialect"), default=None,
+                   help="normalisation steps for the written text; the bare flag means orthographic. "
+                        "orthographic: URLs, emoji, diacritics, tatweel removed; alef/yaa/taa-marbuta unified; "
+                        "whitespace collapsed (questions and answers). dialect: the dialect words of "
+                        "--dialect-rules replaced by MSA (questions only). Both: --normalize orthographic dialect")
+    p.add_argument("--dialect-rules", default=None,
+                   help="rules table of --normalize dialect, one 'dialect form = MSA form' per line "
+                        "(default: data/dialect_rules.txt)")
     p.add_argument("--seed", type=num(int, lo=0), default=1234, help="seed of the shuffle before the split")
     p.add_argument("--n-train", type=num(int, lo=0), default=30000, help="training pairs to keep (paper: 30,000)")
     p.add_argument("--n-test", type=num(int, lo=0), default=2000, help="test pairs to keep (paper: 2,000)")
@@ -254,6 +282,7 @@ def parse_args(argv):
         p.error("--n-train and --n-test are both 0: nothing to write")
     if args.source != "apollo" and args.input is None:
         p.error(f"--input is required for --source {args.source}")
+    args.normalize = ["orthographic"] if args.normalize == [] else (args.normalize or [])  # bare flag: as before
     return args
 
 
@@ -269,6 +298,8 @@ def check_paths(args):
 def prepare(args):
     """Do the work; returns the manifest. Raises data.DataError on bad input before writing anything."""
     unpaired = 0
+    rules_file = args.dialect_rules or DIALECT_RULES
+    rules = load_dialect_rules(rules_file) if "dialect" in args.normalize else None  # before any work
     if args.source == "apollo":
         # A local file is used as is; otherwise --input (default: the MAQA-derived file) names the
         # file inside the hub dataset repo.
@@ -281,14 +312,14 @@ def prepare(args):
         path = origin = args.input
         rows = read_table(path, args.question_col, args.answer_col, args.sheet)
 
-    recs, seen, n_empty, n_dup = [], set(), 0, 0
+    recs, seen, n_empty, n_dup, n_dialect = [], set(), 0, 0, 0
     for line, row in rows:
         rec = {k: v for k, v in row.items()}
         # Empty Q/A are dropped (counted), not errors: scraped corpora have some. Everything else
         # (missing column, bad probabilities, unknown severity) is validated by the data contract.
         f = data._canonical_fields(path, line, rec, data.FIELD_ALIASES)
         q, a = (f.get(c, (None, None))[1] for c in ("question", "answer"))
-        if args.normalize:
+        if "orthographic" in args.normalize:
             q, a = (normalize_arabic(x) if isinstance(x, str) else x for x in (q, a))
         if isinstance(q, str) and isinstance(a, str) and (not q.strip() or not a.strip()):
             n_empty += 1
@@ -303,6 +334,11 @@ def prepare(args):
             n_dup += 1
             continue
         seen.add(key)
+        if rules is not None:  # after de-duplication: the same pairs and split with and without the rules
+            q = normalize_dialect(out["question"], rules)
+            q = normalize_arabic(q) if "orthographic" in args.normalize else q  # the MSA side is spelled too
+            n_dialect += q != out["question"]
+            out["question"] = q
         recs.append(out)
 
     n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test)
@@ -325,7 +361,10 @@ def prepare(args):
         "duplicates_removed": n_dup,
         "rows_after_dedup": len(recs),
         "has_severity": any("severity" in r for r in recs),
-        "normalize": args.normalize,
+        "normalize": "orthographic" in args.normalize,
+        "dialect": None if rules is None else {
+            "rules": args.dialect_rules or "data/dialect_rules.txt", "rules_sha256": data.sha256(rules_file),
+            "rules_per_dialect": rules[2], "questions_changed": n_dialect},
         "seed": args.seed,
         "requested": {"n_train": args.n_train, "n_test": args.n_test},
         "proportional_split": proportional,
@@ -336,7 +375,7 @@ def prepare(args):
     out = Path(args.out)
     data.write_jsonl(out / "train.jsonl", train)
     data.write_jsonl(out / "test.jsonl", test)
-    data.atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    data.write_json(out / "manifest.json", manifest)
     return manifest
 
 

@@ -12,8 +12,8 @@
 #   OUT_ROOT/{ce,mild,strong,balanced}/  a train.py run folder, with its eval.json + predictions.jsonl beside it
 #   OUT_ROOT/table.md, OUT_ROOT/table_nll.md, OUT_ROOT/table.png
 # Scorer: evaluate.py's default (bert-base-multilingual-cased, layer 9) unless BERTSCORE_MODEL (and BERTSCORE_LAYER)
-# are set in the environment. For MODEL=tiny without them, a tiny severity classifier is trained with classify.py on
-# DATA_DIR/severity_labels.jsonl into OUT_ROOT/scorer and used as the scorer at layer 2 (no network needed).
+# are set in the environment. For MODEL=tiny without them: data/sample/scorer at layer 2, a tiny BERT pretrained with
+# masked-LM on the sample's questions and answers (data/sample/make_scorer.py; no network needed).
 # PYTHON picks the interpreter (default python3).
 set -euo pipefail
 
@@ -36,14 +36,7 @@ done
 
 scorer_flags=()
 if [[ -z ${BERTSCORE_MODEL:-} && $model == tiny ]]; then
-    labels=$data_dir/severity_labels.jsonl
-    [[ -f $labels ]] || { echo "error: $labels:0: file: no such file (needed for the tiny offline scorer)" >&2; exit 2; }
-    if [[ ! -f $root/scorer/model.safetensors ]]; then
-        echo "== tiny scorer: classify.py on $labels -> $root/scorer"
-        "$py" "$here/classify.py" --model tiny --data "$labels" --out "$root/scorer" \
-            --epochs 8 --lr 2e-3 --batch-size 32 --max-len 128
-    fi
-    BERTSCORE_MODEL=$root/scorer BERTSCORE_LAYER=${BERTSCORE_LAYER:-2}
+    BERTSCORE_MODEL=$here/data/sample/scorer BERTSCORE_LAYER=${BERTSCORE_LAYER:-2}
 fi
 [[ -n ${BERTSCORE_MODEL:-} ]] && scorer_flags+=(--bertscore-model "$BERTSCORE_MODEL")
 [[ -n ${BERTSCORE_LAYER:-} ]] && scorer_flags+=(--bertscore-layer "$BERTSCORE_LAYER")

@@ -30,8 +30,8 @@ def make_classifier(folder, labels, seed=0):
                               max_position_embeddings=128, initializer_range=0.2)
     model = classify.BertClassifier(cfg, labels)
     with torch.no_grad():  # large random weights, so the questions get different, confident predictions
-        model.bert.embeddings.word_embeddings.weight.normal_(0, 1.0)
-        model.bert.pooler.dense.weight.normal_(0, 0.5)
+        model.bert.wte.weight.normal_(0, 1.0)
+        model.bert.pooler.weight.normal_(0, 0.5)
         model.classifier.weight.normal_(0, 2.0)
     model.meta = {"trained_with": "test", "input": "text", "max_len": 96}
     classify.save_classifier(model, classify.load_tokenizer(WORDPIECE), str(folder))

@@ -94,7 +94,7 @@ def test_load_with_prefix_and_head_matches_transformers(tmp_path):
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
         h = model_bert(ids, am, tt)
-        got = F.linear(model_bert.pooler(h), ref.classifier.weight, ref.classifier.bias)
+        got = F.linear(model_bert.pool(h), ref.classifier.weight, ref.classifier.bias)
     assert (got - want).abs().max() <= 1e-4
 
 
@@ -192,6 +192,21 @@ def test_saved_classifier_loads_in_transformers(trained):
     assert np.abs(p1[0] - p[1]).max() < 1e-5
 
 
+def test_save_then_transformers_gives_the_same_logits(tmp_path):
+    """The weight table read backwards: what save_classifier writes, transformers' BertForSequenceClassification
+    computes exactly as the model in memory did (q, k and v split back in the right order)."""
+    from transformers import BertForSequenceClassification
+    model = _tiny_classifier(seed=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))        # nothing left at its init value (LayerNorms, biases)
+    classify.save_classifier(model, classify.load_tokenizer(WORDPIECE), str(tmp_path / "m"))
+    hf = BertForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
+    ids, am, tt = batch(vocab=50, T=9)
+    with torch.no_grad():
+        assert (hf(input_ids=ids, attention_mask=am, token_type_ids=tt).logits - model(ids, am, tt)).abs().max() < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokeniser
 
@@ -274,6 +289,27 @@ def test_ldam_margins_and_loss():
     assert abs(classify.classification_loss(z, y).item() - F.cross_entropy(z, y).item()) < 1e-7
 
 
+def test_ldam_margins_seed_004():
+    """C given directly (no rescaling) and targeted boosting: n_y -> n_y / 10 for the named classes' margins only."""
+    counts = [600, 600, 7]
+    m = classify.ldam_margins(counts, c=1.0)
+    assert torch.allclose(m, torch.tensor([600 ** -0.25, 600 ** -0.25, 7 ** -0.25]), atol=1e-7)
+    m = classify.ldam_margins(counts, c=1.0, boost=[1])
+    assert torch.allclose(m, torch.tensor([600 ** -0.25, 60 ** -0.25, 7 ** -0.25]), atol=1e-7)
+    m = classify.ldam_margins(counts, max_m=0.5, boost=[1])   # Cao et al.'s rescaling, boost applied first
+    raw = [600 ** -0.25, 60 ** -0.25, 7 ** -0.25]
+    assert torch.allclose(m, torch.tensor([0.5 * r / max(raw) for r in raw]), atol=1e-7)
+    # s = 1 is seed 004's equation (3): -log(e^(z_y - m_y) / (e^(z_y - m_y) + sum_j e^z_j))
+    z, y = torch.tensor([[0.3, -0.2, 0.9]]), torch.tensor([1])
+    mm = classify.ldam_margins(counts, c=1.0)
+    num = math.exp(-0.2 - mm[1].item())
+    hand = -math.log(num / (num + math.exp(0.3) + math.exp(0.9)))
+    assert abs(classify.classification_loss(z, y, "ldam", mm, s=1.0).item() - hand) < 1e-6
+    # the CE-then-LDAM schedule
+    assert [classify.epoch_loss(e, "ldam", 2) for e in range(4)] == ["ce", "ce", "ldam", "ldam"]
+    assert [classify.epoch_loss(e, "ldam", 0) for e in range(2)] == ["ldam", "ldam"]
+
+
 def test_drw_weights_and_switch():
     counts = [50, 20, 5]
     beta = 0.9999
@@ -311,7 +347,7 @@ def test_fgm_gradient_and_restore():
 
     def loss_fn():
         return F.cross_entropy(model(ids, am, tt), y)
-    emb = model.bert.embeddings.word_embeddings
+    emb = model.bert.wte
     w0 = emb.weight.detach().clone()
     loss_fn().backward()
     clean = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -322,7 +358,7 @@ def test_fgm_gradient_and_restore():
     twin = _tiny_classifier()
     twin.load_state_dict(model.state_dict())
     with torch.no_grad():
-        twin.bert.embeddings.word_embeddings.weight.add_(0.5 * g / g.norm())
+        twin.bert.wte.weight.add_(0.5 * g / g.norm())
     F.cross_entropy(twin(ids, am, tt), y).backward()
     adv = dict(twin.named_parameters())
     for n, p in model.named_parameters():
@@ -340,15 +376,16 @@ def test_llrd_param_groups():
             lr_of[id(p)] = (g["lr"], g["weight_decay"])
     L = 2
     for n, p in model.named_parameters():
-        if n.startswith("bert.embeddings."):
+        if n.startswith(("bert.wte.", "bert.wpe.", "bert.wtt.", "bert.emb_norm.")):
             want = 1e-3 * 0.5 ** (L + 1)
-        elif n.startswith("bert.encoder.layer."):
-            want = 1e-3 * 0.5 ** (L - int(n.split(".")[3]))
+        elif n.startswith("bert.layers."):
+            want = 1e-3 * 0.5 ** (L - int(n.split(".")[2]))
         else:
+            assert n.startswith(("bert.pooler.", "classifier.")), n
             want = 1e-3                                   # pooler and classifier
         lr, wd = lr_of[id(p)]
         assert abs(lr - want) < 1e-15, n
-        assert wd == (0.0 if (p.ndim < 2 or "LayerNorm" in n) else 0.01), n
+        assert wd == (0.0 if (p.ndim < 2 or "norm" in n) else 0.01), n
     assert len(lr_of) == len(list(model.parameters()))
     assert {g["name"].split("/")[0] for g in groups} == {"embeddings", "layer.0", "layer.1", "head"}
     # schedule: linear warmup then linear decay
@@ -377,6 +414,29 @@ def test_ece_and_metrics_by_hand():
     assert m["per_class"]["b"]["f1"] == pytest.approx(f1_b)
     assert m["per_class"]["c"]["f1"] == 0.0
     assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 3)
+
+
+def test_ece_bins_are_open_below_closed_above():
+    """Confidences exactly on the edges b/15 belong to the bin below: bins (b/15, (b+1)/15]. An independent
+    computation over the bins; moving the edges to [b/15, (b+1)/15) merges 7/15 with 0.5 and changes ECE."""
+    rows = [([7 / 15, 4 / 15, 4 / 15], 0),      # on the edge 7/15: bin 6, right
+            ([0.5, 0.25, 0.25], 1),             # bin 7, wrong
+            ([1.0, 0.0, 0.0], 0),               # on the top edge: bin 14, right
+            ([2 / 15, 12 / 15, 1 / 15], 1),     # on the edge 12/15: bin 11, right
+            ([0.2, 0.79, 0.01], 0),             # 0.79: bin 11, wrong
+            ([0.1, 0.1, 0.8], 2)]               # 0.8: bin 11, right
+    probs, y = np.array([r for r, _ in rows]), np.array([c for _, c in rows])
+    conf, right = probs.max(1), probs.argmax(1) == y
+    want = 0.0
+    for b in range(15):
+        inb = [(c, r) for c, r in zip(conf.tolist(), right.tolist()) if b / 15 < c <= (b + 1) / 15]
+        if inb:
+            want += len(inb) / len(rows) * abs(sum(r for _, r in inb) / len(inb) - sum(c for c, _ in inb) / len(inb))
+    assert classify.ece(probs, y) == pytest.approx(want, abs=1e-12)
+    # the same by hand: {7/15 right}, {0.5 wrong}, {1.0 right}, {12/15 right, 0.79 wrong, 0.8 right}
+    c12 = [12 / 15, 0.79, 0.8]
+    hand = (abs(1 - 7 / 15) + abs(0 - 0.5) + abs(1 - 1.0) + 3 * abs(2 / 3 - sum(c12) / 3)) / 6
+    assert classify.ece(probs, y) == pytest.approx(hand, abs=1e-12)
 
 
 def test_stratified_split_is_seeded_and_stratified():
@@ -434,7 +494,53 @@ def test_tricks_run_end_to_end(tmp_path):
     val_idx = classify.stratified_split([labels.index(r["label"]) for r in rows], 0.1, 42)[1]
     p = classify.predict_proba(model, tok, [rows[i]["text"] for i in val_idx], 128, 64,
                                answers=[rows[i]["text"][::-1] for i in val_idx])
-    assert abs(classify.ece(p, [labels.index(rows[i]["label"]) for i in val_idx]) - m["val"]["ece"]) < 1e-6
+    # the last epoch was validated in the loop on softmax(30 * z); the saved model must give the same numbers
+    # by itself, which it only does when s = 30 was folded into its head
+    got = classify.ece(p, [labels.index(rows[i]["label"]) for i in val_idx])
+    assert abs(got - m["epochs"][-1]["val_ece"]) < 1e-6 and abs(got - m["val"]["ece"]) < 1e-6
+    assert m["val"]["accuracy"] == m["epochs"][-1]["val_accuracy"]
+
+
+def test_seed_004_recipe_end_to_end(tmp_path):
+    """Linear head on [CLS], CE for the first epoch then LDAM with C = 1 and s = 1, a boosted class, --max-steps:
+    the schedule switches, training stops at the step asked for, and the saved folder predicts what was measured."""
+    out = tmp_path / "m"
+    m = classify.main(["--model", "tiny", "--data", SAMPLE_LABELS, "--head", "linear", "--loss", "ldam",
+                       "--ldam-c", "1", "--ldam-s", "1", "--ce-epochs", "1", "--boost-classes", "critical",
+                       "--max-steps", "7", "--batch-size", "128", "--lr", "1e-3", "--max-len", "32",
+                       "--device", "cpu", "--quiet", "--out", str(out)])
+    # 406 training rows in batches of 128: 4 steps per epoch, so step 7 ends inside the second epoch
+    assert m["steps"] == 7 and [e["steps"] for e in m["epochs"]] == [4, 7]
+    assert [e["objective"] for e in m["epochs"]] == ["ce", "ldam"]
+    model, tok, labels = classify.load_classifier(str(out))
+    assert model.head == "linear" and model.meta["logit_scale_folded"] == 1.0
+    rows = [json.loads(l) for l in open(SAMPLE_LABELS, encoding="utf-8") if l.strip()]
+    y = [labels.index(r["label"]) for r in rows]
+    va = classify.stratified_split(y, 0.1, 42)[1]
+    p = classify.predict_proba(model, tok, [rows[i]["text"] for i in va], 64, 32)
+    assert abs(classify.ece(p, np.array(y)[va]) - m["epochs"][-1]["val_ece"]) < 1e-6
+    # the linear head reads the [CLS] state directly (no pooler)
+    ids, am, tt = classify.collate(classify.build_inputs(tok, ARABIC, 32), tok.pad_id, "cpu")
+    with torch.no_grad():
+        want = F.linear(model.bert(ids, am, tt)[:, 0], model.classifier.weight, model.classifier.bias)
+        assert torch.allclose(model(ids, am, tt), want, atol=1e-6)
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    """tqdm draws a bar with rate and ETA when stderr is a terminal; nothing with --quiet or when piped."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    args = ["--model", "tiny", "--max-steps", "3", "--batch-size", "64", "--max-len", "16", "--device", "cpu",
+            "--out", str(tmp_path / "m")]
+    for extra, tty, shown in (([], True, True), (["--quiet"], True, False), ([], False, False)):
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        classify.main(args + extra)
+        text = err.getvalue()
+        assert ("epoch 1/1" in text and "3/3" in text and "step/s" in text and "<00:00" in text) == shown, text
 
 
 def _run_cli(tmp_path, capsys, *args):
@@ -464,6 +570,39 @@ def test_bad_input_exits_2(tmp_path, capsys):
     g.write_text("text,label\nسؤال,critical\n", encoding="utf-8")
     msg = _run_cli(tmp_path, capsys, "--data", str(g))
     assert "at least 2 classes" in msg
+
+
+def test_bad_checkpoint_or_flags_exit_2(tmp_path, capsys):
+    """A broken config.json, a bad value in it, a truncated weights file and seed 004's flags used wrongly: one line
+    naming the file (or flag), exit 2, nothing written."""
+    _, path = tiny_hf(tmp_path)
+    capsys.readouterr()   # transformers' own save messages
+    cfg = (path / "config.json").read_text()
+    for name, edit, needle in (
+            ("notjson", lambda d: (d / "config.json").write_text("{bad"), "config.json: not valid JSON"),
+            ("badvalue", lambda d: (d / "config.json").write_text(cfg.replace('"hidden_size": 32', '"hidden_size": "32"')),
+             "config.json: hidden_size: '32' is not a valid value"),
+            ("roberta", lambda d: (d / "config.json").write_text(cfg.replace('"model_type": "bert"', '"model_type": "x"')),
+             "config.json: model_type: 'x' is not supported"),
+            ("cut", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:3000]),
+             "model.safetensors: not a readable safetensors file")):
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            (d / f).write_bytes((path / f).read_bytes())
+        for f in ("vocab.txt", "tokenizer.json"):
+            (d / f).write_bytes(open(os.path.join(WORDPIECE, f), "rb").read())
+        edit(d)
+        with pytest.raises(SystemExit) as e:
+            classify.main(["--model", str(d), "--data", SAMPLE_LABELS, "--max-len", "64", "--device", "cpu",
+                           "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+        assert not (tmp_path / "out").exists()
+    msg = _run_cli(tmp_path, capsys, "--data", SAMPLE_LABELS, "--loss", "ldam", "--boost-classes", "urgent")
+    assert "--boost-classes: 'urgent' is not a class" in msg
+    msg = _run_cli(tmp_path, capsys, "--data", SAMPLE_LABELS, "--ce-epochs", "2")
+    assert "need --loss ldam" in msg
 
 
 def test_hub_download_is_restricted(monkeypatch, tmp_path):

@@ -365,8 +365,13 @@ def make_xlsx(path, rows):
     ns = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
     rns = 'xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"'
     with zipfile.ZipFile(path, "w") as z:
+        ct = "application/vnd.openxmlformats-officedocument.spreadsheetml."
         z.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/'
-                   'package/2006/content-types"/>')
+                   'package/2006/content-types">'
+                   f'<Override PartName="/xl/workbook.xml" ContentType="{ct}sheet.main+xml"/>'
+                   f'<Override PartName="/xl/worksheets/sheet1.xml" ContentType="{ct}worksheet+xml"/>'
+                   f'<Override PartName="/xl/worksheets/sheet2.xml" ContentType="{ct}worksheet+xml"/>'
+                   f'<Override PartName="/xl/sharedStrings.xml" ContentType="{ct}sharedStrings+xml"/></Types>')
         z.writestr("xl/workbook.xml", f'<?xml version="1.0"?><workbook {ns} {rns}><sheets>'
                    '<sheet name="Info" sheetId="1" r:id="rId2"/><sheet name="QA" sheetId="2" r:id="rId1"/>'
                    '</sheets></workbook>')

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,8 @@ def model_variant(env, tmp, kind):
         (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
     elif kind == "tokenizer not a tokenizer":
         (d / "tokenizer.json").write_text('{"hello": "world"}', encoding="utf-8")
+    elif kind == "args.json not JSON":   # a folder train.py wrote, whose args.json was cut
+        (d / "args.json").write_text('{"weights": "balanced", ', encoding="utf-8")
     elif kind == "shard outside folder":
         outside = tmp / "elsewhere.safetensors"
         st.rename(outside)
@@ -205,9 +208,10 @@ def xlsx(tmp, kind):
             if item.filename == "xl/worksheets/sheet1.xml":
                 if kind == "truncated sheet XML":
                     b = b[:len(b) // 2]
-                else:   # the first shared-string cell points far past the shared strings
-                    b = b.replace(b't="s"><v>0</v>', b't="s"><v>999</v>', 1)
-                    assert b"<v>999</v>" in b, "test set-up: openpyxl wrote no shared-string cell"
+                else:   # cell A2 becomes a shared-string reference far past the shared strings (there are none)
+                    b, n = re.subn(rb'<c r="A2" t="(?:s|inlineStr|str)">.*?</c>', b'<c r="A2" t="s"><v>999</v></c>', b,
+                                   count=1)
+                    assert n == 1, "test set-up: no cell A2 to break"
             zout.writestr(item, b)
     os.remove(src)
     return str(dst)
@@ -226,6 +230,22 @@ def eval_json(tmp, kind):
         ev["scores"] = [1, 2]
     p.write_text("{not json" if kind == "not JSON" else json.dumps(ev), encoding="utf-8")
     return str(p)
+
+
+def eval_run(tmp, name, bad_row=False, predictions=True):
+    """An eval folder for --compare: eval.json + predictions.jsonl of 2 records (record 1's f1 a string if bad_row)."""
+    d = tmp / name
+    d.mkdir()
+    cell = {"mean": 60.0, "lo": 59.0, "hi": 61.0, "n": 2}
+    ev = {"setting": "CE", "model": {"name": "m", "weights": [1, 1, 1]}, "scores": {"f1": {"overall": cell}},
+          "nll": {"overall": cell}, "data": {"n": 2, "sha256": "x"}, "bertscore": {}, "generation": {}}
+    (d / "eval.json").write_text(json.dumps(ev), encoding="utf-8")
+    rows = [{"index": i, "seed": 0, "question": "س", "reference": "ج", "prediction": "ج", "severity": "critical",
+             "precision": 60.0, "recall": 60.0, "f1": "sixty" if bad_row and i == 1 else 60.0, "nll": 2.0,
+             "nll_tokens": 3} for i in range(2)]
+    if predictions:
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(d)
 
 
 def a_file(tmp, name="file.txt"):
@@ -270,7 +290,7 @@ def B(env, tmp, *extra):
 
 def C(env, tmp, *extra, model="tiny", data_file=None):
     return ["--model", model, "--data", data_file or env["labels"], "--out", str(tmp / "clf"), "--epochs", "1",
-            "--device", "cpu", *extra]
+            "--max-len", "64", "--device", "cpu", *extra]
 
 
 CASES = [
@@ -295,11 +315,15 @@ CASES = [
     ("train grad-clip nan", "train", lambda e, t: T(e, t, "--grad-clip", "nan"), ["--grad-clip"]),
     ("train warmup -1", "train", lambda e, t: T(e, t, "--warmup", "-1"), ["--warmup"]),
     ("train seed -1", "train", lambda e, t: T(e, t, "--seed", "-1"), ["--seed"]),
+    ("train max-steps 10**400", "train", lambda e, t: T(e, t, "--max-steps", "1" + "0" * 400), ["--max-steps"]),
     ("train seed huge", "train", lambda e, t: T(e, t, "--seed", "9" * 40), ["--seed"]),
     ("train save-minutes -1", "train", lambda e, t: T(e, t, "--save-minutes", "-1"), ["--save-minutes"]),
     ("train max-len 1", "train", lambda e, t: T(e, t, "--max-len", "1"), ["--max-len"]),
     ("train max-len too small for the prompt", "train", lambda e, t: T(e, t, "--max-len", "4"), ["--max-len"]),
     ("train unknown flag", "train", lambda e, t: T(e, t, "--lr-peak", "1"), ["--lr-peak"]),
+    ("train lora-rank above the width", "train", lambda e, t: T(e, t, "--lora-rank", "100000"), ["--lora-rank"]),
+    ("train out empty", "train", lambda e, t: T(e, t)[:-2] + ["--out", ""], ["--out"]),
+    ("train device mps", "train", lambda e, t: T(e, t, "--device", "mps"), ["--device"]),
     ("train device bogus", "train", lambda e, t: T(e, t, "--device", "tpu7"), ["--device"]),
     ("train grad-accum -1", "train", lambda e, t: T(e, t, "--grad-accum", "-1"), ["--grad-accum"]),
     # -- train.py: paths
@@ -350,6 +374,7 @@ CASES = [
     ("annotate out is a directory", "annotate", lambda e, t: A(e, t)[:4] + [a_dir(t), "--device", "cpu"], ["--out"]),
     ("annotate out under a file", "annotate",
      lambda e, t: A(e, t)[:4] + [os.path.join(a_file(t), "x.jsonl"), "--device", "cpu"], ["--out"]),
+    ("annotate out empty", "annotate", lambda e, t: A(e, t)[:4] + ["", "--device", "cpu"], ["--out"]),
     ("annotate input missing", "annotate", lambda e, t: A(e, t, inp=str(t / "nope.jsonl")), ["nope.jsonl"]),
     ("annotate input is a directory", "annotate", lambda e, t: A(e, t, inp=a_dir(t)), ["directory"]),
     ("annotate input lone surrogate", "annotate", lambda e, t: A(e, t, inp=bad_record(e, t, "lone surrogate")),
@@ -368,6 +393,7 @@ CASES = [
     # -- evaluate.py
     ("evaluate out is a file", "evaluate", lambda e, t: E(e, t, "--out", a_file(t)), ["--out"]),
     ("evaluate out under a file", "evaluate", lambda e, t: E(e, t, "--out", os.path.join(a_file(t), "ev")), ["--out"]),
+    ("evaluate out empty", "evaluate", lambda e, t: E(e, t, "--out", ""), ["--out"]),
     ("evaluate n 0", "evaluate", lambda e, t: E(e, t, "--n", "0"), ["--n"]),
     ("evaluate temperature nan", "evaluate", lambda e, t: E(e, t, "--temperature", "nan"), ["--temperature"]),
     ("evaluate top-p 2", "evaluate", lambda e, t: E(e, t, "--top-p", "2"), ["--top-p"]),
@@ -391,12 +417,38 @@ CASES = [
     ("evaluate table missing file", "evaluate", lambda e, t: ["--table", str(t / "none.json")], ["none.json"]),
     ("evaluate table plot under a file", "evaluate",
      lambda e, t: ["--table", eval_json(t, "ok"), "--plot", os.path.join(a_file(t), "p.png")], ["--plot"]),
+    ("evaluate compare without out", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b")],
+     ["--out"]),
+    ("evaluate compare out is a file", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out", a_file(t)], ["--out"]),
+    ("evaluate compare missing run", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["nope"]),
+    ("evaluate compare no predictions", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", predictions=False), "--out", str(t / "cmp")],
+     ["predictions.jsonl"]),
+    ("evaluate compare row of wrong types", "evaluate",
+     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", bad_row=True), "--out", str(t / "cmp")],
+     ["predictions.jsonl:2"]),
+    ("evaluate permutations 0", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
+                                                          str(t / "cmp"), "--permutations", "0"], ["--permutations"]),
+    ("evaluate args.json not JSON", "evaluate", lambda e, t: E(e, t, model=model_variant(e, t, "args.json not JSON")),
+     ["args.json"]),
     ("evaluate device bogus", "evaluate", lambda e, t: E(e, t, "--device", "tpu7"), ["--device"]),
 
     # -- data/prepare.py
     ("prepare out is a file", "prepare", lambda e, t: P(e, t, "--out", a_file(t)), ["--out"]),
     ("prepare out/test.jsonl is a directory", "prepare",
      lambda e, t: P(e, t, "--out", str(t)) if a_dir(t, "test.jsonl") else None, ["--out", "test.jsonl"]),
+    ("prepare out empty", "prepare", lambda e, t: P(e, t, "--out", ""), ["--out"]),
+    ("prepare bad input keeps the previous outputs", "prepare",
+     lambda e, t: P(e, t, "--out", str(t / "prev"), inp=bad_record(e, t, "huge integer"))
+     if [a_file(t / "prev" if a_dir(t, "prev") else t, f) for f in ("train.jsonl", "test.jsonl", "manifest.json")]
+     else None, ["bad.jsonl:2:"]),
+    ("prepare dialect-rules is a directory", "prepare",
+     lambda e, t: P(e, t, "--normalize", "dialect", "--dialect-rules", a_dir(t)), ["--dialect-rules"]),
+    ("prepare dialect-rules malformed", "prepare",
+     lambda e, t: P(e, t, "--normalize", "dialect", "--dialect-rules", jsonl(t, "rules.txt", "[egy]", "no equals sign")),
+     ["rules.txt:2:"]),
     ("prepare input is a directory", "prepare", lambda e, t: P(e, t, inp=a_dir(t)), ["--input"]),
     ("prepare n-train -1", "prepare", lambda e, t: P(e, t, "--n-train", "-1"), ["--n-train"]),
     ("prepare seed nan", "prepare", lambda e, t: P(e, t, "--seed", "nan"), ["--seed"]),
@@ -411,6 +463,7 @@ CASES = [
 
     # -- bench.py
     ("bench threads -1", "bench", lambda e, t: B(e, t, "--threads", "-1"), ["--threads"]),
+    ("bench threads 10**6", "bench", lambda e, t: B(e, t, "--threads", "1000000"), ["--threads"]),
     ("bench iters 0", "bench", lambda e, t: B(e, t, "--iters", "0"), ["--iters"]),
     ("bench batch-size nan", "bench", lambda e, t: B(e, t, "--batch-size", "nan"), ["--batch-size"]),
     ("bench json is a directory", "bench", lambda e, t: B(e, t, "--json", a_dir(t)), ["--json"]),
@@ -424,7 +477,7 @@ CASES = [
     ("classify lr nan", "classify", lambda e, t: C(e, t, "--lr", "nan"), ["--lr"]),
     ("classify val-frac 2", "classify", lambda e, t: C(e, t, "--val-frac", "2"), ["--val-frac"]),
     ("classify batch-size 0", "classify", lambda e, t: C(e, t, "--batch-size", "0"), ["--batch-size"]),
-    ("classify data is a directory", "classify", lambda e, t: C(e, t, data_file=a_dir(t)), ["--data"]),
+    ("classify data is a directory", "classify", lambda e, t: C(e, t, data_file=a_dir(t)), ["somedir", "irectory"]),
     ("classify data missing", "classify", lambda e, t: C(e, t, data_file=str(t / "nope.jsonl")), ["nope.jsonl"]),
     ("classify data duplicate key", "classify",
      lambda e, t: C(e, t, data_file=jsonl(t, "bad.jsonl", '{"text": "س", "label": "critical"}',
@@ -444,9 +497,10 @@ if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
 
 
 @pytest.mark.parametrize("name,script,argv,needles", CASES, ids=[c[0] for c in CASES])
-def test_contract(env, tmp_path, name, script, argv, needles):
+def test_contract(env, tmp_path, monkeypatch, name, script, argv, needles):
     case = tmp_path / "case"
     case.mkdir()
+    monkeypatch.chdir(case)   # default output folders (out/...) land in the snapshot too
     args = argv(env, case)
     before = snapshot(case)
     code, err = call(script, args)
@@ -463,7 +517,6 @@ def test_the_table_covers_every_script():
 
 SUBPROCESS_CASES = [   # the same contract through `python <script>` (entry point, imports, stderr as a user sees it)
     ("train", lambda e, t: T(e, t, "--lr", "nan"), "--lr"),
-    ("train", lambda e, t: T(e, t, data_file=bad_record(e, t, "lone surrogate")), "bad.jsonl:2:"),
     ("evaluate", lambda e, t: ["--table", eval_json(t, "wrong types")], "eval.json"),
     ("prepare", lambda e, t: P(e, t, "--out", a_file(t)), "--out"),
     ("bench", lambda e, t: B(e, t, "--threads", "-1"), "--threads"),
@@ -569,6 +622,9 @@ def test_resume_refuses_a_changed_experiment(env, tmp_path):
                                "--lr", "1e-3", "--resume"])
     assert_contract(code, err, "--data")
     assert snapshot(out) == before
+    code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=1)   # fewer steps
+    assert_contract(code, err, "--resume", "step 2")
+    assert snapshot(out) == before
     # more steps is not a change of experiment
     assert run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=3)[0] == 0
     assert state_step(out) == 3
@@ -623,3 +679,46 @@ def test_an_update_that_overflows_the_weights_is_never_saved(env, tmp_path):
     assert code == 1, err
     assert "non-finite" in err and "no checkpoint was saved" in err, err
     assert not (out / "model.safetensors").exists() and not (out / "state.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags,saved", [(["--save-every", "0", "--save-minutes", "1e-9"], [1, 2, 3]),
+                                         (["--save-every", "2", "--save-minutes", "0"], [2, 3]),
+                                         (["--save-every", "0", "--save-minutes", "0"], [3])])
+def test_checkpoints_by_time_and_by_steps(env, tmp_path, monkeypatch, flags, saved):
+    """--save-minutes saves when that much time has passed since the last checkpoint (here: every step),
+    --save-every every N steps; the end of the run always saves."""
+    steps, orig = [], train.save_checkpoint
+
+    def spy(out, raw_model, opt, scaler, step, *a):
+        steps.append(step)
+        return orig(out, raw_model, opt, scaler, step, *a)
+    monkeypatch.setattr(train, "save_checkpoint", spy)
+    assert run_train(env, tmp_path / "out", "--lr", "1e-3", *flags, steps=3)[0] == 0
+    assert steps == saved
+
+
+def test_checkpoints_are_on_by_default():
+    a = train.get_args([])
+    assert a.save_every > 0 and 0 < a.save_minutes <= 60
+
+
+def test_index_shards_are_checked_by_name_not_by_link_target(tmp_path):
+    """A hub snapshot's shards are links into the cache's blobs/ folder: they load. A shard NAMED outside the folder
+    ("../x") is refused (tested through train.py in the table)."""
+    from safetensors.torch import load_file, save_file
+    m = M.Decoder.from_pretrained("tiny")
+    m.save_pretrained(str(tmp_path / "src"))
+    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
+    keys = sorted(sd)
+    (tmp_path / "blobs").mkdir()
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    shards = {"model-1.safetensors": keys[:len(keys) // 2], "model-2.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / "blobs" / name))
+        os.symlink(tmp_path / "blobs" / name, snap / name)
+    shutil.copy(tmp_path / "src" / "config.json", snap / "config.json")
+    (snap / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, ks in shards.items() for k in ks}}), encoding="utf-8")
+    loaded = M.Decoder.from_pretrained(str(snap)).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())

@@ -103,8 +103,9 @@ def test_paired_diff_by_hand():
 
 def test_compare_two_runs(env, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_eval(env, a, "--seed", "0", "--bootstrap", "200")
-    run_eval(env, b, "--seed", "0", "--bootstrap", "200", "--model", env["run"])
+    fast = ("--n", "9", "--max-new-tokens", "8")
+    run_eval(env, a, "--seed", "0", "--bootstrap", "200", *fast)
+    run_eval(env, b, "--seed", "0", "--bootstrap", "200", "--model", env["run"], *fast)
     out = tmp_path / "cmp"
     res = E.main(["--compare", str(a), str(b / "eval.json"), "--out", str(out), "--bootstrap", "200",
                   "--bootstrap-seed", "1", "--permutations", "5000"])
@@ -137,6 +138,13 @@ def test_compare_two_runs(env, tmp_path, capsys):
         (c / "eval.json").write_text(json.dumps(ev), encoding="utf-8")
         (c / "predictions.jsonl").write_bytes((b / "predictions.jsonl").read_bytes())
         expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], needle)
+    c = tmp_path / "bad-rows"
+    c.mkdir()
+    (c / "eval.json").write_bytes((b / "eval.json").read_bytes())
+    expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl",
+                 "no such file")
+    (c / "predictions.jsonl").write_text('{"index": 0, "f1": 1}\n', encoding="utf-8")
+    expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl:1: row")
     assert not (tmp_path / "never").exists()
 
 

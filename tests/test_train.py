@@ -392,7 +392,8 @@ def test_step_batches_and_lr_schedule():
 
 def test_grad_accumulation_equals_one_big_batch(assets, tmp_path):
     a, b = tmp_path / "accum", tmp_path / "big"
-    common = ("--lr", "1e-2", "--eval-data", "none", "--weights", "strong")
+    common = ("--lr", "1e-2", "--eval-data", "none", "--weights", "strong",
+              "--loss-norm", "token")   # test_loss_norm.py covers the default, example
     assert run_main(base_args(assets, a, "--batch-size", 2, "--grad-accum", 4, *common, steps=4)) == 0
     assert run_main(base_args(assets, b, "--batch-size", 8, "--grad-accum", 1, *common, steps=4)) == 0
     la, lb = step_lines(read_log(a)), step_lines(read_log(b))
@@ -413,7 +414,8 @@ def free_port():
 
 def test_ddp_two_processes_equal_one(assets, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--lr", "1e-2", "--eval-data", "none", "--weights", "balanced", "--device", "cpu")
+    common = ("--lr", "1e-2", "--eval-data", "none", "--weights", "balanced", "--device", "cpu",
+              "--loss-norm", "token")   # test_loss_norm.py covers the default, example
     assert run_main(base_args(assets, one, "--batch-size", 8, *common, steps=3)) == 0
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
