@@ -4,6 +4,7 @@ Time our Decoder against transformers on the same random weights: the severity-w
     python bench.py                                          # tiny shape, CPU defaults (batch 4 x 128, fp32)
     python bench.py --model qwen2.5-0.5b --shape small       # a registry shape scaled down to 4 layers x 256
     python bench.py --model aragpt2-base --compile --json out/bench-aragpt2.json     # on a GPU: bf16, batch 16 x 512
+    python bench.py --lengths maqa --skip-gen                # variable lengths: padded vs packed (train.py --pack)
 
 Both models are built from one set of random weights (ours: Decoder(Config.from_hf(registry config)), saved with
 save_pretrained, loaded by transformers' AutoModelForCausalLM with SDPA attention), so nothing is downloaded.
@@ -71,6 +72,11 @@ def get_args(argv=None):
                    "CPU = growth of the process's peak RSS during the step (VmHWM, reset before each step), plus "
                    "the same own-state bytes: process-wide and coarse (the allocator may reuse freed memory)")
     p.add_argument("--threads", type=num(int, lo=0, hi=4096), default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--lengths", choices=["fixed", "maqa", "sample"], default="fixed", help="training examples: fixed = "
+                   "every row --seq-len tokens (ours against transformers); maqa = a long-tailed MAQA-like length "
+                   "distribution, sample = the lengths of data/sample/train.jsonl: ours padded (as train.py) against "
+                   "ours packed (train.py --pack) and transformers padded, real tokens/s and padding fraction, "
+                   "--batch-size examples per step, --seq-len = --max-len")
     p.add_argument("--skip-train", action="store_true", help="do not time the training step")
     p.add_argument("--skip-gen", action="store_true", help="do not time generation")
     p.add_argument("--profile", type=num(int, lo=0), default=0, help="after timing, run N more steps of each implementation under "
@@ -328,6 +334,107 @@ def make_gen_steps(ours, theirs, ids, new_tokens, seed):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Variable lengths: padded against packed (--lengths maqa | sample)
+
+
+def example_lengths(kind, n, max_len, seed):
+    """n (prompt tokens, total tokens) pairs, total <= max_len.
+    maqa: MAQA's doctors' answers run from a few words to several hundred. Modelled as log-normal token counts:
+    question median 40 (sigma 0.6), answer median 60 (sigma 1.0, so a tenth of the answers exceed 215 tokens and
+    one in a hundred 615), plus EOS, truncated at max_len like train.py's encode.
+    sample: data/sample/train.jsonl through the tiny tokenizer and data.format_prompt, drawn with replacement."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "maqa":
+        q = torch.exp(torch.randn(n, generator=g) * 0.6 + torch.log(torch.tensor(40.0))).round().clamp(min=3)
+        a = torch.exp(torch.randn(n, generator=g) * 1.0 + torch.log(torch.tensor(60.0))).round().clamp(min=1)
+        pairs = [(int(qi), int(qi + ai + 1)) for qi, ai in zip(q, a)]
+    else:
+        from model import load_tokenizer
+        tok = load_tokenizer("tiny")
+        recs = data.load_records(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample",
+                                              "train.jsonl"))
+        enc = [(len(tok.encode(data.format_prompt(r["question"]))),
+                len(tok.encode(data.format_prompt(r["question"]))) + len(tok.encode(r["answer"], special=False)) + 1)
+               for r in recs]
+        pairs = [enc[i] for i in torch.randint(0, len(enc), (n,), generator=g).tolist()]
+    return [(min(p, max_len - 1), min(t, max_len)) for p, t in pairs]
+
+
+def length_steps(kind, n_steps, batch, max_len, vocab, seed):
+    """n_steps steps of `batch` examples in train.py's encoded form (ids, loss mask, w, severity): random ids with
+    the distribution's lengths, loss on the answer tokens, w in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    steps = []
+    for s in range(n_steps):
+        ex = []
+        for p, t in example_lengths(kind, batch, max_len, seed + 100 * s):
+            ids = torch.randint(1, vocab, (t,), generator=g).tolist()
+            ex.append((ids, [False] * p + [True] * (t - p), 0.5 + torch.rand(1, generator=g).item(), 0))
+        ex.sort(key=lambda e: len(e[0]))                                  # train.py sorts a step by length
+        steps.append(ex)
+    return steps
+
+
+def bench_lengths(args, ours, theirs, cfg, device, amp):
+    """Ours padded / ours packed / transformers padded on the same steps of variable-length examples, alternating.
+    Every implementation runs the whole train.py step: batching on the host, forward, weighted loss, backward,
+    AdamW. Returns {impl: {real_tokens_per_s, ms_per_step, pad_frac}} and the ratios packed / padded."""
+    from train import collate, pack_step
+    K = args.warmup + args.iters
+    steps = length_steps(args.lengths, K, args.batch_size, args.seq_len, cfg.vocab_size, args.seed)
+    fused = device.type == "cuda"
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.0, fused=fused)
+            for k, m in (("ours", ours), ("transformers", theirs))}
+    opts["ours packed"] = opts["ours"]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def run(impl, ex):
+        """One step; returns (real tokens, padding slots)."""
+        if impl == "ours packed":
+            batches = pack_step(ex, args.seq_len - 1, args.batch_size, 0, device, flops=ours.flops_per_token)
+        else:
+            batches = [collate(ex, 0, device)]
+        n_tok = sum((b[1] != -100).sum() for b in batches).float()
+        real = pads = 0
+        for x, y, w, p, *seg in batches:
+            with amp:
+                if impl == "transformers":
+                    loss = loss_transformers(theirs, x, y, w, n_tok)
+                else:
+                    nll = ours(x, targets=y, **({"segments": seg[0]} if seg else {}))
+                    loss = (nll * (w if w.dim() == 2 else w[:, None])).sum() / n_tok
+            loss.backward()
+            real, pads = real + x.numel() - p, pads + p
+        opts[impl].step()
+        opts[impl].zero_grad(set_to_none=True)
+        return real, pads
+
+    impls = ("ours", "ours packed", "transformers")
+    tot = {k: [0.0, 0, 0] for k in impls}                                 # seconds, real tokens, padding slots
+    prog = Progress(K, f"[train {args.lengths}]", "steps")
+    for i, ex in enumerate(steps):
+        for k in (impls if i % 2 == 0 else impls[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            real, pads = run(k, ex)
+            sync()
+            if i >= args.warmup:
+                tot[k][0] += time.perf_counter() - t0
+                tot[k][1] += real
+                tot[k][2] += pads
+        prog.update()
+    prog.close()
+    out = {k: {"real_tokens_per_s": r / sec, "ms_per_step": sec * 1000 / args.iters, "pad_frac": p / (r + p),
+               "real_tokens": r}
+           for k, (sec, r, p) in tot.items()}
+    out["packed/padded"] = out["ours packed"]["real_tokens_per_s"] / out["ours"]["real_tokens_per_s"]
+    out["packed/transformers"] = out["ours packed"]["real_tokens_per_s"] / out["transformers"]["real_tokens_per_s"]
+    lens = [len(e[0]) for st in steps for e in st]
+    out["lengths"] = {"median": statistics.median(lens), "max": max(lens), "mean": statistics.fmean(lens)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -378,6 +485,9 @@ def _main(argv=None):
         data.output_file(args.json, "--json")
     if args.skip_train and args.skip_gen:
         raise data.UserError("--skip-train/--skip-gen", "both given: nothing to time")
+    if args.lengths != "fixed" and args.compile:
+        raise data.UserError("--lengths with --compile", "measure the compiled packed step with train.py --pack "
+                                                         "--compile (see README, Performance)")
     layers = args.layers or (SMALL["layers"] if args.shape == "small" else None)
     hidden = args.hidden or (SMALL["hidden"] if args.shape == "small" else None)
     hf_cfg = scaled_config(REGISTRY[args.model]["config"], layers, hidden)
@@ -424,7 +534,19 @@ def _main(argv=None):
           f"medians of {args.iters} after {args.warmup} warm-up")
     g = torch.Generator().manual_seed(args.seed + 1)
 
-    if not args.skip_train:
+    if not args.skip_train and args.lengths != "fixed":
+        r = bench_lengths(args, ours, theirs, cfg, device, amp)
+        report["train_lengths"] = dict(r, kind=args.lengths, batch_size=args.batch_size, max_len=args.seq_len)
+        L = r["lengths"]
+        print(f"\ntrain step, {args.lengths} lengths (median {L['median']:.0f}, mean {L['mean']:.0f}, max {L['max']} "
+              f"tokens), {args.batch_size} examples per step, --max-len {args.seq_len}; real tokens only, over all "
+              f"{args.iters} timed steps (the same steps for each)")
+        print(f"{'':<20} {'real tokens/s':>14} {'ms/step':>10} {'padding':>8}")
+        for k in ("ours", "ours packed", "transformers"):
+            name = {"ours": "ours padded", "transformers": "transformers padded"}.get(k, k)
+            print(f"{name:<20} {r[k]['real_tokens_per_s']:>14,.0f} {r[k]['ms_per_step']:>10.1f} {r[k]['pad_frac']:>8.1%}")
+        print(f"packed / padded {r['packed/padded']:.2f}x, packed / transformers {r['packed/transformers']:.2f}x")
+    elif not args.skip_train:
         B, T = args.batch_size, args.seq_len
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
         x, y = ids[:, :-1].clone(), ids[:, 1:].clone()

@@ -402,6 +402,16 @@ def alibi_slopes(n_head):
     return torch.tensor(slopes)
 
 
+def segment_positions(segments):
+    """Packed rows: (B, T) example ids, each example's tokens contiguous -> (B, T) position of every token within
+    its own example (0 at each example's first token). No host sync, fixed shapes (fine under torch.compile)."""
+    T = segments.shape[1]
+    t = torch.arange(T, device=segments.device).expand_as(segments)               # (B, T) slot index
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]                             # an example starts here
+    return t - torch.where(first, t, 0).cummax(-1).values                         # slot - slot of its start
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -446,6 +456,15 @@ class ShortConv(nn.Module):
         bx = (b * h).transpose(1, 2)                                        # (B, d, T)
         if ctx.mask is not None:                                            # left padding must not leak into the conv
             bx = bx * ctx.mask[:, None, ctx.start:ctx.start + T].to(bx.dtype)
+        if ctx.segments is not None:
+            # packed rows: tap j of the kernel reads the input L-1-j slots back; where that slot lies before the
+            # token's own example starts, it reads a zero instead (as if each example were zero-padded on its
+            # own), so no example sees the previous one. L is 3: the (B, d, T, L) windows are cheap.
+            win = F.pad(bx, (self.L - 1, 0)).unfold(-1, self.L, 1)          # (B, d, T, L)
+            back = torch.arange(self.L - 1, -1, -1, device=bx.device)       # (L,) how far back each tap reads
+            ok = (ctx.pos[:, None, :, None] >= back).to(bx.dtype)           # (B, 1, T, L)
+            y = (win * ok * self.weight[:, 0][None, :, None, :]).sum(-1)       # (B, d, T)
+            return self.out_proj(c * y.transpose(1, 2))
         if cache is not None and ctx.start > 0:                             # decode: window = last L-1 inputs + new
             window = torch.cat([cache.conv, bx], dim=-1)                    # (B, d, L-1+T)
             y = F.conv1d(window, self.weight, groups=bx.shape[1])           # (B, d, T)
@@ -495,8 +514,9 @@ class Block(nn.Module):
 class _Ctx:
     """What every layer of one forward call shares: positions' cos/sin, the attention mask, the padding mask."""
 
-    def __init__(self, cos=None, sin=None, attn_mask=None, mask=None, start=0):
+    def __init__(self, cos=None, sin=None, attn_mask=None, mask=None, start=0, segments=None):
         self.cos, self.sin, self.attn_mask, self.mask, self.start = cos, sin, attn_mask, mask, start
+        self.segments = segments                   # (B, T) example ids of packed rows, else None
 
 
 class _Cache:
@@ -602,44 +622,64 @@ class Decoder(nn.Module):
 
     # -- the forward pass ------------------------------------------------------------------------------------------
 
-    def _context(self, T, mask, start, S, device, dtype):
-        """Positions and masks for tokens in slots [start, start+T) attending to keys in slots [0, S)."""
+    def _context(self, T, mask, start, S, device, dtype, segments=None):
+        """Positions and masks for tokens in slots [start, start+T) attending to keys in slots [0, S).
+        segments (B, T): packed rows, several examples end to end (see hidden)."""
         cfg = self.cfg
-        if mask is None:
+        if segments is not None:   # packed: positions restart at 0 for each example (RoPE, GPT-2's wpe, ALiBi).
+            # GPT-2's learned positions need it exactly; RoPE and ALiBi see only distances within an example, so
+            # for them it keeps the angles those of the padded run (the same rounding in bf16, not larger ones)
+            pos = segment_positions(segments)                                              # (B, T)
+        elif mask is None:
             pos = torch.arange(start, start + T, device=device)[None]                      # (1, T)
         else:   # left padding: a token's position counts only the real tokens before it
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]            # (B, T)
-        ctx = _Ctx(mask=mask, start=start)
+        ctx = _Ctx(mask=mask, start=start, segments=segments)
         ctx.pos = pos
         if cfg.pos == "rope":
             inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
             freqs = pos[..., None].float() * inv                                            # (B, T, hd/2)
             emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                # (B, 1, T, hd)
             ctx.cos, ctx.sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        need_mask = mask is not None or cfg.pos == "alibi" or S != T
+        need_mask = mask is not None or cfg.pos == "alibi" or S != T or segments is not None
         if need_mask:
             qslot = torch.arange(start, start + T, device=device)[:, None]
             kslot = torch.arange(S, device=device)[None]
             allowed = (kslot <= qslot)[None]                                                # (1, T, S) causal
             if mask is not None:   # a padded key is never seen; a padded query still sees itself (no empty rows)
                 allowed = (allowed & mask[:, None, :S]) | (kslot == qslot)[None]
+            if segments is not None:
+                # Packed rows, every family: one block-diagonal causal mask through SDPA, so a token sees only
+                # its own example. Why this and not FlexAttention or variable-length attention: it is the one
+                # mechanism that runs the same on CPU and CUDA, eager and compiled, and takes BLOOM's ALiBi as
+                # the additive bias it already is (flash varlen takes no bias, FlexAttention needs compiling
+                # and a CUDA/Triton backend to pay off). What it costs: attention still spends T x T per row
+                # (masked), the MLPs and projections -- most of the FLOPs at 512 tokens -- spend nothing on
+                # padding. Pad slots at a row's end form their own segment and see only themselves and pads.
+                allowed = allowed & (segments[:, :, None] == segments[:, None, :])         # (B, T, T)
             bias = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
             bias = bias[:, None]                                                            # (B|1, 1, T, S)
             if cfg.pos == "alibi":   # slope_h * (pos_key - pos_query); HF adds slope_h * pos_key (same softmax)
                 kpos = (mask.long().cumsum(-1) - 1)[:, :S] if mask is not None else kslot
+                kpos = pos if segments is not None else kpos    # packed: distances within each example
                 rel = (kpos[:, None, :] - pos[:, :, None]).to(torch.float32)               # (B|1, T, S)
                 slopes = alibi_slopes(cfg.n_head).to(device)[None, :, None, None]
                 bias = bias + (slopes * rel[:, None]).to(dtype)                             # (B|1, nh, T, S)
             ctx.attn_mask = bias
         return ctx
 
-    def hidden(self, idx, mask=None, cache=None, start=0):
-        """Final-normed hidden states (B, T, d). mask (B, S) bool, True = real token; cache for generation."""
+    def hidden(self, idx, mask=None, cache=None, start=0, segments=None):
+        """Final-normed hidden states (B, T, d). mask (B, S) bool, True = real token; cache for generation.
+        segments (B, T) int: packed rows (training), the id of the example each token belongs to, each example's
+        tokens contiguous; tokens attend only within their example, positions and LFM2's conv restart per
+        example. Not combined with mask or cache."""
         B, T = idx.shape
+        if segments is not None and (mask is not None or cache is not None):
+            raise ValueError("segments (packed rows) cannot be combined with a padding mask or a KV cache")
         x = self.wte(idx)
         S = cache[0].size if cache is not None else T
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        ctx = self._context(T, mask, start, S, idx.device, dt)
+        ctx = self._context(T, mask, start, S, idx.device, dt, segments)
         if self.cfg.pos == "learned":
             if start + T > self.cfg.max_pos:   # checked on shapes: no host sync
                 raise ValueError(f"sequence of {start + T} tokens exceeds max positions {self.cfg.max_pos}")
@@ -654,17 +694,18 @@ class Decoder(nn.Module):
                 x = layer(x, ctx, cache[i] if cache is not None else None)
         return self.norm_f(x)
 
-    def forward(self, idx, mask=None, targets=None):
+    def forward(self, idx, mask=None, targets=None, segments=None):
         """Logits (B, T, vocab) in the model's dtype (or autocast dtype); with targets, the per-token NLL (B, T) fp32
-        instead (see token_nll). The loss goes through forward so that DDP's hooks see it."""
+        instead (see token_nll). The loss goes through forward so that DDP's hooks see it. segments: packed rows
+        (see hidden)."""
         if targets is not None:
-            return self.token_nll(idx, targets, mask)
-        return self.lm_head(self.hidden(idx, mask))
+            return self.token_nll(idx, targets, mask, segments=segments)
+        return self.lm_head(self.hidden(idx, mask, segments=segments))
 
-    def token_nll(self, idx, targets, mask=None, chunk_tokens=None):
+    def token_nll(self, idx, targets, mask=None, chunk_tokens=None, segments=None):
         """Unreduced NLL (B, T) in fp32, 0 where targets == -100, computed in row chunks so that full-vocabulary fp32
         logits are never held for every token (16 x 512 tokens x 151,936 x 4 bytes would be 5 GB)."""
-        h = self.hidden(idx, mask)
+        h = self.hidden(idx, mask, segments=segments)
         B, T, d = h.shape
         W = self.lm_head.weight
         if torch.is_autocast_enabled(h.device.type):    # run the head in the autocast dtype, as nn.Linear would

@@ -68,6 +68,11 @@ def get_args(argv=None):
     p.add_argument("--max-len", type=num(int, lo=2), default=512, help="truncate prompt+answer to this many tokens")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--pack", action="store_true", help="padding-free: lay each step's examples (the same ones) end to "
+                   "end into rows of up to --max-len - 1 tokens (the width with the fewest FLOPs), attention, "
+                   "positions and LFM2's conv restarting at every example; same loss, less padding. Micro-batches "
+                   "hold up to --batch-size rows (so fewer than --grad-accum may run); under --compile each is one "
+                   "row of exactly --max-len - 1 tokens: one shape, one compilation")
     p.add_argument("--seed", type=num(int, lo=0, hi=2**31 - 1), default=1337, help="seed for data order, init and dropout")
     p.add_argument("--eval-every", type=num(int, lo=0), default=0, help="eval loss (overall and per severity) every N steps; 0 = only at the end")
     p.add_argument("--save-every", type=num(int, lo=0), default=1000, help="write a checkpoint every N steps (0 = not by steps); one is also written at the end and on SIGINT/SIGTERM")
@@ -177,6 +182,75 @@ def collate(examples, pad_id, device):
     return x.to(device), y.to(device), w.to(device), pads
 
 
+def pack_rows(lengths, width):
+    """First-fit decreasing: example indices -> rows whose lengths sum to at most `width` (each length <= width).
+    Longest first, each into the first row with room; deterministic (ties by index). Returns [[indices], ...]."""
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
+
+
+def pack_step(examples, width, max_rows, pad_id, device, fixed=False, flops=None):
+    """--pack: the examples of one step laid end to end into rows (first-fit decreasing), cut into micro-batches of
+    at most max_rows rows. Each example keeps its own x = ids[:-1], y = ids[1:] (-100 where the loss does not
+    count), and the model is told where each example starts (segments), so attention, positions and LFM2's conv
+    restart there. The slots left at a row's end are padding (segment -1, y = -100, weight 0).
+    Row width: fixed -> rows of exactly `width` tokens (one shape for --compile). Otherwise each micro-batch is as
+    wide as its fullest row, and the rows are cut at whichever width W from the step's longest example up to
+    `width` (the longest times 1, 2, 4 ..., each narrowed to the least width that needs no more rows) costs the
+    fewest slots * flops(slot width): flops(T) = training FLOPs per token at row width T (Decoder.flops_per_token),
+    or 1 (fewest slots, i.e. least padding) without it. Wider rows leave less padding but spend more on the masked
+    T x T attention, which matters for tiny models only.
+    Returns [(x (R, T), y (R, T), w (R, T) each token's severity weight, padding slots, seg (R, T)), ...]; seg holds
+    each token's index into `examples` (see loss_scale for how the loss normalisations use it)."""
+    lengths = [len(e[0]) - 1 for e in examples]
+    flops = flops or (lambda T: 1.0)
+
+    def layout(W):   # -> ([(rows, T) per micro-batch], cost); rows fullest first
+        rows = pack_rows(lengths, W)
+        if not fixed:   # as many rows, as narrow as FFD allows (binary search): the rows come out evenly filled
+            lo, hi = max(max(lengths), -(-sum(lengths) // len(rows))), W
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if len(pack_rows(lengths, mid)) <= len(rows) else (mid + 1, hi)
+            narrow = pack_rows(lengths, lo)
+            rows = narrow if len(narrow) <= len(rows) else rows
+        rows.sort(key=lambda r: -sum(lengths[i] for i in r))
+        groups = [rows[j:j + max_rows] for j in range(0, len(rows), max_rows)]
+        groups = [(g, W if fixed else sum(lengths[i] for i in g[0])) for g in groups]
+        return groups, sum(len(g) * T * flops(T) for g, T in groups)
+
+    longest = max(lengths)
+    candidates = [width] if fixed else sorted({*(longest << k for k in range(12) if longest << k < width), width})
+    groups, _ = min((layout(W) for W in candidates), key=lambda gc: gc[1])
+    out = []
+    for group, T in groups:
+        x = torch.full((len(group), T), pad_id, dtype=torch.long)
+        y = torch.full((len(group), T), -100, dtype=torch.long)
+        w = torch.zeros((len(group), T), dtype=torch.float32)
+        seg = torch.full((len(group), T), -1, dtype=torch.long)
+        for b, row in enumerate(group):
+            t = 0
+            for i in row:
+                ids, keep = examples[i][0], examples[i][1]
+                n = lengths[i]
+                x[b, t:t + n] = torch.tensor(ids[:-1])
+                y[b, t:t + n] = torch.tensor([tk if kp else -100 for tk, kp in zip(ids[1:], keep[1:])])
+                w[b, t:t + n] = examples[i][2]
+                seg[b, t:t + n] = i
+                t += n
+        pads = len(group) * T - sum(lengths[i] for row in group for i in row)
+        out.append((x.to(device), y.to(device), w.to(device), pads, seg.to(device)))
+    return out
+
+
 def step_batches(n_examples, step, per_step, seed):
     """Indices of the examples of optimizer step `step`: each epoch is a fresh seeded permutation, cut into global
     batches of per_step (the ragged tail is dropped). Pure function of (step, seed): resuming needs no data state."""
@@ -196,16 +270,29 @@ def lr_at(step, total, peak, warmup, schedule):
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, batch_size, pad_id, device, amp):
-    """Mean unweighted answer-token NLL, overall and per severity class (what the weighting should move)."""
+def evaluate_loss(model, examples, batch_size, pad_id, device, amp, pack_width=0):
+    """Mean unweighted answer-token NLL, overall and per severity class (what the weighting should move).
+    pack_width > 0: examples packed into rows of at most that many tokens (--pack, see pack_step), batch_size rows
+    at a time."""
     model.eval()
     tot, cnt = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        x, y, _, _ = collate(chunk, pad_id, device)
-        with amp:
-            nll = model(x, targets=y).double().cpu()
-        per_ex, n = nll.sum(1), (y != -100).sum(1).double().cpu()
+    step = batch_size * (8 if pack_width else 1)
+    for i in range(0, len(examples), step):
+        chunk = examples[i:i + step]
+        per_ex, n = torch.zeros(len(chunk), dtype=torch.float64), torch.zeros(len(chunk), dtype=torch.float64)
+        if pack_width:   # per-example sums from each token's example index
+            for x, y, _, _, seg in pack_step(chunk, pack_width, batch_size, pad_id, device,
+                                             flops=model.flops_per_token):
+                with amp:
+                    nll = model(x, targets=y, segments=seg).double().cpu()
+                real = seg.cpu() >= 0
+                per_ex.index_add_(0, seg.cpu()[real], nll[real])
+                n.index_add_(0, seg.cpu()[real], (y.cpu()[real] != -100).double())
+        else:
+            x, y, _, _ = collate(chunk, pad_id, device)
+            with amp:
+                nll = model(x, targets=y).double().cpu()
+            per_ex, n = nll.sum(1), (y != -100).sum(1).double().cpu()
         for j, e in enumerate(chunk):
             for c in (0, e[3] + 1):
                 tot[c] += per_ex[j]
@@ -659,13 +746,23 @@ def fit(argv=None):
         idx, epoch = step_batches(len(train_ex), step, per_step, args.seed)
         mine = [train_ex[i] for i in idx[rank::world]]
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
-        micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
-        batches = [collate(m, pad_id, device) for m in micro]
+        if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows, or
+            # under --compile exactly one full-width row each: one shape, so the step compiles once (a new number
+            # of rows would recompile as surely as a new width does)
+            batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
+                                fixed=args.compile, flops=raw_model.flops_per_token)
+            n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
+            # per token: its own example's loss-token count (0 on padding), so that loss_scale gives every token
+            # the factor of the example it belongs to, whichever row it landed in
+            per_ex_tok = [n_i.to(device)[b[4].clamp(min=0)] * (b[4] >= 0) for b in batches]   # (R, T)
+        else:
+            micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
+            batches = [collate(m, pad_id, device) for m in micro]
+            per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]               # (B,) per micro-batch
+            n_i = torch.cat(per_ex_tok).cpu()
         # the loss denominators count the whole step: every micro-batch, every rank (loss tokens, and examples
         # that have at least one loss token)
-        per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]                   # (B,) per micro-batch
-        counts = torch.tensor([float(sum(n.sum().item() for n in per_ex_tok)),
-                               float(sum((n > 0).sum().item() for n in per_ex_tok))], device=device)
+        counts = torch.tensor([float(n_i.sum()), float((n_i > 0).sum())], device=device)
         if ddp:
             dist.all_reduce(counts)
         n_tok, n_ex = counts[0], counts[1]
@@ -675,20 +772,21 @@ def fit(argv=None):
         loss_sum = torch.zeros((), device=device)
         nll_sum = torch.zeros((), device=device)
         real_tokens, pad_tokens = 0, 0
-        for j, (x, y, w, pads) in enumerate(batches):
+        for j, (x, y, w, pads, *seg) in enumerate(batches):     # seg: packed rows only
             sync = not ddp or j == len(batches) - 1
-            scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)             # (B,)
+            scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)   # (B,), packed: (R, T) per token
             if args.fsdp:   # FSDP's no_sync: reduce-scatter the gradients on the last micro-batch only
                 raw_model.set_requires_gradient_sync(sync)
             with (nullcontext() if sync or args.fsdp else model.no_sync()), amp:
-                nll = model(x, targets=y)                            # (B, T) fp32, 0 where y == -100
-                part = (nll.sum(1) * scale).sum()                    # this micro-batch's share of the step's loss
+                nll = model(x, targets=y, **({"segments": seg[0]} if seg else {}))   # (B, T) fp32, 0 where y == -100
+                per_row = nll if scale.dim() == 2 else nll.sum(1)    # packed: per token; padded: per example
+                part = (per_row * scale).sum()                       # this micro-batch's share of the step's loss
                 # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
                 scaler.scale(part * world).backward()
             loss_sum += part.detach()
             # the same estimator with w = 1: the unweighted NLL
             unit = loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)
-            nll_sum += (nll.detach().sum(1) * unit).sum()
+            nll_sum += (per_row.detach() * unit).sum()
             real_tokens += x.numel() - pads
             pad_tokens += pads
         if ddp:
@@ -734,7 +832,8 @@ def fit(argv=None):
                 f"nll {rec['nll']:.4f} | lr {lr_now:.2e} | gnorm {rec['grad_norm']:.2f} | {dt * 1000:.0f} ms | "
                 f"{tok_s:,.0f} tok/s | pad {rec['pad_frac']:.0%}" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
         if eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
-            ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp)
+            ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp,
+                               pack_width=args.max_len - 1 if args.pack else 0)
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
             if master:
