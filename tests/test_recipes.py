@@ -20,8 +20,9 @@ def test_train_recipe_sets_defaults_and_flags_still_win():
         ("answer", "example", 0, 8, 1)
     nb = train.get_args(["--recipe", "notebook"])
     assert (nb.loss_tokens, nb.max_len, nb.lora_rank, nb.lora_alpha, nb.lora_dropout, nb.lr, nb.epochs,
-            nb.batch_size, nb.grad_accum, nb.schedule, nb.warmup) == ("padded", 512, 16, 32, 0.05, 2e-4, 3, 1, 8,
-                                                                      "linear", 0)
+            nb.batch_size, nb.grad_accum, nb.schedule, nb.warmup, nb.quantize, nb.lora_targets) == \
+        ("padded", 512, 16, 32, 0.05, 2e-4, 3, 1, 8, "linear", 0, "nf4", "notebook")
+    assert (paper.quantize, paper.lora_targets) == ("none", "qkv,o")
     mixed = train.get_args(["--recipe", "notebook", "--lr", "1e-3", "--loss-tokens", "all", "--batch-size", "4"])
     assert (mixed.lr, mixed.loss_tokens, mixed.batch_size, mixed.grad_accum) == (1e-3, "all", 4, 8)
 
@@ -92,3 +93,18 @@ def test_notebook_eval_samples_with_the_models_settings(env, tmp_path):
     assert want != E.generate_answers(m, tok, qs, 5, 50, 0.7, 0, 1.0, 4, prompt="no-cue"), "top_k must matter"
     (folder / "generation_config.json").unlink()
     assert E.main(argv + ["--out", str(tmp_path / "e2")])["generation"]["top_k"] == 50
+
+
+def test_train_notebook_recipe_uses_nf4_and_the_family_lora_targets(tmp_path):
+    """--recipe notebook is QLoRA on the notebooks' targets: a GPT-2-family model gets c_attn,c_proj (the notebooks'
+    peft target_modules) on a 4-bit NF4 base; an explicit --lora-targets still wins."""
+    out = tmp_path / "nb"
+    train.main(["--recipe", "notebook", "--model", "tiny", "--max-steps", "1", "--max-len", "48", "--quiet",
+                "--out", str(out)])
+    a = json.loads((out / "args.json").read_text())
+    assert (a["quantize"], a["lora_targets"], a["lora_rank"]) == ("nf4", ["c_attn", "c_proj"], 16)
+    assert train.NOTEBOOK_LORA_TARGETS["qwen2"] == "q_proj,v_proj"
+    out2 = tmp_path / "nb2"
+    train.main(["--recipe", "notebook", "--model", "tiny", "--max-steps", "1", "--max-len", "48", "--quiet",
+                "--lora-targets", "qkv", "--out", str(out2)])
+    assert json.loads((out2 / "args.json").read_text())["lora_targets"] == ["qkv"]
