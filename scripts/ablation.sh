@@ -28,6 +28,9 @@ while [[ $# -gt 0 ]]; do
     if [[ $1 == -- ]]; then shift; train_flags=("$@"); break; fi
     eval_flags+=("$1"); shift
 done
+# One sampling seed for every setting (evaluate.py --seed 0 unless a --seed is given), so that the five evaluations
+# are paired: the same test answers sampled from the same random stream, as --table's significance marks assume.
+[[ " ${eval_flags[*]-} " == *" --seed "* ]] || eval_flags+=(--seed 0)
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-python3}
 for f in train.jsonl test.jsonl; do
