@@ -1,5 +1,6 @@
 """Shared pytest set-up: make the repository root importable and keep every test offline."""
 import os
+import signal
 import sys
 
 import pytest
@@ -23,3 +24,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def threads_and_signals():
+    """One intra-op thread (2 shared cores: more threads are slower, and results stay comparable with the
+    OMP_NUM_THREADS=1 subprocesses), and the SIGINT/SIGTERM handlers that train.main installs restored afterwards.
+    Modules that call the scripts' main() in-process opt in with
+    pytestmark = pytest.mark.usefixtures("threads_and_signals")."""
+    n = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    for s, h in handlers.items():
+        signal.signal(s, h)

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import traceback
@@ -81,15 +80,7 @@ def env(tmp_path_factory):
                 scorer=_bert_folder(str(root / "scorer")), labels=os.path.join(SAMPLE, "severity_labels.jsonl"))
 
 
-@pytest.fixture(autouse=True)
-def _threads_and_signals():
-    n = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    for s, h in handlers.items():
-        signal.signal(s, h)
+pytestmark = pytest.mark.usefixtures("threads_and_signals")
 
 
 def call(script, argv):

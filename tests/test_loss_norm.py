@@ -16,9 +16,11 @@ import torch.nn.functional as F
 
 import model as M
 import train
-from test_train import (ROOT, TRAIN, _one_thread_and_signals, assets, assert_same_weights, base_args,  # noqa: F401
+from test_train import (ROOT, TRAIN, assets, assert_same_weights, base_args,  # noqa: F401
                         capture_grads, example_logits, free_port, read_log, run_main, severity_w, split_tokens,
                         step_lines, sub_env)
+
+pytestmark = pytest.mark.usefixtures("threads_and_signals")
 
 ABC = (0.25, 1.0, 1.75)
 

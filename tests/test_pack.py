@@ -20,16 +20,7 @@ FAMS = ("gpt2", "bloom", "qwen2", "qwen3", "lfm2", "llama")
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_signals():
-    import signal
-    n = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    for s, h in handlers.items():
-        signal.signal(s, h)
+pytestmark = pytest.mark.usefixtures("threads_and_signals")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import evaluate as E
 import model as M
 import train
 from test_evaluate import env, read_jsonl, run_eval  # noqa: F401
-from test_train import _one_thread_and_signals, assets, base_args, run_main  # noqa: F401
+from test_train import assets, base_args, run_main  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("threads_and_signals")
 
 
 def test_train_recipe_sets_defaults_and_flags_still_win():

@@ -100,17 +100,7 @@ def assets(tmp_path_factory):
                 train_recs=train_recs, test_recs=test_recs, recs8=recs8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_signals():
-    """One intra-op thread (2 shared cores: more threads are slower, and results stay comparable with the
-    OMP_NUM_THREADS=1 subprocesses); restore the SIGINT/SIGTERM handlers train.main installs."""
-    n = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    for s, h in handlers.items():
-        signal.signal(s, h)
+pytestmark = pytest.mark.usefixtures("threads_and_signals")
 
 
 def base_args(assets, out, *extra, data_file=None, steps=3):
