@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from model import _open_safetensors, resolve   # one hub download and safetensors reader, model.py's
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -66,9 +67,6 @@ REGISTRY = {
              "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                         "intermediate_size": 128, "max_position_embeddings": 512}},
 }
-# What snapshot_download may fetch: config, safetensors and tokenizer files; never *.bin/*.pt/*.h5, never code.
-HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.txt", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"]
 SEVERITIES = tuple(data.SEVERITIES)   # default label set, in the order of the record fields p_nc, p_n, p_c
 
 
@@ -185,11 +183,10 @@ class Bert(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None):
         """Encoder (+ pooler) from a registry name, hub repo id or local folder of safetensors."""
-        folder, cfg_dict = resolve_checkpoint(name_or_path, revision)
-        model = cls(BertConfig.from_hf(cfg_dict, os.path.join(folder or name_or_path, "config.json")))
+        folder, _, cfg, enc, _ = read_checkpoint(name_or_path, revision)
+        model = cls(cfg)
         if folder is not None:
-            load_tensors(model, read_safetensors(folder)[0], weight_table(model.cfg.num_hidden_layers), folder,
-                         "bert.")
+            load_tensors(model, enc, weight_table(cfg.num_hidden_layers), folder, "bert.")
         return model.to(device) if device is not None else model
 
 
@@ -252,32 +249,32 @@ def weight_table(n_layers):
 IGNORED = re.compile(r"^(cls\.|.*\.position_ids$|.*embeddings\.token_type_ids$)")
 
 
-def read_safetensors(folder):
-    """-> (encoder tensors by HF name without 'bert.', head tensors 'classifier.*') of a folder's safetensors
-    (sharded or not). TF-era LayerNorm.gamma/beta become weight/bias. Never reads a pickle."""
-    from safetensors import SafetensorError, safe_open
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise data.UserError(folder, "no *.safetensors weights (pickled .bin checkpoints are never loaded)")
-    enc, head = {}, {}
-    for f in files:
-        path = os.path.join(folder, f)
-        try:
-            with safe_open(path, framework="pt", device="cpu") as fh:
-                sd = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise data.UserError(path, f"not a readable safetensors file, truncated or corrupt? ({e})") from None
-        for k, v in sd.items():
-            k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
-            if not IGNORED.match(k):
-                (head if k.startswith("classifier.") else enc)[k.removeprefix("bert.")] = v
-    return enc, head
+def read_checkpoint(name_or_path, revision=None):
+    """-> (folder, or None for the random 'tiny'; config.json dict; BertConfig; encoder tensors by HF name without
+    'bert.'; head tensors 'classifier.*'). Folder and weights come through model.py's one mechanism: resolve
+    (a local folder, or a hub snapshot of config, safetensors and tokenizer files only) and its safetensors reader
+    (sharded or not, never a pickle). TF-era LayerNorm.gamma/beta become weight/bias."""
+    entry = REGISTRY.get(name_or_path)
+    if entry and entry["repo"] is None:   # tiny: built-in config, random weights, the sample vocabulary
+        with open(os.path.join(SAMPLE_WORDPIECE, "vocab.txt"), encoding="utf-8") as fh:
+            n = sum(1 for _ in fh)
+        log(f"note: '{name_or_path}' has RANDOM weights (vocab {n} from {SAMPLE_WORDPIECE})")
+        cfg_dict = dict(entry["config"], vocab_size=n, model_type="bert")
+        return None, cfg_dict, BertConfig.from_hf(cfg_dict), {}, {}
+    folder = resolve(name_or_path, revision, registry=REGISTRY)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise data.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
+    cfg_dict = data.read_json(cfg_path, "config")
+    if not isinstance(cfg_dict, dict):
+        raise data.UserError(cfg_path, "expected a JSON object")
+    cfg = BertConfig.from_hf(cfg_dict, cfg_path)
+    tensors, enc, head = _open_safetensors(folder), {}, {}
+    for k in tensors:
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
+        if not IGNORED.match(name):
+            (head if name.startswith("classifier.") else enc)[name.removeprefix("bert.")] = tensors.get(k)
+    return folder, cfg_dict, cfg, enc, head
 
 
 HEAD_TABLE = [("weight", ["classifier.weight"]), ("bias", ["classifier.bias"])]   # BertClassifier.classifier
@@ -331,20 +328,16 @@ def save_classifier(model, tok, out_dir):
     tok.save(out_dir)
 
 
-def load_classifier(path, device="cpu", revision=None, allow_random_head=None):
+def load_classifier(path, device="cpu", revision=None):
     """(model in eval mode on device, tokenizer, labels) from a classify.py folder, hub repo or registry name.
     A checkpoint without a trained head is refused, except 'tiny' (random, noted)."""
-    if allow_random_head is None:
-        allow_random_head = path == "tiny"
-    folder, cfg_dict = resolve_checkpoint(path, revision)
-    cfg = BertConfig.from_hf(cfg_dict, os.path.join(folder or path, "config.json"))
-    enc, head = read_safetensors(folder) if folder is not None else ({}, {})
+    folder, cfg_dict, cfg, enc, head = read_checkpoint(path, revision)
     id2label = cfg_dict.get("id2label")
     if head:
         if not isinstance(id2label, dict) or not all(str(i) in id2label for i in range(len(id2label))):
             raise data.UserError(path, "config.json has no usable id2label for its classifier head")
         labels = [id2label[str(i)] for i in range(len(id2label))]
-    elif allow_random_head:
+    elif folder is None:
         labels = list(SEVERITIES)
         log(f"note: {path} has no classifier head; using a RANDOM {len(labels)}-class head")
     else:
@@ -358,48 +351,6 @@ def load_classifier(path, device="cpu", revision=None, allow_random_head=None):
     model.meta = meta
     tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
     return model.to(device).eval(), tok, labels
-
-
-def resolve_checkpoint(name_or_path, revision=None):
-    """-> (folder with safetensors, or None for the random 'tiny'; HF config dict)."""
-    entry = REGISTRY.get(name_or_path)
-    if entry and entry["repo"] is None:   # tiny: built-in config, random weights, the sample vocabulary
-        vocab = os.path.join(SAMPLE_WORDPIECE, "vocab.txt")
-        if not os.path.isfile(vocab):
-            raise data.UserError(vocab, "missing (the 'tiny' model uses the sample WordPiece vocabulary)")
-        with open(vocab, encoding="utf-8") as fh:
-            n = sum(1 for _ in fh)
-        log(f"note: '{name_or_path}' has RANDOM weights (vocab {n} from {SAMPLE_WORDPIECE})")
-        return None, dict(entry["config"], vocab_size=n, model_type="bert")
-    name = entry["repo"] if entry else name_or_path
-    folder = name if os.path.isdir(name) else download(name, revision)
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise data.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
-    cfg = read_json(cfg_path)
-    if not isinstance(cfg, dict):
-        raise data.UserError(cfg_path, "expected a JSON object")
-    return folder, cfg
-
-
-def download(repo, revision=None):
-    """A hub repo id fetched with snapshot_download (HF_TOKEN honoured), only the HUB_PATTERNS files."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith((".", "/")):
-        raise data.UserError(repo, f"not a folder, registry name ({', '.join(REGISTRY)}) or hub repo id")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS,
-                                 token=os.environ.get("HF_TOKEN") or None)
-    except Exception as e:   # offline, unknown repo, gated repo without a token, ...
-        raise data.UserError(repo, f"download failed ({type(e).__name__}: {data.one_line(e)[:300]})") from None
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise data.UserError(path, f"not valid JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,7 +435,7 @@ def load_tokenizer(folder):
     from tokenizers import Tokenizer
     p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
                                                                  "vocab.txt"))
-    cfg = read_json(p_cfg) if os.path.isfile(p_cfg) else {}
+    cfg = data.read_json(p_cfg, "tokenizer config") if os.path.isfile(p_cfg) else {}
     vocab_text = None
     if os.path.isfile(p_vocab):
         with open(p_vocab, encoding="utf-8", newline="") as fh:
@@ -869,9 +820,7 @@ def train(argv=None):
     for c in boost:
         if c not in labels:
             raise data.UserError("--boost-classes", f"'{c}' is not a class ({', '.join(labels)})")
-    folder, cfg_dict = resolve_checkpoint(args.model, args.revision)
-    cfg = BertConfig.from_hf(cfg_dict, os.path.join(folder or args.model, "config.json"))
-    enc, head = read_safetensors(folder) if folder is not None else ({}, {})   # a corrupt file fails here
+    folder, cfg_dict, cfg, enc, head = read_checkpoint(args.model, args.revision)   # a corrupt file fails here
     if args.max_len > cfg.max_position_embeddings:
         raise data.UserError("--max-len", f"{args.max_len} exceeds the model's max_position_embeddings "
                                           f"{cfg.max_position_embeddings}")
