@@ -542,7 +542,7 @@ def classification_loss(logits, y, kind="ce", margins=None, s=30.0, weight=None)
 
 def fgm_step(embedding, eps, adv_loss_fn):
     """FGM (Miyato et al. 2017), after the clean backward: weight += eps * g / ||g||_2 (whole-matrix norm), the
-    adversarial loss backpropagated onto the same gradients, the weight restored bit for bit. Skipped if g is 0 or inf."""
+    adversarial loss backpropagated onto the same gradients, the weight restored bit for bit. Skipped if g is 0/inf."""
     w = embedding.weight
     norm = torch.linalg.vector_norm(w.grad.float())
     if not torch.isfinite(norm) or norm == 0:
