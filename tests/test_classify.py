@@ -239,6 +239,28 @@ def test_tokenizer_matches_transformers(tmp_path):
     assert again.encode(ARABIC) == from_vocab.encode(ARABIC)
 
 
+def test_tokenizer_config_casing_overrides_tokenizer_json(tmp_path):
+    """A tokenizer.json whose BertNormalizer keeps case and accents, with a tokenizer_config.json that says
+    do_lower_case (and strip_accents or not): we tokenise as transformers' BertTokenizerFast does for that folder."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+    words = ["hello", "world", "cafe", "café", "Hello", "CAFÉ", "ça", "va"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + sorted(set("".join(words)))
+    vocab = {t: i for i, t in enumerate(vocab)}
+    texts = ["Hello WORLD, CAFÉ ça va", "hello café Ça"]
+    seen = []
+    for i, extra in enumerate(({"do_lower_case": True}, {"do_lower_case": True, "strip_accents": False},
+                               {"do_lower_case": False})):
+        d = tmp_path / f"t{i}"
+        d.mkdir()
+        BertWordPieceTokenizer(vocab, lowercase=False, strip_accents=False).save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **extra}))
+        ours = classify.load_tokenizer(str(d))
+        want = [BertTokenizerFast.from_pretrained(str(d))(t)["input_ids"] for t in texts]
+        assert [ours.single(x, 100)[0] for x in ours.encode(texts)] == want, extra
+        seen.append(want)
+    assert seen[0] != seen[1] != seen[2] != seen[0]   # the three settings really tokenise differently
+
 def test_head_tail_truncation():
     tok = classify.load_tokenizer(WORDPIECE)
     q, a = list(range(100, 400)), list(range(1000, 1600))   # 300 question tokens, 600 answer tokens
