@@ -19,7 +19,6 @@ transformers can load what we save.
     nll = model.token_nll(idx, targets)                     # (B, T) fp32, chunked over the vocabulary
     new = model.generate([tok.encode("...")], max_new_tokens=50)
 """
-import json
 import math
 import os
 import sys
@@ -661,8 +660,7 @@ class Decoder(nn.Module):
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.wte.weight.dtype).replace("torch.", "")
         atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
-        atomic_write(os.path.join(out_dir, "config.json"),
-                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(cfg, indent=2, ensure_ascii=False)))
+        data.write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
 def sample(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -963,8 +961,7 @@ class Tokenizer:
         atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: self.tk.save(p))
         specials = {k: self.tk.id_to_token(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                                                             ("pad_token", self.pad_id)) if i is not None}
-        atomic_write(os.path.join(out_dir, "special_tokens_map.json"),
-                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(specials, ensure_ascii=False)))
+        data.write_json(os.path.join(out_dir, "special_tokens_map.json"), specials)
 
 
 def load_tokenizer(name_or_path, revision=None):
