@@ -662,17 +662,13 @@ def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
         if not v:
             raise data.DataError(path, line, label_col, "empty label")
         raw.append((line, v))
-    if labels:
-        for line, v in raw:
-            if v not in labels:
-                raise data.DataError(path, line, label_col, f"unknown label '{v}' (--labels: {', '.join(labels)})")
-        y = [labels.index(v) for _, v in raw]
-    elif all(data.canonical_severity(v) for _, v in raw):
-        labels = list(SEVERITIES)
-        y = [labels.index(data.canonical_severity(v)) for _, v in raw]
-    else:
-        labels = sorted({v for _, v in raw})
-        y = [labels.index(v) for _, v in raw]
+    if not labels and all(data.canonical_severity(v) for _, v in raw):
+        labels, raw = list(SEVERITIES), [(line, data.canonical_severity(v)) for line, v in raw]
+    labels = labels or sorted({v for _, v in raw})
+    for line, v in raw:
+        if v not in labels:   # only with --labels
+            raise data.DataError(path, line, label_col, f"unknown label '{v}' (--labels: {', '.join(labels)})")
+    y = [labels.index(v) for _, v in raw]
     if len(set(y)) < 2:
         raise data.DataError(path, raw[0][0], label_col, f"need at least 2 classes, found only '{labels[y[0]]}'")
     return texts, answers, y, list(labels)

@@ -469,6 +469,22 @@ def test_stratified_split_is_seeded_and_stratified():
     assert classify.stratified_split(y, 0.2, seed=3) == (tr, va) != classify.stratified_split(y, 0.2, seed=4)
 
 
+def test_label_sets(tmp_path):
+    """Severity labels (aliases, any case) -> the three severities in their order; any other labels -> sorted;
+    --labels -> that order; integer labels are names; the column names match case-insensitively."""
+    f = tmp_path / "l.jsonl"
+
+    def read(labels_in, labels_arg=None):
+        f.write_text("".join(json.dumps({"Text": f"q{i}", "LABEL": v}, ensure_ascii=False) + "\n"
+                             for i, v in enumerate(labels_in)), encoding="utf-8")
+        texts, answers, y, labels = classify.read_labelled(str(f), "text", "label", None, labels_arg)
+        assert texts == [f"q{i}" for i in range(len(labels_in))] and answers is None
+        return y, labels
+    assert read(["Severe", "mild", "حرج", "neutral"]) == ([2, 0, 2, 1], list(classify.SEVERITIES))
+    assert read(["dental", "cardio", "dental", "skin"]) == ([1, 0, 1, 2], ["cardio", "dental", "skin"])
+    assert read(["dental", "cardio"], ["dental", "cardio"]) == ([0, 1], ["dental", "cardio"])
+    assert read([3, 1, 3]) == ([1, 0, 1], ["1", "3"])
+
 # ----------------------------------------------------------------------------------------------
 # Training end to end and the command line
 
