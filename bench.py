@@ -621,7 +621,7 @@ def _main(argv=None):
     print(f"\npeak MiB = own weights{' + optimizer state' if not args.skip_train else ''} + the step's peak growth "
           f"({meter.how}); MFU only on CUDA with bf16" + (f" (peak {peak_flops / 1e12:.0f} TFLOP/s)" if peak_flops else ""))
     if args.json:
-        data.atomic_write(args.json, json.dumps(report, indent=2) + "\n")
+        data.write_json(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
     return report
 

@@ -1,14 +1,10 @@
 """Fine-tune the severity classifier: a small hand-written BERT encoder + a head on [CLS].
 
-The paper annotates every question with a softmax over (non-critical, neutral, critical) from a fine-tuned AraBERT
-that reads the QUESTION only. This script fine-tunes any BERT checkpoint (safetensors only, never pickles, never
-remote code) on a labelled CSV/JSONL file, evaluates it on a seeded stratified validation split, and writes a folder
-that annotate.py and transformers (BertForSequenceClassification, AutoModel, hence bert-score) can load:
-
-    <out>/model.safetensors   bert.embeddings.*, bert.encoder.layer.{i}.*, bert.pooler.dense.*, classifier.*
-    <out>/config.json         model_type bert, BertForSequenceClassification, id2label/label2id, ...
-    <out>/vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
-    <out>/metrics.json        accuracy, macro-F1, per-class P/R/F1, confusion matrix, ECE (15 bins)
+Fine-tunes any BERT checkpoint (safetensors only) on a labelled CSV/JSONL file (the paper's classifier reads the
+QUESTION only), validates on a seeded stratified split, and writes a folder that annotate.py and transformers
+(BertForSequenceClassification; AutoModel, hence bert-score) load: model.safetensors and config.json in HF's
+names, vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json, and metrics.json (accuracy,
+macro-F1, per-class P/R/F1, confusion matrix, ECE on the validation split).
 
 What a training step computes (z = logits, y = true class, n_y = training examples of class y, L = layers):
   --head          pooler: z = W tanh(P h_[CLS]) + b (BertForSequenceClassification); linear: z = W h_[CLS] + b
@@ -51,6 +47,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from model import _open_safetensors, resolve   # one hub download and safetensors reader, model.py's
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -66,9 +63,6 @@ REGISTRY = {
              "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                         "intermediate_size": 128, "max_position_embeddings": 512}},
 }
-# What snapshot_download may fetch: config, safetensors and tokenizer files; never *.bin/*.pt/*.h5, never code.
-HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.txt", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"]
 SEVERITIES = tuple(data.SEVERITIES)   # default label set, in the order of the record fields p_nc, p_n, p_c
 
 
@@ -185,11 +179,10 @@ class Bert(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None):
         """Encoder (+ pooler) from a registry name, hub repo id or local folder of safetensors."""
-        folder, cfg_dict = resolve_checkpoint(name_or_path, revision)
-        model = cls(BertConfig.from_hf(cfg_dict, os.path.join(folder or name_or_path, "config.json")))
+        folder, _, cfg, enc, _ = read_checkpoint(name_or_path, revision)
+        model = cls(cfg)
         if folder is not None:
-            load_tensors(model, read_safetensors(folder)[0], weight_table(model.cfg.num_hidden_layers), folder,
-                         "bert.")
+            load_tensors(model, enc, weight_table(cfg.num_hidden_layers), folder, "bert.")
         return model.to(device) if device is not None else model
 
 
@@ -212,7 +205,8 @@ class BertClassifier(nn.Module):
 
 
 def init_weights(module, std):
-    """BERT's init: normal(0, std) Linear/Embedding weights (padding row 0), zero biases, LayerNorm = identity."""
+    """BERT's init: normal(0, std) Linear/Embedding weights, zero biases and padding row (LayerNorms are built as
+    identities already)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, std)
@@ -220,9 +214,6 @@ def init_weights(module, std):
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
             nn.init.zeros_(m.weight.data[m.padding_idx])
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,32 +243,32 @@ def weight_table(n_layers):
 IGNORED = re.compile(r"^(cls\.|.*\.position_ids$|.*embeddings\.token_type_ids$)")
 
 
-def read_safetensors(folder):
-    """-> (encoder tensors by HF name without 'bert.', head tensors 'classifier.*') of a folder's safetensors
-    (sharded or not). TF-era LayerNorm.gamma/beta become weight/bias. Never reads a pickle."""
-    from safetensors import SafetensorError, safe_open
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise data.UserError(folder, "no *.safetensors weights (pickled .bin checkpoints are never loaded)")
-    enc, head = {}, {}
-    for f in files:
-        path = os.path.join(folder, f)
-        try:
-            with safe_open(path, framework="pt", device="cpu") as fh:
-                sd = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise data.UserError(path, f"not a readable safetensors file, truncated or corrupt? ({e})") from None
-        for k, v in sd.items():
-            k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
-            if not IGNORED.match(k):
-                (head if k.startswith("classifier.") else enc)[k.removeprefix("bert.")] = v
-    return enc, head
+def read_checkpoint(name_or_path, revision=None):
+    """-> (folder, or None for the random 'tiny'; config.json dict; BertConfig; encoder tensors by HF name without
+    'bert.'; head tensors 'classifier.*'). Folder and weights come through model.py's one mechanism: resolve
+    (a local folder, or a hub snapshot of config, safetensors and tokenizer files only) and its safetensors reader
+    (sharded or not, never a pickle). TF-era LayerNorm.gamma/beta become weight/bias."""
+    entry = REGISTRY.get(name_or_path)
+    if entry and entry["repo"] is None:   # tiny: built-in config, random weights, the sample vocabulary
+        with open(os.path.join(SAMPLE_WORDPIECE, "vocab.txt"), encoding="utf-8") as fh:
+            n = sum(1 for _ in fh)
+        log(f"note: '{name_or_path}' has RANDOM weights (vocab {n} from {SAMPLE_WORDPIECE})")
+        cfg_dict = dict(entry["config"], vocab_size=n, model_type="bert")
+        return None, cfg_dict, BertConfig.from_hf(cfg_dict), {}, {}
+    folder = resolve(name_or_path, revision, registry=REGISTRY)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise data.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
+    cfg_dict = data.read_json(cfg_path, "config")
+    if not isinstance(cfg_dict, dict):
+        raise data.UserError(cfg_path, "expected a JSON object")
+    cfg = BertConfig.from_hf(cfg_dict, cfg_path)
+    tensors, enc, head = _open_safetensors(folder), {}, {}
+    for k in tensors:
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
+        if not IGNORED.match(name):
+            (head if name.startswith("classifier.") else enc)[name.removeprefix("bert.")] = tensors.get(k)
+    return folder, cfg_dict, cfg, enc, head
 
 
 HEAD_TABLE = [("weight", ["classifier.weight"]), ("bias", ["classifier.bias"])]   # BertClassifier.classifier
@@ -286,7 +277,7 @@ HEAD_TABLE = [("weight", ["classifier.weight"]), ("bias", ["classifier.bias"])] 
 def load_tensors(module, sd, table, where, prefix=""):
     """Copy HF-named tensors into module through a table, strictly: a missing or unexpected tensor or a shape
     mismatch is an error naming it (prefix + HF name). A checkpoint without a pooler (MLM saves) keeps a random one."""
-    own, state = module.state_dict(), {}
+    own = module.state_dict()
     extra = [k for k in sd if k not in {h for _, hs in table for h in hs}]
     if extra:
         raise data.UserError(where, f"unexpected tensor '{prefix}{extra[0]}' with shape {tuple(sd[extra[0]].shape)}")
@@ -303,10 +294,8 @@ def load_tensors(module, sd, table, where, prefix=""):
             if tuple(sd[h].shape) != want:
                 raise data.UserError(where, f"tensor '{prefix}{h}': checkpoint shape {tuple(sd[h].shape)} != "
                                             f"model shape {want}")
-        state[ours] = torch.cat([sd[h].float() for h in hs])
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
+        with torch.no_grad():
+            own[ours].copy_(torch.cat([sd[h].float() for h in hs]))
 
 
 def hf_tensors(module, table, prefix=""):
@@ -331,20 +320,16 @@ def save_classifier(model, tok, out_dir):
     tok.save(out_dir)
 
 
-def load_classifier(path, device="cpu", revision=None, allow_random_head=None):
+def load_classifier(path, device="cpu", revision=None):
     """(model in eval mode on device, tokenizer, labels) from a classify.py folder, hub repo or registry name.
     A checkpoint without a trained head is refused, except 'tiny' (random, noted)."""
-    if allow_random_head is None:
-        allow_random_head = path == "tiny"
-    folder, cfg_dict = resolve_checkpoint(path, revision)
-    cfg = BertConfig.from_hf(cfg_dict, os.path.join(folder or path, "config.json"))
-    enc, head = read_safetensors(folder) if folder is not None else ({}, {})
+    folder, cfg_dict, cfg, enc, head = read_checkpoint(path, revision)
     id2label = cfg_dict.get("id2label")
     if head:
         if not isinstance(id2label, dict) or not all(str(i) in id2label for i in range(len(id2label))):
             raise data.UserError(path, "config.json has no usable id2label for its classifier head")
         labels = [id2label[str(i)] for i in range(len(id2label))]
-    elif allow_random_head:
+    elif folder is None:
         labels = list(SEVERITIES)
         log(f"note: {path} has no classifier head; using a RANDOM {len(labels)}-class head")
     else:
@@ -358,48 +343,6 @@ def load_classifier(path, device="cpu", revision=None, allow_random_head=None):
     model.meta = meta
     tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
     return model.to(device).eval(), tok, labels
-
-
-def resolve_checkpoint(name_or_path, revision=None):
-    """-> (folder with safetensors, or None for the random 'tiny'; HF config dict)."""
-    entry = REGISTRY.get(name_or_path)
-    if entry and entry["repo"] is None:   # tiny: built-in config, random weights, the sample vocabulary
-        vocab = os.path.join(SAMPLE_WORDPIECE, "vocab.txt")
-        if not os.path.isfile(vocab):
-            raise data.UserError(vocab, "missing (the 'tiny' model uses the sample WordPiece vocabulary)")
-        with open(vocab, encoding="utf-8") as fh:
-            n = sum(1 for _ in fh)
-        log(f"note: '{name_or_path}' has RANDOM weights (vocab {n} from {SAMPLE_WORDPIECE})")
-        return None, dict(entry["config"], vocab_size=n, model_type="bert")
-    name = entry["repo"] if entry else name_or_path
-    folder = name if os.path.isdir(name) else download(name, revision)
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise data.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
-    cfg = read_json(cfg_path)
-    if not isinstance(cfg, dict):
-        raise data.UserError(cfg_path, "expected a JSON object")
-    return folder, cfg
-
-
-def download(repo, revision=None):
-    """A hub repo id fetched with snapshot_download (HF_TOKEN honoured), only the HUB_PATTERNS files."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith((".", "/")):
-        raise data.UserError(repo, f"not a folder, registry name ({', '.join(REGISTRY)}) or hub repo id")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS,
-                                 token=os.environ.get("HF_TOKEN") or None)
-    except Exception as e:   # offline, unknown repo, gated repo without a token, ...
-        raise data.UserError(repo, f"download failed ({type(e).__name__}: {data.one_line(e)[:300]})") from None
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise data.UserError(path, f"not valid JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,22 +401,12 @@ class WordPieceTokenizer:
             vocab = "".join(t + "\n" for t, _ in sorted(self.tk.get_vocab(False).items(), key=lambda kv: kv[1]))
         data.atomic_write(os.path.join(folder, "vocab.txt"), vocab)
         data.atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
-        mml = self.config.get("model_max_length")
-        c = self.config
-        data.write_json(os.path.join(folder, "tokenizer_config.json"),
-                   {"tokenizer_class": "BertTokenizer", "do_lower_case": bool(c.get("do_lower_case", False)),
-                    "strip_accents": c.get("strip_accents"),
-                    "tokenize_chinese_chars": c.get("tokenize_chinese_chars", True),
-                    "model_max_length": int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512,
-                    **self.names})
+        c, mml = self.config, self.config.get("model_max_length")
+        data.write_json(os.path.join(folder, "tokenizer_config.json"), {
+            "tokenizer_class": "BertTokenizer", "do_lower_case": bool(c.get("do_lower_case", False)),
+            "strip_accents": c.get("strip_accents"), "tokenize_chinese_chars": c.get("tokenize_chinese_chars", True),
+            "model_max_length": int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512, **self.names})
         data.write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
-
-
-def bert_normalizer(cfg):
-    from tokenizers import normalizers
-    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
-                                      strip_accents=cfg.get("strip_accents"),
-                                      lowercase=bool(cfg.get("do_lower_case", False)))
 
 
 def load_tokenizer(folder):
@@ -481,33 +414,31 @@ def load_tokenizer(folder):
     tokenizer_config.json's do_lower_case (default False: Arabic), strip_accents too (None = as lowercase, as in
     BERT). From vocab.txt the pipeline is BERT's: BertNormalizer -> BertPreTokenizer -> WordPiece('##', [UNK],
     100 chars per word), special tokens never split."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, normalizers
+    from tokenizers.implementations import BertWordPieceTokenizer
     p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
                                                                  "vocab.txt"))
-    cfg = read_json(p_cfg) if os.path.isfile(p_cfg) else {}
+    cfg = data.read_json(p_cfg, "tokenizer config") if os.path.isfile(p_cfg) else {}
     vocab_text = None
     if os.path.isfile(p_vocab):
         with open(p_vocab, encoding="utf-8", newline="") as fh:
             vocab_text = fh.read()
     if os.path.isfile(p_json):
-        try:
+        with data.reading(p_json, "tokenizer.json"):
             tk = Tokenizer.from_file(p_json)
-        except Exception as e:   # tokenizers raises a bare Exception on malformed files
-            raise data.UserError(p_json, f"not a readable tokenizer.json ({data.one_line(e)[:200]})") from None
         norm = json.loads(tk.to_str()).get("normalizer") or {}
-        if norm.get("type") == "BertNormalizer":
+        if norm.get("type") == "BertNormalizer":   # tokenizer_config.json's casing wins, as in transformers
             if "do_lower_case" not in cfg:
                 cfg = dict(cfg, do_lower_case=bool(norm.get("lowercase")), strip_accents=norm.get("strip_accents"))
             elif (norm.get("lowercase") != bool(cfg["do_lower_case"])
                   or norm.get("strip_accents") != cfg.get("strip_accents", norm.get("strip_accents"))):
-                tk.normalizer = bert_normalizer({"tokenize_chinese_chars": norm.get("handle_chinese_chars", True),
-                                                 **cfg})
+                tk.normalizer = normalizers.BertNormalizer(
+                    handle_chinese_chars=cfg.get("tokenize_chinese_chars", norm.get("handle_chinese_chars", True)),
+                    strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg["do_lower_case"]))
         # as transformers does: the special tokens are never split, even when the file does not list them
         tk.add_special_tokens([n for n in special_names(cfg).values() if tk.token_to_id(n) is not None])
     elif vocab_text is not None:   # BERT's own pipeline, as the tokenizers library assembles it from a vocabulary
-        from tokenizers.implementations import BertWordPieceTokenizer
-        lines = vocab_text.split("\n")
-        vocab = {t.rstrip("\r"): i for i, t in enumerate(lines[:-1] if vocab_text.endswith("\n") else lines)}
+        vocab = {t.rstrip("\r"): i for i, t in enumerate(vocab_text.removesuffix("\n").split("\n"))}
         names = special_names(cfg)
         missing = [names[k] for k in ("pad_token", "cls_token", "sep_token") if names[k] not in vocab]
         if missing:
@@ -581,9 +512,8 @@ def epoch_loss(epoch, loss, ce_epochs=0):
 
 
 def ldam_margins(counts, max_m=0.5, c=None, boost=()):
-    """LDAM margins m_y = C / n_y^(1/4) (Cao et al. 2019). C = c when given (seed 004: c = 1), else chosen so that
-    the largest margin is max_m (Cao et al.'s code). Classes in boost count as n_y / 10 (seed 004's targeted margin
-    boosting); classes without examples count as 1."""
+    """LDAM margins m_y = C / n_y^(1/4) (Cao et al. 2019): C = c, else the largest margin is max_m. Classes in boost
+    count as n_y / 10 (seed 004), classes without examples as 1."""
     n = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
     n[list(boost)] /= 10
     m = n.pow(-0.25)
@@ -591,8 +521,7 @@ def ldam_margins(counts, max_m=0.5, c=None, boost=()):
 
 
 def drw_weights(counts, beta=0.9999):
-    """Class-balanced weights from the effective number (Cui et al. 2019): w_y = (1-beta)/(1-beta^n_y),
-    normalised to sum to the number of classes. Classes without examples count as 1."""
+    """w_y = (1-beta)/(1-beta^n_y) (Cui et al. 2019), summing to the number of classes; empty classes count as 1."""
     n = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
     w = (1.0 - beta) / (1.0 - torch.tensor(beta, dtype=torch.float64) ** n)
     return (w / w.sum() * len(w)).float()
@@ -604,8 +533,7 @@ def epoch_class_weights(epoch, drw_epoch, counts, beta=0.9999):
 
 
 def classification_loss(logits, y, kind="ce", margins=None, s=30.0, weight=None):
-    """ce: cross_entropy(z, y, weight); ldam: cross_entropy(s * (z - m_y * onehot(y)), y, weight). With weight the
-    mean is sum_i w_{y_i} l_i / sum_i w_{y_i} (PyTorch's convention)."""
+    """ce: cross_entropy(z, y, weight); ldam: cross_entropy(s * (z - m_y * onehot(y)), y, weight)."""
     z = logits.float()
     if kind == "ldam":
         z = s * (z - F.one_hot(y, z.shape[1]).to(z.dtype) * margins.to(z.device)[y][:, None])
@@ -613,31 +541,23 @@ def classification_loss(logits, y, kind="ce", margins=None, s=30.0, weight=None)
 
 
 def fgm_step(embedding, eps, adv_loss_fn):
-    """FGM (Miyato et al. 2017) after the clean backward: weight += eps * g / ||g||_2 (whole-matrix norm);
-    adv_loss_fn().backward() adds onto the clean gradients; the weight is restored bit for bit from a copy.
-    Returns the adversarial loss, or None when the gradient is missing, zero or not finite."""
+    """FGM (Miyato et al. 2017), after the clean backward: weight += eps * g / ||g||_2 (whole-matrix norm), the
+    adversarial loss backpropagated onto the same gradients, the weight restored bit for bit. Skipped if g is 0/inf."""
     w = embedding.weight
-    if w.grad is None or eps <= 0:
-        return None
     norm = torch.linalg.vector_norm(w.grad.float())
     if not torch.isfinite(norm) or norm == 0:
-        return None
+        return
     backup = w.detach().clone()
-    try:
-        with torch.no_grad():
-            w.add_((eps / norm) * w.grad)
-        loss = adv_loss_fn()
-        loss.backward()
-    finally:
-        with torch.no_grad():
-            w.copy_(backup)
-    return loss.detach()
+    with torch.no_grad():
+        w.add_((eps / norm) * w.grad)
+    adv_loss_fn().backward()
+    with torch.no_grad():
+        w.copy_(backup)
 
 
 def param_groups(model, lr, llrd=1.0, weight_decay=0.01):
-    """AdamW groups with layer-wise LR decay (seed 004: eta_l = eta_head * xi^(L-l)): head and pooler lr; layer i
-    (0 = bottom) lr * llrd^(L-i); embeddings lr * llrd^(L+1). No weight decay on biases and LayerNorms. Each group
-    carries 'base_lr' (before the schedule) and 'name'."""
+    """AdamW groups with layer-wise LR decay (--llrd in the docstring above), no weight decay on biases and
+    LayerNorms; each group carries 'name' and 'base_lr' (its lr before the schedule)."""
     L, groups = model.cfg.num_hidden_layers, {}
     for pname, p in model.named_parameters():
         layer = re.match(r"bert\.layers\.(\d+)\.", pname)
@@ -742,17 +662,13 @@ def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
         if not v:
             raise data.DataError(path, line, label_col, "empty label")
         raw.append((line, v))
-    if labels:
-        for line, v in raw:
-            if v not in labels:
-                raise data.DataError(path, line, label_col, f"unknown label '{v}' (--labels: {', '.join(labels)})")
-        y = [labels.index(v) for _, v in raw]
-    elif all(data.canonical_severity(v) for _, v in raw):
-        labels = list(SEVERITIES)
-        y = [labels.index(data.canonical_severity(v)) for _, v in raw]
-    else:
-        labels = sorted({v for _, v in raw})
-        y = [labels.index(v) for _, v in raw]
+    if not labels and all(data.canonical_severity(v) for _, v in raw):
+        labels, raw = list(SEVERITIES), [(line, data.canonical_severity(v)) for line, v in raw]
+    labels = labels or sorted({v for _, v in raw})
+    for line, v in raw:
+        if v not in labels:   # only with --labels
+            raise data.DataError(path, line, label_col, f"unknown label '{v}' (--labels: {', '.join(labels)})")
+    y = [labels.index(v) for _, v in raw]
     if len(set(y)) < 2:
         raise data.DataError(path, raw[0][0], label_col, f"need at least 2 classes, found only '{labels[y[0]]}'")
     return texts, answers, y, list(labels)
@@ -869,9 +785,7 @@ def train(argv=None):
     for c in boost:
         if c not in labels:
             raise data.UserError("--boost-classes", f"'{c}' is not a class ({', '.join(labels)})")
-    folder, cfg_dict = resolve_checkpoint(args.model, args.revision)
-    cfg = BertConfig.from_hf(cfg_dict, os.path.join(folder or args.model, "config.json"))
-    enc, head = read_safetensors(folder) if folder is not None else ({}, {})   # a corrupt file fails here
+    folder, cfg_dict, cfg, enc, head = read_checkpoint(args.model, args.revision)   # a corrupt file fails here
     if args.max_len > cfg.max_position_embeddings:
         raise data.UserError("--max-len", f"{args.max_len} exceeds the model's max_position_embeddings "
                                           f"{cfg.max_position_embeddings}")
@@ -933,7 +847,7 @@ def train(argv=None):
         kind = epoch_loss(epoch, args.loss, args.ce_epochs)
         scale = args.ldam_s if kind == "ldam" else 1.0
         weight = epoch_class_weights(epoch, args.drw_epoch, counts, args.drw_beta)
-        if weight is not None and epoch in (0, args.drw_epoch):
+        if epoch == args.drw_epoch:
             log("DRW class weights: " + ", ".join(f"{l}={w:.3f}" for l, w in zip(labels, weight.tolist())))
         if args.loss != "ce" and epoch == args.ce_epochs and epoch > 0:
             log(f"epoch {epoch + 1}: switching from ce to {args.loss}")
@@ -970,7 +884,7 @@ def train(argv=None):
             bar.set_postfix_str(f"loss {loss_sum / n_seen:.4f} lr {opt.param_groups[0]['lr']:.2e}", refresh=False)
             bar.update(1)
         bar.close()
-        rec = {"epoch": epoch + 1, "objective": kind, "train_loss": loss_sum / max(1, n_seen), "steps": step}
+        rec = {"epoch": epoch + 1, "objective": kind, "train_loss": loss_sum / n_seen, "steps": step}
         met = evaluate(scale)
         if met is not None:
             rec.update(val_accuracy=met["accuracy"], val_macro_f1=met["macro_f1"], val_ece=met["ece"])

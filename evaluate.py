@@ -1013,7 +1013,7 @@ def compare_main(args):
                               "seed": args.bootstrap_seed},
               "nll_statistic": diffs.pop("nll_statistic"), "diff": diffs, "notes": notes}
     out = os.path.join(args.out, "compare.json")
-    data.atomic_write(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    data.write_json(out, result)
     print(f"B - A: {result['b']['name']} / {result['b']['setting']} minus {result['a']['name']} / "
           f"{result['a']['setting']} | n = {result['data']['n']}" + "".join(f" | note: {x}" for x in notes))
     print("| metric | group | n | A | B | B - A [95% paired bootstrap] | p (sign-flip) |")
@@ -1086,7 +1086,7 @@ def _main(argv=None):
     out = out_folder(args)
     result["out"] = out
     data.write_jsonl(os.path.join(out, "predictions.jsonl"), rows)
-    data.atomic_write(os.path.join(out, "eval.json"), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    data.write_json(os.path.join(out, "eval.json"), result)
     print_summary(result)
     print(f"\nwrote {os.path.join(out, 'eval.json')} and predictions.jsonl ({result['timing']['total_s']:.0f} s)",
           file=sys.stderr)

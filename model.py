@@ -19,7 +19,6 @@ transformers can load what we save.
     nll = model.token_nll(idx, targets)                     # (B, T) fp32, chunked over the vocabulary
     new = model.generate([tok.encode("...")], max_new_tokens=50)
 """
-import json
 import math
 import os
 import sys
@@ -853,8 +852,7 @@ class Decoder(nn.Module):
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.wte.weight.dtype).replace("torch.", "")
         atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
-        atomic_write(os.path.join(out_dir, "config.json"),
-                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(cfg, indent=2, ensure_ascii=False)))
+        data.write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
 def sample(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -1107,24 +1105,27 @@ def _load_state(model, tensors, dtype, device, quantize=()):
 # Resolving names, downloading, tokenizers
 
 ALLOW = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-         "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"]
+         "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+         "vocab.txt"]   # vocab.txt: BERT's WordPiece vocabulary (classify.py resolves its encoders here too)
 
 
-def resolve(name_or_path, revision=None):
-    """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only)."""
+def resolve(name_or_path, revision=None, registry=None):
+    """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only).
+    registry: the short names to know (default: this file's REGISTRY; classify.py passes its encoders')."""
+    registry = REGISTRY if registry is None else registry
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
         raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "
                                       "name or an HF repo id")
-    repo = REGISTRY[name_or_path]["repo"] if name_or_path in REGISTRY else name_or_path
+    repo = registry[name_or_path]["repo"] if name_or_path in registry else name_or_path
     first = name_or_path.split("/")[0]
     looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith(("./", "../", "~")) or name_or_path.count("/") > 1
-                   or (name_or_path not in REGISTRY and first and os.path.isdir(first)))
+                   or (name_or_path not in registry and first and os.path.isdir(first)))
     if looks_local:
         raise UserError(name_or_path, "no such folder")
-    if repo is None or "/" not in repo and name_or_path not in REGISTRY:
-        raise UserError(name_or_path, f"neither a folder, a registry name ({', '.join(REGISTRY)}) nor an HF repo id")
+    if repo is None or "/" not in repo and name_or_path not in registry:
+        raise UserError(name_or_path, f"neither a folder, a registry name ({', '.join(registry)}) nor an HF repo id")
     from huggingface_hub import snapshot_download
     kw = dict(revision=revision, allow_patterns=ALLOW, token=os.environ.get("HF_TOKEN"))
     try:
@@ -1133,7 +1134,7 @@ def resolve(name_or_path, revision=None):
         try:
             return snapshot_download(repo, local_files_only=True, **kw)
         except Exception:
-            gated = " (gated: accept its conditions on the hub and set HF_TOKEN)" if "gated" in REGISTRY.get(
+            gated = " (gated: accept its conditions on the hub and set HF_TOKEN)" if "gated" in registry.get(
                 name_or_path, {}).get("note", "") else ""
             raise UserError(name_or_path, f"not a local folder, and cannot fetch {repo} from the hub{gated}: "
                                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -1159,8 +1160,7 @@ class Tokenizer:
         atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: self.tk.save(p))
         specials = {k: self.tk.id_to_token(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                                                             ("pad_token", self.pad_id)) if i is not None}
-        atomic_write(os.path.join(out_dir, "special_tokens_map.json"),
-                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(specials, ensure_ascii=False)))
+        data.write_json(os.path.join(out_dir, "special_tokens_map.json"), specials)
 
 
 def load_tokenizer(name_or_path, revision=None):

@@ -719,7 +719,7 @@ def fit(argv=None):
         elif not args.resume and os.path.isfile(log_path):
             os.remove(log_path)
         logf = open(log_path, "a", encoding="utf-8")
-        data.atomic_write(os.path.join(out, "args.json"), json.dumps(args_dict, indent=2, ensure_ascii=False))
+        data.write_json(os.path.join(out, "args.json"), args_dict)
     nparams = raw_model.num_params()
     gpu = torch.cuda.get_device_name(device) if dev_type == "cuda" else None
     peak = peak_bf16(gpu)

@@ -152,7 +152,7 @@ def test_loader_is_strict(tmp_path):
 
     os.remove(tmp_path / "tf" / "model.safetensors")
     (tmp_path / "tf" / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ValueError, match="no \\*.safetensors"):
+    with pytest.raises(ValueError, match="no .safetensors weights \\(found pytorch_model.bin"):
         classify.Bert.from_pretrained(str(tmp_path / "tf"))
 
 
@@ -238,6 +238,28 @@ def test_tokenizer_matches_transformers(tmp_path):
     again = classify.load_tokenizer(str(tmp_path / "saved"))
     assert again.encode(ARABIC) == from_vocab.encode(ARABIC)
 
+
+def test_tokenizer_config_casing_overrides_tokenizer_json(tmp_path):
+    """A tokenizer.json whose BertNormalizer keeps case and accents, with a tokenizer_config.json that says
+    do_lower_case (and strip_accents or not): we tokenise as transformers' BertTokenizerFast does for that folder."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+    words = ["hello", "world", "cafe", "café", "Hello", "CAFÉ", "ça", "va"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + sorted(set("".join(words)))
+    vocab = {t: i for i, t in enumerate(vocab)}
+    texts = ["Hello WORLD, CAFÉ ça va", "hello café Ça"]
+    seen = []
+    for i, extra in enumerate(({"do_lower_case": True}, {"do_lower_case": True, "strip_accents": False},
+                               {"do_lower_case": False})):
+        d = tmp_path / f"t{i}"
+        d.mkdir()
+        BertWordPieceTokenizer(vocab, lowercase=False, strip_accents=False).save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **extra}))
+        ours = classify.load_tokenizer(str(d))
+        want = [BertTokenizerFast.from_pretrained(str(d))(t)["input_ids"] for t in texts]
+        assert [ours.single(x, 100)[0] for x in ours.encode(texts)] == want, extra
+        seen.append(want)
+    assert seen[0] != seen[1] != seen[2] != seen[0]   # the three settings really tokenise differently
 
 def test_head_tail_truncation():
     tok = classify.load_tokenizer(WORDPIECE)
@@ -447,6 +469,22 @@ def test_stratified_split_is_seeded_and_stratified():
     assert classify.stratified_split(y, 0.2, seed=3) == (tr, va) != classify.stratified_split(y, 0.2, seed=4)
 
 
+def test_label_sets(tmp_path):
+    """Severity labels (aliases, any case) -> the three severities in their order; any other labels -> sorted;
+    --labels -> that order; integer labels are names; the column names match case-insensitively."""
+    f = tmp_path / "l.jsonl"
+
+    def read(labels_in, labels_arg=None):
+        f.write_text("".join(json.dumps({"Text": f"q{i}", "LABEL": v}, ensure_ascii=False) + "\n"
+                             for i, v in enumerate(labels_in)), encoding="utf-8")
+        texts, answers, y, labels = classify.read_labelled(str(f), "text", "label", None, labels_arg)
+        assert texts == [f"q{i}" for i in range(len(labels_in))] and answers is None
+        return y, labels
+    assert read(["Severe", "mild", "حرج", "neutral"]) == ([2, 0, 2, 1], list(classify.SEVERITIES))
+    assert read(["dental", "cardio", "dental", "skin"]) == ([1, 0, 1, 2], ["cardio", "dental", "skin"])
+    assert read(["dental", "cardio"], ["dental", "cardio"]) == ([0, 1], ["dental", "cardio"])
+    assert read([3, 1, 3]) == ([1, 0, 1], ["1", "3"])
+
 # ----------------------------------------------------------------------------------------------
 # Training end to end and the command line
 
@@ -579,13 +617,13 @@ def test_bad_checkpoint_or_flags_exit_2(tmp_path, capsys):
     capsys.readouterr()   # transformers' own save messages
     cfg = (path / "config.json").read_text()
     for name, edit, needle in (
-            ("notjson", lambda d: (d / "config.json").write_text("{bad"), "config.json: not valid JSON"),
+            ("notjson", lambda d: (d / "config.json").write_text("{bad"), "config.json:1: config is not valid JSON"),
             ("badvalue", lambda d: (d / "config.json").write_text(cfg.replace('"hidden_size": 32', '"hidden_size": "32"')),
              "config.json: hidden_size: '32' is not a valid value"),
             ("roberta", lambda d: (d / "config.json").write_text(cfg.replace('"model_type": "bert"', '"model_type": "x"')),
              "config.json: model_type: 'x' is not supported"),
             ("cut", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:3000]),
-             "model.safetensors: not a readable safetensors file")):
+             "model.safetensors: not a valid safetensors file")):
         d = tmp_path / name
         d.mkdir()
         for f in ("config.json", "model.safetensors"):
@@ -627,5 +665,5 @@ def test_hub_download_is_restricted(monkeypatch, tmp_path):
     def offline(repo_id, **kw):
         raise OSError("no network")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(ValueError, match="someone/missing: download failed"):
+    with pytest.raises(ValueError, match="someone/missing: not a local folder, and cannot fetch someone/missing"):
         classify.Bert.from_pretrained("someone/missing")
