@@ -160,8 +160,12 @@ def _stamp(name):
 
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
-    try:
-        return data.run(lambda a: annotate(get_args(a)), argv)
+    return data.run(_main, argv)
+
+
+def _main(argv=None):
+    try:   # inside data.run, so that this message (not data.run's general one) tells what was kept
+        return annotate(get_args(argv))
     except KeyboardInterrupt:
         print("\ninterrupted: finished chunks are kept in the .partial file; run the same command to resume",
               file=sys.stderr)

@@ -517,11 +517,16 @@ def die(msg):
 
 
 def run(main, argv=None):
-    """Run a script's main(argv) under the contract: DataError / UserError -> one line, exit 2."""
+    """Run a script's main(argv) under the contract: DataError / UserError -> one line, exit 2; Ctrl-C -> one
+    line, exit 130 (a script with its own Ctrl-C handling, train.py and annotate.py, catches it first)."""
     try:
         return main(argv)
     except (DataError, UserError) as e:
         die(e)
+    except KeyboardInterrupt:   # Ctrl-C is the user's choice, not a bug: one line, no traceback, 128 + SIGINT
+        print("\ninterrupted: stopped before the end (every output file is written whole or not at all)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -588,7 +593,7 @@ def output_dir(path, flag):
     if p.exists():
         if not p.is_dir():
             raise UserError(flag, f"{path}: exists and is not a folder")
-        if not os.access(p, os.W_OK | os.X_OK):
+        if not os.access(p, os.W_OK | os.X_OK) or not _can_create_in(p):
             raise UserError(flag, f"{path}: folder is not writable")
         return path
     parent = p.parent
@@ -596,9 +601,24 @@ def output_dir(path, flag):
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(flag, f"{path}: cannot create it, {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
         raise UserError(flag, f"{path}: cannot create it, {parent} is not writable")
     return path
+
+
+def _can_create_in(folder):
+    """Whether a folder can really be created inside `folder`: os.access is not enough (root passes it everywhere,
+    and /proc, /sys or a read-only bind mount refuse what it allows). Probes with a hidden folder made and removed
+    at once, then puts the folder's times back, so that nothing visible changes."""
+    try:
+        st = os.stat(folder)
+        probe = tempfile.mkdtemp(dir=folder, prefix=".probe-")
+    except OSError:
+        return False
+    os.rmdir(probe)
+    with contextlib.suppress(OSError):   # not the owner: the times may stay changed; harmless
+        os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return True
 
 
 def output_file(path, flag):
