@@ -984,8 +984,8 @@ def read_config(path):
         cfg = Config.from_hf(hf)
     except KeyError as e:
         raise UserError(cfg_file, f"missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError, IndexError) as e:
-        raise UserError(cfg_file, str(e)) from None
+    except (TypeError, ValueError, IndexError, ArithmeticError) as e:   # n_head 0: d // H
+        raise UserError(cfg_file, f"unusable config ({e})") from None
     for k in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "max_pos"):
         v = getattr(cfg, k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -1082,12 +1082,19 @@ def _load_state(model, tensors, dtype, device, quantize=()):
             if tuple(got) != tuple(want):
                 raise UserError(tensors.name, f"tensor {hf_name}: the weights have shape {tuple(got)}, config.json "
                                               f"says {tuple(want)}")
-            parts.append(tensors.get(names[hf_name]).to(torch.float32 if q else dtype))
+            t = tensors.get(names[hf_name])
+            if not t.is_floating_point():   # an int copy would load "fine" (rounded weights, no error)
+                raise UserError(tensors.name, f"tensor {hf_name} is {t.dtype}: weights must be floating point")
+            parts.append(t.to(torch.float32 if q else dtype))
             used.add(hf_name)
+        w = entry.to_ours(parts).to(device)
+        if not bool(torch.isfinite(w).all()):   # checked on the device: one pass, cheap next to the read
+            raise UserError(tensors.name, f"tensor {entry.hf[0]} holds NaN or infinite values: the weights are "
+                                          "corrupt (re-download or re-save the model)")
         if q:
-            state[mod + ".codes"], state[mod + ".absmax"] = nf4_quantize(entry.to_ours(parts).to(device))
+            state[mod + ".codes"], state[mod + ".absmax"] = nf4_quantize(w)
         else:
-            state[entry.ours] = entry.to_ours(parts).contiguous().to(device)
+            state[entry.ours] = w.contiguous()
     if cfg.tie:
         state["lm_head.weight"] = state["wte.weight"]
         if "lm_head.weight" in names:   # some repos store the tied head too; it must be the embedding
