@@ -67,7 +67,8 @@ SEVERITIES = tuple(data.SEVERITIES)   # default label set, in the order of the r
 
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    # stdout: stderr is for the one "error:" line a failed run prints (the contract); progress bars are off there
+    print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,6 +295,10 @@ def load_tensors(module, sd, table, where, prefix=""):
             if tuple(sd[h].shape) != want:
                 raise data.UserError(where, f"tensor '{prefix}{h}': checkpoint shape {tuple(sd[h].shape)} != "
                                             f"model shape {want}")
+            if not sd[h].is_floating_point():   # an int copy would load "fine" (rounded weights, no error)
+                raise data.UserError(where, f"tensor '{prefix}{h}' is {sd[h].dtype}: weights must be floating point")
+            if not bool(torch.isfinite(sd[h]).all()):
+                raise data.UserError(where, f"tensor '{prefix}{h}' holds NaN or infinite values: corrupt weights")
         with torch.no_grad():
             own[ours].copy_(torch.cat([sd[h].float() for h in hs]))
 
@@ -763,6 +768,10 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.loss == "ce" and (a.ce_epochs or a.boost_classes or a.ldam_c is not None):
         p.error("--ce-epochs, --boost-classes and --ldam-c need --loss ldam")
+    if a.keep_best and a.val_frac == 0:
+        p.error("--keep-best needs a validation split (--val-frac > 0)")
+    if a.labels is not None and not split_list(a.labels):
+        p.error("--labels: empty list (leave the flag out for the default classes)")
     return a
 
 

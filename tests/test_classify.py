@@ -103,7 +103,7 @@ def test_masked_lm_checkpoint_loads(tmp_path, capsys):
     from transformers import BertForMaskedLM
     ref, path = tiny_hf(tmp_path, "mlm", BertForMaskedLM)
     ours = classify.Bert.from_pretrained(str(path)).eval()
-    assert "no pooler" in capsys.readouterr().err
+    assert "no pooler" in capsys.readouterr().out
     ids, am, tt = batch()
     with torch.no_grad():
         want = ref.bert(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
