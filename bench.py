@@ -90,7 +90,7 @@ def get_args(argv=None):
                    "--grad-checkpoint, the activation bytes kept for backward per block and the step's peak; then "
                    "the estimate for the full depth (see README, Performance)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="with --memory: the adapted layers (the notebooks')")
-    p.add_argument("--lora-rank", type=int, default=16, help="with --memory: LoRA rank (the notebooks: 16, alpha 32)")
+    p.add_argument("--lora-rank", type=num(int, lo=1, hi=65536), default=16, help="with --memory: LoRA rank (the notebooks: 16, alpha 32)")
     return p.parse_args(argv)
 
 
@@ -411,7 +411,8 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
 
     impls = ("ours", "ours packed", "transformers")
     tot = {k: [0.0, 0, 0] for k in impls}                                 # seconds, real tokens, padding slots
-    prog = Progress(K, f"[train {args.lengths}]", "steps")
+    prog = tqdm(total=K, desc=f"[train {args.lengths}]", unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=True if args.quiet else None)   # silent when stderr is not a terminal
     for i, ex in enumerate(steps):
         for k in (impls if i % 2 == 0 else impls[::-1]):
             sync()
@@ -481,7 +482,7 @@ def _main(argv=None):
     # every flag and path before any work
     if args.model not in REGISTRY:
         raise data.UserError("--model", f"{args.model!r} is not a registry name ({', '.join(REGISTRY)})")
-    if args.json:
+    if args.json is not None:   # "" too: output_file refuses an empty path
         data.output_file(args.json, "--json")
     if args.skip_train and args.skip_gen:
         raise data.UserError("--skip-train/--skip-gen", "both given: nothing to time")
@@ -515,7 +516,7 @@ def _main(argv=None):
     meter = Meter(device)
 
     print(f"[setup] building {args.model} ({args.shape}) with random weights, saving, loading into transformers ...",
-          file=sys.stderr, flush=True)
+          flush=True)   # stdout: stderr holds only warnings and the one "error:" line of a failed run
     ours, theirs = build_models(hf_cfg, device, args.seed)
     import transformers
     dev_name = gpu or _cpu_name()
