@@ -283,6 +283,13 @@ def parse_args(argv):
     if args.source != "apollo" and args.input is None:
         p.error(f"--input is required for --source {args.source}")
     args.normalize = ["orthographic"] if args.normalize == [] else (args.normalize or [])  # bare flag: as before
+    # a flag that would be ignored is refused: the user meant something this run would not do
+    if args.sheet is not None and not str(args.input or "").lower().endswith(".xlsx"):
+        p.error("--sheet applies to an .xlsx --input only")
+    if args.dialect_rules is not None and "dialect" not in args.normalize:
+        p.error("--dialect-rules needs --normalize dialect")
+    if args.revision is not None and args.source != "apollo":
+        p.error("--revision applies to --source apollo only")
     return args
 
 
@@ -342,6 +349,10 @@ def prepare(args):
         recs.append(out)
 
     n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test)
+    if (args.n_train and not n_train) or (args.n_test and not n_test):   # an empty split no later script can use
+        raise data.UserError("--input", f"{origin}: only {len(recs)} usable pairs after cleaning ({len(rows)} rows "
+                                        f"read, {n_empty} empty, {n_dup} duplicates): too few for "
+                                        f"{'a training and a test split' if args.n_train and args.n_test else 'a split'}")
     if proportional:
         print(f"note: only {len(recs)} pairs after cleaning (asked for {args.n_train} + {args.n_test}); "
               f"split proportionally: {n_train} train / {n_test} test", file=sys.stderr)
