@@ -148,7 +148,10 @@ def get_args(argv=None):
     p.add_argument("--permutations", type=data.number(int, lo=1), default=10000, help="with --compare/--table: "
                    "random sign flips of the permutation test (exact enumeration when 2^n is no more than this); "
                    "seeded with --bootstrap-seed")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.table and a.compare:
+        p.error("--table and --compare are two different modes: give one of them")
+    return a
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,6 +333,9 @@ def scorer_folder(name):
         raise data.UserError(flag, f"{name}: no .safetensors weights" + (
             f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)"
             if pickles else ""))
+    vocab = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+    if not any(f in files for f in vocab):   # transformers would build an EMPTY tokenizer: every token [UNK]
+        raise data.UserError(flag, f"{name}: no tokenizer files (one of {', '.join(vocab)})")
     from safetensors import safe_open
     for f in sorted(f for f in files if f.endswith(".safetensors")):   # a cut or corrupt file fails here, by name
         with data.reading(os.path.join(folder, f), "scorer weights", "re-download or re-save the scorer"):
@@ -695,6 +701,9 @@ def _check_cells(path, where, table):
         for k in ("lo", "hi", "std"):
             if d.get(k) is not None and not _is_num(d[k]):
                 raise data.UserError(path, f"{where}.{g}.{k}: expected a number or null, got {d[k]!r}"[:200])
+        n = d.get("n")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise data.UserError(path, f"{where}.{g}.n: expected a count (an integer >= 0) or null, got {n!r}"[:200])
 
 
 def load_eval(path):
@@ -870,6 +879,9 @@ def table_main(args):
     if args.plot:
         data.output_file(args.plot, "--plot")
     evs = [load_eval(p) for p in args.table]
+    if all(cell_values(e, args.metric, "overall") is None for e in evs):   # an empty table is no answer
+        raise data.UserError("--metric", f"{args.metric}: no --table file has it"
+                             + (" (evaluate.py --floor writes it)" if args.metric == "floor" else ""))
     marks, skipped = table_significance(args.table, evs, args.metric, args.bootstrap, args.bootstrap_seed,
                                         args.permutations)
     for msg in skipped:
