@@ -186,6 +186,8 @@ def load_classifier(args, device):
 def annotate(args):
     # every flag and path before any work; nothing is written before the first chunk is done
     data.input_file(args.input, "input")
+    if os.path.exists(args.out) and os.path.samefile(args.input, args.out):   # the input would be replaced
+        raise data.UserError("--out", f"{args.out} is the input file: give another output path")
     for f in (args.out, args.out + ".partial", args.out + ".partial.json"):
         data.output_file(f, "--out")
     device = str(data.resolve_device(args.device, "--device"))

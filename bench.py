@@ -49,8 +49,8 @@ def get_args(argv=None):
                    "weights: " + ", ".join(REGISTRY))
     p.add_argument("--shape", choices=["full", "small"], default="full", help="full = the registry shape; small = scaled "
                    f"down to {SMALL['layers']} layers and hidden size {SMALL['hidden']} (vocabulary and head size kept)")
-    p.add_argument("--layers", type=num(int, lo=1), default=None, help="override the number of layers (after --shape)")
-    p.add_argument("--hidden", type=num(int, lo=1), default=None, help="override the hidden size (after --shape); heads = hidden / "
+    p.add_argument("--layers", type=num(int, lo=1, hi=4096), default=None, help="override the number of layers (after --shape)")
+    p.add_argument("--hidden", type=num(int, lo=1, hi=1 << 17), default=None, help="override the hidden size (after --shape); heads = hidden / "
                    "head_dim, KV heads and MLP width scale along")
     p.add_argument("--batch-size", type=num(int, lo=1), default=16 if cuda else 4, help="training micro-batch (sequences)")
     p.add_argument("--seq-len", type=num(int, lo=1), default=512 if cuda else 128, help="training sequence length (tokens)")
@@ -132,6 +132,25 @@ def scaled_config(hf, layers=None, hidden=None):
             if idxs is not None:
                 c["full_attn_idxs"] = [i for i in idxs if i < layers] or [min(layers, n0) - 1]
     return c
+
+
+def check_fits(cfg, device):
+    """Refuse (UserError) a shape whose two fp32 copies (ours and transformers', both built on the host first)
+    cannot fit in the host's available memory, or on the GPU. Parameters ~ L (4 d^2 + 3 d d_ff) + V d."""
+    n = cfg.n_layer * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+    need = 2 * 4 * n
+    free = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            free["host"] = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):   # not Linux: no check on the host
+        pass
+    if device.type == "cuda":
+        free["GPU"] = torch.cuda.mem_get_info(device)[0]
+    for where, b in free.items():
+        if need > b:
+            raise data.UserError("--model/--layers/--hidden", f"{n / 1e9:.2f}B parameters: ours and transformers' "
+                                 f"copies need {need / 2**30:.1f} GiB in fp32, the {where} has {b / 2**30:.1f} GiB free")
 
 
 def build_models(hf_cfg, device, seed):
@@ -508,6 +527,7 @@ def _main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    check_fits(cfg, device)   # before building: a shape too big is one line, not a MemoryError traceback
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()

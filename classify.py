@@ -347,6 +347,8 @@ def load_classifier(path, device="cpu", revision=None):
         load_tensors(model.classifier, head, HEAD_TABLE, folder)
     model.meta = meta
     tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
+    if tok.vocab_size > cfg.vocab_size:   # ids past the embedding: an IndexError in the first batch (as in train)
+        raise data.UserError(path, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
     return model.to(device).eval(), tok, labels
 
 

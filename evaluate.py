@@ -340,7 +340,11 @@ def scorer_folder(name):
     for f in sorted(f for f in files if f.endswith(".safetensors")):   # a cut or corrupt file fails here, by name
         with data.reading(os.path.join(folder, f), "scorer weights", "re-download or re-save the scorer"):
             with safe_open(os.path.join(folder, f), framework="pt") as h:
-                h.keys()
+                for k in h.keys():   # from the header only; integer buffers (position_ids) are allowed
+                    dt = h.get_slice(k).get_dtype()
+                    if k.endswith((".weight", ".bias")) and not dt.startswith(("F", "BF")):
+                        raise data.UserError(flag, f"{os.path.join(folder, f)}: tensor {k} is {dt}: weights "
+                                                   "must be floating point")
     return folder
 
 
@@ -370,12 +374,19 @@ class BertScore:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()          # no load reports (a classifier's unused head) nor progress bars
         hf_logging.disable_progress_bar()
+        from huggingface_hub.errors import StrictDataclassError   # transformers 5's config field checks
         try:
             # a local folder that holds safetensors (checked above): transformers loads those, never a pickle
             self.scorer = bert_score.BERTScorer(model_type=folder, num_layers=layer, batch_size=batch_size,
                                                 idf=False, rescale_with_baseline=False, device=device)
-        except (OSError, ValueError, AssertionError, KeyError) as e:   # transformers' loaders: bad or missing files
+            # one pair through tokenizer and model now: a broken vocabulary fails here, not after the generation
+            self.scorer.score(["ا"], ["ا"], batch_size=1)
+        except (OSError, ValueError, AssertionError, KeyError, TypeError, IndexError, StrictDataclassError) as e:
             raise data.UserError("--bertscore-model", f"cannot load {model_type!r}: {e}") from None
+        except Exception as e:   # noqa: BLE001 - the tokenizers library raises bare Exceptions (an empty vocab.txt)
+            if type(e) is not Exception:
+                raise
+            raise data.UserError("--bertscore-model", f"cannot load {model_type!r}'s tokenizer: {e}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()

@@ -1206,16 +1206,27 @@ def load_tokenizer(name_or_path, revision=None):
     if not os.path.isfile(j("tokenizer.json")):   # special tokens must stay one token, as in transformers
         specials = [n for n in {*names.values(), "<|endoftext|>"} if tk.token_to_id(n) is not None]
         tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in sorted(specials)])
-    ids = {}
+    ids, V = {}, None
     if os.path.isfile(j("config.json")):
         c = data.read_json(j("config.json"), "config")
         c = c if isinstance(c, dict) else {}
         for k in ("bos", "eos", "pad"):
             v = c.get(f"{k}_token_id")
             ids[k] = v[0] if isinstance(v, list) else v
+        V = c.get("vocab_size")
     for k, name in names.items():   # names beat config ids
         if tk.token_to_id(name) is not None:
             ids[k] = tk.token_to_id(name)
+    if isinstance(V, int) and not isinstance(V, bool):
+        # a tokenizer from another model gives ids past the embedding: an IndexError deep in the first forward
+        top = max(tk.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= V:
+            raise UserError(path, f"the tokenizer has token id {top} but config.json's vocab_size is {V}: the "
+                                  "tokenizer and the weights do not belong together")
+        for k, v in ids.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < V):
+                raise UserError(j("config.json"), f"{k}_token_id {v!r} is not a token id of this model "
+                                                  f"(vocab_size {V})")
     return Tokenizer(tk, ids.get("bos"), ids.get("eos"), ids.get("pad"))
 
 

@@ -590,20 +590,39 @@ def output_dir(path, flag):
     if not str(path).strip():
         raise UserError(flag, "empty path")
     p = Path(path).absolute()
-    if p.exists():
-        if not p.is_dir():
+    # os.path's tests, not Path's: these say False (not raise) for a name the file system cannot hold
+    if os.path.islink(p) and not os.path.exists(p):
+        raise UserError(flag, f"{path}: a broken symbolic link (to {os.readlink(p)})")
+    if os.path.exists(p):
+        if not os.path.isdir(p):
             raise UserError(flag, f"{path}: exists and is not a folder")
         if not os.access(p, os.W_OK | os.X_OK) or not _can_create_in(p):
             raise UserError(flag, f"{path}: folder is not writable")
         return path
     parent = p.parent
-    while not parent.exists():
+    while not os.path.exists(parent):
+        if os.path.islink(parent):   # a broken link on the way: makedirs would fail on it
+            raise UserError(flag, f"{path}: cannot create it, {parent} is a broken symbolic link")
         parent = parent.parent
-    if not parent.is_dir():
+    if not os.path.isdir(parent):
         raise UserError(flag, f"{path}: cannot create it, {parent} is a file")
+    _check_names(p.relative_to(parent).parts, parent, path, flag)
     if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
         raise UserError(flag, f"{path}: cannot create it, {parent} is not writable")
     return path
+
+
+def _check_names(names, folder, path, flag, extra=0):
+    """Refuse a file or folder name longer than the file system allows (255 bytes on most), counting `extra`
+    bytes for the temporary name an atomic write uses beside it."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for n in names:
+        if len(os.fsencode(n)) + extra > limit:
+            raise UserError(flag, f"{path}: the name {n[:40]}... is too long ({len(os.fsencode(n))} bytes; this "
+                                  f"file system allows {limit - extra})")
 
 
 def _can_create_in(folder):
@@ -628,7 +647,10 @@ def output_file(path, flag):
         raise UserError(flag, "empty path")
     if os.path.isdir(path):
         raise UserError(flag, f"{path}: is a folder, expected a file path")
-    output_dir(os.path.dirname(os.path.abspath(path)), flag)
+    folder = os.path.dirname(os.path.abspath(path))
+    output_dir(folder, flag)
+    # atomic_write's temporary file is ".<name>.<8 random>.tmp" beside it: 14 bytes more than the name
+    _check_names([os.path.basename(path)], folder if os.path.isdir(folder) else "/", path, flag, extra=14)
     return path
 
 

@@ -164,6 +164,17 @@ def model_variant(env, tmp, kind):
         (d / "tokenizer.json").write_text('{"hello": "world"}', encoding="utf-8")
     elif kind == "args.json not JSON":   # a folder train.py wrote, whose args.json was cut
         (d / "args.json").write_text('{"weights": "balanced", ', encoding="utf-8")
+    elif kind in ("int64 tensors", "nan tensor"):
+        _edit_tensors(st, kind)
+    elif kind == "tokenizer of another model":   # one token more than the embedding has rows
+        t = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        t["added_tokens"].append({"id": 10 ** 5, "content": "<|another model|>", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True})
+        (d / "tokenizer.json").write_text(json.dumps(t), encoding="utf-8")
+    elif kind == "n_head 0":
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c["n_head"] = 0
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
     elif kind == "shard outside folder":
         outside = tmp / "elsewhere.safetensors"
         st.rename(outside)
@@ -172,11 +183,42 @@ def model_variant(env, tmp, kind):
     return str(d)
 
 
+def _edit_tensors(st, kind):
+    """Rewrite a safetensors file with every tensor int64, or with its first tensor all NaN."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(st))
+    if kind == "int64 tensors":
+        sd = {k: v.to(torch.int64) for k, v in sd.items()}
+    else:
+        k = sorted(sd)[0]
+        sd[k] = torch.full_like(sd[k], float("nan"))
+    save_file(sd, str(st), {"format": "pt"})
+
+
 def scorer_variant(env, tmp, kind):
     d = tmp / "scorer"
     shutil.copytree(env["scorer"], d)
     st = d / "model.safetensors"
-    if kind == "only pytorch_model.bin":
+    if kind == "classifier, int64 tensors":   # a classifier folder (head + id2label), its tensors integer
+        from safetensors.torch import load_file, save_file
+        sd = load_file(str(st))
+        sd.update({"classifier.weight": torch.zeros(3, 32), "classifier.bias": torch.zeros(3)})
+        save_file(sd, str(st), {"format": "pt"})
+        _edit_tensors(st, "int64 tensors")
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c["id2label"] = dict(enumerate(data.SEVERITIES))
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    elif kind in ("int64 tensors", "nan tensor"):
+        _edit_tensors(st, kind)
+    elif kind == "no tokenizer files":
+        (d / "vocab.txt").unlink()
+    elif kind == "empty vocab.txt":
+        (d / "vocab.txt").write_text("", encoding="utf-8")
+    elif kind == "config wrong types":
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c["hidden_size"] = "wide"
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    elif kind == "only pytorch_model.bin":
         st.rename(d / "pytorch_model.bin")
     elif kind == "truncated safetensors":
         b = st.read_bytes()
@@ -219,6 +261,8 @@ def eval_json(tmp, kind):
         ev["setting"] = 3
     elif kind == "scores a list":
         ev["scores"] = [1, 2]
+    elif kind == "n a string":
+        ev["scores"]["f1"]["overall"]["n"] = "four"
     p.write_text("{not json" if kind == "not JSON" else json.dumps(ev), encoding="utf-8")
     return str(p)
 
@@ -479,6 +523,71 @@ CASES = [
     ("classify model only pytorch_model.bin", "classify",
      lambda e, t: C(e, t, model=scorer_variant(e, t, "only pytorch_model.bin")), ["safetensors"]),
     ("classify model missing folder", "classify", lambda e, t: C(e, t, model=str(t / "no_model")), ["no_model"]),
+
+    # -- found by the red-team pass (helper "redteam"): one row per kind
+    ("train out under /proc", "train", lambda e, t: T(e, t)[:-2] + ["--out", "/proc/no_such_run"], ["--out", "/proc"]),
+    ("train model config n_head 0", "train", lambda e, t: T(e, t, model=model_variant(e, t, "n_head 0")),
+     ["config.json"]),
+    ("train model int64 tensors", "train", lambda e, t: T(e, t, model=model_variant(e, t, "int64 tensors")),
+     ["--model", "int64"]),
+    ("train model NaN tensor", "train", lambda e, t: T(e, t, model=model_variant(e, t, "nan tensor")),
+     ["--model", "NaN"]),
+    ("classify model int64 tensors", "classify", lambda e, t: C(e, t, model=scorer_variant(e, t, "int64 tensors")),
+     ["int64"]),
+    ("classify model NaN tensor", "classify", lambda e, t: C(e, t, model=scorer_variant(e, t, "nan tensor")), ["NaN"]),
+    ("classify max-len above the model, after the data line", "classify", lambda e, t: C(e, t, "--max-len", "100000"),
+     ["--max-len"]),
+    ("classify keep-best without validation", "classify", lambda e, t: C(e, t, "--keep-best", "--val-frac", "0"),
+     ["--keep-best"]),
+    ("classify labels empty", "classify", lambda e, t: C(e, t, "--labels", ""), ["--labels"]),
+    ("classify out under /proc", "classify", lambda e, t: C(e, t, "--out", "/proc/no_such_clf"), ["--out"]),
+    ("annotate classifier int64 tensors", "annotate", lambda e, t: A(e, t, clf=scorer_variant(e, t, "classifier, int64 tensors")),
+     ["--classifier", "int64"]),
+    ("annotate out under /proc", "annotate", lambda e, t: A(e, t)[:4] + ["/proc/x.jsonl", "--device", "cpu"], ["--out"]),
+    ("evaluate scorer without tokenizer files", "evaluate",
+     lambda e, t: E(e, t, scorer=scorer_variant(e, t, "no tokenizer files")), ["--bertscore-model", "tokenizer"]),
+    ("evaluate model int64 tensors", "evaluate", lambda e, t: E(e, t, model=model_variant(e, t, "int64 tensors")),
+     ["--model", "int64"]),
+    ("evaluate out under /proc", "evaluate", lambda e, t: E(e, t, "--out", "/proc/no_such_eval"), ["--out"]),
+    ("evaluate table and compare together", "evaluate",
+     lambda e, t: ["--table", eval_json(t, "ok"), "--compare", eval_run(t, "a"), eval_run(t, "b"), "--out", str(t / "c")],
+     ["--table", "--compare"]),
+    ("evaluate table n not a count", "evaluate", lambda e, t: ["--table", eval_json(t, "n a string")], ["n"]),
+    ("evaluate table metric no file has", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--metric", "floor"],
+     ["--metric", "floor"]),
+    ("evaluate table plot under /proc", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--plot", "/proc/p.png"],
+     ["--plot"]),
+    ("prepare sheet without xlsx", "prepare", lambda e, t: P(e, t, "--sheet", "2"), ["--sheet"]),
+    ("prepare dialect-rules without dialect", "prepare",
+     lambda e, t: P(e, t, "--dialect-rules", jsonl(t, "rules.txt", "[egy]")), ["--dialect-rules"]),
+    ("prepare revision without apollo", "prepare", lambda e, t: P(e, t, "--revision", "abc"), ["--revision"]),
+    ("prepare too few pairs for the split", "prepare", lambda e, t: P(e, t, inp=jsonl(t, "one.jsonl", e["good"])),
+     ["--input", "too few"]),
+    ("prepare out under /proc", "prepare", lambda e, t: P(e, t, "--out", "/proc/no_such_prep"), ["--out"]),
+    ("bench json empty", "bench", lambda e, t: B(e, t, "--json", ""), ["--json"]),
+    ("bench json under /proc", "bench", lambda e, t: B(e, t, "--json", "/proc/b.json"), ["--json"]),
+    ("bench lora-rank -1", "bench", lambda e, t: B(e, t, "--lora-rank", "-1"), ["--lora-rank"]),
+    ("train out name too long", "train", lambda e, t: T(e, t)[:-2] + ["--out", str(t / ("a" * 300))], ["--out", "too long"]),
+    ("train out a broken symlink", "train",
+     lambda e, t: T(e, t)[:-2] + ["--out", str(t / "link")] if os.symlink(t / "nowhere" / "x", t / "link") is None
+     else None, ["--out", "broken"]),
+    ("annotate out name too long for its temp file", "annotate",
+     lambda e, t: A(e, t)[:4] + [str(t / ("a" * 245)), "--device", "cpu"], ["--out", "too long"]),
+    ("annotate out is the input", "annotate",
+     lambda e, t: (lambda p: A(e, t, inp=p)[:4] + [p, "--device", "cpu"])(jsonl(t, "in.jsonl", e["good"])),
+     ["--out", "input"]),
+    ("train model tokenizer of another model", "train",
+     lambda e, t: T(e, t, model=model_variant(e, t, "tokenizer of another model")), ["--model", "vocab_size"]),
+    ("evaluate model tokenizer of another model", "evaluate",
+     lambda e, t: E(e, t, model=model_variant(e, t, "tokenizer of another model")), ["--model", "vocab_size"]),
+    ("evaluate scorer int64 tensors", "evaluate", lambda e, t: E(e, t, scorer=scorer_variant(e, t, "int64 tensors")),
+     ["--bertscore-model", "I64"]),
+    ("evaluate scorer empty vocab.txt", "evaluate", lambda e, t: E(e, t, scorer=scorer_variant(e, t, "empty vocab.txt")),
+     ["--bertscore-model"]),
+    ("evaluate scorer config wrong types", "evaluate",
+     lambda e, t: E(e, t, scorer=scorer_variant(e, t, "config wrong types")), ["--bertscore-model", "hidden_size"]),
+    ("bench shape too big for memory", "bench", lambda e, t: B(e, t, "--hidden", str(1 << 17), "--layers", "4096"),
+     ["--hidden"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
@@ -501,7 +610,30 @@ def test_contract(env, tmp_path, monkeypatch, name, script, argv, needles):
 
 def test_the_table_covers_every_script():
     assert {c[1] for c in CASES} == set(SCRIPTS)
-    assert len(CASES) >= 100
+    assert len(CASES) >= 150
+
+
+@pytest.mark.parametrize("script,argv", [("classify", lambda e, t: C(e, t)), ("evaluate", lambda e, t: E(e, t)),
+                                         ("prepare", lambda e, t: P(e, t)),
+                                         ("bench", lambda e, t: B(e, t, "--json", str(t / "b.json")))],
+                         ids=["classify", "evaluate", "prepare", "bench"])
+def test_ctrl_c_is_one_line_and_status_130(env, tmp_path, monkeypatch, script, argv):
+    """Ctrl-C (KeyboardInterrupt) while a script runs: one 'interrupted' line, status 130, no traceback, nothing
+    written. (train.py saves a checkpoint on SIGINT, annotate.py keeps its .partial file: their own tests.)"""
+    case = tmp_path / "case"
+    case.mkdir()
+    monkeypatch.chdir(case)
+    args = argv(env, case)
+    before = snapshot(case)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "output_dir", interrupted)   # every script checks an output path early
+    code, err = call(script, args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), err
+    assert snapshot(case) == before
 
 
 # ----------------------------------------------------------------------------------------------- real processes
