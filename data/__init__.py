@@ -542,11 +542,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _range_text(lo, hi, lo_open, hi_open):
+    # integers exactly: "4294967296 must be <= 4.29497e+09" reads as if the value were allowed
+    fmt = lambda v: str(v) if isinstance(v, int) else f"{v:g}"   # noqa: E731
     parts = []
     if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+        parts.append(f"{'>' if lo_open else '>='} {fmt(lo)}")
     if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+        parts.append(f"{'<' if hi_open else '<='} {fmt(hi)}")
     return " and ".join(parts)
 
 

@@ -586,6 +586,8 @@ CASES = [
      ["--bertscore-model"]),
     ("evaluate scorer config wrong types", "evaluate",
      lambda e, t: E(e, t, scorer=scorer_variant(e, t, "config wrong types")), ["--bertscore-model", "hidden_size"]),
+    ("train seed above its range names the bound exactly", "train", lambda e, t: T(e, t, "--seed", str(2 ** 32)),
+     ["--seed", "<= 2147483647"]),
     ("bench shape too big for memory", "bench", lambda e, t: B(e, t, "--hidden", str(1 << 17), "--layers", "4096"),
      ["--hidden"]),
 ]
