@@ -770,6 +770,8 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.loss == "ce" and (a.ce_epochs or a.boost_classes or a.ldam_c is not None):
         p.error("--ce-epochs, --boost-classes and --ldam-c need --loss ldam")
+    if len({a.text_col, a.label_col, a.answer_col} - {None}) < 2 + (a.answer_col is not None):
+        p.error("--text-col, --label-col and --answer-col must name different columns")
     if a.keep_best and a.val_frac == 0:
         p.error("--keep-best needs a validation split (--val-frac > 0)")
     if a.labels is not None and not split_list(a.labels):

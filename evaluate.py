@@ -151,6 +151,8 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.table and a.compare:
         p.error("--table and --compare are two different modes: give one of them")
+    if a.table and a.out is not None:
+        p.error("--out: --table prints the table (give --plot for a PNG file)")
     return a
 
 
@@ -522,6 +524,10 @@ def check_args(args):
         raise data.UserError("--model", "required (or use --table)")
     if args.plot or args.paper:
         raise data.UserError("--plot/--paper", "only with --table")
+    if args.metric != "f1":   # a flag this mode would ignore
+        raise data.UserError("--metric", "only with --table (an evaluation scores every metric)")
+    if args.permutations != 10000:
+        raise data.UserError("--permutations", "only with --compare or --table")
     if not args.greedy and not args.temperature > 0:
         raise data.UserError("--temperature", f"{args.temperature} must be > 0 (use --greedy for greedy decoding)")
     if args.floor and args.n < 2:

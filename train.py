@@ -604,6 +604,9 @@ def fit(argv=None):
         data.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
     data.output_dir(out, "--out")
+    if os.path.isdir(args.model) and os.path.isdir(out) and os.path.samefile(args.model, out):
+        raise data.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
+                                      "--out)")
     if args.device != "auto":
         data.resolve_device(args.device, "--device")
     train_recs = data.load_records(args.data)

@@ -288,6 +288,8 @@ def parse_args(argv):
         p.error("--sheet applies to an .xlsx --input only")
     if args.dialect_rules is not None and "dialect" not in args.normalize:
         p.error("--dialect-rules needs --normalize dialect")
+    if args.question_col is not None and args.question_col == args.answer_col:
+        p.error(f"--question-col and --answer-col both name '{args.question_col}'")
     if args.revision is not None and args.source != "apollo":
         p.error("--revision applies to --source apollo only")
     return args

@@ -588,6 +588,16 @@ CASES = [
      lambda e, t: E(e, t, scorer=scorer_variant(e, t, "config wrong types")), ["--bertscore-model", "hidden_size"]),
     ("train seed above its range names the bound exactly", "train", lambda e, t: T(e, t, "--seed", str(2 ** 32)),
      ["--seed", "<= 2147483647"]),
+    ("evaluate metric without table", "evaluate", lambda e, t: E(e, t, "--metric", "nll"), ["--metric"]),
+    ("evaluate permutations without compare", "evaluate", lambda e, t: E(e, t, "--permutations", "5"),
+     ["--permutations"]),
+    ("evaluate table with out", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--out", str(t / "x")], ["--out"]),
+    ("train out is the model folder", "train", lambda e, t: (lambda m: T(e, t, model=m)[:-2] + ["--out", m])(
+        model_variant(e, t, "copy")), ["--out", "--model"]),
+    ("prepare question and answer the same column", "prepare",
+     lambda e, t: P(e, t, "--question-col", "question", "--answer-col", "question"), ["--question-col"]),
+    ("classify text and label the same column", "classify", lambda e, t: C(e, t, "--text-col", "label"),
+     ["--text-col"]),
     ("bench shape too big for memory", "bench", lambda e, t: B(e, t, "--hidden", str(1 << 17), "--layers", "4096"),
      ["--hidden"]),
 ]
