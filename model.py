@@ -992,6 +992,11 @@ def read_config(path):
             raise UserError(cfg_file, f"{k} = {v!r}: expected a positive integer")
     if not (isinstance(cfg.norm_eps, (int, float)) and cfg.norm_eps > 0):
         raise UserError(cfg_file, f"norm epsilon {cfg.norm_eps!r}: expected a positive number")
+    for k in ("bos", "eos", "pad"):   # a token id, or null; past the vocabulary it would index out of the embedding
+        v = getattr(cfg, f"{k}_id")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v >= cfg.vocab_size):
+            raise UserError(cfg_file, f"{k}_token_id = {v!r}: expected a token id below vocab_size "
+                                      f"{cfg.vocab_size}, or null")
     return cfg
 
 

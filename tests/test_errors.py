@@ -171,9 +171,9 @@ def model_variant(env, tmp, kind):
         t["added_tokens"].append({"id": 10 ** 5, "content": "<|another model|>", "single_word": False, "lstrip": False,
                                   "rstrip": False, "normalized": False, "special": True})
         (d / "tokenizer.json").write_text(json.dumps(t), encoding="utf-8")
-    elif kind == "n_head 0":
+    elif kind in ("n_head 0", "eos past the vocabulary"):
         c = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        c["n_head"] = 0
+        c.update(n_head=0) if kind == "n_head 0" else c.update(eos_token_id=10 ** 6)
         (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
     elif kind == "shard outside folder":
         outside = tmp / "elsewhere.safetensors"
@@ -528,6 +528,8 @@ CASES = [
     ("train out under /proc", "train", lambda e, t: T(e, t)[:-2] + ["--out", "/proc/no_such_run"], ["--out", "/proc"]),
     ("train model config n_head 0", "train", lambda e, t: T(e, t, model=model_variant(e, t, "n_head 0")),
      ["config.json"]),
+    ("train model config eos past the vocabulary", "train",
+     lambda e, t: T(e, t, model=model_variant(e, t, "eos past the vocabulary")), ["config.json", "eos_token_id"]),
     ("train model int64 tensors", "train", lambda e, t: T(e, t, model=model_variant(e, t, "int64 tensors")),
      ["--model", "int64"]),
     ("train model NaN tensor", "train", lambda e, t: T(e, t, model=model_variant(e, t, "nan tensor")),
