@@ -465,8 +465,9 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generatio
 
 
 def all_finite(model):
-    """True when every parameter is finite (what a checkpoint must hold). One device sync."""
-    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+    """True when every trainable parameter is finite (what a checkpoint must hold; frozen ones cannot change).
+    One device sync."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]).all())
 
 
 def read_log_lines(log_path, step):
