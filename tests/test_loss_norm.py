@@ -7,8 +7,6 @@ padded (the notebooks' collator): every sequence padded with EOS to --max-len, e
 The fixtures and helpers are test_train.py's (a tiny GPT-2 and Arabic records built in the session).
 """
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,9 +14,8 @@ import torch.nn.functional as F
 
 import model as M
 import train
-from test_train import (ROOT, TRAIN, assets, assert_same_weights, base_args,  # noqa: F401
-                        capture_grads, example_logits, free_port, read_log, run_main, severity_w, split_tokens,
-                        step_lines, sub_env)
+from test_train import (assets, assert_same_weights, base_args, capture_grads,  # noqa: F401
+                        example_logits, read_log, run_main, severity_w, split_tokens, step_lines, torchrun)
 
 pytestmark = pytest.mark.usefixtures("threads_and_signals")
 
@@ -117,12 +114,7 @@ def test_example_norm_ddp_two_processes_equal_one(assets, tmp_path):
     common = ("--lr", "1e-3", "--eval-data", "none", "--weights", "balanced", "--device", "cpu",
               "--loss-norm", "example")
     assert run_main(base_args(assets, one, "--batch-size", 8, *common, steps=2)) == 0
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN,
-           *base_args(assets, two, "--batch-size", 2, "--grad-accum", 2, *common, steps=2)]
-    p = subprocess.run(cmd, env=sub_env(MASTER_PORT=port, MASTER_ADDR="127.0.0.1"), cwd=ROOT,
-                       capture_output=True, text=True, timeout=180)
+    p = torchrun(base_args(assets, two, "--batch-size", 2, "--grad-accum", 2, *common, steps=2))
     assert p.returncode == 0, p.stderr[-3000:]
     l1, l2 = step_lines(read_log(one)), step_lines(read_log(two))
     assert len(l1) == len(l2) == 2

@@ -259,19 +259,12 @@ def test_real_steps_same_weights_packed_and_padded(assets, tmp_path, monkeypatch
 def test_ddp_two_processes_packed_equal_one_padded(assets, tmp_path):
     """torchrun, 2 CPU processes (gloo), --pack: each rank packs its half of the step into its own number of rows
     (one synced backward each); the losses, grad norms and weights equal one padded process with the whole step."""
-    import subprocess
-    import sys
-    from test_train import ROOT, TRAIN, free_port, sub_env
+    from test_train import torchrun
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--model", assets["folder"]("lfm2"), "--data", assets["train"], "--eval-data", "none", "--max-steps", "3",
               "--max-len", "128", "--lr", "1e-4", "--device", "cpu", "--quiet", "--warmup", "0", "--schedule", "constant"]
     train.main(common + ["--out", str(one), "--batch-size", "8"])
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN, *common, "--out", str(two), "--batch-size", "4",
-           "--pack"]
-    p = subprocess.run(cmd, env=sub_env(MASTER_PORT=port, MASTER_ADDR="127.0.0.1"), cwd=ROOT, capture_output=True,
-                       text=True, timeout=180)
+    p = torchrun([*common, "--out", two, "--batch-size", 4, "--pack"])
     assert p.returncode == 0, p.stderr[-3000:]
     logs = []
     for d in (one, two):

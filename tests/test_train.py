@@ -402,17 +402,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun(argv, nproc=2, timeout=300):
+    """train.py under torchrun with nproc CPU processes (gloo) on a free local port -> CompletedProcess."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN, *map(str, argv)]
+    return subprocess.run(cmd, env=sub_env(MASTER_PORT=port, MASTER_ADDR="127.0.0.1"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_ddp_two_processes_equal_one(assets, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = ("--lr", "1e-2", "--eval-data", "none", "--weights", "balanced", "--device", "cpu",
               "--loss-norm", "token")   # test_loss_norm.py covers the default, example
     assert run_main(base_args(assets, one, "--batch-size", 8, *common, steps=3)) == 0
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN,
-           *base_args(assets, two, "--batch-size", 4, *common, steps=3)]
-    p = subprocess.run(cmd, env=sub_env(MASTER_PORT=port, MASTER_ADDR="127.0.0.1"), cwd=ROOT,
-                       capture_output=True, text=True, timeout=180)
+    p = torchrun(base_args(assets, two, "--batch-size", 4, *common, steps=3))
     assert p.returncode == 0, p.stderr[-3000:]
     l1, l2 = step_lines(read_log(one)), step_lines(read_log(two))
     assert [r["step"] for r in l2] == [1, 2, 3], "one log line per step (rank 0 only)"

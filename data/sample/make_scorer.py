@@ -36,7 +36,6 @@ Example (about a minute on a 2-core CPU):
         --bertscore-layer 2 --out runs/tiny-base
 """
 import json
-import math
 import os
 import shutil
 import sys
