@@ -139,13 +139,14 @@ def _int(s):
 STRICT_JSON = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_int)
 
 
-def _strict(path, line, decode, offset=0):
+def _strict(path, line, decode, whole_file=False):
     """Run decode() (a JSON parse of text starting at `line`) and turn every way it can fail into a DataError
-    naming the line: the decoder's own line for syntax errors (counted from `line`), else `line`."""
+    naming the line: for a syntax error the decoder's own line (already counted in the whole file when
+    whole_file, else counted from `line`), for anything else `line`."""
     try:
         return decode()
     except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno if offset is None else line + e.lineno - 1, "json", e.msg) from None
+        raise DataError(path, e.lineno if whole_file else line + e.lineno - 1, "json", e.msg) from None
     except _JSONProblem as e:
         raise DataError(path, line, e.field, e.problem) from None
     except RecursionError:
@@ -178,7 +179,7 @@ def _json_items(path, text):
         return items
     while True:
         start = lineno(i)
-        obj, end = _strict(path, start, lambda: dec.raw_decode(text, i), offset=None)
+        obj, end = _strict(path, start, lambda: dec.raw_decode(text, i), whole_file=True)
         items.append((start, obj))
         i = skip(end)
         if i < n and text[i] == ",":
@@ -463,10 +464,7 @@ def extract_answer(generated_text):
 
         extract_answer("الراحة.\n\nعندي صداع؟\n\nالاجابة:\nراجع الطبيب") == "الراحة."
     """
-    text = generated_text
-    if text.lstrip().startswith(PROMPT_CUE):          # this question's own cue (a cue-less prompt)
-        text = text.lstrip()[len(PROMPT_CUE):]
-    before, cue, _ = text.partition(PROMPT_CUE)
+    before, cue, _ = _after_own_cue(generated_text).partition(PROMPT_CUE)
     if cue:                                           # a new question/answer pair begins: cut before its question
         head = before.rstrip()
         cut = head.rfind("\n")                       # the line break that opens the new question
@@ -477,10 +475,13 @@ def extract_answer(generated_text):
 def answer_complete(generated_text):
     """True once extract_answer(generated_text) can no longer change: the model has begun a new question and cue
     (a cue after this question's own). Generation may stop there (evaluate.py asks this every 8 tokens)."""
-    text = generated_text
-    if text.lstrip().startswith(PROMPT_CUE):
-        text = text.lstrip()[len(PROMPT_CUE):]
-    return PROMPT_CUE in text
+    return PROMPT_CUE in _after_own_cue(generated_text)
+
+
+def _after_own_cue(text):
+    """The generated text without a cue at its very start: that one is this question's own (a cue-less prompt)."""
+    stripped = text.lstrip()
+    return stripped[len(PROMPT_CUE):] if stripped.startswith(PROMPT_CUE) else text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,7 +503,7 @@ class UserError(ValueError):
     """A user's mistake outside a data record. str(e) is one line: "<where>: <what>"."""
 
     def __init__(self, where, what):
-        self.where, self.what = str(where), " ".join(str(what).split())
+        self.where, self.what = str(where), one_line(what)
         super().__init__(f"{self.where}: {self.what}" if self.where else self.what)
 
 
