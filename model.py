@@ -272,12 +272,22 @@ def nf4_quantize(w, block=NF4_BLOCK):
     return codes, absmax
 
 
+_NF4_PAIRS = {}   # device -> (256, 2) fp32 table, built once: nf4_dequantize runs in every NF4 forward and backward
+
+
+def _nf4_pairs(device):
+    """The byte -> (high-nibble level, low-nibble level) table on `device` (one host-to-device copy per device)."""
+    if device not in _NF4_PAIRS:
+        levels = torch.tensor(NF4_LEVELS, device=device)
+        _NF4_PAIRS[device] = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=1)
+    return _NF4_PAIRS[device]
+
+
 def nf4_dequantize(codes, absmax, shape, dtype=torch.float32, block=NF4_BLOCK):
     """(codes, absmax) -> the weight matrix of `shape` in `dtype` (level * absmax computed in fp32, rounded once).
     Filled in slices of 16M weights, so that beyond the result only a slice's fp32 values and byte indices exist:
     for Llama-2-7B's fused gate|up (90M weights) in bf16, 180 MB of result and ~128 MB of temporaries."""
-    levels = torch.tensor(NF4_LEVELS, device=codes.device)
-    pairs = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=1)   # (256, 2): byte -> its 2 levels
+    pairs = _nf4_pairs(codes.device)                                                # (256, 2): byte -> its 2 levels
     nb = absmax.numel()
     out = torch.empty(nb * block, dtype=dtype, device=codes.device)
     step = 1 << 18                                                                  # blocks per slice
@@ -356,10 +366,15 @@ def block_linears(model):
 def quantize_nf4(model):
     """Replace every nn.Linear inside the blocks by an NF4Linear (in place); returns the model."""
     for name in block_linears(model):
-        parent, child = name.rsplit(".", 1)
-        mod = model.get_submodule(parent)
-        setattr(mod, child, NF4Linear.from_linear(getattr(mod, child)))
+        _replace(model, name, NF4Linear.from_linear)
     return model
+
+
+def _replace(model, name, make):
+    """Put make(old module) in place of the submodule called `name` (e.g. "layers.0.attn.qkv")."""
+    parent, child = name.rsplit(".", 1)
+    mod = model.get_submodule(parent)
+    setattr(mod, child, make(getattr(mod, child)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -764,8 +779,7 @@ class Decoder(nn.Module):
                 done |= nxt == eos_id
             if stop is not None and t % 8 == 7:
                 so_far = out[:, :n].tolist()
-                hit = [not d and stop(r[:r.index(eos_id)] if eos_id in r else r)
-                       for d, r in zip(done.tolist(), so_far)]
+                hit = [not d and stop(r) for d, r in zip(done.tolist(), so_far)]   # a row with EOS is done
                 done |= torch.tensor(hit, dtype=torch.bool, device=device)
             if (eos_id is not None or stop is not None) and t % 8 == 7 and bool(done.all()):
                 break                                                  # a host sync only every 8 steps
@@ -825,11 +839,9 @@ class Decoder(nn.Module):
         quant = set(block_linears(model)) if quantize else set()
         state = _load_state(model, tensors, dtype, device, quant)
         for name in quant:   # the meta Linears give way to meta NF4Linears; load_state_dict assigns the codes
-            parent, child = name.rsplit(".", 1)
-            lin = model.get_submodule(name)
             with torch.device("meta"):
-                setattr(model.get_submodule(parent), child,
-                        NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype))
+                _replace(model, name, lambda lin: NF4Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                            dtype=dtype))
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie:
             model.lm_head.weight = model.wte.weight
@@ -1368,10 +1380,8 @@ def add_lora(model, targets=("qkv", "o"), rank=16, alpha=32, dropout=0.05):
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name, rows in sorted(sites.items(), key=lambda kv: list(dict(model.named_modules())).index(kv[0])):
-        parent, child = name.rsplit(".", 1)
-        mod = model.get_submodule(parent)
-        setattr(mod, child, LoRALinear(getattr(mod, child), rank, alpha, dropout, rows))
+    for name in [n for n, _ in model.named_modules() if n in sites]:   # in module order
+        _replace(model, name, lambda lin: LoRALinear(lin, rank, alpha, dropout, sites[name]))
         wrapped.append(name)
     return wrapped
 
