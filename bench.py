@@ -18,6 +18,7 @@ Columns: tokens/s (training: B*T per step; generation: new tokens per second, pr
 (generation: per new token), peak memory (MiB, see --help of --device), MFU against the device's bf16 peak
 (CUDA only), and the ratio ours / transformers of each figure (tokens/s above 1 and ms, memory below 1 favour ours).
 """
+import functools
 import json
 import math
 import os
@@ -136,8 +137,9 @@ def scaled_config(hf, layers=None, hidden=None):
 
 def check_fits(cfg, device):
     """Refuse (UserError) a shape whose two fp32 copies (ours and transformers', both built on the host first)
-    cannot fit in the host's available memory, or on the GPU. Parameters ~ L (4 d^2 + 3 d d_ff) + V d."""
-    n = cfg.n_layer * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+    cannot fit in the host's available memory, or on the GPU. The parameters are counted on a meta model."""
+    with torch.device("meta"):
+        n = Decoder(cfg).num_params()
     need = 2 * 4 * n
     free = {}
     try:
@@ -296,10 +298,11 @@ def profile(fns, n, device):
 # The two steps
 
 
-def loss_ours(model, x, y, w, n_tok):
-    """Our training loss: per-token NLL from the model (chunked over the vocabulary), weighted per example."""
-    nll = model(x, targets=y)                                                  # (B, T) fp32, 0 where y == -100
-    return (nll * w[:, None]).sum() / n_tok
+def loss_ours(model, x, y, w, n_tok, seg=None):
+    """Our training loss: per-token NLL from the model (chunked over the vocabulary), weighted per example, or per
+    token for packed rows (w (R, T), seg (R, T): train.pack_step)."""
+    nll = model(x, targets=y, **({"segments": seg} if seg is not None else {}))   # (B, T) fp32, 0 where y == -100
+    return (nll * (w if w.dim() == 2 else w[:, None])).sum() / n_tok
 
 
 def loss_transformers(model, x, y, w, n_tok):
@@ -356,6 +359,19 @@ def make_gen_steps(ours, theirs, ids, new_tokens, seed):
 # Variable lengths: padded against packed (--lengths maqa | sample)
 
 
+@functools.cache
+def sample_lengths():
+    """(prompt tokens, total tokens) of every data/sample training pair through the tiny tokenizer (read once)."""
+    from model import load_tokenizer
+    tok = load_tokenizer("tiny")
+    recs = data.load_records(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample", "train.jsonl"))
+    out = []
+    for r in recs:
+        p = len(tok.encode(data.format_prompt(r["question"])))
+        out.append((p, p + len(tok.encode(r["answer"], special=False)) + 1))   # + EOS
+    return out
+
+
 def example_lengths(kind, n, max_len, seed):
     """n (prompt tokens, total tokens) pairs, total <= max_len.
     maqa: MAQA's doctors' answers run from a few words to several hundred. Modelled as log-normal token counts:
@@ -368,13 +384,7 @@ def example_lengths(kind, n, max_len, seed):
         a = torch.exp(torch.randn(n, generator=g) * 1.0 + torch.log(torch.tensor(60.0))).round().clamp(min=1)
         pairs = [(int(qi), int(qi + ai + 1)) for qi, ai in zip(q, a)]
     else:
-        from model import load_tokenizer
-        tok = load_tokenizer("tiny")
-        recs = data.load_records(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample",
-                                              "train.jsonl"))
-        enc = [(len(tok.encode(data.format_prompt(r["question"]))),
-                len(tok.encode(data.format_prompt(r["question"]))) + len(tok.encode(r["answer"], special=False)) + 1)
-               for r in recs]
+        enc = sample_lengths()
         pairs = [enc[i] for i in torch.randint(0, len(enc), (n,), generator=g).tolist()]
     return [(min(p, max_len - 1), min(t, max_len)) for p, t in pairs]
 
@@ -420,8 +430,7 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
                 if impl == "transformers":
                     loss = loss_transformers(theirs, x, y, w, n_tok)
                 else:
-                    nll = ours(x, targets=y, **({"segments": seg[0]} if seg else {}))
-                    loss = (nll * (w if w.dim() == 2 else w[:, None])).sum() / n_tok
+                    loss = loss_ours(ours, x, y, w, n_tok, seg[0] if seg else None)
             loss.backward()
             real, pads = real + x.numel() - p, pads + p
         opts[impl].step()
@@ -821,7 +830,7 @@ def memory_report(args, device):
           "for backward (saved_tensors_hooks), weights excluded; tight = fits with less than 1.5 GiB to spare for "
           "the CUDA context and allocator fragmentation")
     if args.json:
-        data.atomic_write(args.json, json.dumps(report, indent=2) + "\n")
+        data.write_json(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
     return report
 
