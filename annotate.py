@@ -173,14 +173,9 @@ def _main(argv=None):
 
 
 def load_classifier(args, device):
-    """classify.load_classifier at the boundary: its errors about the folder or files become one UserError."""
+    """classify.load_classifier at the boundary: its errors name the flag and say what to do."""
     with data.for_flag("--classifier"), data.reading(args.classifier, "classifier", "train one with classify.py"):
-        try:
-            return classify.load_classifier(args.classifier, device, args.revision)
-        except (ValueError, KeyError) as e:
-            if isinstance(e, (data.UserError, data.DataError)):
-                raise
-            raise data.UserError(args.classifier, str(e)) from None
+        return classify.load_classifier(args.classifier, device, args.revision)
 
 
 def annotate(args):

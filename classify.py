@@ -263,6 +263,10 @@ def read_checkpoint(name_or_path, revision=None):
     cfg_dict = data.read_json(cfg_path, "config")
     if not isinstance(cfg_dict, dict):
         raise data.UserError(cfg_path, "expected a JSON object")
+    meta = cfg_dict.get("severity_classifier")
+    if not (meta is None or (isinstance(meta, dict) and meta.get("head", "pooler") in ("pooler", "linear"))):
+        raise data.UserError(cfg_path, f"severity_classifier: expected an object with head pooler or linear, "
+                                       f"got {str(meta)[:60]!r}")
     cfg = BertConfig.from_hf(cfg_dict, cfg_path)
     tensors, enc, head = _open_safetensors(folder), {}, {}
     for k in tensors:
@@ -279,7 +283,8 @@ def load_tensors(module, sd, table, where, prefix=""):
     """Copy HF-named tensors into module through a table, strictly: a missing or unexpected tensor or a shape
     mismatch is an error naming it (prefix + HF name). A checkpoint without a pooler (MLM saves) keeps a random one."""
     own = module.state_dict()
-    extra = [k for k in sd if k not in {h for _, hs in table for h in hs}]
+    names = {h for _, hs in table for h in hs}
+    extra = [k for k in sd if k not in names]
     if extra:
         raise data.UserError(where, f"unexpected tensor '{prefix}{extra[0]}' with shape {tuple(sd[extra[0]].shape)}")
     missing = [h for _, hs in table for h in hs if h not in sd]
@@ -426,9 +431,11 @@ def load_tokenizer(folder):
     p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
                                                                  "vocab.txt"))
     cfg = data.read_json(p_cfg, "tokenizer config") if os.path.isfile(p_cfg) else {}
+    if not isinstance(cfg, dict):
+        raise data.UserError(p_cfg, "expected a JSON object")
     vocab_text = None
     if os.path.isfile(p_vocab):
-        with open(p_vocab, encoding="utf-8", newline="") as fh:
+        with data.reading(p_vocab, "vocab.txt"), open(p_vocab, encoding="utf-8", newline="") as fh:
             vocab_text = fh.read()
     if os.path.isfile(p_json):
         with data.reading(p_json, "tokenizer.json"):

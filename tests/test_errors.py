@@ -218,6 +218,12 @@ def scorer_variant(env, tmp, kind):
         c = json.loads((d / "config.json").read_text(encoding="utf-8"))
         c["hidden_size"] = "wide"
         (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    elif kind == "severity_classifier not an object":
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c["severity_classifier"] = "ab"
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    elif kind == "tokenizer_config a list":
+        (d / "tokenizer_config.json").write_text("[1, 2]", encoding="utf-8")
     elif kind == "only pytorch_model.bin":
         st.rename(d / "pytorch_model.bin")
     elif kind == "truncated safetensors":
@@ -543,6 +549,13 @@ CASES = [
      ["--keep-best"]),
     ("classify labels empty", "classify", lambda e, t: C(e, t, "--labels", ""), ["--labels"]),
     ("classify out under /proc", "classify", lambda e, t: C(e, t, "--out", "/proc/no_such_clf"), ["--out"]),
+    ("annotate classifier severity_classifier not an object", "annotate",
+     lambda e, t: A(e, t, clf=scorer_variant(e, t, "severity_classifier not an object")),
+     ["--classifier", "severity_classifier"]),
+    ("classify model tokenizer_config a list", "classify",
+     lambda e, t: C(e, t, model=scorer_variant(e, t, "tokenizer_config a list")), ["tokenizer_config"]),
+    ("classify model severity_classifier not an object", "classify",
+     lambda e, t: C(e, t, model=scorer_variant(e, t, "severity_classifier not an object")), ["severity_classifier"]),
     ("annotate classifier int64 tensors", "annotate", lambda e, t: A(e, t, clf=scorer_variant(e, t, "classifier, int64 tensors")),
      ["--classifier", "int64"]),
     ("annotate out under /proc", "annotate", lambda e, t: A(e, t)[:4] + ["/proc/x.jsonl", "--device", "cpu"], ["--out"]),
