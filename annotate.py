@@ -25,7 +25,6 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import classify
 import data
@@ -228,8 +227,7 @@ def annotate(args):
     with open(partial, "r+b" if done else "wb") as fh:
         fh.truncate(nbytes)
 
-    bar = tqdm(total=len(recs), initial=done, desc="annotate", unit="row", file=sys.stderr, dynamic_ncols=True,
-               disable=True if args.quiet else None)   # silent when stderr is not a terminal
+    bar = data.progress(len(recs), "annotate", "row", args.quiet, initial=done)
     chunks = 0
     while done < len(recs):
         chunk = recs[done:done + args.chunk_size]

@@ -31,7 +31,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 from model import REGISTRY, Config, Decoder
@@ -260,8 +259,7 @@ def run_alternating(phase, fns, warmup, iters, device, meter, quiet=False):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = {k: [] for k in fns}
     peaks = {k: 0 for k in fns}
-    prog = tqdm(total=warmup + iters, desc=f"[{phase}]", unit="step", file=sys.stderr, dynamic_ncols=True,
-                disable=True if quiet else None)   # silent when stderr is not a terminal
+    prog = data.progress(warmup + iters, f"[{phase}]", "step", quiet)
     for i in range(warmup + iters):
         order = list(fns) if i % 2 == 0 else list(fns)[::-1]
         for k in order:
@@ -439,8 +437,7 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
 
     impls = ("ours", "ours packed", "transformers")
     tot = {k: [0.0, 0, 0] for k in impls}                                 # seconds, real tokens, padding slots
-    prog = tqdm(total=K, desc=f"[train {args.lengths}]", unit="step", file=sys.stderr, dynamic_ncols=True,
-                disable=True if args.quiet else None)   # silent when stderr is not a terminal
+    prog = data.progress(K, f"[train {args.lengths}]", "step", args.quiet)
     for i, ex in enumerate(steps):
         for k in (impls if i % 2 == 0 else impls[::-1]):
             sync()

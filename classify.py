@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -44,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 from model import _open_safetensors, resolve   # one hub download and safetensors reader, model.py's
@@ -873,8 +871,7 @@ def train(argv=None):
             log(f"epoch {epoch + 1}: switching from ce to {args.loss}")
         perm = torch.randperm(len(tr), generator=gen).tolist()
         n_steps = min(steps_per_epoch, total - step)
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{n_epochs}", unit="step", file=sys.stderr,
-                   disable=True if args.quiet else None, dynamic_ncols=True)
+        bar = data.progress(n_steps, f"epoch {epoch + 1}/{n_epochs}", "step", args.quiet)
         loss_sum, n_seen = 0.0, 0
         for b in range(n_steps):
             idx = [tr[i] for i in perm[b * args.batch_size:(b + 1) * args.batch_size]]

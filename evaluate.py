@@ -42,7 +42,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 
@@ -604,8 +603,7 @@ def evaluate(args):
     for k, seed in enumerate(seeds):
         t0 = time.time()
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
-        prog = tqdm(total=len(records), desc=f"{tag}generate", unit="row", file=sys.stderr, dynamic_ncols=True,
-                    disable=True if args.quiet else None)   # silent when stderr is not a terminal
+        prog = data.progress(len(records), f"{tag}generate", "row", args.quiet)
         preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, top_k,
                                  top_p, seed, prog, gen_stats, prompt)
         prog.close()

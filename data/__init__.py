@@ -432,6 +432,14 @@ def sha256(path):
     return h.hexdigest()
 
 
+def progress(total, desc, unit, quiet=False, initial=0):
+    """The one progress display of every script: a tqdm bar on stderr with rate and ETA, silent when stderr is not a
+    terminal (tqdm's disable=None) or with --quiet. Use as a context manager or close() it."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=True if quiet else None)
+
+
 def write_json(path, obj):
     """Write obj as indented JSON (UTF-8 Arabic kept readable) plus a newline, atomically."""
     atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
