@@ -35,6 +35,7 @@ bert-score 0.3.13 on transformers 5 (two workarounds, both here, both keep bert-
   - an empty candidate crashes it (it calls a tokenizer method transformers 5 removed); bert-score defines the
     score of an empty candidate as P = R = F1 = 0, so empty predictions get 0 and are not sent to it.
 """
+import functools
 import json
 import os
 import sys
@@ -571,6 +572,8 @@ def evaluate(args):
     if model.cfg.pos == "learned" and model.cfg.max_pos - args.max_new_tokens < 1:
         raise data.UserError("--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in the model's "
                                                  f"{model.cfg.max_pos} positions")
+    gen_cfg = model_generation_config(path)           # a bad generation_config.json fails here, before any work
+    prompt, top_k, top_p, notes = resolve_recipe(args, gen_cfg)
     if args.compile:
         model.compile_decode()
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -588,8 +591,6 @@ def evaluate(args):
     t_nll = time.time() - t0
 
     temperature = 0.0 if args.greedy else args.temperature
-    gen_cfg = model_generation_config(path)
-    prompt, top_k, top_p, notes = resolve_recipe(args, gen_cfg)
     for note in notes:
         log(f"warning: --recipe notebook: {note}")
     if args.greedy:
@@ -1066,6 +1067,7 @@ def table_significance(paths, evs, metric, n_boot, seed, n_perm):
     for p, ev in zip(paths, evs):
         cells.setdefault((ev["model"]["name"], column_of(ev)), []).append(p)
 
+    @functools.cache   # a row's CE cell is compared with every other column: read its files once
     def merged(ps):
         loaded = [load_examples(p) for p in ps]
         check_comparable(list(zip(ps, [e for e, _ in loaded])))
@@ -1084,7 +1086,7 @@ def table_significance(paths, evs, metric, n_boot, seed, n_perm):
         if c == "CE" or (r, "CE") not in cells:
             continue
         try:
-            (xa, ea), (xb, eb) = merged(cells[(r, "CE")]), merged(ps)
+            (xa, ea), (xb, eb) = merged(tuple(cells[(r, "CE")])), merged(tuple(ps))
             check_comparable([(cells[(r, "CE")][0], ea), (ps[0], eb)])
             diffs = paired_table(xa, xb, n_boot, seed, n_perm)
         except ValueError as e:
