@@ -52,6 +52,7 @@ SETTINGS = ("Base", "CE", "Mild", "Strong", "Balanced")          # the paper's T
 PRESET_SETTING = {"ce": "CE", "mild": "Mild", "strong": "Strong", "balanced": "Balanced"}   # train.PRESETS keys
 GROUPS = ("overall",) + tuple(data.SEVERITIES)
 METRICS = ("precision", "recall", "f1")
+PERMUTATIONS = 10000   # random sign flips of the paired permutation test (--permutations)
 DEFAULT_SCORER = "bert-base-multilingual-cased"
 
 # The paper's Table 2: BERTScore F1 (%), one unseeded sampled run per cell, columns = SETTINGS.
@@ -135,8 +136,8 @@ def get_args(argv=None):
     # comparison mode
     p.add_argument("--table", nargs="+", metavar="EVAL_JSON", default=None,
                    help="print Table-2-style Markdown tables from these eval.json files instead of evaluating")
-    p.add_argument("--metric", choices=METRICS + ("nll", "floor"), default="f1", help="with --table: the value in the "
-                   "cells (floor = F1 against shuffled references, from runs made with --floor)")
+    p.add_argument("--metric", choices=METRICS + ("nll", "floor"), default=None, help="with --table: the value in the "
+                   "cells (floor = F1 against shuffled references, from runs made with --floor); default f1")
     p.add_argument("--paper", action="store_true", help="with --table: add the paper's Table 2 figures (BERTScore F1) "
                    "for models that are among the paper's ten")
     p.add_argument("--plot", default=None, help="with --table: save a PNG bar chart with intervals to this path")
@@ -145,9 +146,9 @@ def get_args(argv=None):
                    "scored on the same data with the same scorer and protocol: per example B - A in P, R, F1 and "
                    "answer NLL, overall and per severity, with a 95%% paired bootstrap interval and a paired "
                    "sign-flip permutation p-value; printed and saved to --out/compare.json")
-    p.add_argument("--permutations", type=data.number(int, lo=1), default=10000, help="with --compare/--table: "
+    p.add_argument("--permutations", type=data.number(int, lo=1), default=None, help="with --compare/--table: "
                    "random sign flips of the permutation test (exact enumeration when 2^n is no more than this); "
-                   "seeded with --bootstrap-seed")
+                   f"seeded with --bootstrap-seed; default {PERMUTATIONS}")
     a = p.parse_args(argv)
     if a.table and a.compare:
         p.error("--table and --compare are two different modes: give one of them")
@@ -524,9 +525,9 @@ def check_args(args):
         raise data.UserError("--model", "required (or use --table)")
     if args.plot or args.paper:
         raise data.UserError("--plot/--paper", "only with --table")
-    if args.metric != "f1":   # a flag this mode would ignore
+    if args.metric is not None:   # a flag this mode would ignore (given at all, even with its default value)
         raise data.UserError("--metric", "only with --table (an evaluation scores every metric)")
-    if args.permutations != 10000:
+    if args.permutations is not None:
         raise data.UserError("--permutations", "only with --compare or --table")
     if not args.greedy and not args.temperature > 0:
         raise data.UserError("--temperature", f"{args.temperature} must be > 0 (use --greedy for greedy decoding)")
@@ -892,6 +893,7 @@ def save_plot(path, metric, rows, cols, cells):
 
 
 def table_main(args):
+    args.metric, args.permutations = args.metric or "f1", args.permutations or PERMUTATIONS
     if args.plot:
         data.output_file(args.plot, "--plot")
     evs = [load_eval(p) for p in args.table]
@@ -1018,6 +1020,9 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
 
 
 def compare_main(args):
+    if args.metric is not None:
+        raise data.UserError("--metric", "only with --table (--compare reports every metric)")
+    args.permutations = args.permutations or PERMUTATIONS
     if not args.out:
         raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")

@@ -606,6 +606,10 @@ CASES = [
     ("evaluate metric without table", "evaluate", lambda e, t: E(e, t, "--metric", "nll"), ["--metric"]),
     ("evaluate permutations without compare", "evaluate", lambda e, t: E(e, t, "--permutations", "5"),
      ["--permutations"]),
+    ("evaluate permutations at its default without compare", "evaluate", lambda e, t: E(e, t, "--permutations", "10000"),
+     ["--permutations"]),
+    ("evaluate metric with compare", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
+                                                               str(t / "cmp"), "--metric", "f1"], ["--metric"]),
     ("evaluate table with out", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--out", str(t / "x")], ["--out"]),
     ("train out is the model folder", "train", lambda e, t: (lambda m: T(e, t, model=m)[:-2] + ["--out", m])(
         model_variant(e, t, "copy")), ["--out", "--model"]),
