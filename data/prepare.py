@@ -82,11 +82,8 @@ def load_dialect_rules(path=DIALECT_RULES):
     Lines: "[dialect]" starts a section, "form = MSA" is a rule, "#" starts a comment. Two forms that are
     equal after normalize_arabic are one form given twice (an error, reported at the second line)."""
     path = data.input_file(str(path), "--dialect-rules")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise data.UserError("--dialect-rules", f"{path}: cannot read it ({e.__class__.__name__})") from None
+    with data.for_flag("--dialect-rules"), data.reading(path, "dialect rules"), open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
     table, first_line, counts, dialect = {}, {}, {}, None
     for n, raw in enumerate(lines, 1):
         line = raw.split("#", 1)[0].strip()
