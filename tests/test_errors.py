@@ -46,21 +46,11 @@ CUDA = torch.cuda.is_available()
 # ----------------------------------------------------------------------------------------------- fixtures
 
 def _bert_folder(folder):
-    """A tiny random BERT (transformers' layout, safetensors) with a character WordPiece vocabulary: a valid scorer
-    for evaluate.py and the shape of a classifier folder for corrupting."""
-    from transformers import BertConfig, BertModel
-    chars = sorted({c for r in data.load_records(os.path.join(SAMPLE, "test.jsonl")) for c in r["question"] + r["answer"]
-                    if not c.isspace()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 128}, f)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
-    return folder
+    """A tiny random BERT over the sample's characters (test_evaluate.make_scorer): a valid scorer for evaluate.py
+    and the shape of a classifier folder for corrupting."""
+    from test_evaluate import make_scorer
+    texts = [r["question"] + r["answer"] for r in data.load_records(os.path.join(SAMPLE, "test.jsonl"))]
+    return make_scorer(folder, layers=2, texts=texts)
 
 
 @pytest.fixture(scope="module")

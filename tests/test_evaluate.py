@@ -62,10 +62,12 @@ def make_decoder(tok, folder, seed=0):
     return folder
 
 
-def make_scorer(folder, layers=3):
-    """A tiny random BERT (transformers) with a character WordPiece vocabulary: bert-score loads it as a local folder."""
+def make_scorer(folder, layers=3, texts=None):
+    """A tiny random BERT (transformers) with a character WordPiece vocabulary over `texts` (default: QA's): bert-score
+    loads it as a local folder."""
     from transformers import BertConfig, BertModel
-    chars = sorted({c for q, a, _ in QA for c in q + a if not c.isspace()})
+    texts = texts if texts is not None else [q + a for q, a, _ in QA]
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:

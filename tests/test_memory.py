@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import data
 import model as M
+from test_model import _ROPE, FAMILIES, V
 import train
 
 transformers.logging.set_verbosity_error()
@@ -28,24 +29,12 @@ PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
              0.7229568362236023, 1.0]
 
-V = 300
-_ROPE = {"rope_type": "default", "rope_theta": 1000.0}
-HF = {
-    "gpt2": dict(model_type="gpt2", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=None,
-                 activation_function="gelu_new", bos_token_id=0, eos_token_id=0),
-    "bloom": dict(model_type="bloom", vocab_size=V, hidden_size=64, n_layer=2, n_head=4,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3),
-    "qwen2": dict(model_type="qwen2", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128, rope_parameters=_ROPE,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
-    "lfm2": dict(model_type="lfm2", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=96, block_auto_adjust_ff_dim=False,
-                 layer_types=["conv", "full_attention"], max_position_embeddings=128, rope_parameters=_ROPE,
-                 norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=7, pad_token_id=0),
-    "llama": dict(model_type="llama", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128, rope_parameters=_ROPE,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-}
+# test_model's tiny configs; LFM2 cut to one conv and one attention layer (2 layers, like the others)
+HF = {k: FAMILIES[k] for k in ("gpt2", "bloom", "qwen2", "llama")}
+HF["lfm2"] = dict(model_type="lfm2", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96, block_auto_adjust_ff_dim=False,
+                  layer_types=["conv", "full_attention"], max_position_embeddings=128, rope_parameters=_ROPE,
+                  norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=7, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,11 @@ pytestmark = pytest.mark.usefixtures("threads_and_signals")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A BPE tokenizer trained on the records, data files, and a tiny checkpoint folder per family (lazily)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from test_train import byte_bpe
     import data
     root = tmp_path_factory.mktemp("pack_assets")
     recs, test = make_records(24, 5), make_records(6, 6)
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([r["question"] + "\n" + r["answer"] for r in recs] + [data.PROMPT_CUE], trainer)
+    tk = byte_bpe(recs)
     (root / "data").mkdir()
     out = dict(root=root, train=write_jsonl(root / "data" / "train.jsonl", recs),
                test=write_jsonl(root / "data" / "test.jsonl", test), vocab=tk.get_vocab_size(), tk=tk, dirs={})

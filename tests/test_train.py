@@ -58,21 +58,27 @@ def write_jsonl(path, recs):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    """A tiny local model folder (config.json + model.safetensors + tokenizer.json) and data files:
-    data/train.jsonl (32) + data/test.jsonl (9, found by --eval-data auto), one8/train8.jsonl (8 records, no
-    test.jsonl beside it: one optimizer step of 8 covers it all)."""
+def byte_bpe(records):
+    """A GPT-2-style byte-level BPE (400 tokens, <|endoftext|> = 0) trained on the records and the answer cue."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    root = tmp_path_factory.mktemp("train_assets")
-    train_recs, test_recs, recs8 = make_records(32, 0), make_records(9, 1), make_records(8, 2)
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([r["question"] + "\n" + r["answer"] for r in train_recs] + [data.PROMPT_CUE], trainer)
+    tk.train_from_iterator([r["question"] + "\n" + r["answer"] for r in records] + [data.PROMPT_CUE], trainer)
+    return tk
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """A tiny local model folder (config.json + model.safetensors + tokenizer.json) and data files:
+    data/train.jsonl (32) + data/test.jsonl (9, found by --eval-data auto), one8/train8.jsonl (8 records, no
+    test.jsonl beside it: one optimizer step of 8 covers it all)."""
+    root = tmp_path_factory.mktemp("train_assets")
+    train_recs, test_recs, recs8 = make_records(32, 0), make_records(9, 1), make_records(8, 2)
+    tk = byte_bpe(train_recs)
     assert tk.token_to_id("<|endoftext|>") == 0
     cfg = M.Config.from_hf(dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_inner=None, n_positions=256,
                                 vocab_size=tk.get_vocab_size(), layer_norm_epsilon=1e-5,
