@@ -743,15 +743,22 @@ def fit(argv=None):
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
 
+    def leave(code):
+        """All ranks leave together: gloo torn down by a rank that is done while rank 0 still saves the checkpoint
+        aborts the process (SIGABRT, "terminate called without an active exception"; seen under load)."""
+        if ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        if code:
+            sys.exit(code)
+
     def diverged(what):
         """Stop: the bad update was not applied; name the checkpoint that remains (never a non-finite one)."""
         kept = (f"the last checkpoint is {state_path} (+ model.safetensors) at step {saved_step}" if saved_step
                 else f"no checkpoint was saved in {out}")
         print(f"error: {what} at step {step + 1}: training stopped and nothing of this step was saved; {kept}. "
               f"Try a lower --lr or --grad-clip 1", file=sys.stderr, flush=True)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
+        leave(1)
 
     t_start, tokens_seen, start_step = time.time(), 0, step
     t_saved = time.time()
@@ -852,13 +859,14 @@ def fit(argv=None):
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
             if master:
                 plot_log(log_path, os.path.join(out, "train_log.png"))
-        last = step == total or stop["sig"] is not None
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
-        if args.fsdp:   # an FSDP checkpoint is collective: every rank takes rank 0's decision
-            flag = torch.tensor([float(bool(last or due))], device=device)
-            dist.broadcast(flag, 0)
-            due = bool(flag.item())
+        if ddp:   # every rank takes the same decisions: rank 0's clock for saving (an FSDP save is collective), any
+            # rank's signal for stopping (so that no rank waits in an all-reduce for one that has left)
+            flags = torch.tensor([float(bool(due) and master), float(stop["sig"] or 0)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            due, stop["sig"] = bool(flags[0].item()), (int(flags[1].item()) or None)
+        last = step == total or stop["sig"] is not None
         if (master or args.fsdp) and (last or due):
             if args.fsdp:
                 fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
@@ -867,17 +875,12 @@ def fit(argv=None):
             saved_step, t_saved = step, time.time()
         if stop["sig"] is not None:
             log(f"signal {stop['sig']}: saved step {step} to {out}; rerun with --resume to continue")
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(128 + stop["sig"])
+            leave(128 + stop["sig"])
     if master:
         logf.close()
         plot_log(log_path, os.path.join(out, "train_log.png"))
         log(f"done: {out} ({time.time() - t_start:.1f}s)")
-    if ddp:
-        if args.fsdp:   # leave together: a rank tearing gloo down while another still runs can abort (seen once)
-            dist.barrier()
-        dist.destroy_process_group()
+    leave(0)
 
 
 if __name__ == "__main__":
