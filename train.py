@@ -861,21 +861,22 @@ def fit(argv=None):
                 plot_log(log_path, os.path.join(out, "train_log.png"))
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
+        sig = stop["sig"]   # read once: a signal handled from here on counts at the next step, on every rank alike
         if ddp:   # every rank takes the same decisions: rank 0's clock for saving (an FSDP save is collective), any
             # rank's signal for stopping (so that no rank waits in an all-reduce for one that has left)
-            flags = torch.tensor([float(bool(due) and master), float(stop["sig"] or 0)], device=device)
+            flags = torch.tensor([float(bool(due) and master), float(sig or 0)], device=device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            due, stop["sig"] = bool(flags[0].item()), (int(flags[1].item()) or None)
-        last = step == total or stop["sig"] is not None
+            due, sig = bool(flags[0].item()), (int(flags[1].item()) or None)
+        last = step == total or sig is not None
         if (master or args.fsdp) and (last or due):
             if args.fsdp:
                 fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
             else:
                 save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
             saved_step, t_saved = step, time.time()
-        if stop["sig"] is not None:
-            log(f"signal {stop['sig']}: saved step {step} to {out}; rerun with --resume to continue")
-            leave(128 + stop["sig"])
+        if sig is not None:
+            log(f"signal {sig}: saved step {step} to {out}; rerun with --resume to continue")
+            leave(128 + sig)
     if master:
         logf.close()
         plot_log(log_path, os.path.join(out, "train_log.png"))

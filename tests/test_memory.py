@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import data
 import model as M
 from test_model import _ROPE, FAMILIES, V
+from test_train import torchrun
 import train
 
 transformers.logging.set_verbosity_error()
@@ -396,20 +397,6 @@ def test_train_nf4_lora_checkpointed_equals_plain_and_saves_hf(tmp_path, monkeyp
 
 # ----------------------------------------------------------------------------------------------- 5. FSDP (gloo, CPU)
 
-def _torchrun(argv, out):
-    import socket
-    import subprocess
-    import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", train.__file__, *argv, "--out", str(out)]
-    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
-
-
 def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
     """torch 2.13's FSDP2 runs on CPU with gloo. 2 sharded processes x batch 4 for 2 steps, then resumed to step 4
     (constant lr, so the stop changes no schedule), = 1 process x batch 8 for 4 steps: losses, gradient norms, weights
@@ -420,11 +407,11 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
     one, cut = tmp_path / "one", tmp_path / "cut"
     assert run_train(common + ["--batch-size", "8", "--max-steps", "4", "--out", str(one)]) == 0
     fsdp = common + ["--batch-size", "4", "--fsdp", "--grad-checkpoint"]
-    p = _torchrun(fsdp + ["--max-steps", "2"], cut)
+    p = torchrun(fsdp + ["--max-steps", "2", "--out", cut])
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.load(open(cut / "args.json"))["world_size"] == 2
     assert [json.loads(ln)["step"] for ln in open(cut / "train_log.jsonl")] == [1, 2]
-    p = _torchrun(fsdp + ["--max-steps", "4", "--resume"], cut)
+    p = torchrun(fsdp + ["--max-steps", "4", "--resume", "--out", cut])
     assert p.returncode == 0, p.stderr[-3000:]
     l1, l2 = ([json.loads(ln) for ln in open(d / "train_log.jsonl")] for d in (one, cut))
     assert [r["step"] for r in l2] == [1, 2, 3, 4]

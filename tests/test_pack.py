@@ -27,7 +27,6 @@ pytestmark = pytest.mark.usefixtures("threads_and_signals")
 def assets(tmp_path_factory):
     """A BPE tokenizer trained on the records, data files, and a tiny checkpoint folder per family (lazily)."""
     from test_train import byte_bpe
-    import data
     root = tmp_path_factory.mktemp("pack_assets")
     recs, test = make_records(24, 5), make_records(6, 6)
     tk = byte_bpe(recs)

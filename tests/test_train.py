@@ -408,13 +408,50 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(argv, nproc=2, timeout=300):
-    """train.py under torchrun with nproc CPU processes (gloo) on a free local port -> CompletedProcess."""
+def start_torchrun(argv, nproc=2):
+    """train.py under torchrun with nproc CPU processes (gloo) on a free local port -> Popen (end it with reap())."""
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN, *map(str, argv)]
-    return subprocess.run(cmd, env=sub_env(MASTER_PORT=port, MASTER_ADDR="127.0.0.1"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(cmd, env=sub_env(MASTER_PORT=port, MASTER_ADDR="127.0.0.1"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def children(pid):
+    """Process ids whose parent is pid (Linux /proc): torchrun's workers, each in a session of its own."""
+    kids = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:   # field 4, after the "(command)" that may hold spaces
+            kids.append(int(d))
+    return sorted(kids)
+
+
+def reap(p):
+    """After a failed or timed-out test: SIGKILL torchrun's workers, then torchrun (killed alone, it would leave the
+    workers running, holding its output pipes open)."""
+    if p.poll() is None:
+        for pid in children(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.kill()
+        p.communicate()
+
+
+def torchrun(argv, nproc=2, timeout=300):
+    """train.py under torchrun, run to the end -> CompletedProcess."""
+    p = start_torchrun(argv, nproc)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        reap(p)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def test_ddp_two_processes_equal_one(assets, tmp_path):
@@ -432,6 +469,37 @@ def test_ddp_two_processes_equal_one(assets, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)   # Adam would hide a scale error
     assert json.load(open(two / "args.json"))["world_size"] == 2
     assert_same_weights(one, two, atol=1e-5, skip_key_bias=True)
+
+
+def test_ddp_sigterm_to_one_rank_stops_all_at_one_step(assets, tmp_path):
+    """A scheduler may signal one process only: the stop is all-reduced, so both ranks stop after the same step,
+    rank 0 saves it and says so, and --resume finishes the run."""
+    out = tmp_path / "sig"
+    args = base_args(assets, out, "--lr", "1e-3", "--schedule", "constant", "--eval-data", "none", "--batch-size", 2,
+                     "--device", "cpu", steps=100000)
+    p = start_torchrun(args)
+    try:
+        log_path, deadline = out / "train_log.jsonl", time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            if log_path.exists() and log_path.read_text(encoding="utf-8").strip():
+                break
+            time.sleep(0.05)
+        workers = children(p.pid)
+        assert p.poll() is None and len(workers) == 2, ("the run ended before it could be signalled", workers)
+        os.kill(workers[1], signal.SIGTERM)
+        stdout, err = p.communicate(timeout=120)
+    finally:
+        reap(p)
+    # (the exit codes torchrun reports vary: once a rank has exited 143 it sends SIGTERM to the other, which may be
+    # in interpreter shutdown by then)
+    assert p.returncode != 0, "a signalled run does not report success"
+    k = state_meta(out)["step"]
+    assert f"signal {signal.SIGTERM}: saved step {k} to" in stdout, (stdout[-2000:], err[-3000:])
+    assert k >= 1 and [r["step"] for r in step_lines(read_log(out))] == list(range(1, k + 1))
+    args[args.index("--max-steps") + 1] = str(k + 2)
+    p = torchrun(args + ["--resume"])   # the same two processes (--resume refuses a change of world size)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in step_lines(read_log(out))] == list(range(1, k + 3))
 
 
 def kill_when_saved(argv, out, timeout=120):
