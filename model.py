@@ -1273,8 +1273,9 @@ class LoRALinear(nn.Module):
 
     `rows` = [(start, end), ...]: output row ranges of the base, each with its own rank-r adapter (B_i A_i); default
     one range covering every row. This is how an HF name such as q_proj adapts only the q rows of our fused qkv.
-    The adapters are stacked: lora_A (k*r, in) holds A_1..A_k, lora_B (sum of range widths, r) holds B_1..B_k;
-    one shared dropout on the input. The base may be an nn.Linear or a frozen NF4Linear."""
+    The adapters are stacked: lora_A (k*r, in) holds A_1..A_k, lora_B (sum of range widths, r) holds B_1..B_k.
+    Each adapter draws its own dropout mask on the input, as peft does for q_proj and v_proj (two modules there).
+    The base may be an nn.Linear or a frozen NF4Linear."""
 
     def __init__(self, base, rank, alpha, dropout, rows=None):
         super().__init__()
@@ -1288,11 +1289,13 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        if self.rows == [(0, self.base.out_features)]:
-            lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-            return self.base(x) + self.scale * lora
-        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))                # (..., k*r)
         y = self.base(x)                                                      # (..., out)
+        if self.training and self.dropout.p > 0 and len(self.rows) > 1:      # a mask per adapter
+            a = torch.cat([F.linear(self.dropout(x), A.to(x.dtype)) for A in self.lora_A.split(self.rank)], -1)
+        else:
+            a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))            # (..., k*r)
+        if self.rows == [(0, self.base.out_features)]:
+            return y + self.scale * F.linear(a, self.lora_B.to(x.dtype))
         pieces, at, off = [], 0, 0                                            # y's columns, cut at the ranges
         for i, (s, e) in enumerate(self.rows):                                # only these rows move
             B = self.lora_B[off:off + e - s].to(y.dtype)                      # (e - s, r)

@@ -312,6 +312,27 @@ def test_hf_name_lora_merged_save_changes_only_the_targets(fam, targets, changed
         assert (hf(x).logits - unmerged).abs().max() < 1e-4
 
 
+def test_each_slice_adapter_draws_its_own_dropout_mask():
+    """q_proj and v_proj are two modules in peft, each with its own dropout; on our fused qkv they are two adapters
+    of one LoRALinear and must not share a mask. With A_i = I and B_i = I, rows s:e of the output minus the base are
+    scale * dropout_i(x): the zero patterns of the two ranges must differ; in eval they are both exactly x."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 192, bias=False)
+    lin = M.LoRALinear(base, rank=64, alpha=64, dropout=0.5, rows=[(0, 64), (128, 192)])
+    with torch.no_grad():
+        lin.lora_A.copy_(torch.eye(64).repeat(2, 1))
+        lin.lora_B.copy_(torch.eye(64).repeat(2, 1))
+    x = torch.rand(8, 64) + 0.5
+    delta = lin(x) - base(x)                                            # (8, 192)
+    q, v = delta[:, :64], delta[:, 128:]
+    assert torch.equal(delta[:, 64:128], torch.zeros(8, 64))
+    assert set(torch.unique((q == 0).float() + (q - 2 * x).abs().lt(1e-5).float()).tolist()) == {1.0}   # 0 or 2x
+    assert not torch.equal(q == 0, v == 0), "the q and v adapters shared one dropout mask"
+    lin.eval()
+    delta = lin(x) - base(x)
+    assert torch.allclose(delta[:, :64], x, atol=1e-6) and torch.allclose(delta[:, 128:], x, atol=1e-6)
+
+
 def test_lora_on_nf4_merges_into_dequantised_weights(saved, tmp_path):
     d = saved("qwen2")
     m = M.Decoder.from_pretrained(d, quantize="nf4").eval()
