@@ -296,10 +296,10 @@ def profile(fns, n, device):
 # The two steps
 
 
-def loss_ours(model, x, y, w, n_tok, seg=None):
+def loss_ours(model, x, y, w, n_tok, kw=None):
     """Our training loss: per-token NLL from the model (chunked over the vocabulary), weighted per example, or per
-    token for packed rows (w (R, T), seg (R, T): train.pack_step)."""
-    nll = model(x, targets=y, **({"segments": seg} if seg is not None else {}))   # (B, T) fp32, 0 where y == -100
+    token for packed rows (w (R, T), kw {"segments": seg (R, T)}: train.pack_step)."""
+    nll = model(x, targets=y, **(kw or {}))                                    # (B, T) fp32, 0 where y == -100
     return (nll * (w if w.dim() == 2 else w[:, None])).sum() / n_tok
 
 
@@ -423,12 +423,12 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
             batches = [collate(ex, 0, device)]
         n_tok = sum((b[1] != -100).sum() for b in batches).float()
         real = pads = 0
-        for x, y, w, p, *seg in batches:
+        for x, y, w, p, kw in batches:
             with amp:
                 if impl == "transformers":
                     loss = loss_transformers(theirs, x, y, w, n_tok)
                 else:
-                    loss = loss_ours(ours, x, y, w, n_tok, seg[0] if seg else None)
+                    loss = loss_ours(ours, x, y, w, n_tok, kw)
             loss.backward()
             real, pads = real + x.numel() - p, pads + p
         opts[impl].step()

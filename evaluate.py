@@ -290,7 +290,7 @@ def answer_nll(model, tok, records, batch_size=64, max_len=512):
     order = length_order([len(e[0]) for e in ex])
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        x, y, _, _ = train.collate([ex[i] for i in idx], pad, device)
+        x, y, _, _, _ = train.collate([ex[i] for i in idx], pad, device)
         nll = model(x, targets=y).double()                   # (B, T) fp32 -> fp64, 0 where y == -100
         sums[idx] = nll.sum(1).cpu().numpy()
         counts[idx] = (y != -100).sum(1).cpu().numpy()

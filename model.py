@@ -466,10 +466,10 @@ class ShortConv(nn.Module):
 
     def forward(self, x, ctx, cache=None):
         T = x.shape[1]
+        if ctx.mask is not None:   # padding enters as zeros (as in transformers): it cannot leak into the conv, and
+            x = x * ctx.mask[:, ctx.start:ctx.start + T, None].to(x.dtype)  # its own output is 0 (c = 0 there)
         b, c, h = self.in_proj(x).chunk(3, dim=-1)
         bx = (b * h).transpose(1, 2)                                        # (B, d, T)
-        if ctx.mask is not None:                                            # left padding must not leak into the conv
-            bx = bx * ctx.mask[:, None, ctx.start:ctx.start + T].to(bx.dtype)
         if ctx.segments is not None:
             # packed rows: tap j of the kernel reads the input L-1-j slots back; where that slot lies before the
             # token's own example starts, it reads a zero instead (as if each example were zero-padded on its
@@ -646,8 +646,10 @@ class Decoder(nn.Module):
             pos = segment_positions(segments)                                              # (B, T)
         elif mask is None:
             pos = torch.arange(start, start + T, device=device)[None]                      # (1, T)
-        else:   # left padding: a token's position counts only the real tokens before it
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]            # (B, T)
+        else:   # a real token's position counts only the real tokens before it (left padding); a padding slot
+            # keeps its slot index, as in transformers' training forward (right padding, --loss-tokens padded)
+            pos = torch.where(mask, mask.long().cumsum(-1) - 1, torch.arange(mask.shape[1], device=device))
+            pos = pos[:, start:start + T]                                                   # (B, T)
         ctx = _Ctx(mask=mask, start=start, segments=segments)
         ctx.pos = pos
         if cfg.pos == "rope":
@@ -660,8 +662,10 @@ class Decoder(nn.Module):
             qslot = torch.arange(start, start + T, device=device)[:, None]
             kslot = torch.arange(S, device=device)[None]
             allowed = (kslot <= qslot)[None]                                                # (1, T, S) causal
-            if mask is not None:   # a padded key is never seen; a padded query still sees itself (no empty rows)
-                allowed = (allowed & mask[:, None, :S]) | (kslot == qslot)[None]
+            if mask is not None:   # a padded key is never seen, by any query (as transformers' attention mask);
+                # a query with no real key up to it (left padding) sees itself, so that no row is empty
+                allowed = allowed & mask[:, None, :S]                                       # (B, T, S)
+                allowed = allowed | ((kslot == qslot)[None] & ~allowed.any(-1, keepdim=True))
             if segments is not None:
                 # Packed rows, every family: one block-diagonal causal mask through SDPA, so a token sees only
                 # its own example. Why this and not FlexAttention or variable-length attention: it is the one

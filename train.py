@@ -143,18 +143,15 @@ def severity_weight(rec, abc):
 
 
 def encode(records, tok, abc, max_len, loss_tokens):
-    """Each record -> (input ids, loss mask, w). Text = prompt + answer + EOS; the loss mask marks the tokens whose
-    prediction counts (answer + EOS by default; every token with 'all'). 'padded' = the notebooks' collator: the
-    sequence is padded with EOS (their pad token) to max_len and every position is a target, padding included."""
+    """Each record -> (input ids, loss mask, w, severity class). Text = prompt + answer + EOS; the loss mask marks the
+    tokens whose prediction counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that
+    'padded' adds is collate's work)."""
     out = []
     for r in records:
         p = tok.encode(data.format_prompt(r["question"]))
         a = tok.encode(r["answer"], special=False) + [tok.eos_id]
         ids = (p + a)[:max_len]
         keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
-        if loss_tokens == "padded":
-            ids = ids + [tok.eos_id] * (max_len - len(ids))
-            keep = [True] * max_len
         out.append((ids, keep[:len(ids)], severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
     return out
 
@@ -175,19 +172,25 @@ def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
     return torch.where(n_tokens > 0, w / n_tokens.clamp(min=1) / step_examples, torch.zeros_like(w))
 
 
-def collate(examples, pad_id, device):
+def collate(examples, pad_id, device, pad_to=0):
     """Right-pad a micro-batch. x = ids[:-1], y = ids[1:] with -100 where the loss does not count (and on padding).
-    Returns x (B, T), y (B, T), w (B,) and the number of padding positions."""
-    T = max(len(e[0]) for e in examples) - 1
+    Returns x (B, T), y (B, T), w (B,), the number of padding positions, and the model's keyword arguments ({}).
+    pad_to > 0 is the notebooks' collator (--loss-tokens padded): every sequence padded with pad_id to pad_to
+    tokens and every position a target, padding included (labels = input ids), while transformers' attention mask
+    hid the padding from every query: mask (B, T), True on real tokens, goes to the model."""
+    T = max(pad_to, max(len(e[0]) for e in examples)) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
     for i, (ids, keep, _, _) in enumerate(examples):
+        if pad_to:   # the padding becomes part of the sequence: input and target like any token
+            ids, keep = ids + [pad_id] * (T + 1 - len(ids)), keep + [True] * (T + 1 - len(keep))
         n = len(ids) - 1
         x[i, :n] = torch.tensor(ids[:-1])
         y[i, :n] = torch.tensor([t if k else -100 for t, k in zip(ids[1:], keep[1:])])
     w = torch.tensor([e[2] for e in examples], dtype=torch.float32)
-    pads = sum(T - (len(e[0]) - 1) for e in examples)
-    return x.to(device), y.to(device), w.to(device), pads
+    real = torch.arange(T)[None] < torch.tensor([len(e[0]) - (0 if pad_to else 1) for e in examples])[:, None]
+    kw = {"mask": real.to(device)} if pad_to else {}                  # real (B, T): x holds a real token there
+    return x.to(device), y.to(device), w.to(device), int((~real).sum()), kw
 
 
 def pack_rows(lengths, width):
@@ -216,8 +219,9 @@ def pack_step(examples, width, max_rows, pad_id, device, fixed=False, flops=None
     fewest slots * flops(slot width): flops(T) = training FLOPs per token at row width T (Decoder.flops_per_token),
     or 1 (fewest slots, i.e. least padding) without it. Wider rows leave less padding but spend more on the masked
     T x T attention, which matters for tiny models only.
-    Returns [(x (R, T), y (R, T), w (R, T) each token's severity weight, padding slots, seg (R, T)), ...]; seg holds
-    each token's index into `examples` (see loss_scale for how the loss normalisations use it)."""
+    Returns [(x (R, T), y (R, T), w (R, T) each token's severity weight, padding slots, {"segments": seg}), ...]:
+    the model's keyword arguments, seg (R, T) each token's index into `examples` (see loss_scale for how the loss
+    normalisations use it)."""
     lengths = [len(e[0]) - 1 for e in examples]
     flops = flops or (lambda T: 1.0)
 
@@ -255,7 +259,7 @@ def pack_step(examples, width, max_rows, pad_id, device, fixed=False, flops=None
                 seg[b, t:t + n] = i
                 t += n
         pads = len(group) * T - sum(lengths[i] for row in group for i in row)
-        out.append((x.to(device), y.to(device), w.to(device), pads, seg.to(device)))
+        out.append((x.to(device), y.to(device), w.to(device), pads, {"segments": seg.to(device)}))
     return out
 
 
@@ -289,15 +293,16 @@ def evaluate_loss(model, examples, batch_size, pad_id, device, amp, pack_width=0
         chunk = examples[i:i + step]
         per_ex, n = torch.zeros(len(chunk), dtype=torch.float64), torch.zeros(len(chunk), dtype=torch.float64)
         if pack_width:   # per-example sums from each token's example index
-            for x, y, _, _, seg in pack_step(chunk, pack_width, batch_size, pad_id, device,
-                                             flops=model.flops_per_token):
+            for x, y, _, _, kw in pack_step(chunk, pack_width, batch_size, pad_id, device,
+                                            flops=model.flops_per_token):
                 with amp:
-                    nll = model(x, targets=y, segments=seg).double().cpu()
+                    nll = model(x, targets=y, **kw).double().cpu()
+                seg = kw["segments"]
                 real = seg.cpu() >= 0
                 per_ex.index_add_(0, seg.cpu()[real], nll[real])
                 n.index_add_(0, seg.cpu()[real], (y.cpu()[real] != -100).double())
         else:
-            x, y, _, _ = collate(chunk, pad_id, device)
+            x, y, _, _, _ = collate(chunk, pad_id, device)
             with amp:
                 nll = model(x, targets=y).double().cpu()
             per_ex, n = nll.sum(1), (y != -100).sum(1).double().cpu()
@@ -618,6 +623,9 @@ def fit(argv=None):
             raise data.UserError("--resume", f"{state_path}: no saved state to resume from")
         saved_meta = read_state_meta(state_path)   # a corrupt state fails here, in seconds
 
+    if args.pack and args.loss_tokens == "padded":
+        raise data.UserError("--pack", "--loss-tokens padded (the notebook recipe) trains on every sequence padded to "
+                                       "--max-len, padding included: there is nothing to pack")
     check_memory_flags(args)
 
     # -- processes, device, precision ------------------------------------------------------------------------------
@@ -675,6 +683,8 @@ def fit(argv=None):
         args.max_len = model.cfg.max_pos + 1
     train_ex = encode(train_recs, tok, abc, args.max_len, args.loss_tokens)
     eval_ex = encode(eval_recs, tok, abc, args.max_len, "answer")
+    # --loss-tokens padded: every training sequence padded to --max-len with EOS (the notebooks' pad token)
+    pad_to, train_pad = (args.max_len, tok.eos_id) if args.loss_tokens == "padded" else (0, pad_id)
     for path, exs in ((args.data, train_ex), (eval_path, eval_ex)):
         for i, (ids, keep, _, _) in enumerate(exs):
             if not any(keep[1:]):   # keep[0] is never predicted
@@ -775,10 +785,11 @@ def fit(argv=None):
             n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
             # per token: its own example's loss-token count (0 on padding), so that loss_scale gives every token
             # the factor of the example it belongs to, whichever row it landed in
-            per_ex_tok = [n_i.to(device)[b[4].clamp(min=0)] * (b[4] >= 0) for b in batches]   # (R, T)
+            per_ex_tok = [n_i.to(device)[b[4]["segments"].clamp(min=0)] * (b[4]["segments"] >= 0)
+                          for b in batches]                                               # (R, T)
         else:
             micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
-            batches = [collate(m, pad_id, device) for m in micro]
+            batches = [collate(m, train_pad, device, pad_to) for m in micro]
             per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]               # (B,) per micro-batch
             n_i = torch.cat(per_ex_tok).cpu()
         # the loss denominators count the whole step: every micro-batch, every rank (loss tokens, and examples
@@ -793,13 +804,13 @@ def fit(argv=None):
         loss_sum = torch.zeros((), device=device)
         nll_sum = torch.zeros((), device=device)
         real_tokens, pad_tokens = 0, 0
-        for j, (x, y, w, pads, *seg) in enumerate(batches):     # seg: packed rows only
+        for j, (x, y, w, pads, kw) in enumerate(batches):   # kw: segments (packed rows) or mask (padded)
             sync = not ddp or j == len(batches) - 1
             scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)   # (B,), packed: (R, T) per token
             if args.fsdp:   # FSDP's no_sync: reduce-scatter the gradients on the last micro-batch only
                 raw_model.set_requires_gradient_sync(sync)
             with (nullcontext() if sync or args.fsdp else model.no_sync()), amp:
-                nll = model(x, targets=y, **({"segments": seg[0]} if seg else {}))   # (B, T) fp32, 0 where y == -100
+                nll = model(x, targets=y, **kw)                      # (B, T) fp32, 0 where y == -100
                 per_row = nll if scale.dim() == 2 else nll.sum(1)    # packed: per token; padded: per example
                 part = (per_row * scale).sum()                       # this micro-batch's share of the step's loss
                 # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide

@@ -339,6 +339,7 @@ CASES = [
     ("train weights nan", "train", lambda e, t: T(e, t, "--weights", "nan,1,1"), ["--weights"]),
     ("train lora-dropout 2", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-dropout", "2"), ["--lora-dropout"]),
     ("train lora-dropout 1", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-dropout", "1"), ["--lora-dropout"]),
+    ("train pack with padded loss", "train", lambda e, t: T(e, t, "--pack", "--loss-tokens", "padded"), ["--pack"]),
     ("train lora-target unknown", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-targets", "qkv,attn"),
      ["--lora-targets", "attn"]),
     ("train lora-alpha 0", "train", lambda e, t: T(e, t, "--lora-rank", "4", "--lora-alpha", "0"), ["--lora-alpha"]),

@@ -127,20 +127,24 @@ def test_example_norm_ddp_two_processes_equal_one(assets, tmp_path):
 
 def test_padded_loss_covers_every_position_as_the_notebooks(assets, tmp_path, monkeypatch):
     """--loss-tokens padded --max-len 80: each sequence is padded with EOS to 80 tokens and all 79 targets count,
-    question and padding included (labels = input ids, as the notebooks' collator). With equal lengths, the loss is
-    the mean over examples of w * (mean NLL over the 79 positions), computed here with plain cross-entropy."""
+    question and padding included, with the padding hidden by the attention mask: what the notebooks' Trainer
+    computed, here transformers itself on each example (input_ids, attention_mask, labels = input_ids). With equal
+    lengths, the loss is the mean over examples of w * that loss. pad_frac reports the padding honestly."""
+    from transformers import AutoModelForCausalLM
     L = 80
     rec, _ = one_step(assets, tmp_path, monkeypatch, "--loss-tokens", "padded", "--max-len", L, tag="pad")
-    m, tok = M.Decoder.from_pretrained(assets["model"]).eval(), M.load_tokenizer(assets["model"])
-    want, longest = 0.0, 0
+    hf, tok = AutoModelForCausalLM.from_pretrained(assets["model"]).eval(), M.load_tokenizer(assets["model"])
+    want, longest, pads = 0.0, 0, 0
     with torch.no_grad():
         for r in assets["recs8"]:
             p, a = split_tokens(tok, r)
             ids = (p + a)[:L]
-            longest = max(longest, len(ids))
+            longest, pads = max(longest, len(ids)), pads + L - 1 - len(ids)   # padding among the 79 inputs
+            am = torch.tensor([1] * len(ids) + [0] * (L - len(ids)))
             ids = torch.tensor(ids + [tok.eos_id] * (L - len(ids)))
-            ce = F.cross_entropy(m(ids[None, :-1])[0], ids[1:])          # mean over all 79 positions
-            want += severity_w(r, ABC) * ce.item() / 8
-    assert longest < L, "test set-up: padding should be present"
+            loss = hf(input_ids=ids[None], attention_mask=am[None], labels=ids[None]).loss   # mean over 79
+            want += severity_w(r, ABC) * loss.item() / 8
+    assert longest < L - 1, "test set-up: padding should be present"
     assert rec["tokens"] == 8 * (L - 1) and rec["examples"] == 8
+    assert rec["pad_frac"] == pytest.approx(pads / (8 * (L - 1)), abs=1e-12)
     assert rec["loss"] == pytest.approx(want, rel=1e-5)

@@ -201,6 +201,22 @@ def test_left_padded_rows_match_unpadded(fam, saved):
     assert_logits_close(out[1, n_pad:], hf_logits(hf, ids[1:, n_pad:])[0], what=f"{fam} left-padded row")
 
 
+@pytest.mark.parametrize("fam", FAMS)
+def test_right_padded_rows_match_transformers_at_every_position(fam, saved):
+    """--loss-tokens padded (the notebooks' collator) trains on the padding positions too, so their logits must be
+    what transformers computes there given the attention mask: padding hidden from every query, positions counting
+    slots (right padding), LFM2's conv reading zeros for padding. Both rows padded, at different lengths."""
+    hf, d = saved(fam)
+    ours = load(d)
+    ids = rand_ids(B=2, T=12, seed=7)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 9:], mask[1, 5:] = False, False
+    ids[~mask] = 3                               # the pad token (the notebooks: EOS)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long()).logits.float()
+    assert_logits_close(our_logits(ours, ids, mask), ref, what=f"{fam} right-padded rows, every position")
+
+
 # ----------------------------------------------------------------------------------------------- 2. layouts
 
 def test_gpt2_legacy_layout_no_prefix_uint8_masks(tmp_path):

@@ -79,7 +79,8 @@ def test_pack_step_lays_out_every_example_once(fixed):
     width, max_rows = 40, 2
     batches = train.pack_step(ex, width, max_rows, pad_id=7, device="cpu", fixed=fixed)
     seen = []
-    for x, y, w, pads, seg in batches:
+    for x, y, w, pads, kw in batches:
+        seg = kw["segments"]
         assert x.shape[0] <= max_rows and x.shape == y.shape == w.shape == seg.shape
         if fixed:
             assert x.shape[1] == width                          # one shape for --compile
@@ -164,8 +165,8 @@ def test_packed_rows_under_compile_make_one_graph():
     counter = CompileCounter()
     cm = torch.compile(m, backend=counter)
     for seed in range(3):
-        for x, y, _, _, seg in train.pack_step(_examples(6, seed), 63, 1, 0, "cpu", fixed=fixed):
-            cm(x, targets=y, segments=seg)
+        for x, y, _, _, kw in train.pack_step(_examples(6, seed), 63, 1, 0, "cpu", fixed=fixed):
+            cm(x, targets=y, **kw)
     assert counter.frame_count == 1, counter.frame_count
     torch._dynamo.reset()
 
@@ -288,7 +289,7 @@ def test_both_loss_normalisations_exact_under_packing(assets, norm):
     per_sum, per_n = [], []
     with torch.no_grad():
         for e in ex:                                             # each example alone, no padding at all
-            x, y, _, _ = train.collate([e], tok.pad_id, "cpu")
+            x, y, _, _, _ = train.collate([e], tok.pad_id, "cpu")
             per_sum.append(m(x, targets=y).sum().item())
             per_n.append(int((y != -100).sum()))
         if norm == "token":
@@ -296,11 +297,12 @@ def test_both_loss_normalisations_exact_under_packing(assets, norm):
         else:
             want = sum(e[2] * s / n for e, s, n in zip(ex, per_sum, per_n)) / len(ex)
         N, E = torch.tensor(float(sum(per_n))), torch.tensor(float(len(ex)))
-        x, y, w, _ = train.collate(ex, tok.pad_id, "cpu")       # one padded batch, per-example factors
+        x, y, w, _, _ = train.collate(ex, tok.pad_id, "cpu")    # one padded batch, per-example factors
         padded = (m(x, targets=y).sum(1) * train.loss_scale(w, (y != -100).sum(1).float(), norm, N, E)).sum().item()
         n_i = torch.tensor([float(n) for n in per_n])
         packed = 0.0
-        for x, y, w, _, seg in train.pack_step(ex, 47, 2, tok.pad_id, "cpu"):
+        for x, y, w, _, kw in train.pack_step(ex, 47, 2, tok.pad_id, "cpu"):
+            seg = kw["segments"]
             n_tok = n_i[seg.clamp(min=0)] * (seg >= 0)          # per token: its example's count, 0 on padding
             packed += (m(x, targets=y, segments=seg) * train.loss_scale(w, n_tok, norm, N, E)).sum().item()
     assert abs(padded - want) <= 1e-5 * abs(want)

@@ -240,7 +240,8 @@ def test_collate_masks_question_and_padding(assets):
     abc = (0.5, 1.0, 1.5)
     for loss_tokens in ("answer", "all"):
         ex = train.encode(recs, tok, abc, 512, loss_tokens)
-        x, y, w, pads = train.collate(ex, tok.pad_id, "cpu")
+        x, y, w, pads, kw = train.collate(ex, tok.pad_id, "cpu")
+        assert kw == {}
         lens = [len(e[0]) for e in ex]
         T = max(lens) - 1
         assert x.shape == y.shape == (3, T)
