@@ -197,12 +197,13 @@ def model_generation_config(path):
     """The generation settings a model folder ships: its generation_config.json, else the generation keys of its
     config.json (what transformers' GenerationConfig.from_model_config falls back to); {} for neither (tiny).
     Keys kept: top_k, top_p, temperature, do_sample and HF_UNSUPPORTED's, None values dropped."""
+    from model import read_generation_config
     keys = ("top_k", "top_p", "temperature", "do_sample") + tuple(HF_UNSUPPORTED)
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name) if path and os.path.isdir(path) else None
         if f and os.path.isfile(f):
-            cfg = data.read_json(f, name)
-            got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
+            cfg = read_generation_config(f)
+            got = {k: cfg[k] for k in keys if cfg.get(k) is not None}
             if got or name == "generation_config.json":
                 return dict(got, source=f)
     return {}

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer, merge_lora
+from model import (HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer, merge_lora,
+                   read_generation_config)
 
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
@@ -445,7 +446,8 @@ def base_generation_config(model_name):
     f = os.path.join(resolve(model_name), "generation_config.json")
     if not os.path.isfile(f):
         return None
-    with open(f, encoding="utf-8") as fh:
+    read_generation_config(f)   # copied as it is into every checkpoint: refuse a broken one before any work
+    with open(f, encoding="utf-8-sig") as fh:
         return fh.read()
 
 

@@ -173,6 +173,19 @@ def model_variant(env, tmp, kind):
     return str(d)
 
 
+def model_file(env, tmp, name, text, **config):
+    """A copy of the tiny model folder with file `name` written as `text` (None: no change), config.json keys set."""
+    d = tmp / "m"
+    shutil.copytree(env["model"], d)
+    if text is not None:
+        (d / name).write_text(text, encoding="utf-8")
+    if config:
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c.update(config)
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    return str(d)
+
+
 def _edit_tensors(st, kind):
     """Rewrite a safetensors file with every tensor int64, or with its first tensor all NaN."""
     from safetensors.torch import load_file, save_file
@@ -609,6 +622,25 @@ CASES = [
      ["--text-col"]),
     ("bench shape too big for memory", "bench", lambda e, t: B(e, t, "--hidden", str(1 << 17), "--layers", "4096"),
      ["--hidden"]),
+
+    # -- found by the third red-team pass (helper "redteam3")
+    ("train model config bos_token_id -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, bos_token_id=-1)),
+     ["--model", "config.json", "bos_token_id"]),
+    ("train model config tie_word_embeddings a string", "train",
+     lambda e, t: T(e, t, model=model_file(e, t, "", None, tie_word_embeddings="false")), ["config.json", "tie_word"]),
+    ("train model config rope_theta -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, model_type="llama",
+     hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, rope_theta=-1)),
+     ["config.json", "rope_theta"]),
+    ("train model generation_config empty", "train",
+     lambda e, t: T(e, t, model=model_file(e, t, "generation_config.json", "")), ["--model", "generation_config.json"]),
+    ("train model generation_config a list", "train",
+     lambda e, t: T(e, t, model=model_file(e, t, "generation_config.json", "[]")), ["--model", "generation_config.json"]),
+    ("evaluate model generation_config top_k a string", "evaluate",
+     lambda e, t: E(e, t, "--recipe", "notebook", model=model_file(e, t, "generation_config.json", '{"top_k": "x"}')),
+     ["generation_config.json", "top_k"]),
+    ("evaluate model generation_config do_sample a string", "evaluate",
+     lambda e, t: E(e, t, model=model_file(e, t, "generation_config.json", '{"do_sample": "false"}')),
+     ["generation_config.json", "do_sample"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
