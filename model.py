@@ -871,7 +871,9 @@ def sample(logits, temperature, top_k=None, top_p=None, generator=None):
     """logits (B, V) fp32 -> next token (B,). temperature 0 = greedy; top-k then top-p filtering."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # the maximum subtracted first: a tiny temperature (1e-300) then sends the best logit to 0 and the rest to -inf,
+    # never inf - inf = NaN; softmax is unchanged by the shift
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -69,7 +69,7 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=num(int, lo=0), default=0, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
     p.add_argument("--grad-accum", type=num(int, lo=1), default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=num(float, lo=0), default=None, help="peak learning rate (default 2e-4 with LoRA, 5e-5 full fine-tuning, 3e-3 for a randomly initialised model); 0 = a dry run that measures the loss without changing the weights")
+    p.add_argument("--lr", type=num(float, lo=0, hi=1e30), default=None, help="peak learning rate (default 2e-4 with LoRA, 5e-5 full fine-tuning, 3e-3 for a randomly initialised model); 0 = a dry run that measures the loss without changing the weights")
     p.add_argument("--warmup", type=num(int, lo=0), default=0, help="linear warm-up steps")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up (to 0)")
     p.add_argument("--weight-decay", type=num(float, lo=0), default=0.0, help="AdamW weight decay (never on norms, biases, embeddings)")

@@ -562,6 +562,7 @@ def _range_text(lo, hi, lo_open, hi_open):
 
 
 INT64_MAX = 2 ** 63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -574,6 +575,8 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
             raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+        if kind is float and abs(v) > FLOAT32_MAX:   # torch computes in float32: such a value overflows there
+            raise argparse.ArgumentTypeError(f"{s} is too large (the limit is {FLOAT32_MAX:g}, the largest float32)")
         if kind is int and abs(v) > INT64_MAX:   # no count, size or seed here needs more; torch would overflow
             raise argparse.ArgumentTypeError(f"{s[:30]}{'...' if len(s) > 30 else ''} is too large (the limit is 2**63 - 1)")
         if ((lo is not None and (v < lo or (lo_open and v == lo)))
@@ -587,6 +590,8 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
 def input_file(path, flag):
     """Refuse (UserError) an input path that does not exist, is not a file or cannot be read."""
     if not os.path.exists(path):
+        if os.path.islink(path):   # "no such file" would send the user looking for a file that is listed right there
+            raise UserError(flag, f"{path}: a broken symbolic link or a link loop (to {os.readlink(path)})")
         raise UserError(flag, f"{path}: no such file")
     if not os.path.isfile(path):
         raise UserError(flag, f"{path}: is a directory, not a file" if os.path.isdir(path) else f"{path}: not a file")

@@ -641,6 +641,17 @@ CASES = [
     ("evaluate model generation_config do_sample a string", "evaluate",
      lambda e, t: E(e, t, model=model_file(e, t, "generation_config.json", '{"do_sample": "false"}')),
      ["generation_config.json", "do_sample"]),
+    ("train data a symbolic link loop", "train",
+     lambda e, t: T(e, t, data_file=str(t / "l.jsonl")) if os.symlink(t / "l.jsonl", t / "l.jsonl") is None else None,
+     ["--data", "link loop"]),
+    ("classify drw-epoch past the last epoch", "classify", lambda e, t: C(e, t, "--drw-epoch", "1"), ["--drw-epoch"]),
+    ("classify ce-epochs past the last epoch", "classify", lambda e, t: C(e, t, "--loss", "ldam", "--ce-epochs", "1"),
+     ["--ce-epochs"]),
+    ("train lr 1e38 (AdamW's first step, lr / 0.1, overflows float32)", "train", lambda e, t: T(e, t, "--lr", "1e38"), ["--lr"]),
+    ("classify lr 1e38", "classify", lambda e, t: C(e, t, "--lr", "1e38"), ["--lr"]),
+    ("train save-minutes past float32", "train", lambda e, t: T(e, t, "--save-minutes", "1e300"), ["--save-minutes", "float32"]),
+    ("classify lr 1e30 and weight-decay 1e10 make the weights non-finite", "classify",
+     lambda e, t: C(e, t, "--lr", "1e30", "--weight-decay", "1e10", "--max-steps", "1"), ["non-finite", "nothing was saved"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
@@ -898,3 +909,11 @@ def test_index_shards_are_checked_by_name_not_by_link_target(tmp_path):
         {"weight_map": {k: name for name, ks in shards.items() for k in ks}}), encoding="utf-8")
     loaded = M.Decoder.from_pretrained(str(snap)).state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())
+
+
+def test_a_tiny_temperature_samples_the_best_token():
+    """--temperature 1e-300 is a valid (finite, positive) flag: logits / T overflowed to inf and softmax gave NaN,
+    a traceback in torch.multinomial. Now it samples the argmax, with top-k and top-p too."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
+        assert M.sample(logits, 1e-300, **kw).tolist() == [1, 0], kw
