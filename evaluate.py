@@ -126,7 +126,7 @@ def get_args(argv=None):
                    "reference (a seeded derangement): the score of an unrelated pair, the floor that F1 differences "
                    "should be read against (BERTScore without rescaling is far from 0 for unrelated texts)")
     p.add_argument("--bertscore-batch-size", type=num(int, lo=1), default=64, help="sentences per bert-score batch")
-    p.add_argument("--bootstrap", type=num(int, lo=0), default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
+    p.add_argument("--bootstrap", type=num(int, lo=0, hi=10**7), default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
     p.add_argument("--bootstrap-seed", type=num(int, lo=0, hi=2**32 - 1), default=0, help="seed of the bootstrap resampling")
     p.add_argument("--name", default=None, help="row label in --table (default: the base model's name: the registry "
                    "name, or args.json's model for a train.py folder)")
@@ -146,7 +146,7 @@ def get_args(argv=None):
                    "scored on the same data with the same scorer and protocol: per example B - A in P, R, F1 and "
                    "answer NLL, overall and per severity, with a 95%% paired bootstrap interval and a paired "
                    "sign-flip permutation p-value; printed and saved to --out/compare.json")
-    p.add_argument("--permutations", type=data.number(int, lo=1), default=None, help="with --compare/--table: "
+    p.add_argument("--permutations", type=data.number(int, lo=1, hi=10**7), default=None, help="with --compare/--table: "
                    "random sign flips of the permutation test (exact enumeration when 2^n is no more than this); "
                    f"seeded with --bootstrap-seed; default {PERMUTATIONS}")
     a = p.parse_args(argv)
@@ -524,7 +524,7 @@ def check_args(args):
     """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
         raise data.UserError("--model", "required (or use --table)")
-    if args.plot or args.paper:
+    if args.plot is not None or args.paper:
         raise data.UserError("--plot/--paper", "only with --table")
     if args.metric is not None:   # a flag this mode would ignore (given at all, even with its default value)
         raise data.UserError("--metric", "only with --table (an evaluation scores every metric)")
@@ -895,8 +895,8 @@ def save_plot(path, metric, rows, cols, cells):
 
 def table_main(args):
     args.metric, args.permutations = args.metric or "f1", args.permutations or PERMUTATIONS
-    if args.plot:
-        data.output_file(args.plot, "--plot")
+    if args.plot is not None:   # "" too: refused, not silently skipped
+        data.output_file(args.plot, "--plot", inputs=args.table)
     evs = [load_eval(p) for p in args.table]
     if all(cell_values(e, args.metric, "overall") is None for e in evs):   # an empty table is no answer
         raise data.UserError("--metric", f"{args.metric}: no --table file has it"
@@ -1028,6 +1028,9 @@ def compare_main(args):
         raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")
     data.output_file(os.path.join(args.out, "compare.json"), "--out")
+    a, b = args.compare
+    if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):   # a run against itself: nothing to test
+        raise data.UserError("--compare", f"{a} and {b} are the same run: give two different eval folders")
     (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
     check_comparable([(args.compare[0], ea), (args.compare[1], eb)])
     diffs = paired_table(xa, xb, args.bootstrap, args.bootstrap_seed, args.permutations)

@@ -656,13 +656,21 @@ def _can_create_in(folder):
     return True
 
 
-def output_file(path, flag):
+def output_file(path, flag, inputs=()):
     """Refuse (UserError) an output file path that could not be written atomically (folder not creatable or
-    writable, or the path is a folder). Creates nothing."""
+    writable, the path is a folder, a device or FIFO, a broken link) or that is one of the `inputs` (the run would
+    replace what it reads). Creates nothing."""
     if not str(path).strip():
         raise UserError(flag, "empty path")
     if os.path.isdir(path):
         raise UserError(flag, f"{path}: is a folder, expected a file path")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(flag, f"{path}: a broken symbolic link (to {os.readlink(path)})")
+    if os.path.exists(path) and not os.path.isfile(path):   # os.replace would put a plain file in place of /dev/null
+        raise UserError(flag, f"{path}: exists and is not a regular file (a device, FIFO or socket): give a file path")
+    same = next((i for i in inputs if i and os.path.isfile(path) and os.path.isfile(i) and os.path.samefile(path, i)), None)
+    if same is not None:
+        raise UserError(flag, f"{path} is the input file {same}: give another output path")
     folder = os.path.dirname(os.path.abspath(path))
     output_dir(folder, flag)
     # atomic_write's temporary file is ".<name>.<8 random>.tmp" beside it: 14 bytes more than the name

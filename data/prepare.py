@@ -298,7 +298,7 @@ def check_paths(args):
         data.input_file(args.input, "--input")
     data.output_dir(args.out, "--out")
     for f in ("train.jsonl", "test.jsonl", "manifest.json"):
-        data.output_file(str(Path(args.out) / f), "--out")
+        data.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
 
 
 def prepare(args):

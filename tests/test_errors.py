@@ -652,6 +652,20 @@ CASES = [
     ("train save-minutes past float32", "train", lambda e, t: T(e, t, "--save-minutes", "1e300"), ["--save-minutes", "float32"]),
     ("classify lr 1e30 and weight-decay 1e10 make the weights non-finite", "classify",
      lambda e, t: C(e, t, "--lr", "1e30", "--weight-decay", "1e10", "--max-steps", "1"), ["non-finite", "nothing was saved"]),
+    ("bench json is a FIFO (os.replace would put a file in its place, as it did to /dev/null)", "bench",
+     lambda e, t: B(e, t, "--json", str(t / "fifo")) if os.mkfifo(t / "fifo") is None else None, ["--json", "FIFO"]),
+    ("bench json a broken symlink", "bench",
+     lambda e, t: B(e, t, "--json", str(t / "l.json")) if os.symlink(t / "no" / "x", t / "l.json") is None else None,
+     ["--json", "broken"]),
+    ("evaluate table plot is the eval.json it reads", "evaluate",
+     lambda e, t: (lambda p: ["--table", p, "--plot", p])(eval_json(t, "ok")), ["--plot", "input"]),
+    ("evaluate table plot empty", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--plot", ""], ["--plot"]),
+    ("evaluate compare a run with itself", "evaluate",
+     lambda e, t: (lambda a: ["--compare", a, a + "/", "--out", str(t / "c")])(eval_run(t, "a")), ["--compare", "same"]),
+    ("evaluate bootstrap 2**40", "evaluate", lambda e, t: E(e, t, "--bootstrap", str(2 ** 40)), ["--bootstrap"]),
+    ("prepare out holds the input as train.jsonl", "prepare",
+     lambda e, t: P(e, t, "--out", str(t / "dd"), inp=shutil.copy(e["train"], a_dir(t, "dd") + "/train.jsonl")),
+     ["--out", "input"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
