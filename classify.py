@@ -797,7 +797,7 @@ def train(argv=None):
     t_start = time.time()
     device = data.resolve_device(args.device)
     data.input_file(args.data, "--data")
-    data.output_dir(args.out, "--out")
+    data.output_dir(args.out, "--out", inputs=[args.model])
     labels_arg = split_list(args.labels) or None
     if labels_arg and len(set(labels_arg)) != len(labels_arg):
         raise data.UserError("--labels", f"duplicate class names in '{args.labels}'")

@@ -600,9 +600,10 @@ def input_file(path, flag):
     return path
 
 
-def output_dir(path, flag):
+def output_dir(path, flag, inputs=()):
     """Refuse (UserError) an output folder that could not be created or written: an existing file, a parent that
-    is a file, or a folder without write permission. Creates nothing."""
+    is a file, a folder without write permission, or one of the `inputs` folders (a model folder the run reads
+    would be overwritten). Creates nothing."""
     if not str(path).strip():
         raise UserError(flag, "empty path")
     p = Path(path).absolute()
@@ -614,6 +615,10 @@ def output_dir(path, flag):
             raise UserError(flag, f"{path}: exists and is not a folder")
         if not os.access(p, os.W_OK | os.X_OK) or not _can_create_in(p):
             raise UserError(flag, f"{path}: folder is not writable")
+        same = next((i for i in inputs if i and os.path.isdir(i) and os.path.samefile(p, i)), None)
+        if same is not None:
+            raise UserError(flag, f"{path} is the input folder {same}: its files would be overwritten (give another "
+                                  "output folder)")
         return path
     parent = p.parent
     while not os.path.exists(parent):

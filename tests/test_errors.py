@@ -241,13 +241,14 @@ def xlsx(tmp, kind):
     src, dst = tmp / "ok.xlsx", tmp / "bad.xlsx"
     wb = openpyxl.Workbook()
     ws = wb.active
-    for row in (["question", "answer"], ["ما هو السكري؟", "ارتفاع سكر الدم."], ["سؤال", "جواب"]):
+    head = ["question", "answer", "answer"] if kind == "column twice" else ["question", "answer"]
+    for row in (head, ["ما هو السكري؟", "ارتفاع سكر الدم."], ["سؤال", "جواب"]):
         ws.append(row)
     wb.save(src)
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
             b = zin.read(item.filename)
-            if item.filename == "xl/worksheets/sheet1.xml":
+            if item.filename == "xl/worksheets/sheet1.xml" and kind != "column twice":
                 if kind == "truncated sheet XML":
                     b = b[:len(b) // 2]
                 else:   # cell A2 becomes a shared-string reference far past the shared strings (there are none)
@@ -666,6 +667,9 @@ CASES = [
     ("prepare out holds the input as train.jsonl", "prepare",
      lambda e, t: P(e, t, "--out", str(t / "dd"), inp=shutil.copy(e["train"], a_dir(t, "dd") + "/train.jsonl")),
      ["--out", "input"]),
+    ("classify out is the model folder", "classify",
+     lambda e, t: (lambda d: C(e, t, "--out", d, model=d))(str(shutil.copytree(e["scorer"], t / "enc"))), ["--out", "input"]),
+    ("prepare xlsx column given twice", "prepare", lambda e, t: P(e, t, inp=xlsx(t, "column twice")), ["bad.xlsx:1:", "answer"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
