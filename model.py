@@ -1165,6 +1165,7 @@ def resolve(name_or_path, revision=None, registry=None):
     registry: the short names to know (default: this file's REGISTRY; classify.py passes its encoders')."""
     registry = REGISTRY if registry is None else registry
     if os.path.isdir(name_or_path):
+        data.utf8_path(name_or_path, "")   # safetensors cannot open it, the JSON outputs cannot record it
         return name_or_path
     if os.path.exists(name_or_path):
         raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "

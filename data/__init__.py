@@ -587,8 +587,18 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
     return parse
 
 
+def utf8_path(path, flag):
+    """Refuse a path whose bytes are not UTF-8 (a Latin-1 file name reaches Python as lone surrogates): every script
+    records its paths in JSON (args.json, eval.json, manifests), which cannot hold it, and failed after writing."""
+    try:
+        os.fsencode(str(path)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(flag, f"{os.fsencode(str(path))!r}: the path is not UTF-8: rename it") from None
+
+
 def input_file(path, flag):
     """Refuse (UserError) an input path that does not exist, is not a file or cannot be read."""
+    utf8_path(path, flag)
     if not os.path.exists(path):
         if os.path.islink(path):   # "no such file" would send the user looking for a file that is listed right there
             raise UserError(flag, f"{path}: a broken symbolic link or a link loop (to {os.readlink(path)})")
@@ -606,6 +616,7 @@ def output_dir(path, flag, inputs=()):
     would be overwritten). Creates nothing."""
     if not str(path).strip():
         raise UserError(flag, "empty path")
+    utf8_path(path, flag)
     p = Path(path).absolute()
     # os.path's tests, not Path's: these say False (not raise) for a name the file system cannot hold
     if os.path.islink(p) and not os.path.exists(p):
@@ -667,6 +678,7 @@ def output_file(path, flag, inputs=()):
     replace what it reads). Creates nothing."""
     if not str(path).strip():
         raise UserError(flag, "empty path")
+    utf8_path(path, flag)
     if os.path.isdir(path):
         raise UserError(flag, f"{path}: is a folder, expected a file path")
     if os.path.islink(path) and not os.path.exists(path):

@@ -670,6 +670,14 @@ CASES = [
     ("classify out is the model folder", "classify",
      lambda e, t: (lambda d: C(e, t, "--out", d, model=d))(str(shutil.copytree(e["scorer"], t / "enc"))), ["--out", "input"]),
     ("prepare xlsx column given twice", "prepare", lambda e, t: P(e, t, inp=xlsx(t, "column twice")), ["bad.xlsx:1:", "answer"]),
+    ("train out a name that is not UTF-8 (wrote files, then a traceback)", "train",
+     lambda e, t: T(e, t)[:-2] + ["--out", str(t / "o\udcff")], ["--out", "not UTF-8"]),
+    ("train data a name that is not UTF-8", "train",
+     lambda e, t: T(e, t, data_file=shutil.copy(e["train"], str(t / "d\udcff.jsonl"))), ["--data", "not UTF-8"]),
+    ("evaluate model a folder name that is not UTF-8", "evaluate",
+     lambda e, t: E(e, t, model=str(shutil.copytree(e["model"], str(t / "m\udcff")))), ["--model", "not UTF-8"]),
+    ("bench json a name that is not UTF-8", "bench", lambda e, t: B(e, t, "--json", str(t / "b\udcff.json")),
+     ["--json", "not UTF-8"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
