@@ -536,6 +536,9 @@ def check_args(args):
         raise data.UserError("--floor", "needs --n >= 2")
     if args.greedy and args.repeat > 1:
         raise data.UserError("--repeat", "greedy runs are identical; repeat sampled runs only")
+    given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
+    if args.greedy and given:   # a sampling setting greedy decoding would ignore: the run is not what was asked
+        raise data.UserError(given[0], "a sampling setting: it has no effect with --greedy (drop one of the two)")
     data.input_file(args.data, "--data")
     data.output_dir(out_folder(args), "--out")
     for f in ("eval.json", "predictions.jsonl"):

@@ -678,6 +678,8 @@ CASES = [
      lambda e, t: E(e, t, model=str(shutil.copytree(e["model"], str(t / "m\udcff")))), ["--model", "not UTF-8"]),
     ("bench json a name that is not UTF-8", "bench", lambda e, t: B(e, t, "--json", str(t / "b\udcff.json")),
      ["--json", "not UTF-8"]),
+    ("evaluate top-k with greedy (ignored)", "evaluate", lambda e, t: E(e, t, "--top-k", "5"), ["--top-k", "--greedy"]),
+    ("evaluate seed with greedy (ignored)", "evaluate", lambda e, t: E(e, t, "--seed", "3"), ["--seed", "--greedy"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
