@@ -869,9 +869,9 @@ class Decoder(nn.Module):
 
 def sample(logits, temperature, top_k=None, top_p=None, generator=None):
     """logits (B, V) fp32 -> next token (B,). temperature 0 = greedy; top-k then top-p filtering."""
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:   # 0, or so small it is 0 in the logits' dtype: the greedy limit
         return logits.argmax(-1)
-    # the maximum subtracted first: a tiny temperature (1e-300) then sends the best logit to 0 and the rest to -inf,
+    # the maximum subtracted first: a tiny temperature (1e-40) then sends the best logit to 0 and the rest to -inf,
     # never inf - inf = NaN; softmax is unchanged by the shift
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k:

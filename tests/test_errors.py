@@ -943,5 +943,6 @@ def test_a_tiny_temperature_samples_the_best_token():
     """--temperature 1e-300 is a valid (finite, positive) flag: logits / T overflowed to inf and softmax gave NaN,
     a traceback in torch.multinomial. Now it samples the argmax, with top-k and top-p too."""
     logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
-    for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
-        assert M.sample(logits, 1e-300, **kw).tolist() == [1, 0], kw
+    for t in (1e-300, 1e-37):   # below float32's range (0 there), and one where 300 / t overflows float32
+        for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
+            assert M.sample(logits * 100, t, **kw).tolist() == [1, 0], (t, kw)
