@@ -680,6 +680,8 @@ CASES = [
      ["--json", "not UTF-8"]),
     ("evaluate top-k with greedy (ignored)", "evaluate", lambda e, t: E(e, t, "--top-k", "5"), ["--top-k", "--greedy"]),
     ("evaluate seed with greedy (ignored)", "evaluate", lambda e, t: E(e, t, "--seed", "3"), ["--seed", "--greedy"]),
+    ("annotate out named .json (JSON lines a .json reader refuses)", "annotate",
+     lambda e, t: A(e, t)[:4] + [str(t / "ann.json"), "--device", "cpu"], ["--out", ".jsonl"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
