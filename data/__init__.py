@@ -234,7 +234,8 @@ def _parse(path, text):
         except csv.Error as e:
             raise DataError(path, start, "csv", str(e)) from None
     else:
-        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv)")
+        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv"
+                                         + ("; data/prepare.py reads .xlsx" if suffix == ".xlsx" else "") + ")")
     if not rows:
         raise DataError(path, 1, "file", "no records (empty file)")
     return rows
@@ -246,6 +247,8 @@ def read_rows(path):
     For CSV the header is line 1 and a row's number is the physical line where it starts.
     UTF-8 is enforced (DataError names the line with the bad bytes); an empty file is a DataError.
     """
+    if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv", ".tab"):   # before decoding: an .xlsx
+        _parse(path, "")                                     # would otherwise be reported as bytes that are not UTF-8
     return _parse(path, _decode(path))
 
 

@@ -682,6 +682,8 @@ CASES = [
     ("evaluate seed with greedy (ignored)", "evaluate", lambda e, t: E(e, t, "--seed", "3"), ["--seed", "--greedy"]),
     ("annotate out named .json (JSON lines a .json reader refuses)", "annotate",
      lambda e, t: A(e, t)[:4] + [str(t / "ann.json"), "--device", "cpu"], ["--out", ".jsonl"]),
+    ("train data an .xlsx (was: bytes are not UTF-8)", "train", lambda e, t: T(e, t, data_file=xlsx(t, "column twice")),
+     ["bad.xlsx:1:", "unsupported", "prepare.py"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
