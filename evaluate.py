@@ -727,9 +727,9 @@ def _check_cells(path, where, table):
             raise data.UserError(path, f"{where}.{g}.n: expected a count (an integer >= 0) or null, got {n!r}"[:200])
 
 
-def load_eval(path):
-    """An eval.json for --table, checked field by field (one UserError naming the file and the field)."""
-    data.input_file(path, "--table")
+def load_eval(path, flag="--table"):
+    """An eval.json for --table (or --compare), checked field by field (one UserError naming the file and field)."""
+    data.input_file(path, flag)
     ev = data.read_json(path, "eval.json")
     if not isinstance(ev, dict):
         raise data.UserError(path, "not an eval.json written by evaluate.py (expected a JSON object)")
@@ -932,7 +932,7 @@ def load_examples(path):
     """(eval.json dict, per-example arrays) of one run. The arrays come from predictions.jsonl beside the eval.json:
     per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
     repeats), answer NLL and answer tokens (None where an older run did not record them)."""
-    ev = load_eval(eval_json_path(path))
+    ev = load_eval(eval_json_path(path), "--compare")
     for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
         if not isinstance(ev.get(key), kind):
             raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")

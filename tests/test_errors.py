@@ -467,7 +467,7 @@ CASES = [
     ("evaluate compare out is a file", "evaluate",
      lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out", a_file(t)], ["--out"]),
     ("evaluate compare missing run", "evaluate",
-     lambda e, t: ["--compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["nope"]),
+     lambda e, t: ["--compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["--compare", "nope"]),
     ("evaluate compare no predictions", "evaluate",
      lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", predictions=False), "--out", str(t / "cmp")],
      ["predictions.jsonl"]),
