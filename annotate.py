@@ -184,6 +184,8 @@ def annotate(args):
         raise data.UserError("--out", f"{args.out} is the input file: give another output path")
     for f in (args.out, args.out + ".partial", args.out + ".partial.json"):
         data.output_file(f, "--out")
+    if not args.out.lower().endswith(".jsonl"):   # JSON lines under another name: train.py would read .json as a
+        raise data.UserError("--out", f"{args.out}: annotate.py writes JSON lines: name the file .jsonl")   # list
     device = str(data.resolve_device(args.device, "--device"))
     parse_label_map(args.label_map)
     recs = read_questions(args.input, args.question_col, args.answer_col)

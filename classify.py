@@ -736,7 +736,7 @@ def get_args(argv=None):
                    help="optimizer steps; overrides --epochs when > 0 (seed 004: 8000)")
     p.add_argument("--batch-size", type=num(int, lo=1), default=32, help="training batch size")
     p.add_argument("--eval-batch-size", type=num(int, lo=1), default=128, help="batch size for validation")
-    p.add_argument("--lr", type=num(float, **pos), default=2e-5, help="peak learning rate (of the head with --llrd)")
+    p.add_argument("--lr", type=num(float, **pos, hi=1e30), default=2e-5, help="peak learning rate (of the head with --llrd)")
     p.add_argument("--weight-decay", type=num(float, lo=0), default=0.01,
                    help="AdamW weight decay (not on biases/LayerNorm)")
     p.add_argument("--warmup-frac", type=num(float, lo=0, hi=1), default=0.1,
@@ -779,6 +779,9 @@ def get_args(argv=None):
         p.error("--text-col, --label-col and --answer-col must name different columns")
     if a.keep_best and a.val_frac == 0:
         p.error("--keep-best needs a validation split (--val-frac > 0)")
+    for flag, e in (("--drw-epoch", a.drw_epoch), ("--ce-epochs", a.ce_epochs or None)):   # epochs count from 0
+        if e is not None and not a.max_steps and e >= a.epochs:   # the switch would never come: a silent no-op
+            p.error(f"{flag} {e}: the run has only --epochs {a.epochs} (epochs 0..{a.epochs - 1}), so it would do nothing")
     if a.labels is not None and not split_list(a.labels):
         p.error("--labels: empty list (leave the flag out for the default classes)")
     return a
@@ -794,7 +797,7 @@ def train(argv=None):
     t_start = time.time()
     device = data.resolve_device(args.device)
     data.input_file(args.data, "--data")
-    data.output_dir(args.out, "--out")
+    data.output_dir(args.out, "--out", inputs=[args.model])
     labels_arg = split_list(args.labels) or None
     if labels_arg and len(set(labels_arg)) != len(labels_arg):
         raise data.UserError("--labels", f"duplicate class names in '{args.labels}'")
@@ -922,6 +925,10 @@ def train(argv=None):
         model.classifier.bias.mul_(scale)
 
     # -- save: the model folder, then metrics.json (both atomic) -------------------------------------------------
+    bad = next((n for n, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:   # a finite loss, then an update past the float range (--lr or --weight-decay far too large)
+        raise data.UserError("--lr", f"the updates made the weights non-finite ({bad}); nothing was saved: try a lower "
+                                     "--lr or --weight-decay")
     met = evaluate(1.0)
     model.meta = {"trained_with": "classify.py", "input": "question+answer" if answers is not None else "text",
                   "max_len": args.max_len, "min_answer_tokens": args.min_answer_tokens, "loss": args.loss,

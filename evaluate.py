@@ -126,7 +126,7 @@ def get_args(argv=None):
                    "reference (a seeded derangement): the score of an unrelated pair, the floor that F1 differences "
                    "should be read against (BERTScore without rescaling is far from 0 for unrelated texts)")
     p.add_argument("--bertscore-batch-size", type=num(int, lo=1), default=64, help="sentences per bert-score batch")
-    p.add_argument("--bootstrap", type=num(int, lo=0), default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
+    p.add_argument("--bootstrap", type=num(int, lo=0, hi=10**7), default=1000, help="bootstrap resamples for the 95%% percentile intervals (0 = none)")
     p.add_argument("--bootstrap-seed", type=num(int, lo=0, hi=2**32 - 1), default=0, help="seed of the bootstrap resampling")
     p.add_argument("--name", default=None, help="row label in --table (default: the base model's name: the registry "
                    "name, or args.json's model for a train.py folder)")
@@ -146,7 +146,7 @@ def get_args(argv=None):
                    "scored on the same data with the same scorer and protocol: per example B - A in P, R, F1 and "
                    "answer NLL, overall and per severity, with a 95%% paired bootstrap interval and a paired "
                    "sign-flip permutation p-value; printed and saved to --out/compare.json")
-    p.add_argument("--permutations", type=data.number(int, lo=1), default=None, help="with --compare/--table: "
+    p.add_argument("--permutations", type=data.number(int, lo=1, hi=10**7), default=None, help="with --compare/--table: "
                    "random sign flips of the permutation test (exact enumeration when 2^n is no more than this); "
                    f"seeded with --bootstrap-seed; default {PERMUTATIONS}")
     a = p.parse_args(argv)
@@ -197,12 +197,13 @@ def model_generation_config(path):
     """The generation settings a model folder ships: its generation_config.json, else the generation keys of its
     config.json (what transformers' GenerationConfig.from_model_config falls back to); {} for neither (tiny).
     Keys kept: top_k, top_p, temperature, do_sample and HF_UNSUPPORTED's, None values dropped."""
+    from model import read_generation_config
     keys = ("top_k", "top_p", "temperature", "do_sample") + tuple(HF_UNSUPPORTED)
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name) if path and os.path.isdir(path) else None
         if f and os.path.isfile(f):
-            cfg = data.read_json(f, name)
-            got = {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
+            cfg = read_generation_config(f)
+            got = {k: cfg[k] for k in keys if cfg.get(k) is not None}
             if got or name == "generation_config.json":
                 return dict(got, source=f)
     return {}
@@ -523,7 +524,7 @@ def check_args(args):
     """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
         raise data.UserError("--model", "required (or use --table)")
-    if args.plot or args.paper:
+    if args.plot is not None or args.paper:
         raise data.UserError("--plot/--paper", "only with --table")
     if args.metric is not None:   # a flag this mode would ignore (given at all, even with its default value)
         raise data.UserError("--metric", "only with --table (an evaluation scores every metric)")
@@ -535,6 +536,9 @@ def check_args(args):
         raise data.UserError("--floor", "needs --n >= 2")
     if args.greedy and args.repeat > 1:
         raise data.UserError("--repeat", "greedy runs are identical; repeat sampled runs only")
+    given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
+    if args.greedy and given:   # a sampling setting greedy decoding would ignore: the run is not what was asked
+        raise data.UserError(given[0], "a sampling setting: it has no effect with --greedy (drop one of the two)")
     data.input_file(args.data, "--data")
     data.output_dir(out_folder(args), "--out")
     for f in ("eval.json", "predictions.jsonl"):
@@ -723,9 +727,9 @@ def _check_cells(path, where, table):
             raise data.UserError(path, f"{where}.{g}.n: expected a count (an integer >= 0) or null, got {n!r}"[:200])
 
 
-def load_eval(path):
-    """An eval.json for --table, checked field by field (one UserError naming the file and the field)."""
-    data.input_file(path, "--table")
+def load_eval(path, flag="--table"):
+    """An eval.json for --table (or --compare), checked field by field (one UserError naming the file and field)."""
+    data.input_file(path, flag)
     ev = data.read_json(path, "eval.json")
     if not isinstance(ev, dict):
         raise data.UserError(path, "not an eval.json written by evaluate.py (expected a JSON object)")
@@ -894,8 +898,8 @@ def save_plot(path, metric, rows, cols, cells):
 
 def table_main(args):
     args.metric, args.permutations = args.metric or "f1", args.permutations or PERMUTATIONS
-    if args.plot:
-        data.output_file(args.plot, "--plot")
+    if args.plot is not None:   # "" too: refused, not silently skipped
+        data.output_file(args.plot, "--plot", inputs=args.table)
     evs = [load_eval(p) for p in args.table]
     if all(cell_values(e, args.metric, "overall") is None for e in evs):   # an empty table is no answer
         raise data.UserError("--metric", f"{args.metric}: no --table file has it"
@@ -928,7 +932,7 @@ def load_examples(path):
     """(eval.json dict, per-example arrays) of one run. The arrays come from predictions.jsonl beside the eval.json:
     per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
     repeats), answer NLL and answer tokens (None where an older run did not record them)."""
-    ev = load_eval(eval_json_path(path))
+    ev = load_eval(eval_json_path(path), "--compare")
     for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
         if not isinstance(ev.get(key), kind):
             raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
@@ -1027,6 +1031,9 @@ def compare_main(args):
         raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")
     data.output_file(os.path.join(args.out, "compare.json"), "--out")
+    a, b = args.compare
+    if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):   # a run against itself: nothing to test
+        raise data.UserError("--compare", f"{a} and {b} are the same run: give two different eval folders")
     (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
     check_comparable([(args.compare[0], ea), (args.compare[1], eb)])
     diffs = paired_table(xa, xb, args.bootstrap, args.bootstrap_seed, args.permutations)

@@ -873,9 +873,11 @@ class Decoder(nn.Module):
 
 def sample(logits, temperature, top_k=None, top_p=None, generator=None):
     """logits (B, V) fp32 -> next token (B,). temperature 0 = greedy; top-k then top-p filtering."""
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:   # 0, or so small it is 0 in the logits' dtype: the greedy limit
         return logits.argmax(-1)
-    logits = logits / temperature
+    # the maximum subtracted first: a tiny temperature (1e-40) then sends the best logit to 0 and the rest to -inf,
+    # never inf - inf = NaN; softmax is unchanged by the shift
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -1008,11 +1010,36 @@ def read_config(path):
             raise UserError(cfg_file, f"{k} = {v!r}: expected a positive integer")
     if not (isinstance(cfg.norm_eps, (int, float)) and cfg.norm_eps > 0):
         raise UserError(cfg_file, f"norm epsilon {cfg.norm_eps!r}: expected a positive number")
-    for k in ("bos", "eos", "pad"):   # a token id, or null; past the vocabulary it would index out of the embedding
-        v = getattr(cfg, f"{k}_id")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v >= cfg.vocab_size):
+    if not (math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):   # a negative base makes every rotation NaN
+        raise UserError(cfg_file, f"rope_theta {cfg.rope_theta!r}: expected a positive number")
+    tie = next((hf[k] for k in ("tie_word_embeddings", "tie_embedding") if hf.get(k) is not None), True)
+    if not isinstance(tie, bool):   # bool("false") is True: a string would silently tie the output head
+        raise UserError(cfg_file, f"tie_word_embeddings = {tie!r}: expected true or false")
+    for k in ("bos", "eos", "pad"):   # a token id, or null; past the vocabulary (or negative: torch counts from the
+        v = getattr(cfg, f"{k}_id")   # end) it would index the wrong row of the embedding
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < cfg.vocab_size):
             raise UserError(cfg_file, f"{k}_token_id = {v!r}: expected a token id below vocab_size "
                                       f"{cfg.vocab_size}, or null")
+    return cfg
+
+
+def read_generation_config(path):
+    """A model folder's generation_config.json (or config.json), parsed: ONE UserError naming the file when it is not
+    a JSON object or a sampling setting has the wrong type (top_k "x" would fail in the middle of an evaluation;
+    do_sample "false" would read as true). Only the keys a sampler reads are checked; the rest pass through."""
+    cfg = data.read_json(path, os.path.basename(path))
+    if not isinstance(cfg, dict):
+        raise UserError(path, "must be a JSON object")
+    for k, v in cfg.items():
+        if v is None:
+            continue
+        num = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = {"top_k": num and v >= 0 and v == int(v), "top_p": num and 0 < v <= 1, "temperature": num and v >= 0,
+              "do_sample": isinstance(v, bool), "repetition_penalty": num and v > 0, "typical_p": num and 0 < v <= 1,
+              "min_p": num and 0 <= v <= 1, "no_repeat_ngram_size": num and v >= 0, "epsilon_cutoff": num and v >= 0,
+              "eta_cutoff": num and v >= 0, "num_beams": num and v >= 1}.get(k, True)
+        if not ok:
+            raise UserError(path, f"{k} = {v!r}: not a valid sampling setting")
     return cfg
 
 
@@ -1142,6 +1169,7 @@ def resolve(name_or_path, revision=None, registry=None):
     registry: the short names to know (default: this file's REGISTRY; classify.py passes its encoders')."""
     registry = REGISTRY if registry is None else registry
     if os.path.isdir(name_or_path):
+        data.utf8_path(name_or_path, "")   # safetensors cannot open it, the JSON outputs cannot record it
         return name_or_path
     if os.path.exists(name_or_path):
         raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer, merge_lora
+from model import (HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer, merge_lora,
+                   read_generation_config)
 
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
@@ -68,7 +69,7 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=num(int, lo=0), default=0, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
     p.add_argument("--grad-accum", type=num(int, lo=1), default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=num(float, lo=0), default=None, help="peak learning rate (default 2e-4 with LoRA, 5e-5 full fine-tuning, 3e-3 for a randomly initialised model); 0 = a dry run that measures the loss without changing the weights")
+    p.add_argument("--lr", type=num(float, lo=0, hi=1e30), default=None, help="peak learning rate (default 2e-4 with LoRA, 5e-5 full fine-tuning, 3e-3 for a randomly initialised model); 0 = a dry run that measures the loss without changing the weights")
     p.add_argument("--warmup", type=num(int, lo=0), default=0, help="linear warm-up steps")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up (to 0)")
     p.add_argument("--weight-decay", type=num(float, lo=0), default=0.0, help="AdamW weight decay (never on norms, biases, embeddings)")
@@ -450,7 +451,8 @@ def base_generation_config(model_name):
     f = os.path.join(resolve(model_name), "generation_config.json")
     if not os.path.isfile(f):
         return None
-    with open(f, encoding="utf-8") as fh:
+    read_generation_config(f)   # copied as it is into every checkpoint: refuse a broken one before any work
+    with open(f, encoding="utf-8-sig") as fh:
         return fh.read()
 
 

@@ -234,7 +234,8 @@ def _parse(path, text):
         except csv.Error as e:
             raise DataError(path, start, "csv", str(e)) from None
     else:
-        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv)")
+        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv"
+                                         + ("; data/prepare.py reads .xlsx" if suffix == ".xlsx" else "") + ")")
     if not rows:
         raise DataError(path, 1, "file", "no records (empty file)")
     return rows
@@ -246,6 +247,8 @@ def read_rows(path):
     For CSV the header is line 1 and a row's number is the physical line where it starts.
     UTF-8 is enforced (DataError names the line with the bad bytes); an empty file is a DataError.
     """
+    if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv", ".tab"):   # before decoding: an .xlsx
+        _parse(path, "")                                     # would otherwise be reported as bytes that are not UTF-8
     return _parse(path, _decode(path))
 
 
@@ -562,6 +565,7 @@ def _range_text(lo, hi, lo_open, hi_open):
 
 
 INT64_MAX = 2 ** 63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -574,6 +578,8 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
             raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+        if kind is float and abs(v) > FLOAT32_MAX:   # torch computes in float32: such a value overflows there
+            raise argparse.ArgumentTypeError(f"{s} is too large (the limit is {FLOAT32_MAX:g}, the largest float32)")
         if kind is int and abs(v) > INT64_MAX:   # no count, size or seed here needs more; torch would overflow
             raise argparse.ArgumentTypeError(f"{s[:30]}{'...' if len(s) > 30 else ''} is too large (the limit is 2**63 - 1)")
         if ((lo is not None and (v < lo or (lo_open and v == lo)))
@@ -584,9 +590,21 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
     return parse
 
 
+def utf8_path(path, flag):
+    """Refuse a path whose bytes are not UTF-8 (a Latin-1 file name reaches Python as lone surrogates): every script
+    records its paths in JSON (args.json, eval.json, manifests), which cannot hold it, and failed after writing."""
+    try:
+        os.fsencode(str(path)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(flag, f"{os.fsencode(str(path))!r}: the path is not UTF-8: rename it") from None
+
+
 def input_file(path, flag):
     """Refuse (UserError) an input path that does not exist, is not a file or cannot be read."""
+    utf8_path(path, flag)
     if not os.path.exists(path):
+        if os.path.islink(path):   # "no such file" would send the user looking for a file that is listed right there
+            raise UserError(flag, f"{path}: a broken symbolic link or a link loop (to {os.readlink(path)})")
         raise UserError(flag, f"{path}: no such file")
     if not os.path.isfile(path):
         raise UserError(flag, f"{path}: is a directory, not a file" if os.path.isdir(path) else f"{path}: not a file")
@@ -595,11 +613,13 @@ def input_file(path, flag):
     return path
 
 
-def output_dir(path, flag):
+def output_dir(path, flag, inputs=()):
     """Refuse (UserError) an output folder that could not be created or written: an existing file, a parent that
-    is a file, or a folder without write permission. Creates nothing."""
+    is a file, a folder without write permission, or one of the `inputs` folders (a model folder the run reads
+    would be overwritten). Creates nothing."""
     if not str(path).strip():
         raise UserError(flag, "empty path")
+    utf8_path(path, flag)
     p = Path(path).absolute()
     # os.path's tests, not Path's: these say False (not raise) for a name the file system cannot hold
     if os.path.islink(p) and not os.path.exists(p):
@@ -609,6 +629,10 @@ def output_dir(path, flag):
             raise UserError(flag, f"{path}: exists and is not a folder")
         if not os.access(p, os.W_OK | os.X_OK) or not _can_create_in(p):
             raise UserError(flag, f"{path}: folder is not writable")
+        same = next((i for i in inputs if i and os.path.isdir(i) and os.path.samefile(p, i)), None)
+        if same is not None:
+            raise UserError(flag, f"{path} is the input folder {same}: its files would be overwritten (give another "
+                                  "output folder)")
         return path
     parent = p.parent
     while not os.path.exists(parent):
@@ -651,13 +675,22 @@ def _can_create_in(folder):
     return True
 
 
-def output_file(path, flag):
+def output_file(path, flag, inputs=()):
     """Refuse (UserError) an output file path that could not be written atomically (folder not creatable or
-    writable, or the path is a folder). Creates nothing."""
+    writable, the path is a folder, a device or FIFO, a broken link) or that is one of the `inputs` (the run would
+    replace what it reads). Creates nothing."""
     if not str(path).strip():
         raise UserError(flag, "empty path")
+    utf8_path(path, flag)
     if os.path.isdir(path):
         raise UserError(flag, f"{path}: is a folder, expected a file path")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(flag, f"{path}: a broken symbolic link (to {os.readlink(path)})")
+    if os.path.exists(path) and not os.path.isfile(path):   # os.replace would put a plain file in place of /dev/null
+        raise UserError(flag, f"{path}: exists and is not a regular file (a device, FIFO or socket): give a file path")
+    same = next((i for i in inputs if i and os.path.isfile(path) and os.path.isfile(i) and os.path.samefile(path, i)), None)
+    if same is not None:
+        raise UserError(flag, f"{path} is the input file {same}: give another output path")
     folder = os.path.dirname(os.path.abspath(path))
     output_dir(folder, flag)
     # atomic_write's temporary file is ".<name>.<8 random>.tmp" beside it: 14 bytes more than the name

@@ -164,8 +164,13 @@ def read_xlsx(path, sheet=None):
                     continue
                 if header is None:
                     header = [v.strip() for v in vals]
+                    twice = [h for i, h in enumerate(header) if h and h in header[:i]]
+                    if twice:   # the dict below would keep the last one silently (as data.read_rows refuses for CSV)
+                        raise data.DataError(path, line, twice[0], "column given twice in the header")
                 else:
                     rows.append((line, {h: vals[i] if i < len(vals) else "" for i, h in enumerate(header)}))
+        except data.DataError:
+            raise
         except IndexError:   # a cell pointing past the shared-string table
             raise data.DataError(path, line + 1, f"sheet {match[0]}", "shared-string index out of range") from None
         except Exception as e:   # truncated or malformed worksheet XML (ElementTree / lxml parse errors)
@@ -298,7 +303,7 @@ def check_paths(args):
         data.input_file(args.input, "--input")
     data.output_dir(args.out, "--out")
     for f in ("train.jsonl", "test.jsonl", "manifest.json"):
-        data.output_file(str(Path(args.out) / f), "--out")
+        data.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
 
 
 def prepare(args):

@@ -173,6 +173,19 @@ def model_variant(env, tmp, kind):
     return str(d)
 
 
+def model_file(env, tmp, name, text, **config):
+    """A copy of the tiny model folder with file `name` written as `text` (None: no change), config.json keys set."""
+    d = tmp / "m"
+    shutil.copytree(env["model"], d)
+    if text is not None:
+        (d / name).write_text(text, encoding="utf-8")
+    if config:
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c.update(config)
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    return str(d)
+
+
 def _edit_tensors(st, kind):
     """Rewrite a safetensors file with every tensor int64, or with its first tensor all NaN."""
     from safetensors.torch import load_file, save_file
@@ -228,13 +241,14 @@ def xlsx(tmp, kind):
     src, dst = tmp / "ok.xlsx", tmp / "bad.xlsx"
     wb = openpyxl.Workbook()
     ws = wb.active
-    for row in (["question", "answer"], ["ما هو السكري؟", "ارتفاع سكر الدم."], ["سؤال", "جواب"]):
+    head = ["question", "answer", "answer"] if kind == "column twice" else ["question", "answer"]
+    for row in (head, ["ما هو السكري؟", "ارتفاع سكر الدم."], ["سؤال", "جواب"]):
         ws.append(row)
     wb.save(src)
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
             b = zin.read(item.filename)
-            if item.filename == "xl/worksheets/sheet1.xml":
+            if item.filename == "xl/worksheets/sheet1.xml" and kind != "column twice":
                 if kind == "truncated sheet XML":
                     b = b[:len(b) // 2]
                 else:   # cell A2 becomes a shared-string reference far past the shared strings (there are none)
@@ -454,7 +468,7 @@ CASES = [
     ("evaluate compare out is a file", "evaluate",
      lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out", a_file(t)], ["--out"]),
     ("evaluate compare missing run", "evaluate",
-     lambda e, t: ["--compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["nope"]),
+     lambda e, t: ["--compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["--compare", "nope"]),
     ("evaluate compare no predictions", "evaluate",
      lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", predictions=False), "--out", str(t / "cmp")],
      ["predictions.jsonl"]),
@@ -610,6 +624,67 @@ CASES = [
      ["--text-col"]),
     ("bench shape too big for memory", "bench", lambda e, t: B(e, t, "--hidden", str(1 << 17), "--layers", "4096"),
      ["--hidden"]),
+
+    # -- found by the third red-team pass (helper "redteam3")
+    ("train model config bos_token_id -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, bos_token_id=-1)),
+     ["--model", "config.json", "bos_token_id"]),
+    ("train model config tie_word_embeddings a string", "train",
+     lambda e, t: T(e, t, model=model_file(e, t, "", None, tie_word_embeddings="false")), ["config.json", "tie_word"]),
+    ("train model config rope_theta -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, model_type="llama",
+     hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, rope_theta=-1)),
+     ["config.json", "rope_theta"]),
+    ("train model generation_config empty", "train",
+     lambda e, t: T(e, t, model=model_file(e, t, "generation_config.json", "")), ["--model", "generation_config.json"]),
+    ("train model generation_config a list", "train",
+     lambda e, t: T(e, t, model=model_file(e, t, "generation_config.json", "[]")), ["--model", "generation_config.json"]),
+    ("evaluate model generation_config top_k a string", "evaluate",
+     lambda e, t: E(e, t, "--recipe", "notebook", model=model_file(e, t, "generation_config.json", '{"top_k": "x"}')),
+     ["generation_config.json", "top_k"]),
+    ("evaluate model generation_config do_sample a string", "evaluate",
+     lambda e, t: E(e, t, model=model_file(e, t, "generation_config.json", '{"do_sample": "false"}')),
+     ["generation_config.json", "do_sample"]),
+    ("train data a symbolic link loop", "train",
+     lambda e, t: T(e, t, data_file=str(t / "l.jsonl")) if os.symlink(t / "l.jsonl", t / "l.jsonl") is None else None,
+     ["--data", "link loop"]),
+    ("classify drw-epoch past the last epoch", "classify", lambda e, t: C(e, t, "--drw-epoch", "1"), ["--drw-epoch"]),
+    ("classify ce-epochs past the last epoch", "classify", lambda e, t: C(e, t, "--loss", "ldam", "--ce-epochs", "1"),
+     ["--ce-epochs"]),
+    ("train lr 1e38 (AdamW's first step, lr / 0.1, overflows float32)", "train", lambda e, t: T(e, t, "--lr", "1e38"), ["--lr"]),
+    ("classify lr 1e38", "classify", lambda e, t: C(e, t, "--lr", "1e38"), ["--lr"]),
+    ("train save-minutes past float32", "train", lambda e, t: T(e, t, "--save-minutes", "1e300"), ["--save-minutes", "float32"]),
+    ("classify lr 1e30 and weight-decay 1e10 make the weights non-finite", "classify",
+     lambda e, t: C(e, t, "--lr", "1e30", "--weight-decay", "1e10", "--max-steps", "1"), ["non-finite", "nothing was saved"]),
+    ("bench json is a FIFO (os.replace would put a file in its place, as it did to /dev/null)", "bench",
+     lambda e, t: B(e, t, "--json", str(t / "fifo")) if os.mkfifo(t / "fifo") is None else None, ["--json", "FIFO"]),
+    ("bench json a broken symlink", "bench",
+     lambda e, t: B(e, t, "--json", str(t / "l.json")) if os.symlink(t / "no" / "x", t / "l.json") is None else None,
+     ["--json", "broken"]),
+    ("evaluate table plot is the eval.json it reads", "evaluate",
+     lambda e, t: (lambda p: ["--table", p, "--plot", p])(eval_json(t, "ok")), ["--plot", "input"]),
+    ("evaluate table plot empty", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--plot", ""], ["--plot"]),
+    ("evaluate compare a run with itself", "evaluate",
+     lambda e, t: (lambda a: ["--compare", a, a + "/", "--out", str(t / "c")])(eval_run(t, "a")), ["--compare", "same"]),
+    ("evaluate bootstrap 2**40", "evaluate", lambda e, t: E(e, t, "--bootstrap", str(2 ** 40)), ["--bootstrap"]),
+    ("prepare out holds the input as train.jsonl", "prepare",
+     lambda e, t: P(e, t, "--out", str(t / "dd"), inp=shutil.copy(e["train"], a_dir(t, "dd") + "/train.jsonl")),
+     ["--out", "input"]),
+    ("classify out is the model folder", "classify",
+     lambda e, t: (lambda d: C(e, t, "--out", d, model=d))(str(shutil.copytree(e["scorer"], t / "enc"))), ["--out", "input"]),
+    ("prepare xlsx column given twice", "prepare", lambda e, t: P(e, t, inp=xlsx(t, "column twice")), ["bad.xlsx:1:", "answer"]),
+    ("train out a name that is not UTF-8 (wrote files, then a traceback)", "train",
+     lambda e, t: T(e, t)[:-2] + ["--out", str(t / "o\udcff")], ["--out", "not UTF-8"]),
+    ("train data a name that is not UTF-8", "train",
+     lambda e, t: T(e, t, data_file=shutil.copy(e["train"], str(t / "d\udcff.jsonl"))), ["--data", "not UTF-8"]),
+    ("evaluate model a folder name that is not UTF-8", "evaluate",
+     lambda e, t: E(e, t, model=str(shutil.copytree(e["model"], str(t / "m\udcff")))), ["--model", "not UTF-8"]),
+    ("bench json a name that is not UTF-8", "bench", lambda e, t: B(e, t, "--json", str(t / "b\udcff.json")),
+     ["--json", "not UTF-8"]),
+    ("evaluate top-k with greedy (ignored)", "evaluate", lambda e, t: E(e, t, "--top-k", "5"), ["--top-k", "--greedy"]),
+    ("evaluate seed with greedy (ignored)", "evaluate", lambda e, t: E(e, t, "--seed", "3"), ["--seed", "--greedy"]),
+    ("annotate out named .json (JSON lines a .json reader refuses)", "annotate",
+     lambda e, t: A(e, t)[:4] + [str(t / "ann.json"), "--device", "cpu"], ["--out", ".jsonl"]),
+    ("train data an .xlsx (was: bytes are not UTF-8)", "train", lambda e, t: T(e, t, data_file=xlsx(t, "column twice")),
+     ["bad.xlsx:1:", "unsupported", "prepare.py"]),
 ]
 if not CUDA:   # a machine without CUDA: --device cuda is the user's mistake
     CASES += [(f"{s} device cuda", s, f, ["--device"]) for s, f in (
@@ -867,3 +942,12 @@ def test_index_shards_are_checked_by_name_not_by_link_target(tmp_path):
         {"weight_map": {k: name for name, ks in shards.items() for k in ks}}), encoding="utf-8")
     loaded = M.Decoder.from_pretrained(str(snap)).state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())
+
+
+def test_a_tiny_temperature_samples_the_best_token():
+    """--temperature 1e-300 is a valid (finite, positive) flag: logits / T overflowed to inf and softmax gave NaN,
+    a traceback in torch.multinomial. Now it samples the argmax, with top-k and top-p too."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    for t in (1e-300, 1e-37):   # below float32's range (0 there), and one where 300 / t overflows float32
+        for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
+            assert M.sample(logits * 100, t, **kw).tolist() == [1, 0], (t, kw)
