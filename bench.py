@@ -91,7 +91,10 @@ def get_args(argv=None):
                    "the estimate for the full depth (see README, Performance)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="with --memory: the adapted layers (the notebooks')")
     p.add_argument("--lora-rank", type=num(int, lo=1, hi=65536), default=16, help="with --memory: LoRA rank (the notebooks: 16, alpha 32)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.memory:
+        p.refuse_unused(argv, {"lora_targets", "lora_rank"}, "without --memory")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -119,7 +119,11 @@ def get_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no per-step lines (the JSONL log is still written)")
     known, _ = p.parse_known_args(argv)         # first pass: which recipe sets the defaults
     p.set_defaults(**RECIPES[known.recipe])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lora_rank == 0:
+        p.refuse_unused(argv, {"lora_alpha", "lora_dropout", "lora_targets"},
+                        "with --lora-rank 0 (full fine-tuning): give --lora-rank to train LoRA adapters")
+    return args
 
 
 def parse_weights(s):

@@ -552,6 +552,19 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         die(message)
 
+    def given(self, argv=None):
+        """The dests of the flags given on the command line itself (a default or a recipe's default is not given):
+        parsed again over a namespace that already holds a marker for every dest, so argparse fills in no default."""
+        unset = object()
+        ns, _ = self.parse_known_args(argv, argparse.Namespace(**{a.dest: unset for a in self._actions}))
+        return {k for k, v in vars(ns).items() if v is not unset}
+
+    def refuse_unused(self, argv, unused, why):
+        """One line, exit 2, for the first flag of `unused` (dests) that was given although `why` (a mode) ignores it."""
+        hit = [a for a in self._actions if a.dest in unused and a.dest in self.given(argv)]
+        if hit:
+            raise UserError(hit[0].option_strings[0], f"is ignored {why}")
+
 
 def _range_text(lo, hi, lo_open, hi_open):
     # integers exactly: "4294967296 must be <= 4.29497e+09" reads as if the value were allowed
