@@ -193,9 +193,22 @@ def _json_items(path, text):
     return items
 
 
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".tab")   # .tab is what Harvard Dataverse serves
+
+
+def _suffix(path):
+    """The file's (lower-case) extension, refused unless a record reader reads it: checked before decoding, so that
+    an .xlsx is not reported as bytes that are not UTF-8."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv"
+                                         + ("; data/prepare.py reads .xlsx" if suffix == ".xlsx" else "") + ")")
+    return suffix
+
+
 def _parse(path, text):
     """Parse decoded text into [(line, row dict)] according to the file's extension."""
-    suffix = Path(path).suffix.lower()
+    suffix = _suffix(path)
     rows = []
     if suffix == ".jsonl":
         # split on "\n" only: str.splitlines() would also split at U+2028 etc., which JSON allows
@@ -212,7 +225,7 @@ def _parse(path, text):
             if not isinstance(obj, dict):
                 raise DataError(path, lineno, "row", "expected a JSON object")
             rows.append((lineno, obj))
-    elif suffix in (".csv", ".tsv", ".tab"):  # .tab is what Harvard Dataverse serves for ingested tables
+    else:   # .csv, .tsv, .tab
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if suffix == ".csv" else "\t")
         header, start = None, 1
         try:
@@ -233,9 +246,6 @@ def _parse(path, text):
                 start = reader.line_num + 1
         except csv.Error as e:
             raise DataError(path, start, "csv", str(e)) from None
-    else:
-        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv"
-                                         + ("; data/prepare.py reads .xlsx" if suffix == ".xlsx" else "") + ")")
     if not rows:
         raise DataError(path, 1, "file", "no records (empty file)")
     return rows
@@ -247,8 +257,7 @@ def read_rows(path):
     For CSV the header is line 1 and a row's number is the physical line where it starts.
     UTF-8 is enforced (DataError names the line with the bad bytes); an empty file is a DataError.
     """
-    if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv", ".tab"):   # before decoding: an .xlsx
-        _parse(path, "")                                     # would otherwise be reported as bytes that are not UTF-8
+    _suffix(path)
     return _parse(path, _decode(path))
 
 
@@ -561,7 +570,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def refuse_unused(self, argv, unused, why):
         """One line, exit 2, for the first flag of `unused` (dests) that was given although `why` (a mode) ignores it."""
-        hit = [a for a in self._actions if a.dest in unused and a.dest in self.given(argv)]
+        given = self.given(argv) & set(unused)
+        hit = [a for a in self._actions if a.dest in given]
         if hit:
             raise UserError(hit[0].option_strings[0], f"is ignored {why}")
 

@@ -147,9 +147,7 @@ def model_variant(env, tmp, kind):
     elif kind == "config not JSON":
         (d / "config.json").write_text("{model_type: gpt2", encoding="utf-8")
     elif kind == "config wrong types":
-        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        c["n_embd"] = "wide"
-        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+        _set_config(d, n_embd="wide")
     elif kind == "tokenizer not a tokenizer":
         (d / "tokenizer.json").write_text('{"hello": "world"}', encoding="utf-8")
     elif kind == "args.json not JSON":   # a folder train.py wrote, whose args.json was cut
@@ -162,9 +160,7 @@ def model_variant(env, tmp, kind):
                                   "rstrip": False, "normalized": False, "special": True})
         (d / "tokenizer.json").write_text(json.dumps(t), encoding="utf-8")
     elif kind in ("n_head 0", "eos past the vocabulary"):
-        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        c.update(n_head=0) if kind == "n_head 0" else c.update(eos_token_id=10 ** 6)
-        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+        _set_config(d, **({"n_head": 0} if kind == "n_head 0" else {"eos_token_id": 10 ** 6}))
     elif kind == "shard outside folder":
         outside = tmp / "elsewhere.safetensors"
         st.rename(outside)
@@ -180,10 +176,14 @@ def model_file(env, tmp, name, text, **config):
     if text is not None:
         (d / name).write_text(text, encoding="utf-8")
     if config:
-        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        c.update(config)
-        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+        _set_config(d, **config)
     return str(d)
+
+
+def _set_config(folder, **keys):
+    """config.json of a copied folder with `keys` set."""
+    f = folder / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text(encoding="utf-8")), **keys}), encoding="utf-8")
 
 
 def _edit_tensors(st, kind):
@@ -208,9 +208,7 @@ def scorer_variant(env, tmp, kind):
         sd.update({"classifier.weight": torch.zeros(3, 32), "classifier.bias": torch.zeros(3)})
         save_file(sd, str(st), {"format": "pt"})
         _edit_tensors(st, "int64 tensors")
-        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        c["id2label"] = dict(enumerate(data.SEVERITIES))
-        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+        _set_config(d, id2label=dict(enumerate(data.SEVERITIES)))
     elif kind in ("int64 tensors", "nan tensor"):
         _edit_tensors(st, kind)
     elif kind == "no tokenizer files":
@@ -218,13 +216,9 @@ def scorer_variant(env, tmp, kind):
     elif kind == "empty vocab.txt":
         (d / "vocab.txt").write_text("", encoding="utf-8")
     elif kind == "config wrong types":
-        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        c["hidden_size"] = "wide"
-        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+        _set_config(d, hidden_size="wide")
     elif kind == "severity_classifier not an object":
-        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        c["severity_classifier"] = "ab"
-        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+        _set_config(d, severity_classifier="ab")
     elif kind == "tokenizer_config a list":
         (d / "tokenizer_config.json").write_text("[1, 2]", encoding="utf-8")
     elif kind == "only pytorch_model.bin":
