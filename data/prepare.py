@@ -74,17 +74,37 @@ def normalize_arabic(text):
 DIALECT_RULES = Path(__file__).resolve().parent / "dialect_rules.txt"
 MARKS = r"[\u0610-\u061A\u064B-\u065F\u0670\u06D6-\u06ED\u0640]*"  # tashkeel + tatweel, skipped in a match
 FOLD_CLASS = {"ا": "اأإآٱ", "ي": "يى", "ه": "هة"}  # a folded letter matches any spelling normalize_arabic folds
+STEM = r"[\u0621-\u064A](?:" + MARKS + r"[\u0621-\u064A])+"  # the * of a prefix rule: two letters or more
+WORD_END_RE = re.compile(r"[\u0621-\u064A\u0610-\u061A\u064B-\u065F\u0670\u06D6-\u06ED\u0640]+$")
+WORD_START_RE = re.compile(r"^[\u0621-\u064A\u0610-\u061A\u064B-\u065F\u0670\u06D6-\u06ED\u0640]+")
+CONDITIONS = ("not prev", "not next", "prev", "next")  # longest first: "not prev:" also ends in "prev:"
+
+
+def _parse_condition(path, n, text):
+    """'prev: w1 w2' / 'next: ...' / 'not prev: ...' / 'not next: ...' -> (kind, [folded words]).
+    A word may end in * (any word with that beginning); <start> / <end>: no word before / after in the
+    same clause (start or end of the text, or punctuation in between)."""
+    kind, colon, words = text.partition(":")
+    kind = " ".join(kind.split())
+    words = [w if w in ("<start>", "<end>") else normalize_arabic(w) for w in words.split()]
+    if not colon or kind not in CONDITIONS or not words:
+        raise data.DataError(path, n, "rule", f"expected a condition 'prev: words', 'next: words', 'not prev: "
+                                              f"words' or 'not next: words', got {text.strip()!r}")
+    return kind, words
 
 
 def load_dialect_rules(path=DIALECT_RULES):
-    """Read a rules table -> (compiled regex, {folded dialect form: MSA form}, {dialect: number of rules}).
+    """Read a rules table -> (compiled regex, [(form, [(MSA, conditions)...])...], {dialect: number of rules}).
 
-    Lines: "[dialect]" starts a section, "form = MSA" is a rule, "#" starts a comment. Two forms that are
-    equal after normalize_arabic are one form given twice (an error, reported at the second line)."""
+    Lines: "[dialect]" starts a section, "#" starts a comment, a rule is "form = MSA" (spelling variants
+    fold: أ إ آ ٱ ا, ى ي, ة ه) or "form | form == MSA" (exactly the spellings written), optionally followed
+    by "if cond; cond" (see _parse_condition). One * in a form stands for a stem of 2+ letters, copied to
+    the * of the MSA side. A form may have several rules, each with conditions, tried in file order; a form
+    that already has a rule without conditions cannot get another (it would never fire): an error."""
     path = data.input_file(str(path), "--dialect-rules")
     with data.for_flag("--dialect-rules"), data.reading(path, "dialect rules"), open(path, encoding="utf-8") as fh:
         lines = fh.read().splitlines()
-    table, first_line, counts, dialect = {}, {}, {}, None
+    forms, index, counts, dialect = [], {}, {}, None  # index: (exact?, spelling key) -> position in forms
     for n, raw in enumerate(lines, 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -95,34 +115,85 @@ def load_dialect_rules(path=DIALECT_RULES):
             continue
         if dialect is None:
             raise data.DataError(path, n, "rule", "a rule before the first [dialect] line")
-        form, eq, msa = (" ".join(x.split()) for x in line.partition("="))
-        if not eq or not form or not msa or "=" in msa:
+        exact = "==" in line
+        left, eq, right = line.partition("==" if exact else "=")
+        msa, _, cond_text = right.partition(" if ")
+        msa = " ".join(msa.split())
+        if not eq or not left.strip() or not msa or "=" in right:
             raise data.DataError(path, n, "rule", f"expected 'dialect form = MSA form', got {line!r}")
-        key = normalize_arabic(form)
-        if not re.fullmatch(r"[\u0621-\u064A]+( [\u0621-\u064A]+)*", key):
-            raise data.DataError(path, n, "rule", f"the dialect form {form!r} is not Arabic words")
-        if key in table:
-            raise data.DataError(path, n, "rule", f"{form!r} repeats the form of line {first_line[key]}")
-        table[key], first_line[key] = msa, n
+        conds = [_parse_condition(path, n, c) for c in cond_text.split(";")] if cond_text.strip() else []
+        spellings = [" ".join(s.split()) for s in left.split("|")]
+        if len(spellings) > 1 and not exact:
+            raise data.DataError(path, n, "rule", "several spellings 'a | b' need '==' (exact spellings)")
+        for form in spellings:
+            key = DIACRITICS_RE.sub("", form).replace(TATWEEL, "") if exact else normalize_arabic(form)
+            if not re.fullmatch(r"[\u0621-\u064A*]+( [\u0621-\u064A]+)*", key) or key.count("*") > 1 \
+                    or key.strip("*") == "":
+                raise data.DataError(path, n, "rule", f"the dialect form {form!r} is not Arabic words")
+            if ("*" in key) != ("*" in msa):
+                raise data.DataError(path, n, "rule", "a * in the form needs one in the MSA form, and back")
+            if (not exact, normalize_arabic(key)) in index:   # an exact spelling a folded form already covers
+                key_at = index[(not exact, normalize_arabic(key))]
+                raise data.DataError(path, n, "rule", f"{form!r} repeats the form of line {forms[key_at][3]}")
+            at = index.setdefault((exact, normalize_arabic(key) if not exact else key), len(forms))
+            if at == len(forms):
+                forms.append((key, exact, [], n))
+            elif any(not c for _, c in forms[at][2]):
+                raise data.DataError(path, n, "rule", f"{form!r} repeats the form of line {forms[at][3]}, "
+                                                      "which has no condition")
+            forms[at][2].append((msa, conds))
         counts[dialect] += 1
-    if not table:
+    if not forms:
         raise data.DataError(path, 1, "rule", "no rules")
-    # One alternation, longest form first: at a given place the regex takes the first form that matches.
-    # Letters match their spelling variants, tashkeel/tatweel may follow any letter, a space any whitespace.
-    def form_regex(key):
-        words = [MARKS.join(f"[{FOLD_CLASS[c]}]" if c in FOLD_CLASS else c for c in w) for w in key.split(" ")]
+
+    # One alternation, a named group per form, longest first (prefix rules last): at a given place the regex
+    # takes the first form that matches. Tashkeel/tatweel may follow any letter, a space is any whitespace;
+    # a folded letter matches its spelling variants, an exact form only the letters written.
+    def form_regex(i, key, exact):
+        words = [MARKS.join(f"(?P<s{i}>{STEM})" if c == "*" else f"[{FOLD_CLASS[c]}]" if c in FOLD_CLASS and not exact
+                            else c for c in w) for w in key.split(" ")]
         return r"\s+".join(words)
+    order = sorted(range(len(forms)), key=lambda i: ("*" in forms[i][0], -len(forms[i][0]), forms[i][0]))
+    alternation = "|".join(f"(?P<f{i}>{form_regex(i, forms[i][0], forms[i][1])})" for i in order)
     # The conjunction و is optional and lazy (??): a form that itself starts with و (ودي, وايد) is tried first.
-    forms = sorted(table, key=lambda k: (-len(k), k))
-    regex = re.compile(rf"(?<!\w)(و{MARKS})??({'|'.join(map(form_regex, forms))}){MARKS}(?!\w)")
-    return regex, table, counts
+    regex = re.compile(rf"(?<!\w)(?P<conj>و{MARKS})??(?:{alternation}){MARKS}(?!\w)")
+    return regex, [(key, rules) for key, _, rules, _ in forms], counts
+
+
+def _holds(cond, before, after):
+    """Does one condition of a rule hold, given the text before and after the matched form?"""
+    kind, words = cond
+    side = before if kind.endswith("prev") else after
+    side = side.rstrip() if kind.endswith("prev") else side.lstrip()
+    m = (WORD_END_RE.search if kind.endswith("prev") else WORD_START_RE.match)(side)
+    edge = "<start>" if kind.endswith("prev") else "<end>"
+    word = normalize_arabic(m.group()) if m else edge  # punctuation or nothing: the clause's edge
+    hit = any(word == w or (w.endswith("*") and word != edge and word.startswith(w[:-1])) for w in words)
+    return hit != kind.startswith("not")
 
 
 def normalize_dialect(text, rules):
     """Replace every dialect form of `rules` (from load_dialect_rules) in text by its MSA form, in one pass;
-    an attached conjunction و is kept. Everything else is left exactly as written."""
-    regex, table, _ = rules
-    return regex.sub(lambda m: (m.group(1) or "") + table[normalize_arabic(m.group(2))], text)
+    an attached conjunction و is kept. A form whose rules all have a condition that fails stays as written
+    Everything else is left exactly as written."""
+    regex, forms, _ = rules
+
+    def msa_for(i, before, after):
+        for msa, conds in forms[i][1]:
+            if all(_holds(c, before, after) for c in conds):
+                return msa
+        return None
+
+    def replace(m):
+        i = int(m.lastgroup[1:])
+        before, after = m.string[:m.start()], m.string[m.end():]
+        msa = msa_for(i, before, after)
+        if msa is None:
+            return m.group()
+        if "*" in msa:  # a prefix rule: the stem as written
+            msa = msa.replace("*", m.group(f"s{i}"))
+        return (m.group("conj") or "") + msa
+    return regex.sub(replace, text)
 
 
 def dedup_key(q, a):
