@@ -90,7 +90,7 @@ def measure(rules=None):
 def main():
     table, msa_changed = measure()
     n_msa = len(msa_sentences())
-    print("| dialect | questions | words changed (correct / all) | precision | dialect words normalised | coverage |")
+    print("| dialect | questions | changes (correct / all) | precision | dialect words normalised | coverage |")
     print("|---|---|---|---|---|---|")
     for d, r in table.items():
         print(f"| {d} | {r['questions']} | {r['correct']} / {r['changes']} | {r['precision']:.0%} "
