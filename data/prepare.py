@@ -150,8 +150,9 @@ def load_dialect_rules(path=DIALECT_RULES):
     # takes the first form that matches. Tashkeel/tatweel may follow any letter, a space is any whitespace;
     # a folded letter matches its spelling variants, an exact form only the letters written.
     def form_regex(i, key, exact):
-        words = [MARKS.join(f"(?P<s{i}>{STEM})" if c == "*" else f"[{FOLD_CLASS[c]}]" if c in FOLD_CLASS and not exact
-                            else c for c in w) for w in key.split(" ")]
+        words = [MARKS.join(f"(?P<s{i}>{STEM})" if c == "*" else
+                            f"[{FOLD_CLASS[c]}]" if c in FOLD_CLASS and not exact else c for c in w)
+                 for w in key.split(" ")]
         return r"\s+".join(words)
     order = sorted(range(len(forms)), key=lambda i: ("*" in forms[i][0], -len(forms[i][0]), forms[i][0]))
     alternation = "|".join(f"(?P<f{i}>{form_regex(i, forms[i][0], forms[i][1])})" for i in order)
@@ -167,15 +168,16 @@ def _holds(cond, before, after):
     side = side.rstrip() if kind.endswith("prev") else side.lstrip()
     m = (WORD_END_RE.search if kind.endswith("prev") else WORD_START_RE.match)(side)
     edge = "<start>" if kind.endswith("prev") else "<end>"
-    word = normalize_arabic(m.group()) if m else edge  # punctuation or nothing: the clause's edge
+    word = normalize_arabic(m.group()) if m else edge  # punctuation, a digit or nothing: the clause's edge
     hit = any(word == w or (w.endswith("*") and word != edge and word.startswith(w[:-1])) for w in words)
     return hit != kind.startswith("not")
 
 
 def normalize_dialect(text, rules):
     """Replace every dialect form of `rules` (from load_dialect_rules) in text by its MSA form, in one pass;
-    an attached conjunction و is kept. A form whose rules all have a condition that fails stays as written
-    Everything else is left exactly as written."""
+    an attached conjunction و is kept. Conditions look at the neighbouring words as written (the text before any
+    rewriting); a form whose rules all have a condition that fails stays as written. Everything else is left
+    exactly as written."""
     regex, forms, _ = rules
 
     def msa_for(i, before, after):
@@ -186,7 +188,8 @@ def normalize_dialect(text, rules):
 
     def replace(m):
         i = int(m.lastgroup[1:])
-        before, after = m.string[:m.start()], m.string[m.end():]
+        # a neighbouring word is within 80 characters (no Arabic word is longer): no copy of a long text per match
+        before, after = m.string[max(0, m.start() - 80):m.start()], m.string[m.end():m.end() + 80]
         msa = msa_for(i, before, after)
         if msa is None:
             return m.group()
