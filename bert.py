@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import _open_safetensors, resolve   # one hub download and safetensors reader, model.py's
+from model import open_safetensors, resolve   # one hub download and safetensors reader, model.py's
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -247,7 +247,7 @@ def read_checkpoint(name_or_path, revision=None):
         raise data.UserError(cfg_path, f"severity_classifier: expected an object with head pooler or linear, "
                                        f"got {str(meta)[:60]!r}")
     cfg = BertConfig.from_hf(cfg_dict, cfg_path)
-    tensors, enc, head = _open_safetensors(folder), {}, {}
+    tensors, enc, head = open_safetensors(folder), {}, {}
     for k in tensors:
         name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
         if not IGNORED.match(name):
