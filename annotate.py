@@ -29,8 +29,7 @@ import torch
 import bert
 import data
 
-SEVERITIES = tuple(data.SEVERITIES)
-PROB_FIELDS = ("p_nc", "p_n", "p_c")
+SEVERITIES, PROB_FIELDS = data.SEVERITIES, data.PROB_FIELDS   # one definition of each, in data
 PAPER_DISTRIBUTION = (46, 30, 24)  # % non-critical / neutral / critical after annotation in the paper
 DECIMALS = 6                         # probabilities are rounded to this many decimals in the output
 

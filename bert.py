@@ -42,7 +42,6 @@ REGISTRY = {
              "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                         "intermediate_size": 128, "max_position_embeddings": 512}},
 }
-SEVERITIES = tuple(data.SEVERITIES)   # default label set, in the order of the record fields p_nc, p_n, p_c
 
 
 def log(msg):
@@ -319,7 +318,7 @@ def load_classifier(path, device="cpu", revision=None):
             raise data.UserError(path, "config.json has no usable id2label for its classifier head")
         labels = [id2label[str(i)] for i in range(len(id2label))]
     elif folder is None:
-        labels = list(SEVERITIES)
+        labels = list(data.SEVERITIES)
         log(f"note: {path} has no classifier head; using a RANDOM {len(labels)}-class head")
     else:
         raise data.UserError(path, "no classifier head (classifier.weight); train one with classify.py")

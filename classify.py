@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, SEVERITIES, BertClassifier, autocast,  # the encoder
-                  build_inputs, collate, load_tensors, load_tokenizer, log, predict_logits, read_checkpoint,
-                  save_classifier, weight_table)
+from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, BertClassifier, autocast, build_inputs,  # the encoder
+                  collate, load_tensors, load_tokenizer, log, predict_logits, read_checkpoint, save_classifier,
+                  weight_table)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
             raise data.DataError(path, line, label_col, "empty label")
         raw.append((line, v))
     if not labels and all(data.canonical_severity(v) for _, v in raw):
-        labels, raw = list(SEVERITIES), [(line, data.canonical_severity(v)) for line, v in raw]
+        labels, raw = list(data.SEVERITIES), [(line, data.canonical_severity(v)) for line, v in raw]
     labels = labels or sorted({v for _, v in raw})
     for line, v in raw:
         if v not in labels:   # only with --labels

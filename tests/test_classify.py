@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 import bert  # noqa: E402
 import classify  # noqa: E402
+import data  # noqa: E402
 
 SAMPLE_LABELS = os.path.join(ROOT, "data", "sample", "severity_labels.jsonl")
 WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -162,7 +163,7 @@ def test_saved_classifier_loads_in_transformers(trained):
     out = trained["out"]
     ours, tok, labels = bert.load_classifier(out)
     hf = BertForSequenceClassification.from_pretrained(out).eval()
-    assert [hf.config.id2label[i] for i in range(len(labels))] == labels == list(classify.SEVERITIES)
+    assert [hf.config.id2label[i] for i in range(len(labels))] == labels == list(data.SEVERITIES)
     seqs = bert.build_inputs(tok, ARABIC, 64)
     ids, am, tt = bert.collate(seqs, tok.pad_id, "cpu")
     with torch.no_grad():
@@ -481,7 +482,7 @@ def test_label_sets(tmp_path):
         texts, answers, y, labels = classify.read_labelled(str(f), "text", "label", None, labels_arg)
         assert texts == [f"q{i}" for i in range(len(labels_in))] and answers is None
         return y, labels
-    assert read(["Severe", "mild", "حرج", "neutral"]) == ([2, 0, 2, 1], list(classify.SEVERITIES))
+    assert read(["Severe", "mild", "حرج", "neutral"]) == ([2, 0, 2, 1], list(data.SEVERITIES))
     assert read(["dental", "cardio", "dental", "skin"]) == ([1, 0, 1, 2], ["cardio", "dental", "skin"])
     assert read(["dental", "cardio"], ["dental", "cardio"]) == ([0, 1], ["dental", "cardio"])
     assert read([3, 1, 3]) == ([1, 0, 1], ["1", "3"])
@@ -510,7 +511,7 @@ def test_tiny_classifier_beats_majority(trained, capsys):
           f"vs majority {m['majority_baseline_accuracy']:.3f} (n_val {m['n_val']}, {m['seconds']} s)")
     # 8 seeds measured: 0.65-0.76 against 0.44 (451 labelled questions, 91 for validation)
     assert val["accuracy"] > m["majority_baseline_accuracy"] + 0.05
-    assert set(val["per_class"]) == set(classify.SEVERITIES)
+    assert set(val["per_class"]) == set(data.SEVERITIES)
     assert np.array(val["confusion"]).sum() == m["n_val"]
     assert 0 <= val["ece"] <= 1
 
