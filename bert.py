@@ -144,12 +144,16 @@ class Bert(nn.Module):
         init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        assert input_ids.ndim == 2, f"input_ids {tuple(input_ids.shape)}, expected (B, T)"
+        B, T = input_ids.shape
+        assert attention_mask is None or attention_mask.shape == (B, T), f"attention_mask must be (B, T) = {(B, T)}"
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.drop(self.emb_norm(self.wte(input_ids) + self.wtt(tt) + self.wpe(pos)[None]))
         for block in self.layers:
             x = block(x, mask)
+        assert x.shape == (B, T, self.cfg.hidden_size), f"hidden {tuple(x.shape)}, expected (B, T, H)"
         return x
 
     def pool(self, h):   # (B, T, H) -> (B, H)
@@ -180,7 +184,9 @@ class BertClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         h = self.bert(input_ids, attention_mask, token_type_ids)
-        return self.classifier(self.dropout(self.bert.pool(h) if self.head == "pooler" else h[:, 0]))
+        logits = self.classifier(self.dropout(self.bert.pool(h) if self.head == "pooler" else h[:, 0]))
+        assert logits.shape == (h.shape[0], len(self.labels)), f"logits {tuple(logits.shape)}, expected (B, C)"
+        return logits
 
 
 def init_weights(module, std):

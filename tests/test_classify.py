@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -362,6 +363,19 @@ def _tiny_classifier(seed=0):
                           intermediate_size=24, max_position_embeddings=32,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return bert.BertClassifier(cfg, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("ids,mask,needle", [
+    (torch.ones(5, dtype=torch.long), None, "input_ids (5,), expected (B, T)"),
+    (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), "attention_mask must be (B, T) = (2, 5)"),
+    (torch.ones(2, 5, dtype=torch.long), torch.ones(5, dtype=torch.long), "attention_mask must be (B, T) = (2, 5)"),
+], ids=["1-D input", "mask too short", "1-D mask"])
+def test_encoder_shape_asserts(ids, mask, needle):
+    """The encoder's shape invariants fail as an assert naming the shape, not deep inside attention."""
+    model = _tiny_classifier().eval()
+    with pytest.raises(AssertionError, match=re.escape(needle)):
+        model(ids, mask)
+    assert model(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)).shape == (2, 3)
 
 
 def test_fgm_gradient_and_restore():
