@@ -49,7 +49,8 @@ from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, BertClassifier, autoca
 
 # ----------------------------------------------------------------------------------------------------------------
 # A training step, in the order it runs: the epoch's loss and class weights, the loss, FGM, the LLRD groups'
-# learning rates (each checked against a hand computation in tests/test_classify.py)
+# learning rates (each checked against a hand computation in tests/test_classify.py). Its inputs come from
+# bert.build_inputs, where --answer-col pairs are head-tail truncated (bert.WordPieceTokenizer.pair).
 
 def epoch_loss(epoch, loss, ce_epochs=0):
     """The loss of a 0-based epoch: plain 'ce' for the first ce_epochs epochs, then `loss`."""
