@@ -26,11 +26,10 @@ import sys
 import numpy as np
 import torch
 
-import classify
+import bert
 import data
 
-SEVERITIES = tuple(data.SEVERITIES)
-PROB_FIELDS = ("p_nc", "p_n", "p_c")
+SEVERITIES, PROB_FIELDS = data.SEVERITIES, data.PROB_FIELDS   # one definition of each, in data
 PAPER_DISTRIBUTION = (46, 30, 24)  # % non-critical / neutral / critical after annotation in the paper
 DECIMALS = 6                         # probabilities are rounded to this many decimals in the output
 
@@ -172,9 +171,9 @@ def _main(argv=None):
 
 
 def load_classifier(args, device):
-    """classify.load_classifier at the boundary: its errors name the flag and say what to do."""
+    """bert.load_classifier at the boundary: its errors name the flag and say what to do."""
     with data.for_flag("--classifier"), data.reading(args.classifier, "classifier", "train one with classify.py"):
-        return classify.load_classifier(args.classifier, device, args.revision)
+        return bert.load_classifier(args.classifier, device, args.revision)
 
 
 def annotate(args):
@@ -233,8 +232,8 @@ def annotate(args):
     chunks = 0
     while done < len(recs):
         chunk = recs[done:done + args.chunk_size]
-        probs = classify.predict_proba(model, tok, [r["question"] for r in chunk], args.batch_size, max_len,
-                                       progress=bar) @ M
+        probs = bert.predict_proba(model, tok, [r["question"] for r in chunk], args.batch_size, max_len,
+                                   progress=bar) @ M
         lines = []
         for r, p in zip(chunk, probs):
             p = [round(float(x), DECIMALS) for x in p]

@@ -833,7 +833,7 @@ class Decoder(nn.Module):
             return quantize_nf4(model) if quantize else model
         path = resolve(name_or_path, revision)
         cfg = read_config(path)
-        tensors = _open_safetensors(path)
+        tensors = open_safetensors(path)
         if cfg.family == "lfm2":   # the FFN width is whatever w1 says (configs disagree on how to derive it)
             w1 = next((k for k in tensors if k.endswith("feed_forward.w1.weight")), None)
             if w1 is not None:
@@ -1073,7 +1073,9 @@ class _Tensors:
             return h.get_tensor(name)
 
 
-def _open_safetensors(path):
+def open_safetensors(path):
+    """The safetensors weights of a model folder (sharded through model.safetensors.index.json, or not), as a lazy
+    name -> tensor view; a folder with only pickled weights is refused. Shared with bert.py."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         wm = data.read_json(index, "index")

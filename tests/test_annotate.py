@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import annotate  # noqa: E402
-import classify  # noqa: E402
+import bert  # noqa: E402
 import data  # noqa: E402
 
 SAMPLE_QA = os.path.join(ROOT, "data", "sample", "test.jsonl")
@@ -25,16 +25,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_classifier(folder, labels, seed=0):
     """A tiny random classifier folder in classify.py's output layout (no training needed here)."""
     torch.manual_seed(seed)
-    cfg = classify.BertConfig(vocab_size=classify.load_tokenizer(WORDPIECE).vocab_size, hidden_size=32,
-                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                              max_position_embeddings=128, initializer_range=0.2)
-    model = classify.BertClassifier(cfg, labels)
+    cfg = bert.BertConfig(vocab_size=bert.load_tokenizer(WORDPIECE).vocab_size, hidden_size=32,
+                          num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                          max_position_embeddings=128, initializer_range=0.2)
+    model = bert.BertClassifier(cfg, labels)
     with torch.no_grad():  # large random weights, so the questions get different, confident predictions
         model.bert.wte.weight.normal_(0, 1.0)
         model.bert.pooler.weight.normal_(0, 0.5)
         model.classifier.weight.normal_(0, 2.0)
     model.meta = {"trained_with": "test", "input": "text", "max_len": 96}
-    classify.save_classifier(model, classify.load_tokenizer(WORDPIECE), str(folder))
+    bert.save_classifier(model, bert.load_tokenizer(WORDPIECE), str(folder))
     return str(folder)
 
 
@@ -73,8 +73,8 @@ def test_records_are_valid_and_in_order(tmp_path, clf, capsys):
     assert [r["severity"] for r in recs] == [data.SEVERITIES[i] for i in p.argmax(1)]
     assert sum(counts.values()) == len(recs) and len(set(r["severity"] for r in recs)) >= 2
     # the same numbers as the classifier's own predict_proba on the questions
-    model, tok, labels = classify.load_classifier(clf)
-    want = classify.predict_proba(model, tok, [r["question"] for r in src], 64, 96)
+    model, tok, labels = bert.load_classifier(clf)
+    want = bert.predict_proba(model, tok, [r["question"] for r in src], 64, 96)
     assert np.abs(want - p).max() < 1e-5
     assert "severity distribution" in capsys.readouterr().out
     assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".partial.json")

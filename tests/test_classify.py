@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import bert  # noqa: E402
 import classify  # noqa: E402
+import data  # noqa: E402
 
 SAMPLE_LABELS = os.path.join(ROOT, "data", "sample", "severity_labels.jsonl")
 WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -62,7 +65,7 @@ def batch(vocab=99, B=3, T=11, seed=1):
 
 def test_encoder_matches_transformers(tmp_path):
     ref, path = tiny_hf(tmp_path)
-    ours = classify.Bert.from_pretrained(str(path)).eval()
+    ours = bert.Bert.from_pretrained(str(path)).eval()
     ids, am, tt = batch()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
@@ -88,8 +91,8 @@ def test_load_with_prefix_and_head_matches_transformers(tmp_path):
                         id2label={0: "non-critical", 1: "neutral", 2: "critical"},
                         label2id={"non-critical": 0, "neutral": 1, "critical": 2})
     with pytest.raises(ValueError, match="no tokenizer"):   # no tokenizer files in a bare save
-        classify.load_classifier(str(path))
-    model_bert = classify.Bert.from_pretrained(str(path)).eval()
+        bert.load_classifier(str(path))
+    model_bert = bert.Bert.from_pretrained(str(path)).eval()
     ids, am, tt = batch()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
@@ -102,7 +105,7 @@ def test_masked_lm_checkpoint_loads(tmp_path, capsys):
     """A BertForMaskedLM save (how most hub BERTs ship): 'bert.' prefix, MLM head, no pooler."""
     from transformers import BertForMaskedLM
     ref, path = tiny_hf(tmp_path, "mlm", BertForMaskedLM)
-    ours = classify.Bert.from_pretrained(str(path)).eval()
+    ours = bert.Bert.from_pretrained(str(path)).eval()
     assert "no pooler" in capsys.readouterr().out
     ids, am, tt = batch()
     with torch.no_grad():
@@ -129,16 +132,16 @@ def test_loader_is_strict(tmp_path):
 
     _edit_checkpoint(path, tmp_path / "shape", lambda sd: sd.__setitem__(k, torch.zeros(32, 31)))
     with pytest.raises(ValueError) as e:
-        classify.Bert.from_pretrained(str(tmp_path / "shape"))
+        bert.Bert.from_pretrained(str(tmp_path / "shape"))
     assert k in str(e.value) and "(32, 31)" in str(e.value) and "(32, 32)" in str(e.value)
 
     _edit_checkpoint(path, tmp_path / "missing", lambda sd: sd.pop(k))
     with pytest.raises(ValueError, match="missing tensor 'bert.encoder.layer.1.attention.self.key.weight'"):
-        classify.Bert.from_pretrained(str(tmp_path / "missing"))
+        bert.Bert.from_pretrained(str(tmp_path / "missing"))
 
     _edit_checkpoint(path, tmp_path / "extra", lambda sd: sd.__setitem__("encoder.layer.1.foo", torch.zeros(2)))
     with pytest.raises(ValueError, match="unexpected tensor 'bert.encoder.layer.1.foo'"):
-        classify.Bert.from_pretrained(str(tmp_path / "extra"))
+        bert.Bert.from_pretrained(str(tmp_path / "extra"))
 
     # pre-training heads and TF-era gamma/beta names are fine
     def tf_names(sd):
@@ -146,24 +149,24 @@ def test_loader_is_strict(tmp_path):
         sd["embeddings.LayerNorm.gamma"] = sd.pop("embeddings.LayerNorm.weight")
         sd["embeddings.LayerNorm.beta"] = sd.pop("embeddings.LayerNorm.bias")
     _edit_checkpoint(path, tmp_path / "tf", tf_names)
-    a = classify.Bert.from_pretrained(str(tmp_path / "tf")).state_dict()
-    b = classify.Bert.from_pretrained(str(path)).state_dict()
+    a = bert.Bert.from_pretrained(str(tmp_path / "tf")).state_dict()
+    b = bert.Bert.from_pretrained(str(path)).state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
 
     os.remove(tmp_path / "tf" / "model.safetensors")
     (tmp_path / "tf" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="no .safetensors weights \\(found pytorch_model.bin"):
-        classify.Bert.from_pretrained(str(tmp_path / "tf"))
+        bert.Bert.from_pretrained(str(tmp_path / "tf"))
 
 
 def test_saved_classifier_loads_in_transformers(trained):
     from transformers import AutoModel, BertForSequenceClassification
     out = trained["out"]
-    ours, tok, labels = classify.load_classifier(out)
+    ours, tok, labels = bert.load_classifier(out)
     hf = BertForSequenceClassification.from_pretrained(out).eval()
-    assert [hf.config.id2label[i] for i in range(len(labels))] == labels == list(classify.SEVERITIES)
-    seqs = classify.build_inputs(tok, ARABIC, 64)
-    ids, am, tt = classify.collate(seqs, tok.pad_id, "cpu")
+    assert [hf.config.id2label[i] for i in range(len(labels))] == labels == list(data.SEVERITIES)
+    seqs = bert.build_inputs(tok, ARABIC, 64)
+    ids, am, tt = bert.collate(seqs, tok.pad_id, "cpu")
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
         got = ours(ids, am, tt)
@@ -186,9 +189,9 @@ def test_saved_classifier_loads_in_transformers(trained):
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "metrics.json"):
         assert os.path.exists(os.path.join(out, f))
     # predict_proba: rows are distributions, in input order
-    p = classify.predict_proba(ours, tok, ARABIC, batch_size=2, max_len=64)
+    p = bert.predict_proba(ours, tok, ARABIC, batch_size=2, max_len=64)
     assert p.shape == (4, 3) and np.allclose(p.sum(1), 1)
-    p1 = classify.predict_proba(ours, tok, ARABIC[1:2], batch_size=2, max_len=64)
+    p1 = bert.predict_proba(ours, tok, ARABIC[1:2], batch_size=2, max_len=64)
     assert np.abs(p1[0] - p[1]).max() < 1e-5
 
 
@@ -200,7 +203,7 @@ def test_save_then_transformers_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))        # nothing left at its init value (LayerNorms, biases)
-    classify.save_classifier(model, classify.load_tokenizer(WORDPIECE), str(tmp_path / "m"))
+    bert.save_classifier(model, bert.load_tokenizer(WORDPIECE), str(tmp_path / "m"))
     hf = BertForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
     ids, am, tt = batch(vocab=50, T=9)
     with torch.no_grad():
@@ -216,8 +219,8 @@ def test_tokenizer_matches_transformers(tmp_path):
     vocab_only.mkdir()
     (vocab_only / "vocab.txt").write_text(open(os.path.join(WORDPIECE, "vocab.txt"), encoding="utf-8").read(),
                                           encoding="utf-8")
-    from_vocab = classify.load_tokenizer(str(vocab_only))
-    from_json = classify.load_tokenizer(WORDPIECE)
+    from_vocab = bert.load_tokenizer(str(vocab_only))
+    from_json = bert.load_tokenizer(WORDPIECE)
     hf = BertTokenizerFast.from_pretrained(str(vocab_only), do_lower_case=False)
     want = [hf(t)["input_ids"] for t in ARABIC]
     for tok in (from_vocab, from_json):
@@ -230,12 +233,12 @@ def test_tokenizer_matches_transformers(tmp_path):
     assert from_vocab.pair(q, a, 10_000) == (e["input_ids"], e["token_type_ids"])
     # do_lower_case from tokenizer_config.json is honoured (Latin letters are lower-cased)
     (vocab_only / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    low = classify.load_tokenizer(str(vocab_only))
+    low = bert.load_tokenizer(str(vocab_only))
     hf_low = BertTokenizerFast.from_pretrained(str(vocab_only))  # reads do_lower_case from the config
     assert [low.single(x, 10_000)[0] for x in low.encode(ARABIC)] == [hf_low(t)["input_ids"] for t in ARABIC]
     # save -> load round trip keeps the ids
     from_vocab.save(str(tmp_path / "saved"))
-    again = classify.load_tokenizer(str(tmp_path / "saved"))
+    again = bert.load_tokenizer(str(tmp_path / "saved"))
     assert again.encode(ARABIC) == from_vocab.encode(ARABIC)
 
 
@@ -255,14 +258,14 @@ def test_tokenizer_config_casing_overrides_tokenizer_json(tmp_path):
         d.mkdir()
         BertWordPieceTokenizer(vocab, lowercase=False, strip_accents=False).save(str(d / "tokenizer.json"))
         (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **extra}))
-        ours = classify.load_tokenizer(str(d))
+        ours = bert.load_tokenizer(str(d))
         want = [BertTokenizerFast.from_pretrained(str(d))(t)["input_ids"] for t in texts]
         assert [ours.single(x, 100)[0] for x in ours.encode(texts)] == want, extra
         seen.append(want)
     assert seen[0] != seen[1] != seen[2] != seen[0]   # the three settings really tokenise differently
 
 def test_head_tail_truncation():
-    tok = classify.load_tokenizer(WORDPIECE)
+    tok = bert.load_tokenizer(WORDPIECE)
     q, a = list(range(100, 400)), list(range(1000, 1600))   # 300 question tokens, 600 answer tokens
 
     def parts(ids, tt):
@@ -356,10 +359,23 @@ def test_drw_weights_and_switch():
 
 def _tiny_classifier(seed=0):
     torch.manual_seed(seed)
-    cfg = classify.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=24, max_position_embeddings=32,
-                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return classify.BertClassifier(cfg, ["a", "b", "c"])
+    cfg = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=24, max_position_embeddings=32,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return bert.BertClassifier(cfg, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("ids,mask,needle", [
+    (torch.ones(5, dtype=torch.long), None, "input_ids (5,), expected (B, T)"),
+    (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), "attention_mask must be (B, T) = (2, 5)"),
+    (torch.ones(2, 5, dtype=torch.long), torch.ones(5, dtype=torch.long), "attention_mask must be (B, T) = (2, 5)"),
+], ids=["1-D input", "mask too short", "1-D mask"])
+def test_encoder_shape_asserts(ids, mask, needle):
+    """The encoder's shape invariants fail as an assert naming the shape, not deep inside attention."""
+    model = _tiny_classifier().eval()
+    with pytest.raises(AssertionError, match=re.escape(needle)):
+        model(ids, mask)
+    assert model(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)).shape == (2, 3)
 
 
 def test_fgm_gradient_and_restore():
@@ -480,7 +496,7 @@ def test_label_sets(tmp_path):
         texts, answers, y, labels = classify.read_labelled(str(f), "text", "label", None, labels_arg)
         assert texts == [f"q{i}" for i in range(len(labels_in))] and answers is None
         return y, labels
-    assert read(["Severe", "mild", "حرج", "neutral"]) == ([2, 0, 2, 1], list(classify.SEVERITIES))
+    assert read(["Severe", "mild", "حرج", "neutral"]) == ([2, 0, 2, 1], list(data.SEVERITIES))
     assert read(["dental", "cardio", "dental", "skin"]) == ([1, 0, 1, 2], ["cardio", "dental", "skin"])
     assert read(["dental", "cardio"], ["dental", "cardio"]) == ([0, 1], ["dental", "cardio"])
     assert read([3, 1, 3]) == ([1, 0, 1], ["1", "3"])
@@ -509,7 +525,7 @@ def test_tiny_classifier_beats_majority(trained, capsys):
           f"vs majority {m['majority_baseline_accuracy']:.3f} (n_val {m['n_val']}, {m['seconds']} s)")
     # 8 seeds measured: 0.65-0.76 against 0.44 (451 labelled questions, 91 for validation)
     assert val["accuracy"] > m["majority_baseline_accuracy"] + 0.05
-    assert set(val["per_class"]) == set(classify.SEVERITIES)
+    assert set(val["per_class"]) == set(data.SEVERITIES)
     assert np.array(val["confusion"]).sum() == m["n_val"]
     assert 0 <= val["ece"] <= 1
 
@@ -527,11 +543,11 @@ def test_tricks_run_end_to_end(tmp_path):
                        "--loss", "ldam", "--drw-epoch", "1", "--fgm-eps", "0.2", "--llrd", "0.9", "--device", "cpu",
                        "--out", str(out)])
     assert len(m["epochs"]) == 2 and all(math.isfinite(e["train_loss"]) for e in m["epochs"])
-    model, tok, labels = classify.load_classifier(str(out))
+    model, tok, labels = bert.load_classifier(str(out))
     assert model.meta["input"] == "question+answer" and model.meta["logit_scale_folded"] == 30.0
     val_idx = classify.stratified_split([labels.index(r["label"]) for r in rows], 0.1, 42)[1]
-    p = classify.predict_proba(model, tok, [rows[i]["text"] for i in val_idx], 128, 64,
-                               answers=[rows[i]["text"][::-1] for i in val_idx])
+    p = bert.predict_proba(model, tok, [rows[i]["text"] for i in val_idx], 128, 64,
+                           answers=[rows[i]["text"][::-1] for i in val_idx])
     # the last epoch was validated in the loop on softmax(30 * z); the saved model must give the same numbers
     # by itself, which it only does when s = 30 was folded into its head
     got = classify.ece(p, [labels.index(rows[i]["label"]) for i in val_idx])
@@ -550,15 +566,15 @@ def test_seed_004_recipe_end_to_end(tmp_path):
     # 406 training rows in batches of 128: 4 steps per epoch, so step 7 ends inside the second epoch
     assert m["steps"] == 7 and [e["steps"] for e in m["epochs"]] == [4, 7]
     assert [e["objective"] for e in m["epochs"]] == ["ce", "ldam"]
-    model, tok, labels = classify.load_classifier(str(out))
+    model, tok, labels = bert.load_classifier(str(out))
     assert model.head == "linear" and model.meta["logit_scale_folded"] == 1.0
     rows = [json.loads(l) for l in open(SAMPLE_LABELS, encoding="utf-8") if l.strip()]
     y = [labels.index(r["label"]) for r in rows]
     va = classify.stratified_split(y, 0.1, 42)[1]
-    p = classify.predict_proba(model, tok, [rows[i]["text"] for i in va], 64, 32)
+    p = bert.predict_proba(model, tok, [rows[i]["text"] for i in va], 64, 32)
     assert abs(classify.ece(p, np.array(y)[va]) - m["epochs"][-1]["val_ece"]) < 1e-6
     # the linear head reads the [CLS] state directly (no pooler)
-    ids, am, tt = classify.collate(classify.build_inputs(tok, ARABIC, 32), tok.pad_id, "cpu")
+    ids, am, tt = bert.collate(bert.build_inputs(tok, ARABIC, 32), tok.pad_id, "cpu")
     with torch.no_grad():
         want = F.linear(model.bert(ids, am, tt)[:, 0], model.classifier.weight, model.classifier.bias)
         assert torch.allclose(model(ids, am, tt), want, atol=1e-6)
@@ -655,15 +671,15 @@ def test_hub_download_is_restricted(monkeypatch, tmp_path):
         return str(path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
-    classify.Bert.from_pretrained("arbertv2", revision="abc123")
+    bert.Bert.from_pretrained("arbertv2", revision="abc123")
     assert seen["repo_id"] == "UBC-NLP/ARBERTv2" and seen["revision"] == "abc123" and seen["token"] == "hf_test"
     pats = seen["allow_patterns"]
     assert "*.safetensors" in pats and "config.json" in pats and "vocab.txt" in pats
     assert not any(p.endswith((".bin", ".py", ".pt", ".h5", ".msgpack", "*")) for p in pats)
-    assert classify.REGISTRY["arabertv02"]["repo"] == "aubmindlab/bert-base-arabertv02"
+    assert bert.REGISTRY["arabertv02"]["repo"] == "aubmindlab/bert-base-arabertv02"
 
     def offline(repo_id, **kw):
         raise OSError("no network")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ValueError, match="someone/missing: not a local folder, and cannot fetch someone/missing"):
-        classify.Bert.from_pretrained("someone/missing")
+        bert.Bert.from_pretrained("someone/missing")
