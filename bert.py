@@ -349,8 +349,12 @@ SPECIAL = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "se
 
 
 def special_names(cfg):
-    return {k: (v.get("content", d) if isinstance(v, dict) else v) for k, d in SPECIAL.items()
-            for v in [cfg.get(k, d)]}
+    """{"pad_token": "[PAD]", ...}: tokenizer_config.json's names (a string or an AddedToken object), BERT's default
+    where a name is missing or not a string (null: transformers' 'no such token'; ours need [PAD], [CLS], [SEP])."""
+    def name(v, default):
+        v = v.get("content") if isinstance(v, dict) else v
+        return v if isinstance(v, str) else default
+    return {k: name(cfg.get(k), d) for k, d in SPECIAL.items()}
 
 
 class WordPieceTokenizer:

@@ -683,3 +683,17 @@ def test_hub_download_is_restricted(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ValueError, match="someone/missing: not a local folder, and cannot fetch someone/missing"):
         bert.Bert.from_pretrained("someone/missing")
+
+
+def test_tokenizer_config_null_special_names_take_berts(tmp_path):
+    """tokenizer_config.json with "pad_token": null (or a non-string) loads with BERT's default name, as transformers'
+    BertTokenizerFast does for the [PAD]/[CLS]/[SEP] of its vocabulary; it was a TypeError traceback."""
+    from transformers import BertTokenizerFast
+    d = tmp_path / "null"
+    d.mkdir()
+    (d / "vocab.txt").write_text(open(os.path.join(WORDPIECE, "vocab.txt"), encoding="utf-8").read(), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps({"pad_token": None, "cls_token": 5, "do_lower_case": False}))
+    tok = bert.load_tokenizer(str(d))
+    hf = BertTokenizerFast.from_pretrained(str(d), do_lower_case=False, pad_token="[PAD]", cls_token="[CLS]")
+    assert (tok.pad_id, tok.cls_id) == (hf.convert_tokens_to_ids("[PAD]"), hf.convert_tokens_to_ids("[CLS]"))
+    assert [tok.single(x, 10_000)[0] for x in tok.encode(ARABIC)] == [hf(t)["input_ids"] for t in ARABIC]
