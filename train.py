@@ -66,7 +66,10 @@ def get_args(argv=None):
     p.add_argument("--data", default=os.path.join(SAMPLE, "train.jsonl"), help="training file, canonical JSONL/CSV (data/README.md)")
     p.add_argument("--eval-data", default="auto", help="held-out file for eval loss; 'auto' = test.jsonl beside --data, 'none' = no eval")
     p.add_argument("--weights", default="balanced", help="a,b,c for non-critical,neutral,critical or a preset: " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in PRESETS.items()))
-    p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>)")
+    p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>); locked while the run "
+                   "lasts. Without --resume, the files of an earlier train.py or evaluate.py run there (model, state, "
+                   "config, tokenizer, generation_config.json, args.json, train_log.*, eval.json, predictions.jsonl) "
+                   "are removed first and named on stderr")
     p.add_argument("--epochs", type=num(float, lo=0, lo_open=True), default=3, help="passes over the training data (> 0)")
     p.add_argument("--max-steps", type=num(int, lo=0), default=0, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
