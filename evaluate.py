@@ -17,8 +17,9 @@ answers (mean answer-token NLL, overall and per class: cheap, noise-free, needs 
 
 Outputs (written atomically, only after everything succeeded): <out>/eval.json (settings, the setting label
 Base/CE/Mild/Strong/Balanced/custom read from the training run's args.json, data sha256, counts per class,
-scores) and <out>/predictions.jsonl (one line per test record and run: question, reference, prediction,
-severity, per-example P/R/F1 x 100 and answer NLL).
+scores, and predictions_sha256) and <out>/predictions.jsonl (one line per test record and run: question, reference,
+prediction, severity, per-example P/R/F1 x 100 and answer NLL). The two replace the old pair as one unit, and
+--table/--compare refuse a predictions.jsonl whose sha256 is not the one its eval.json records.
 
 Repeatability: a sampled run draws every token from one torch.Generator seeded with --seed, over batches in a
 fixed order (prompts sorted by length, longest first, ties by position), so the same command with the same seed
@@ -86,8 +87,9 @@ def get_args(argv=None):
                    "untouched base model (setting Base), or a folder train.py wrote (setting from its args.json)")
     p.add_argument("--data", default=SAMPLE_TEST, help="canonical test file (question, answer, severity, p_nc, p_n, p_c)")
     p.add_argument("--n", type=num(int, lo=1), default=2000, help="evaluate the first N records (the paper: 2,000)")
-    p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl (default: the model "
-                   "folder if --model is a folder, else out/eval-<model>)")
+    p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl, replaced as one unit "
+                   "and locked while the run lasts (default: the model folder if --model is a folder, else "
+                   "out/eval-<model>)")
     p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="prompts per generation batch (and sequences per NLL batch)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available); also runs the scorer")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",

@@ -821,12 +821,15 @@ def fit(argv=None):
         (no log without a model)."""
         nonlocal logf
         if master and not os.path.isfile(log_path):
-            os.makedirs(out, exist_ok=True)
             print(f"note: {out} was deleted during the run: recreating it", file=sys.stderr, flush=True)
-            with contextlib.suppress(OSError):   # Linux: the deleted file is still readable through our handle
-                shutil.copyfile(f"/proc/self/fd/{logf.fileno()}", log_path)
-            logf.close()
-            logf = open(log_path, "a", encoding="utf-8")
+            try:
+                os.makedirs(out, exist_ok=True)
+                with contextlib.suppress(OSError):   # Linux: the deleted file is still readable through our handle
+                    shutil.copyfile(f"/proc/self/fd/{logf.fileno()}", log_path)
+                logf.close()
+                logf = open(log_path, "a", encoding="utf-8")
+            except OSError as e:
+                raise data.WriteError(log_path, e.strerror or str(e)) from None
         try:
             if args.fsdp:
                 fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
@@ -849,6 +852,7 @@ def fit(argv=None):
         if ddp:
             dist.barrier()
             dist.destroy_process_group()
+            data.release_outputs()   # os._exit skips atexit: remove rank 0's lock file here
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)

@@ -518,7 +518,7 @@ def unit(folder, last=()):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_HELD = {}   # lock file path -> (open file, folder to remove at exit when it was created for the lock and is empty)
+_HELD = {}   # lock file -> (open file, folders created for it (removed when empty), (folder, its stat, mtime after))
 
 
 def lock_output(path, flag, folder=True):

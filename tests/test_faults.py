@@ -393,3 +393,44 @@ def test_unit_moves_all_or_nothing(tmp_path):
         data.atomic_write(os.path.join(tmp, "b"), "new b")
         data.atomic_write(os.path.join(tmp, "a"), "new a")
     assert sorted(os.listdir(tmp_path / "gone")) == ["a", "b"]
+
+
+class SafetensorError(Exception):   # the name safetensors' Rust errors carry (its IO errors hold the errno text)
+    pass
+
+
+def _save_file(p):
+    from safetensors.torch import save_file
+    import torch
+    save_file({"w": torch.zeros(4)}, p)
+
+
+def _rust_io_error(p):
+    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                          '"No space left on device" })')
+
+
+def _tokenizers_io_error(p):   # the tokenizers library raises bare Exceptions
+    raise Exception('No space left on device (os error 28): Os { code: 28, kind: StorageFull, message: '
+                    '"No space left on device" }')
+
+
+ATOMIC = [   # (id, content, fail at fsync): every way a write can fail -> WriteError "<file>: <errno text>"
+    ("text", "نص\n", True),
+    ("bytes", b"\x00\x01", True),
+    ("safetensors", _save_file, True),
+    ("safetensors IO error", _rust_io_error, False),
+    ("tokenizers IO error", _tokenizers_io_error, False),
+]
+
+
+@pytest.mark.parametrize("case,content,at_fsync", ATOMIC, ids=[c[0] for c in ATOMIC])
+def test_atomic_write_failure_is_one_write_error(tmp_path, monkeypatch, case, content, at_fsync):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    if at_fsync:
+        disk_full(monkeypatch, "f.bin")
+    with pytest.raises(data.WriteError) as e:
+        data.atomic_write(target, content)
+    assert str(e.value) == f"{target}: {NOSPACE}"
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
