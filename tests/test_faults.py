@@ -363,7 +363,7 @@ def test_out_deleted_during_training_still_saves(tmp_path, capsys, monkeypatch):
     from model import Decoder
     Decoder.from_pretrained(str(out))
     steps = [json.loads(ln)["step"] for ln in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [s for s in steps] == [1, 1, 2, 2, 3, 3]   # the log written back whole (train + eval line per step)
+    assert steps == [1, 1, 2, 2, 3, 3]   # the log written back whole (train + eval line per step)
     assert (out / "args.json").exists() and (out / "state.safetensors").exists()
 
 
