@@ -185,6 +185,11 @@ def annotate(args):
         data.output_file(f, "--out")
     if not args.out.lower().endswith(".jsonl"):   # JSON lines under another name: train.py would read .json as a
         raise data.UserError("--out", f"{args.out}: annotate.py writes JSON lines: name the file .jsonl")   # list
+    # one process per output ("<out>.lock"): the resume below trusts the partial file, which a second process
+    # appending to the same file would corrupt; then the temp files of a killed write of ours are removed
+    data.lock_output(args.out, "--out", folder=False)
+    data.clean_stale(os.path.dirname(os.path.abspath(args.out)),
+                     [os.path.basename(args.out + end) for end in ("", ".partial", ".partial.json")])
     device = str(data.resolve_device(args.device, "--device"))
     parse_label_map(args.label_map)
     recs = read_questions(args.input, args.question_col, args.answer_col)
@@ -225,8 +230,11 @@ def annotate(args):
             print(f"note: {partial} is from a different run (input, classifier or settings changed); starting over",
                   file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(partial, "r+b" if done else "wb") as fh:
-        fh.truncate(nbytes)
+    try:
+        with open(partial, "r+b" if done else "wb") as fh:
+            fh.truncate(nbytes)
+    except OSError as e:
+        raise data.WriteError(partial, e.strerror or str(e)) from None
 
     bar = data.progress(len(recs), "annotate", "row", args.quiet, initial=done)
     chunks = 0
@@ -240,11 +248,14 @@ def annotate(args):
             sev = SEVERITIES[int(np.argmax(p))]  # argmax of the written values (first maximum on ties)
             lines.append(json.dumps({"question": r["question"], "answer": r["answer"], "severity": sev,
                                      **dict(zip(PROB_FIELDS, p))}, ensure_ascii=False) + "\n")
-        with open(partial, "ab") as fh:
-            fh.write("".join(lines).encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-            nbytes = fh.tell()
+        try:   # a full disk: one line, exit 2; the sidecar still says how far the partial file is whole (resume)
+            with open(partial, "ab") as fh:
+                fh.write("".join(lines).encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
+                nbytes = fh.tell()
+        except OSError as e:
+            raise data.WriteError(partial, e.strerror or str(e)) from None
         done += len(chunk)
         data.write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
         chunks += 1
@@ -254,8 +265,11 @@ def annotate(args):
                   f"run the same command again to resume", file=sys.stderr)
             return None
     bar.close()
-    os.replace(partial, out)
-    os.remove(sidecar)
+    try:
+        os.replace(partial, out)
+        os.remove(sidecar)
+    except OSError as e:
+        raise data.WriteError(out, e.strerror or str(e)) from None
 
     counts = {s: 0 for s in SEVERITIES}
     with open(out, encoding="utf-8") as fh:

@@ -332,6 +332,9 @@ def train(argv=None):
     device = data.resolve_device(args.device)
     data.input_file(args.data, "--data")
     data.output_dir(args.out, "--out", inputs=[args.model])
+    data.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is saved
+    data.clean_stale(args.out, ("unit", "model.safetensors", "config.json", "vocab.txt", "tokenizer.json",
+                                "tokenizer_config.json", "special_tokens_map.json", "metrics.json"))   # a killed save's
     labels_arg = split_list(args.labels) or None
     if labels_arg and len(set(labels_arg)) != len(labels_arg):
         raise data.UserError("--labels", f"duplicate class names in '{args.labels}'")
@@ -471,8 +474,10 @@ def train(argv=None):
                "labels": labels, "n_train": len(tr), "n_val": len(va), "train_counts": counts.tolist(),
                "epochs": history, "best_epoch": best["epoch"] if best else n_epochs, "steps": step,
                "seconds": round(time.time() - t_start, 1), "args": vars(args)}
-    save_classifier(model.cpu(), tok, args.out)
-    data.write_json(os.path.join(args.out, "metrics.json"), metrics)
+    # one unit (data.unit): a failure (a full disk) leaves the previous classifier whole, or no folder at all
+    with data.unit(args.out, last=("metrics.json",)) as tmp:
+        save_classifier(model.cpu(), tok, tmp)
+        data.write_json(os.path.join(tmp, "metrics.json"), metrics)
     if met is not None:
         print(f"validation ({len(va)} examples), epoch {metrics['best_epoch']}:")
         print(format_metrics(met, labels, majority))

@@ -17,8 +17,9 @@ answers (mean answer-token NLL, overall and per class: cheap, noise-free, needs 
 
 Outputs (written atomically, only after everything succeeded): <out>/eval.json (settings, the setting label
 Base/CE/Mild/Strong/Balanced/custom read from the training run's args.json, data sha256, counts per class,
-scores) and <out>/predictions.jsonl (one line per test record and run: question, reference, prediction,
-severity, per-example P/R/F1 x 100 and answer NLL).
+scores, and predictions_sha256) and <out>/predictions.jsonl (one line per test record and run: question, reference,
+prediction, severity, per-example P/R/F1 x 100 and answer NLL). The two replace the old pair as one unit, and
+--table/--compare refuse a predictions.jsonl whose sha256 is not the one its eval.json records.
 
 Repeatability: a sampled run draws every token from one torch.Generator seeded with --seed, over batches in a
 fixed order (prompts sorted by length, longest first, ties by position), so the same command with the same seed
@@ -86,8 +87,9 @@ def get_args(argv=None):
                    "untouched base model (setting Base), or a folder train.py wrote (setting from its args.json)")
     p.add_argument("--data", default=SAMPLE_TEST, help="canonical test file (question, answer, severity, p_nc, p_n, p_c)")
     p.add_argument("--n", type=num(int, lo=1), default=2000, help="evaluate the first N records (the paper: 2,000)")
-    p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl (default: the model "
-                   "folder if --model is a folder, else out/eval-<model>)")
+    p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl, replaced as one unit "
+                   "and locked while the run lasts (default: the model folder if --model is a folder, else "
+                   "out/eval-<model>)")
     p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="prompts per generation batch (and sequences per NLL batch)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available); also runs the scorer")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -543,6 +545,9 @@ def check_args(args):
     data.output_dir(out_folder(args), "--out")
     for f in ("eval.json", "predictions.jsonl"):
         data.output_file(os.path.join(out_folder(args), f), "--out")
+    data.lock_output(out_folder(args), "--out")   # one run per folder (a train.py run there holds it too)
+    # temp files of a killed write: no live run can own them now that we hold the lock
+    data.clean_stale(out_folder(args), ("unit", "eval.json", "predictions.jsonl"))
 
 
 def out_folder(args):
@@ -727,8 +732,9 @@ def _check_cells(path, where, table):
             raise data.UserError(path, f"{where}.{g}.n: expected a count (an integer >= 0) or null, got {n!r}"[:200])
 
 
-def load_eval(path, flag="--table"):
-    """An eval.json for --table (or --compare), checked field by field (one UserError naming the file and field)."""
+def load_eval(path, flag="--table", predictions=True):
+    """An eval.json for --table (or --compare), checked field by field (one UserError naming the file and field);
+    with predictions, also the predictions.jsonl beside it against the sha256 it records (check_predictions)."""
     data.input_file(path, flag)
     ev = data.read_json(path, "eval.json")
     if not isinstance(ev, dict):
@@ -752,7 +758,24 @@ def load_eval(path, flag="--table"):
         for metric, table in ev[key].items():
             _check_cells(path, f"{key}.{metric}", table)
     _check_cells(path, "nll", ev["nll"])
+    if predictions:
+        check_predictions(path, ev)
     return ev
+
+
+def check_predictions(path, ev):
+    """The predictions.jsonl beside an eval.json must be the one it was computed from: eval.json records its sha256
+    ("predictions_sha256"; an older eval.json without it is taken as it is). A mismatch (a later run that failed
+    half-way, a file copied in) is one UserError: its scores and the per-example rows would disagree."""
+    want = ev.get("predictions_sha256")
+    pred = os.path.join(os.path.dirname(os.path.abspath(path)), "predictions.jsonl")
+    if want is None or not os.path.isfile(pred):   # no file: --compare says so when it needs it
+        return
+    with data.reading(pred, "predictions"):
+        got = data.sha256(pred)
+    if got != want:
+        raise data.UserError(pred, f"does not match {path} (sha256 {got[:12]}..., eval.json records "
+                                   f"{str(want)[:12]}...): the two files are from different runs; evaluate again")
 
 
 def column_of(ev):
@@ -932,7 +955,7 @@ def load_examples(path):
     """(eval.json dict, per-example arrays) of one run. The arrays come from predictions.jsonl beside the eval.json:
     per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
     repeats), answer NLL and answer tokens (None where an older run did not record them)."""
-    ev = load_eval(eval_json_path(path), "--compare")
+    ev = load_eval(eval_json_path(path), "--compare", predictions=False)   # checked below, once its rows parse
     for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
         if not isinstance(ev.get(key), kind):
             raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
@@ -961,6 +984,7 @@ def load_examples(path):
             raise data.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
     if sorted(rows) != list(range(n)):
         raise data.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
+    check_predictions(eval_json_path(path), ev)
     ex = {"path": pred, "severity": [], "question": [], "reference": []}
     cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
     for i in range(n):
@@ -1031,6 +1055,7 @@ def compare_main(args):
         raise data.UserError("--out", "required with --compare (compare.json is written there)")
     data.output_dir(args.out, "--out")
     data.output_file(os.path.join(args.out, "compare.json"), "--out")
+    data.lock_output(args.out, "--out")
     a, b = args.compare
     if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):   # a run against itself: nothing to test
         raise data.UserError("--compare", f"{a} and {b} are the same run: give two different eval folders")
@@ -1126,8 +1151,11 @@ def _main(argv=None):
     result, rows = evaluate(args)      # checks every flag and path (--out included) before any work
     out = out_folder(args)
     result["out"] = out
-    data.write_jsonl(os.path.join(out, "predictions.jsonl"), rows)
-    data.write_json(os.path.join(out, "eval.json"), result)
+    # one unit: both files or neither replace the old ones, eval.json (which names the predictions' sha256) last
+    with data.unit(out, last=("eval.json",)) as tmp:
+        data.write_jsonl(os.path.join(tmp, "predictions.jsonl"), rows)
+        result["predictions_sha256"] = data.sha256(os.path.join(tmp, "predictions.jsonl"))
+        data.write_json(os.path.join(tmp, "eval.json"), result)
     print_summary(result)
     print(f"\nwrote {os.path.join(out, 'eval.json')} and predictions.jsonl ({result['timing']['total_s']:.0f} s)",
           file=sys.stderr)

@@ -15,9 +15,11 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -64,7 +66,10 @@ def get_args(argv=None):
     p.add_argument("--data", default=os.path.join(SAMPLE, "train.jsonl"), help="training file, canonical JSONL/CSV (data/README.md)")
     p.add_argument("--eval-data", default="auto", help="held-out file for eval loss; 'auto' = test.jsonl beside --data, 'none' = no eval")
     p.add_argument("--weights", default="balanced", help="a,b,c for non-critical,neutral,critical or a preset: " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in PRESETS.items()))
-    p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>)")
+    p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>); locked while the run "
+                   "lasts. Without --resume, the files of an earlier train.py or evaluate.py run there (model, state, "
+                   "config, tokenizer, generation_config.json, args.json, train_log.*, eval.json, predictions.jsonl) "
+                   "are removed first and named on stderr")
     p.add_argument("--epochs", type=num(float, lo=0, lo_open=True), default=3, help="passes over the training data (> 0)")
     p.add_argument("--max-steps", type=num(int, lo=0), default=0, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
@@ -462,17 +467,53 @@ def base_generation_config(model_name):
 
 def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None):
     """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged), plus the
-    base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does."""
-    save_state(os.path.join(out, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
-    if any("lora_" in n for n, _ in raw_model.named_parameters()):
-        import copy
-        export = merge_lora(copy.deepcopy(raw_model))
-    else:
-        export = raw_model
-    export.save_pretrained(out)
-    tok.save(out)
-    if generation_config is not None:
-        data.atomic_write(os.path.join(out, "generation_config.json"), generation_config)
+    base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does,
+    and args.json. Written as one unit (data.unit): every file into a hidden temp folder first, then moved in, the
+    resume state last; a failure (a full disk: data.WriteError) leaves the previous checkpoint whole. <out> is
+    recreated if it was deleted during the run."""
+    with data.unit(out, last=("state.safetensors",)) as tmp:
+        save_state(os.path.join(tmp, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
+        if any("lora_" in n for n, _ in raw_model.named_parameters()):
+            import copy
+            export = merge_lora(copy.deepcopy(raw_model))
+        else:
+            export = raw_model
+        export.save_pretrained(tmp)
+        tok.save(tmp)
+        if generation_config is not None:
+            data.atomic_write(os.path.join(tmp, "generation_config.json"), generation_config)
+        data.write_json(os.path.join(tmp, "args.json"), args_dict)
+
+
+# What a new run (no --resume) removes from its --out at the start: every file an earlier train.py or evaluate.py
+# run wrote there. Kept, they would describe another model (evaluate --table would report the old scores under the
+# new run). Nothing else in the folder is touched.
+EARLIER_RUN_FILES = ("model.safetensors", "state.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                     "special_tokens_map.json", "args.json", "train_log.jsonl", "train_log.png", "eval.json",
+                     "predictions.jsonl")
+
+
+def remove_earlier_run(out):
+    """Remove EARLIER_RUN_FILES from out; returns the names removed (said on stderr by the caller)."""
+    gone = []
+    for name in EARLIER_RUN_FILES:
+        f = os.path.join(out, name)
+        if os.path.isfile(f) or os.path.islink(f):
+            try:
+                os.remove(f)
+            except OSError as e:
+                raise data.WriteError(f, f"cannot remove this file of an earlier run: {e.strerror or e}") from None
+            gone.append(name)
+    return gone
+
+
+def try_plot(log_path, png_path):
+    """plot_log, whose failure (the folder deleted, a full disk) is a note: it never stops a run or costs a save."""
+    try:
+        plot_log(log_path, png_path)
+    except (OSError, ValueError) as e:   # data.WriteError is a ValueError; json's errors too
+        print(f"note: {png_path} not written: {data.one_line(e.strerror if isinstance(e, OSError) else e)}",
+              file=sys.stderr, flush=True)
 
 
 def all_finite(model):
@@ -619,6 +660,12 @@ def fit(argv=None):
     if os.path.isdir(args.model) and os.path.isdir(out) and os.path.samefile(args.model, out):
         raise data.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
                                       "--out)")
+    if os.environ.get("RANK", "0") == "0":   # one run per --out; under torchrun rank 0 holds it for every rank
+        data.lock_output(out, "--out")
+        # temp files of a killed save: safe to remove now that we hold the lock
+        stale = data.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
+        if stale:
+            print(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save", file=sys.stderr)
     if args.device != "auto":
         data.resolve_device(args.device, "--device")
     train_recs = data.load_records(args.data)
@@ -736,10 +783,16 @@ def fit(argv=None):
             if dropped:
                 log(f"note: {log_path}: dropped {dropped} unreadable line(s) (cut off when the run was killed)")
             data.atomic_write(log_path, "".join(kept))
-        elif not args.resume and os.path.isfile(log_path):
-            os.remove(log_path)
-        logf = open(log_path, "a", encoding="utf-8")
-        data.write_json(os.path.join(out, "args.json"), args_dict)
+        elif not args.resume:
+            gone = remove_earlier_run(out)
+            if gone:
+                print(f"note: --out {out}: a new run (no --resume): removed the earlier run's {', '.join(gone)}",
+                      file=sys.stderr, flush=True)
+        try:
+            logf = open(log_path, "a", encoding="utf-8")
+        except OSError as e:
+            raise data.WriteError(log_path, e.strerror or str(e)) from None
+        # args.json is written with each checkpoint (save_checkpoint): never beside a folder without a model
     nparams = raw_model.num_params()
     gpu = torch.cuda.get_device_name(device) if dev_type == "cuda" else None
     peak = peak_bf16(gpu)
@@ -756,8 +809,39 @@ def fit(argv=None):
 
     def write_log(rec):
         if master:
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            try:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+            except OSError as e:   # a full disk: one line, exit 2; the last checkpoint stays whole
+                raise data.WriteError(log_path, e.strerror or str(e)) from None
+
+    def save(step):
+        """The checkpoint of this step. --out deleted during the run: recreated, with the log written back from the
+        handle still open on the deleted file. A failure of the first save of a new run leaves no log of it behind
+        (no log without a model)."""
+        nonlocal logf
+        if master and not os.path.isfile(log_path):
+            print(f"note: {out} was deleted during the run: recreating it", file=sys.stderr, flush=True)
+            try:
+                os.makedirs(out, exist_ok=True)
+                with contextlib.suppress(OSError):   # Linux: the deleted file is still readable through our handle
+                    shutil.copyfile(f"/proc/self/fd/{logf.fileno()}", log_path)
+                logf.close()
+                logf = open(log_path, "a", encoding="utf-8")
+            except OSError as e:
+                raise data.WriteError(log_path, e.strerror or str(e)) from None
+        try:
+            if args.fsdp:
+                fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
+            else:
+                save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
+        except data.WriteError:
+            if master and saved_step is None and not args.resume:
+                logf.close()
+                for f in (log_path, os.path.join(out, "train_log.png")):
+                    with contextlib.suppress(OSError):
+                        os.remove(f)
+            raise
 
     def leave(code):
         """All ranks leave together: gloo torn down by a rank that is done while rank 0 still saves the checkpoint
@@ -768,6 +852,7 @@ def fit(argv=None):
         if ddp:
             dist.barrier()
             dist.destroy_process_group()
+            data.release_outputs()   # os._exit skips atexit: remove rank 0's lock file here
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -880,8 +965,6 @@ def fit(argv=None):
                                pack_width=args.max_len - 1 if args.pack else 0)
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
-            if master:
-                plot_log(log_path, os.path.join(out, "train_log.png"))
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
         sig = stop["sig"]   # read once: a signal handled from here on counts at the next step, on every rank alike
@@ -892,17 +975,16 @@ def fit(argv=None):
             due, sig = bool(flags[0].item()), (int(flags[1].item()) or None)
         last = step == total or sig is not None
         if (master or args.fsdp) and (last or due):
-            if args.fsdp:
-                fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
-            else:
-                save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
+            save(step)   # the model first, the plot after: a plot that fails never costs the checkpoint
             saved_step, t_saved = step, time.time()
+        if master and eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
+            try_plot(log_path, os.path.join(out, "train_log.png"))
         if sig is not None:
             log(f"signal {sig}: saved step {step} to {out}; rerun with --resume to continue")
             leave(128 + sig)
     if master:
         logf.close()
-        plot_log(log_path, os.path.join(out, "train_log.png"))
+        try_plot(log_path, os.path.join(out, "train_log.png"))
         log(f"done: {out} ({time.time() - t_start:.1f}s)")
     leave(0)
 

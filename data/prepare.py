@@ -378,6 +378,8 @@ def check_paths(args):
     data.output_dir(args.out, "--out")
     for f in ("train.jsonl", "test.jsonl", "manifest.json"):
         data.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
+    data.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is written
+    data.clean_stale(args.out, ("unit", "train.jsonl", "test.jsonl", "manifest.json"))   # a killed write's
 
 
 def prepare(args):
@@ -461,10 +463,13 @@ def prepare(args):
         "n_test": len(test),
         "unused": len(recs) - len(train) - len(test),
     }
-    out = Path(args.out)
-    data.write_jsonl(out / "train.jsonl", train)
-    data.write_jsonl(out / "test.jsonl", test)
-    data.write_json(out / "manifest.json", manifest)
+    # one unit: the three files are written into a hidden temp folder, then moved in (manifest.json last, with the
+    # sha256 of the two others): a failure (a full disk) leaves the previous split whole, never half of each
+    with data.unit(args.out, last=("manifest.json",)) as tmp:
+        data.write_jsonl(Path(tmp) / "train.jsonl", train)
+        data.write_jsonl(Path(tmp) / "test.jsonl", test)
+        manifest["sha256"] = {f: data.sha256(Path(tmp) / f) for f in ("train.jsonl", "test.jsonl")}
+        data.write_json(Path(tmp) / "manifest.json", manifest)
     return manifest
 
 
