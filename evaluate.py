@@ -979,13 +979,17 @@ def load_examples(path):
 
 
 def check_comparable(runs):
-    """Refuse (ValueError) runs that were not scored on the same data with the same scorer and protocol."""
+    """Refuse (ValueError) runs that were not scored on the same data with the same scorer and protocol, or whose
+    answer NLL was cut at a different --max-len (eval.json's argv.max_len)."""
     (pa, a), rest = runs[0], runs[1:]
     for pb, b in rest:
         checks = [("data sha256", a["data"].get("sha256"), b["data"].get("sha256")),
                   ("number of test records", a["data"].get("n"), b["data"].get("n"))]
         checks += [(f"scorer {k}", a["bertscore"].get(k), b["bertscore"].get(k)) for k in SCORER_KEYS]
         checks += [(f"protocol {k}", a["generation"].get(k), b["generation"].get(k)) for k in PROTOCOL_KEYS]
+        # the answer NLL is scored on prompt+answer cut at --max-len: a shorter cut alone moves it (issue 18)
+        checks.append(("--max-len (the answer NLL's truncation)", (a.get("argv") or {}).get("max_len"),
+                       (b.get("argv") or {}).get("max_len")))
         for what, x, y in checks:
             if x != y:
                 raise data.UserError("--compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
@@ -993,9 +997,10 @@ def check_comparable(runs):
 
 
 def paired_table(exa, exb, n_boot, seed, n_perm):
-    """{metric: {group: paired_diff}} for P, R, F1 and answer NLL, overall and per severity. NLL: the ratio of sums
-    (eval.json's statistic) when both runs recorded equal answer-token counts, else the mean of per-example NLL
-    (noted under 'nll_statistic')."""
+    """{metric: {group: paired_diff}} for P, R, F1 and answer NLL, overall and per severity. NLL: the token-weighted
+    ratio of sums, sum_i n_i nll_i / sum_i n_i (eval.json's statistic), when both runs recorded equal answer-token
+    counts n_i, else the mean of per-example NLL (named under 'nll_statistic'). 'nll_example_mean' always holds the
+    unweighted mean of the per-example NLL differences beside it."""
     for k in ("severity", "question", "reference"):
         if exa[k] != exb[k]:
             i = next(j for j, (x, y) in enumerate(zip(exa[k], exb[k])) if x != y)
@@ -1017,9 +1022,13 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
                 b = np.array([exb["nll"][i] for i in np.flatnonzero(sel)])
                 den = np.array([exa["nll_tokens"][i] for i in np.flatnonzero(sel)], dtype=np.float64) if tokens else None
                 out[m][g] = paired_diff(a, b, n_boot, seed, n_perm, den)
+                out.setdefault("nll_example_mean", {})[g] = paired_diff(a, b, n_boot, seed, n_perm)
             else:
                 out[m][g] = paired_diff(exa[m][sel], exb[m][sel], n_boot, seed, n_perm)
-    out["nll_statistic"] = "ratio of sums (answer tokens)" if tokens else "mean of per-example NLL"
+    out["nll_statistic"] = ("token-weighted ratio of sums: sum_i n_i nll_i / sum_i n_i over the answer tokens n_i "
+                            "(eval.json's NLL); nll_example_mean: the unweighted mean of per-example differences"
+                            if tokens else "mean of per-example NLL (answer-token counts differ or are missing); "
+                            "nll_example_mean: the same")
     return out
 
 
@@ -1046,6 +1055,7 @@ def compare_main(args):
               "data": {k: ea["data"].get(k) for k in ("path", "sha256", "n", "counts")},
               "bertscore": {k: ea["bertscore"].get(k) for k in SCORER_KEYS},
               "protocol": {k: ea["generation"].get(k) for k in PROTOCOL_KEYS},
+              "max_len": (ea.get("argv") or {}).get("max_len"),
               "difference": "B - A, per example, then averaged (sampled repeats averaged per example first)",
               "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95,
                             "interval": "percentile, examples resampled with replacement"},
@@ -1058,9 +1068,9 @@ def compare_main(args):
           f"{result['a']['setting']} | n = {result['data']['n']}" + "".join(f" | note: {x}" for x in notes))
     print("| metric | group | n | A | B | B - A [95% paired bootstrap] | p (sign-flip) |")
     print("|---|---|---|---|---|---|---|")
-    for m in METRICS + ("nll",):
-        dg = 3 if m == "nll" else 2
-        for g, d in diffs[m].items():
+    for m in METRICS + ("nll", "nll_example_mean"):
+        dg = 3 if m.startswith("nll") else 2
+        for g, d in diffs.get(m, {}).items():
             ci = f" [{d['lo']:+.{dg}f}, {d['hi']:+.{dg}f}]" if d["lo"] is not None else ""
             print(f"| {m} | {g} | {d['n']} | {d['mean_a']:.{dg}f} | {d['mean_b']:.{dg}f} | {d['diff']:+.{dg}f}{ci} | "
                   f"{d['p']:.4f} |")

@@ -124,13 +124,15 @@ def test_compare_two_runs(env, tmp_path, capsys):
     tok = np.array([x["nll_tokens"] for x in ra], float)
     dn = np.array([y["nll"] - x["nll"] for x, y in zip(ra, rb)])
     assert res["diff"]["nll"]["overall"]["diff"] == pytest.approx((dn * tok).sum() / tok.sum(), rel=1e-9)
+    assert res["diff"]["nll_example_mean"]["overall"]["diff"] == pytest.approx(dn.mean(), rel=1e-9)
+    assert saved["nll_statistic"].startswith("token-weighted ratio of sums")
     ea = json.load(open(a / "eval.json", encoding="utf-8"))
     assert res["diff"]["nll"]["overall"]["mean_a"] == pytest.approx(ea["nll"]["overall"]["mean"], rel=1e-9)
     assert "| f1 | overall |" in capsys.readouterr().out
 
     # refusals: different data, scorer or protocol -> one line, exit 2, nothing written
     for key, sub, val, needle in (("data", "sha256", "0" * 64, "data sha256"), ("bertscore", "layer", 1, "scorer layer"),
-                                  ("generation", "top_k", 50, "protocol top_k")):
+                                  ("generation", "top_k", 50, "protocol top_k"), ("argv", "max_len", 40, "--max-len")):
         c = tmp_path / f"bad-{sub}"
         c.mkdir()
         ev = json.load(open(b / "eval.json", encoding="utf-8"))
