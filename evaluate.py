@@ -141,6 +141,9 @@ def get_args(argv=None):
     p.add_argument("--paper", action="store_true", help="with --table: add the paper's Table 2 figures (BERTScore F1) "
                    "for models that are among the paper's ten")
     p.add_argument("--plot", default=None, help="with --table: save a PNG bar chart with intervals to this path")
+    p.add_argument("--holm", action="store_true", help="with --table: mark a cell when its Holm-adjusted p-value is "
+                   "below 0.05, adjusted over the cells tested in the same table (all answers, or one severity "
+                   "class); default: the uncorrected p-value of each cell")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
                    help="paired comparison of two eval folders (eval.json + predictions.jsonl, or the eval.json paths) "
                    "scored on the same data with the same scorer and protocol: per example B - A in P, R, F1 and "
@@ -524,8 +527,8 @@ def check_args(args):
     """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
         raise data.UserError("--model", "required (or use --table)")
-    if args.plot is not None or args.paper:
-        raise data.UserError("--plot/--paper", "only with --table")
+    if args.plot is not None or args.paper or args.holm:
+        raise data.UserError("--plot/--paper/--holm", "only with --table")
     if args.metric is not None:   # a flag this mode would ignore (given at all, even with its default value)
         raise data.UserError("--metric", "only with --table (an evaluation scores every metric)")
     if args.permutations is not None:
@@ -790,10 +793,31 @@ METRIC_TITLE = {"f1": "BERTScore F1 (x100)", "precision": "BERTScore precision (
                 "floor": "BERTScore F1 (x100) against shuffled references (--floor)"}
 
 
-def build_tables(evs, metric="f1", paper=False, marks=None):
+def holm(ps):
+    """Holm's step-down adjusted p-values, in the order given: with the m p-values sorted p_(1) <= ... <= p_(m),
+    adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). Controls the family-wise error rate at any level."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def holm_marks(marks):
+    """marks {(group, row, col): p} with each group's (one table's) p-values Holm-adjusted among themselves."""
+    out = {}
+    for g in {k[0] for k in marks}:
+        keys = [k for k in marks if k[0] == g]
+        out.update(zip(keys, holm([marks[k] for k in keys])))
+    return out
+
+
+def build_tables(evs, metric="f1", paper=False, marks=None, adjusted=False):
     """Markdown text: one table for all test answers, then one per severity class. Rows = models, columns =
     Base, CE, Mild, Strong, Balanced (+ custom weights). Returns (text, cells) with cells[group][(row, col)].
-    marks: {(group, row, col): p} from table_significance; a cell with p < 0.05 gets " *"."""
+    marks: {(group, row, col): p} from table_significance; a cell with p < 0.05 gets " *". adjusted: the marks are
+    Holm-adjusted (holm_marks), which the footnote says."""
     marks = marks or {}
     rows, cols = [], list(SETTINGS)
     groups = {}
@@ -843,8 +867,10 @@ def build_tables(evs, metric="f1", paper=False, marks=None):
     if marks:
         lines.append(f"*: differs from CE on the same test answers at p < 0.05 (paired sign-flip permutation test "
                      f"over examples, as evaluate.py --compare; k files per cell are averaged per example first, so "
-                     f"the training seeds are held fixed). Tested against CE: {len(marks)} cells, "
-                     f"{sum(p < 0.05 for p in marks.values())} marked.")
+                     f"the training seeds are held fixed"
+                     + ("; p Holm-adjusted over the cells of each table" if adjusted else "; p not corrected for "
+                        "multiple comparisons (--holm corrects within each table)")
+                     + f"). Tested against CE: {len(marks)} cells, {sum(p < 0.05 for p in marks.values())} marked.")
     return "\n".join(lines) + "\n", (rows, cols, cells)
 
 
@@ -908,7 +934,9 @@ def table_main(args):
                                         args.permutations)
     for msg in skipped:
         print(f"note: no significance mark for {msg}", file=sys.stderr)
-    text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks)
+    if args.holm:
+        marks = holm_marks(marks)
+    text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks, args.holm)
     if args.plot:
         save_plot(args.plot, args.metric, rows, cols, cells)
     print(text, end="")
@@ -1035,6 +1063,8 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
 def compare_main(args):
     if args.metric is not None:
         raise data.UserError("--metric", "only with --table (--compare reports every metric)")
+    if args.holm:
+        raise data.UserError("--holm", "only with --table (--compare tests one pair: nothing to correct)")
     args.permutations = args.permutations or PERMUTATIONS
     if not args.out:
         raise data.UserError("--out", "required with --compare (compare.json is written there)")
