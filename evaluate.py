@@ -1,10 +1,13 @@
 """
 Evaluate a causal LM on the severity-annotated test set the paper's way (arXiv 2604.06346), and compare runs.
 
-Protocol (the paper's, the default): prompt = data.format_prompt(question), sample 50 new tokens at temperature
-0.7, keep the answer to this question (data.extract_answer: the text before any new question and cue), score against the reference answer with BERTScore
-(bert-base-multilingual-cased, layer 9, no idf, no baseline rescaling), report P, R and F1 x 100 on the first
-2,000 test records. Added here: the same scores per severity class with bootstrap 95% intervals, a seeded run
+Protocol (the default): prompt = data.format_prompt(question), keep the answer to this question (data.extract_answer:
+the text before any new question and cue), score against the reference answer with BERTScore, report P, R and
+F1 x 100 on the first 2,000 test records. The paper states the prompt, the answer cue and BERTScore F1 but no
+sampling settings, no number of new tokens and no BERTScore model or layer: those defaults are the authors'
+notebooks' (temperature 0.7, top-k/top-p from the model's generation_config.json, else transformers' top_k 50 and
+top_p 1; 50 new tokens; bert-base-multilingual-cased layer 9, no idf, no baseline rescaling). Generation stops at
+the tokenizer's EOS and at every eos_token_id of the model's generation config, as transformers' generate does. Added here: the same scores per severity class with bootstrap 95% intervals, a seeded run
 (--seed), a greedy run (--greedy), K sampled runs with a spread (--repeat), and the eval NLL of the reference
 answers (mean answer-token NLL, overall and per class: cheap, noise-free, needs no scorer).
 
@@ -91,27 +94,30 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="prompts per generation batch (and sequences per NLL batch)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available); also runs the scorer")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="weights dtype for generation and NLL: auto = bf16 on CUDA, fp32 on CPU")
+                   help="weights dtype for generation and NLL: auto = bf16 on CUDA (fp16 with --recipe notebook, as the "
+                   "notebooks), fp32 on CPU")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: hold the block weights as 4-bit "
                    "NormalFloat codes (QLoRA's NF4, absmax per 64 weights), dequantised per matmul: a 7B model in "
                    "about 3.9 GB instead of 13.5 GB (bf16); scores move slightly (quantisation error)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (deterministic)")
-    p.add_argument("--temperature", type=num(float, lo=0), default=0.7, help="sampling temperature (the paper: 0.7)")
-    p.add_argument("--recipe", choices=["paper", "notebook"], default="paper", help="defaults for --prompt, --top-k "
-                   "and --top-p (each flag given still wins). paper = the paper's stated protocol: the training prompt "
-                   "with the answer cue, plain sampling (top-k and top-p off). notebook = what the authors' notebooks "
-                   "ran through transformers' generate: the cue-less prompt \"\\n{Q}\\n\", top_k/top_p from the model's "
-                   "generation_config.json (else config.json), else transformers' defaults (top_k 50, top_p 1)")
+    p.add_argument("--temperature", type=num(float, lo=0), default=0.7, help="sampling temperature (the notebooks: 0.7; "
+                   "the paper names none)")
+    p.add_argument("--recipe", choices=["paper", "notebook"], default="paper", help="defaults for --prompt, --dtype "
+                   "and the answer kept (each flag given still wins). Both sample as the notebooks' transformers "
+                   "generate did: top_k/top_p from the model's generation_config.json (else config.json), else "
+                   "transformers' defaults (top_k 50, top_p 1). paper = the paper's stated protocol: the training "
+                   "prompt with the answer cue, data.extract_answer. notebook = the authors' notebooks: the cue-less "
+                   "prompt \"\\n{Q}\\n\", everything after the first cue kept (data.extract_answer_notebook), fp16 on CUDA")
     p.add_argument("--prompt", choices=["cue", "no-cue"], default=None, help="generation prompt: cue = data.format_prompt "
                    "(the training prompt, ends with the answer cue); no-cue = \"\\n{Q}\\n\" (the notebooks). Default: by --recipe")
     p.add_argument("--top-k", type=num(int, lo=0), default=None, help="sample from the k most likely tokens only; 0 = off. "
-                   "Default: by --recipe (paper: 0; notebook: the model's generation config, else 50)")
-    p.add_argument("--top-p", type=num(float, lo=0, hi=1, lo_open=True), default=None, help="nucleus sampling mass; 1 = off. Default: by --recipe "
-                   "(paper: 1; notebook: the model's generation config, else 1)")
+                   "Default: the model's generation config, else 50 (transformers' default, as in the notebooks)")
+    p.add_argument("--top-p", type=num(float, lo=0, hi=1, lo_open=True), default=None, help="nucleus sampling mass; 1 = off. Default: "
+                   "the model's generation config, else 1 (transformers' default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (model.compile_decode). "
                    "Compiling several graphs (prefill, first decode steps, then dynamic shapes) takes about a minute "
                    "on a CPU, so it pays only on long runs")
-    p.add_argument("--max-new-tokens", type=num(int, lo=1), default=50, help="new tokens per answer (the paper: 50)")
+    p.add_argument("--max-new-tokens", type=num(int, lo=1), default=50, help="new tokens per answer (the notebooks: 50; the paper names none)")
     p.add_argument("--seed", type=num(int, lo=0, hi=2**63 - 1 - 10**6), default=None, help="seed of the sampling generator (run k of --repeat uses seed+k); "
                    "default: drawn at random and written to eval.json")
     p.add_argument("--repeat", type=num(int, lo=1), default=1, help="K sampled runs with seeds seed..seed+K-1, reported as mean and "
@@ -199,9 +205,9 @@ HF_UNSUPPORTED = {"repetition_penalty": 1.0, "typical_p": 1.0, "min_p": None, "n
 def model_generation_config(path):
     """The generation settings a model folder ships: its generation_config.json, else the generation keys of its
     config.json (what transformers' GenerationConfig.from_model_config falls back to); {} for neither (tiny).
-    Keys kept: top_k, top_p, temperature, do_sample and HF_UNSUPPORTED's, None values dropped."""
+    Keys kept: top_k, top_p, temperature, do_sample, eos_token_id and HF_UNSUPPORTED's, None values dropped."""
     from model import read_generation_config
-    keys = ("top_k", "top_p", "temperature", "do_sample") + tuple(HF_UNSUPPORTED)
+    keys = ("top_k", "top_p", "temperature", "do_sample", "eos_token_id") + tuple(HF_UNSUPPORTED)
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name) if path and os.path.isdir(path) else None
         if f and os.path.isfile(f):
@@ -213,19 +219,21 @@ def model_generation_config(path):
 
 
 def resolve_recipe(args, gen_cfg):
-    """(prompt, top_k, top_p, notes) for a run: a flag given on the command line wins, else the recipe's default.
-    notebook: the model's generation config (gen_cfg), else transformers' defaults, as generate() did there; the
-    temperature (0.7) and max_new_tokens (50) were passed explicitly by the notebooks, so they come from the flags.
-    notes: the config's settings that model.generate does not implement (written to eval.json, printed)."""
+    """(prompt, top_k, top_p, notes) for a run: a flag given on the command line wins, else the default. The paper
+    states no sampling settings, so both recipes sample as the notebooks' transformers generate() did: the model's
+    generation config (gen_cfg), else transformers' defaults (top_k 50, top_p 1); the temperature (0.7) and
+    max_new_tokens (50) were passed explicitly by the notebooks, so they come from the flags. The recipe sets the
+    prompt (notebook: cue-less). notes: the config's settings that model.generate does not implement (written to
+    eval.json, printed)."""
     nb = args.recipe == "notebook"
     prompt = args.prompt or ("no-cue" if nb else "cue")
     top_k, top_p = args.top_k, args.top_p
     if top_k is None:
-        top_k = int(gen_cfg.get("top_k", HF_SAMPLING_DEFAULTS["top_k"])) if nb else 0
+        top_k = int(gen_cfg.get("top_k", HF_SAMPLING_DEFAULTS["top_k"]))
     if top_p is None:
-        top_p = float(gen_cfg.get("top_p", HF_SAMPLING_DEFAULTS["top_p"])) if nb else 1.0
+        top_p = float(gen_cfg.get("top_p", HF_SAMPLING_DEFAULTS["top_p"]))
     notes = [f"{k}={gen_cfg[k]} in {gen_cfg.get('source')} is not implemented here (ignored)"
-             for k, neutral in HF_UNSUPPORTED.items() if nb and k in gen_cfg and gen_cfg[k] != neutral]
+             for k, neutral in HF_UNSUPPORTED.items() if k in gen_cfg and gen_cfg[k] != neutral]
     return prompt, top_k, top_p, notes
 
 
@@ -252,10 +260,14 @@ def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
 
 
 def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, temperature=0.7, top_k=0, top_p=1.0,
-                     seed=None, progress=None, stats=None, prompt="cue", stop_at_cue=True):
+                     seed=None, progress=None, stats=None, prompt="cue", stop_at_cue=True, eos_ids=None,
+                     notebook=False):
     """Answers (after data.extract_answer) in the order of `questions`, generated in length-sorted batches.
     stop_at_cue: a row stops once it has begun a new question and cue (data.answer_complete), which leaves every
     answer as it was (what follows the new cue is never kept) and saves the rest of the batch's steps.
+    eos_ids: more stop tokens besides the tokenizer's EOS (the model's generation_config eos_token_id, an int or a
+    list: transformers stops at each). notebook: keep the answer as the notebooks did (data.extract_answer_notebook,
+    everything after the first cue), so no early stop at a new cue (the notebooks kept what follows it).
     temperature 0 = greedy; otherwise one generator seeded with `seed` drives every draw. stats (a dict), if given,
     gets "new_tokens" (generated before EOS) added."""
     prompts = encode_prompts(model, tok, questions, max_new_tokens, prompt)
@@ -266,13 +278,18 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
         gen.manual_seed(int(seed) if seed is not None else 0)
     order = length_order([len(p) for p in prompts])
     out = [None] * len(prompts)
+    extra = eos_ids if isinstance(eos_ids, (list, tuple)) else [] if eos_ids is None else [eos_ids]
+    stops = list(dict.fromkeys(i for i in [tok.eos_id, *extra] if i is not None))   # in order, once each
+    stop_at_cue = stop_at_cue and not notebook
+    extract = data.extract_answer_notebook if notebook else data.extract_answer
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         new = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen,
+                             top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                             eos_id=(stops[0] if len(stops) == 1 else stops) if stops else None, generator=gen,
                              stop=(lambda ids: data.answer_complete(tok.decode(ids))) if stop_at_cue else None)
         for i, ids in zip(idx, new):
-            out[i] = data.extract_answer(tok.decode(ids))
+            out[i] = extract(tok.decode(ids))
         if stats is not None:
             stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(ids) for ids in new)
         if progress is not None:
@@ -562,7 +579,8 @@ def evaluate(args):
     records = records_all[:args.n]
     name, setting, targs = describe_model(args.model)
     device = str(data.resolve_device(args.device, "--device"))
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    cuda_auto = "fp16" if args.recipe == "notebook" else "bf16"     # the notebooks generated in fp16
+    dtype = args.dtype if args.dtype != "auto" else (cuda_auto if device.startswith("cuda") else "fp32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     # find the model (a download for a hub name) before the scorer, load it after: both fail fast (model.py's
     # loaders report a missing folder, bad config, tokenizer or weights as one UserError naming the file)
@@ -600,7 +618,7 @@ def evaluate(args):
 
     temperature = 0.0 if args.greedy else args.temperature
     for note in notes:
-        log(f"warning: --recipe notebook: {note}")
+        log(f"warning: {note}")
     if args.greedy:
         seeds = [None]
     else:
@@ -614,7 +632,8 @@ def evaluate(args):
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
         prog = data.progress(len(records), f"{tag}generate", "row", args.quiet)
         preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, top_k,
-                                 top_p, seed, prog, gen_stats, prompt)
+                                 top_p, seed, prog, gen_stats, prompt, eos_ids=gen_cfg.get("eos_token_id"),
+                                 notebook=args.recipe == "notebook")
         prog.close()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -663,7 +682,7 @@ def evaluate(args):
                        "recipe": args.recipe, "model_generation_config": gen_cfg or None, "ignored": notes,
                        "max_new_tokens": args.max_new_tokens,
                        "prompt": "data.format_prompt" if prompt == "cue" else "data.format_prompt(cue=False)",
-                       "postprocess":
+                       "postprocess": "data.extract_answer_notebook" if args.recipe == "notebook" else
                        "data.extract_answer", "batch_size": args.batch_size, "dtype": dtype,
                        "quantize": args.quantize, "device": device,
                        "seeds": seeds, "repeat": len(seeds)},
