@@ -132,7 +132,7 @@ def test_compare_two_runs(env, tmp_path, capsys):
 
     # refusals: different data, scorer or protocol -> one line, exit 2, nothing written
     for key, sub, val, needle in (("data", "sha256", "0" * 64, "data sha256"), ("bertscore", "layer", 1, "scorer layer"),
-                                  ("generation", "top_k", 50, "protocol top_k"), ("argv", "max_len", 40, "--max-len")):
+                                  ("generation", "top_k", 7, "protocol top_k"), ("argv", "max_len", 40, "--max-len")):
         c = tmp_path / f"bad-{sub}"
         c.mkdir()
         ev = json.load(open(b / "eval.json", encoding="utf-8"))
