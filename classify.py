@@ -19,7 +19,8 @@ What a training step computes (z = logits, y = true class, n_y = training exampl
                   number of classes; batch loss = sum_i w_{y_i} l_i / sum_i w_{y_i} (Cao et al.'s DRW).
   --fgm-eps e     after the clean backward, word embeddings += e * g / ||g||_2 (g their gradient, whole-matrix
                   norm); the adversarial loss is backpropagated onto the same gradients; embeddings restored.
-  --llrd x        lr: head and pooler = --lr; layer i (0 = bottom) = lr * x^(L-i); embeddings = lr * x^(L+1).
+  --llrd x        seed 004's equation 1, lr_l = lr_head * x^(L-l) for layer l = 1..L (1 = bottom): head, pooler
+                  and the top layer = --lr; layer i (0 = bottom) = lr * x^(L-1-i); embeddings (l = 0) = lr * x^L.
   --answer-col    [CLS] Q [SEP] A [SEP] in --max-len: the answer keeps at least --min-answer-tokens (50), a
                   too-long answer keeps its first ceil(k/2) and last floor(k/2) tokens.
   schedule        AdamW; linear warmup over --warmup-frac of the steps, then linear decay to 0.
@@ -102,17 +103,19 @@ def fgm_step(embedding, eps, adv_loss_fn):
 
 
 def param_groups(model, lr, llrd=1.0, weight_decay=0.01):
-    """AdamW groups with layer-wise LR decay (--llrd in the docstring above), no weight decay on biases and
-    LayerNorms; each group carries 'name' and 'base_lr' (its lr before the schedule)."""
+    """AdamW groups with layer-wise LR decay (--llrd in the docstring above: seed 004's equation 1,
+    lr_l = lr * llrd^(L-l) with the encoder layers numbered l = 1..L, so the top layer gets the head's rate and the
+    embeddings, l = 0, get lr * llrd^L), no weight decay on biases and LayerNorms; each group carries 'name' and
+    'base_lr' (its lr before the schedule)."""
     L, groups = model.cfg.num_hidden_layers, {}
     for pname, p in model.named_parameters():
         layer = re.match(r"bert\.layers\.(\d+)\.", pname)
         if layer:
-            name, scale = f"layer.{layer[1]}", llrd ** (L - int(layer[1]))
+            name, scale = f"layer.{layer[1]}", llrd ** (L - 1 - int(layer[1]))   # layer[1] is 0-based: l = it + 1
         elif pname.startswith(("bert.pooler.", "classifier.")):
             name, scale = "head", 1.0
         else:
-            name, scale = "embeddings", llrd ** (L + 1)
+            name, scale = "embeddings", llrd ** L
         nd = p.ndim < 2 or "norm" in pname
         g = groups.setdefault((name, nd), {"params": [], "lr": lr * scale, "base_lr": lr * scale,
                                            "weight_decay": 0.0 if nd else weight_decay,
@@ -301,8 +304,8 @@ def get_args(argv=None):
     p.add_argument("--fgm-eps", type=num(float, lo=0), default=0.0,
                    help="FGM adversarial training on the word embeddings with this epsilon (seed 004: 0.2; 0 = off)")
     p.add_argument("--llrd", type=num(float, lo=0, hi=1, lo_open=True), default=1.0,
-                   help="layer-wise LR decay factor xi: head/pooler lr, layer i lr*xi^(L-i), embeddings "
-                        "lr*xi^(L+1) (seed 004: 0.9; 1 = off)")
+                   help="layer-wise LR decay factor xi, seed 004's equation 1: head, pooler and top layer lr, "
+                        "layer i (0 = bottom) lr*xi^(L-1-i), embeddings lr*xi^L (seed 004: 0.9; 1 = off)")
     p.add_argument("--keep-best", action="store_true",
                    help="save the epoch with the best validation macro-F1 instead of the last one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

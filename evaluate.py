@@ -1,10 +1,13 @@
 """
 Evaluate a causal LM on the severity-annotated test set the paper's way (arXiv 2604.06346), and compare runs.
 
-Protocol (the paper's, the default): prompt = data.format_prompt(question), sample 50 new tokens at temperature
-0.7, keep the answer to this question (data.extract_answer: the text before any new question and cue), score against the reference answer with BERTScore
-(bert-base-multilingual-cased, layer 9, no idf, no baseline rescaling), report P, R and F1 x 100 on the first
-2,000 test records. Added here: the same scores per severity class with bootstrap 95% intervals, a seeded run
+Protocol (the default): prompt = data.format_prompt(question), keep the answer to this question (data.extract_answer:
+the text before any new question and cue), score against the reference answer with BERTScore, report P, R and
+F1 x 100 on the first 2,000 test records. The paper states the prompt, the answer cue and BERTScore F1 but no
+sampling settings, no number of new tokens and no BERTScore model or layer: those defaults are the authors'
+notebooks' (temperature 0.7, top-k/top-p from the model's generation_config.json, else transformers' top_k 50 and
+top_p 1; 50 new tokens; bert-base-multilingual-cased layer 9, no idf, no baseline rescaling). Generation stops at
+the tokenizer's EOS and at every eos_token_id of the model's generation config, as transformers' generate does. Added here: the same scores per severity class with bootstrap 95% intervals, a seeded run
 (--seed), a greedy run (--greedy), K sampled runs with a spread (--repeat), and the eval NLL of the reference
 answers (mean answer-token NLL, overall and per class: cheap, noise-free, needs no scorer).
 
@@ -93,27 +96,30 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="prompts per generation batch (and sequences per NLL batch)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available); also runs the scorer")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="weights dtype for generation and NLL: auto = bf16 on CUDA, fp32 on CPU")
+                   help="weights dtype for generation and NLL: auto = bf16 on CUDA (fp16 with --recipe notebook, as the "
+                   "notebooks), fp32 on CPU")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: hold the block weights as 4-bit "
                    "NormalFloat codes (QLoRA's NF4, absmax per 64 weights), dequantised per matmul: a 7B model in "
                    "about 3.9 GB instead of 13.5 GB (bf16); scores move slightly (quantisation error)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (deterministic)")
-    p.add_argument("--temperature", type=num(float, lo=0), default=0.7, help="sampling temperature (the paper: 0.7)")
-    p.add_argument("--recipe", choices=["paper", "notebook"], default="paper", help="defaults for --prompt, --top-k "
-                   "and --top-p (each flag given still wins). paper = the paper's stated protocol: the training prompt "
-                   "with the answer cue, plain sampling (top-k and top-p off). notebook = what the authors' notebooks "
-                   "ran through transformers' generate: the cue-less prompt \"\\n{Q}\\n\", top_k/top_p from the model's "
-                   "generation_config.json (else config.json), else transformers' defaults (top_k 50, top_p 1)")
+    p.add_argument("--temperature", type=num(float, lo=0), default=0.7, help="sampling temperature (the notebooks: 0.7; "
+                   "the paper names none)")
+    p.add_argument("--recipe", choices=["paper", "notebook"], default="paper", help="defaults for --prompt, --dtype "
+                   "and the answer kept (each flag given still wins). Both sample as the notebooks' transformers "
+                   "generate did: top_k/top_p from the model's generation_config.json (else config.json), else "
+                   "transformers' defaults (top_k 50, top_p 1). paper = the paper's stated protocol: the training "
+                   "prompt with the answer cue, data.extract_answer. notebook = the authors' notebooks: the cue-less "
+                   "prompt \"\\n{Q}\\n\", everything after the first cue kept (data.extract_answer_notebook), fp16 on CUDA")
     p.add_argument("--prompt", choices=["cue", "no-cue"], default=None, help="generation prompt: cue = data.format_prompt "
                    "(the training prompt, ends with the answer cue); no-cue = \"\\n{Q}\\n\" (the notebooks). Default: by --recipe")
     p.add_argument("--top-k", type=num(int, lo=0), default=None, help="sample from the k most likely tokens only; 0 = off. "
-                   "Default: by --recipe (paper: 0; notebook: the model's generation config, else 50)")
-    p.add_argument("--top-p", type=num(float, lo=0, hi=1, lo_open=True), default=None, help="nucleus sampling mass; 1 = off. Default: by --recipe "
-                   "(paper: 1; notebook: the model's generation config, else 1)")
+                   "Default: the model's generation config, else 50 (transformers' default, as in the notebooks)")
+    p.add_argument("--top-p", type=num(float, lo=0, hi=1, lo_open=True), default=None, help="nucleus sampling mass; 1 = off. Default: "
+                   "the model's generation config, else 1 (transformers' default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (model.compile_decode). "
                    "Compiling several graphs (prefill, first decode steps, then dynamic shapes) takes about a minute "
                    "on a CPU, so it pays only on long runs")
-    p.add_argument("--max-new-tokens", type=num(int, lo=1), default=50, help="new tokens per answer (the paper: 50)")
+    p.add_argument("--max-new-tokens", type=num(int, lo=1), default=50, help="new tokens per answer (the notebooks: 50; the paper names none)")
     p.add_argument("--seed", type=num(int, lo=0, hi=2**63 - 1 - 10**6), default=None, help="seed of the sampling generator (run k of --repeat uses seed+k); "
                    "default: drawn at random and written to eval.json")
     p.add_argument("--repeat", type=num(int, lo=1), default=1, help="K sampled runs with seeds seed..seed+K-1, reported as mean and "
@@ -143,6 +149,9 @@ def get_args(argv=None):
     p.add_argument("--paper", action="store_true", help="with --table: add the paper's Table 2 figures (BERTScore F1) "
                    "for models that are among the paper's ten")
     p.add_argument("--plot", default=None, help="with --table: save a PNG bar chart with intervals to this path")
+    p.add_argument("--holm", action="store_true", help="with --table: mark a cell when its Holm-adjusted p-value is "
+                   "below 0.05, adjusted over the cells tested in the same table (all answers, or one severity "
+                   "class); default: the uncorrected p-value of each cell")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
                    help="paired comparison of two eval folders (eval.json + predictions.jsonl, or the eval.json paths) "
                    "scored on the same data with the same scorer and protocol: per example B - A in P, R, F1 and "
@@ -198,9 +207,9 @@ HF_UNSUPPORTED = {"repetition_penalty": 1.0, "typical_p": 1.0, "min_p": None, "n
 def model_generation_config(path):
     """The generation settings a model folder ships: its generation_config.json, else the generation keys of its
     config.json (what transformers' GenerationConfig.from_model_config falls back to); {} for neither (tiny).
-    Keys kept: top_k, top_p, temperature, do_sample and HF_UNSUPPORTED's, None values dropped."""
+    Keys kept: top_k, top_p, temperature, do_sample, eos_token_id and HF_UNSUPPORTED's, None values dropped."""
     from model import read_generation_config
-    keys = ("top_k", "top_p", "temperature", "do_sample") + tuple(HF_UNSUPPORTED)
+    keys = ("top_k", "top_p", "temperature", "do_sample", "eos_token_id") + tuple(HF_UNSUPPORTED)
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name) if path and os.path.isdir(path) else None
         if f and os.path.isfile(f):
@@ -212,19 +221,21 @@ def model_generation_config(path):
 
 
 def resolve_recipe(args, gen_cfg):
-    """(prompt, top_k, top_p, notes) for a run: a flag given on the command line wins, else the recipe's default.
-    notebook: the model's generation config (gen_cfg), else transformers' defaults, as generate() did there; the
-    temperature (0.7) and max_new_tokens (50) were passed explicitly by the notebooks, so they come from the flags.
-    notes: the config's settings that model.generate does not implement (written to eval.json, printed)."""
+    """(prompt, top_k, top_p, notes) for a run: a flag given on the command line wins, else the default. The paper
+    states no sampling settings, so both recipes sample as the notebooks' transformers generate() did: the model's
+    generation config (gen_cfg), else transformers' defaults (top_k 50, top_p 1); the temperature (0.7) and
+    max_new_tokens (50) were passed explicitly by the notebooks, so they come from the flags. The recipe sets the
+    prompt (notebook: cue-less). notes: the config's settings that model.generate does not implement (written to
+    eval.json, printed)."""
     nb = args.recipe == "notebook"
     prompt = args.prompt or ("no-cue" if nb else "cue")
     top_k, top_p = args.top_k, args.top_p
     if top_k is None:
-        top_k = int(gen_cfg.get("top_k", HF_SAMPLING_DEFAULTS["top_k"])) if nb else 0
+        top_k = int(gen_cfg.get("top_k", HF_SAMPLING_DEFAULTS["top_k"]))
     if top_p is None:
-        top_p = float(gen_cfg.get("top_p", HF_SAMPLING_DEFAULTS["top_p"])) if nb else 1.0
+        top_p = float(gen_cfg.get("top_p", HF_SAMPLING_DEFAULTS["top_p"]))
     notes = [f"{k}={gen_cfg[k]} in {gen_cfg.get('source')} is not implemented here (ignored)"
-             for k, neutral in HF_UNSUPPORTED.items() if nb and k in gen_cfg and gen_cfg[k] != neutral]
+             for k, neutral in HF_UNSUPPORTED.items() if k in gen_cfg and gen_cfg[k] != neutral]
     return prompt, top_k, top_p, notes
 
 
@@ -251,10 +262,14 @@ def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
 
 
 def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, temperature=0.7, top_k=0, top_p=1.0,
-                     seed=None, progress=None, stats=None, prompt="cue", stop_at_cue=True):
+                     seed=None, progress=None, stats=None, prompt="cue", stop_at_cue=True, eos_ids=None,
+                     notebook=False):
     """Answers (after data.extract_answer) in the order of `questions`, generated in length-sorted batches.
     stop_at_cue: a row stops once it has begun a new question and cue (data.answer_complete), which leaves every
     answer as it was (what follows the new cue is never kept) and saves the rest of the batch's steps.
+    eos_ids: more stop tokens besides the tokenizer's EOS (the model's generation_config eos_token_id, an int or a
+    list: transformers stops at each). notebook: keep the answer as the notebooks did (data.extract_answer_notebook,
+    everything after the first cue), so no early stop at a new cue (the notebooks kept what follows it).
     temperature 0 = greedy; otherwise one generator seeded with `seed` drives every draw. stats (a dict), if given,
     gets "new_tokens" (generated before EOS) added."""
     prompts = encode_prompts(model, tok, questions, max_new_tokens, prompt)
@@ -265,13 +280,18 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
         gen.manual_seed(int(seed) if seed is not None else 0)
     order = length_order([len(p) for p in prompts])
     out = [None] * len(prompts)
+    extra = eos_ids if isinstance(eos_ids, (list, tuple)) else [] if eos_ids is None else [eos_ids]
+    stops = list(dict.fromkeys(i for i in [tok.eos_id, *extra] if i is not None))   # in order, once each
+    stop_at_cue = stop_at_cue and not notebook
+    extract = data.extract_answer_notebook if notebook else data.extract_answer
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         new = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, eos_id=tok.eos_id, generator=gen,
+                             top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                             eos_id=(stops[0] if len(stops) == 1 else stops) if stops else None, generator=gen,
                              stop=(lambda ids: data.answer_complete(tok.decode(ids))) if stop_at_cue else None)
         for i, ids in zip(idx, new):
-            out[i] = data.extract_answer(tok.decode(ids))
+            out[i] = extract(tok.decode(ids))
         if stats is not None:
             stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(ids) for ids in new)
         if progress is not None:
@@ -526,8 +546,8 @@ def check_args(args):
     """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
         raise data.UserError("--model", "required (or use --table)")
-    if args.plot is not None or args.paper:
-        raise data.UserError("--plot/--paper", "only with --table")
+    if args.plot is not None or args.paper or args.holm:
+        raise data.UserError("--plot/--paper/--holm", "only with --table")
     if args.metric is not None:   # a flag this mode would ignore (given at all, even with its default value)
         raise data.UserError("--metric", "only with --table (an evaluation scores every metric)")
     if args.permutations is not None:
@@ -564,7 +584,8 @@ def evaluate(args):
     records = records_all[:args.n]
     name, setting, targs = describe_model(args.model)
     device = str(data.resolve_device(args.device, "--device"))
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    cuda_auto = "fp16" if args.recipe == "notebook" else "bf16"     # the notebooks generated in fp16
+    dtype = args.dtype if args.dtype != "auto" else (cuda_auto if device.startswith("cuda") else "fp32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     # find the model (a download for a hub name) before the scorer, load it after: both fail fast (model.py's
     # loaders report a missing folder, bad config, tokenizer or weights as one UserError naming the file)
@@ -602,7 +623,7 @@ def evaluate(args):
 
     temperature = 0.0 if args.greedy else args.temperature
     for note in notes:
-        log(f"warning: --recipe notebook: {note}")
+        log(f"warning: {note}")
     if args.greedy:
         seeds = [None]
     else:
@@ -616,7 +637,8 @@ def evaluate(args):
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
         prog = data.progress(len(records), f"{tag}generate", "row", args.quiet)
         preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, top_k,
-                                 top_p, seed, prog, gen_stats, prompt)
+                                 top_p, seed, prog, gen_stats, prompt, eos_ids=gen_cfg.get("eos_token_id"),
+                                 notebook=args.recipe == "notebook")
         prog.close()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -665,7 +687,7 @@ def evaluate(args):
                        "recipe": args.recipe, "model_generation_config": gen_cfg or None, "ignored": notes,
                        "max_new_tokens": args.max_new_tokens,
                        "prompt": "data.format_prompt" if prompt == "cue" else "data.format_prompt(cue=False)",
-                       "postprocess":
+                       "postprocess": "data.extract_answer_notebook" if args.recipe == "notebook" else
                        "data.extract_answer", "batch_size": args.batch_size, "dtype": dtype,
                        "quantize": args.quantize, "device": device,
                        "seeds": seeds, "repeat": len(seeds)},
@@ -813,10 +835,31 @@ METRIC_TITLE = {"f1": "BERTScore F1 (x100)", "precision": "BERTScore precision (
                 "floor": "BERTScore F1 (x100) against shuffled references (--floor)"}
 
 
-def build_tables(evs, metric="f1", paper=False, marks=None):
+def holm(ps):
+    """Holm's step-down adjusted p-values, in the order given: with the m p-values sorted p_(1) <= ... <= p_(m),
+    adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). Controls the family-wise error rate at any level."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def holm_marks(marks):
+    """marks {(group, row, col): p} with each group's (one table's) p-values Holm-adjusted among themselves."""
+    out = {}
+    for g in {k[0] for k in marks}:
+        keys = [k for k in marks if k[0] == g]
+        out.update(zip(keys, holm([marks[k] for k in keys])))
+    return out
+
+
+def build_tables(evs, metric="f1", paper=False, marks=None, adjusted=False):
     """Markdown text: one table for all test answers, then one per severity class. Rows = models, columns =
     Base, CE, Mild, Strong, Balanced (+ custom weights). Returns (text, cells) with cells[group][(row, col)].
-    marks: {(group, row, col): p} from table_significance; a cell with p < 0.05 gets " *"."""
+    marks: {(group, row, col): p} from table_significance; a cell with p < 0.05 gets " *". adjusted: the marks are
+    Holm-adjusted (holm_marks), which the footnote says."""
     marks = marks or {}
     rows, cols = [], list(SETTINGS)
     groups = {}
@@ -866,8 +909,10 @@ def build_tables(evs, metric="f1", paper=False, marks=None):
     if marks:
         lines.append(f"*: differs from CE on the same test answers at p < 0.05 (paired sign-flip permutation test "
                      f"over examples, as evaluate.py --compare; k files per cell are averaged per example first, so "
-                     f"the training seeds are held fixed). Tested against CE: {len(marks)} cells, "
-                     f"{sum(p < 0.05 for p in marks.values())} marked.")
+                     f"the training seeds are held fixed"
+                     + ("; p Holm-adjusted over the cells of each table" if adjusted else "; p not corrected for "
+                        "multiple comparisons (--holm corrects within each table)")
+                     + f"). Tested against CE: {len(marks)} cells, {sum(p < 0.05 for p in marks.values())} marked.")
     return "\n".join(lines) + "\n", (rows, cols, cells)
 
 
@@ -931,7 +976,9 @@ def table_main(args):
                                         args.permutations)
     for msg in skipped:
         print(f"note: no significance mark for {msg}", file=sys.stderr)
-    text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks)
+    if args.holm:
+        marks = holm_marks(marks)
+    text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks, args.holm)
     if args.plot:
         save_plot(args.plot, args.metric, rows, cols, cells)
     print(text, end="")
@@ -1003,13 +1050,17 @@ def load_examples(path):
 
 
 def check_comparable(runs):
-    """Refuse (ValueError) runs that were not scored on the same data with the same scorer and protocol."""
+    """Refuse (ValueError) runs that were not scored on the same data with the same scorer and protocol, or whose
+    answer NLL was cut at a different --max-len (eval.json's argv.max_len)."""
     (pa, a), rest = runs[0], runs[1:]
     for pb, b in rest:
         checks = [("data sha256", a["data"].get("sha256"), b["data"].get("sha256")),
                   ("number of test records", a["data"].get("n"), b["data"].get("n"))]
         checks += [(f"scorer {k}", a["bertscore"].get(k), b["bertscore"].get(k)) for k in SCORER_KEYS]
         checks += [(f"protocol {k}", a["generation"].get(k), b["generation"].get(k)) for k in PROTOCOL_KEYS]
+        # the answer NLL is scored on prompt+answer cut at --max-len: a shorter cut alone moves it (issue 18)
+        checks.append(("--max-len (the answer NLL's truncation)", (a.get("argv") or {}).get("max_len"),
+                       (b.get("argv") or {}).get("max_len")))
         for what, x, y in checks:
             if x != y:
                 raise data.UserError("--compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
@@ -1017,9 +1068,10 @@ def check_comparable(runs):
 
 
 def paired_table(exa, exb, n_boot, seed, n_perm):
-    """{metric: {group: paired_diff}} for P, R, F1 and answer NLL, overall and per severity. NLL: the ratio of sums
-    (eval.json's statistic) when both runs recorded equal answer-token counts, else the mean of per-example NLL
-    (noted under 'nll_statistic')."""
+    """{metric: {group: paired_diff}} for P, R, F1 and answer NLL, overall and per severity. NLL: the token-weighted
+    ratio of sums, sum_i n_i nll_i / sum_i n_i (eval.json's statistic), when both runs recorded equal answer-token
+    counts n_i, else the mean of per-example NLL (named under 'nll_statistic'). 'nll_example_mean' always holds the
+    unweighted mean of the per-example NLL differences beside it."""
     for k in ("severity", "question", "reference"):
         if exa[k] != exb[k]:
             i = next(j for j, (x, y) in enumerate(zip(exa[k], exb[k])) if x != y)
@@ -1041,15 +1093,21 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
                 b = np.array([exb["nll"][i] for i in np.flatnonzero(sel)])
                 den = np.array([exa["nll_tokens"][i] for i in np.flatnonzero(sel)], dtype=np.float64) if tokens else None
                 out[m][g] = paired_diff(a, b, n_boot, seed, n_perm, den)
+                out.setdefault("nll_example_mean", {})[g] = paired_diff(a, b, n_boot, seed, n_perm)
             else:
                 out[m][g] = paired_diff(exa[m][sel], exb[m][sel], n_boot, seed, n_perm)
-    out["nll_statistic"] = "ratio of sums (answer tokens)" if tokens else "mean of per-example NLL"
+    out["nll_statistic"] = ("token-weighted ratio of sums: sum_i n_i nll_i / sum_i n_i over the answer tokens n_i "
+                            "(eval.json's NLL); nll_example_mean: the unweighted mean of per-example differences"
+                            if tokens else "mean of per-example NLL (answer-token counts differ or are missing); "
+                            "nll_example_mean: the same")
     return out
 
 
 def compare_main(args):
     if args.metric is not None:
         raise data.UserError("--metric", "only with --table (--compare reports every metric)")
+    if args.holm:
+        raise data.UserError("--holm", "only with --table (--compare tests one pair: nothing to correct)")
     args.permutations = args.permutations or PERMUTATIONS
     if not args.out:
         raise data.UserError("--out", "required with --compare (compare.json is written there)")
@@ -1071,6 +1129,7 @@ def compare_main(args):
               "data": {k: ea["data"].get(k) for k in ("path", "sha256", "n", "counts")},
               "bertscore": {k: ea["bertscore"].get(k) for k in SCORER_KEYS},
               "protocol": {k: ea["generation"].get(k) for k in PROTOCOL_KEYS},
+              "max_len": (ea.get("argv") or {}).get("max_len"),
               "difference": "B - A, per example, then averaged (sampled repeats averaged per example first)",
               "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95,
                             "interval": "percentile, examples resampled with replacement"},
@@ -1083,9 +1142,9 @@ def compare_main(args):
           f"{result['a']['setting']} | n = {result['data']['n']}" + "".join(f" | note: {x}" for x in notes))
     print("| metric | group | n | A | B | B - A [95% paired bootstrap] | p (sign-flip) |")
     print("|---|---|---|---|---|---|---|")
-    for m in METRICS + ("nll",):
-        dg = 3 if m == "nll" else 2
-        for g, d in diffs[m].items():
+    for m in METRICS + ("nll", "nll_example_mean"):
+        dg = 3 if m.startswith("nll") else 2
+        for g, d in diffs.get(m, {}).items():
             ci = f" [{d['lo']:+.{dg}f}, {d['hi']:+.{dg}f}]" if d["lo"] is not None else ""
             print(f"| {m} | {g} | {d['n']} | {d['mean_a']:.{dg}f} | {d['mean_b']:.{dg}f} | {d['diff']:+.{dg}f}{ci} | "
                   f"{d['p']:.4f} |")

@@ -744,7 +744,8 @@ class Decoder(nn.Module):
                  generator=None, stop=None):
         """Sample (or greedy when temperature == 0) up to max_new_tokens after each prompt.
         prompts: list of token-id lists of any lengths (left-padded here). Returns the new tokens of each row,
-        cut before its first EOS (eos_id None = the model's; a negative eos_id = none, every row runs to the end).
+        cut before its first EOS (eos_id None = the model's; a negative eos_id = none, every row runs to the end; a
+        list of ids = stop at any of them, as transformers does with generation_config's eos_token_id list).
         A static KV cache (and LFM2's conv state) holds the prefix.
         stop: optional callable(new token ids of a row so far) -> bool, asked every 8 steps about unfinished rows (e.g.
         "the text now holds a stop string"); a row it accepts counts as finished, like one that wrote EOS, and the
@@ -752,7 +753,9 @@ class Decoder(nn.Module):
         still draws at every step, so stopping changes no other row's sample."""
         cfg, device = self.cfg, self.wte.weight.device
         eos_id = cfg.eos_id if eos_id is None else eos_id
-        eos_id = None if eos_id is not None and eos_id < 0 else eos_id   # eos_id -1: no EOS, run to the end
+        eos = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
+        eos = [i for i in eos if i >= 0]                               # eos_id -1: no EOS, run to the end
+        eos_id = eos or None
         B, P = len(prompts), max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise ValueError("generate: empty prompt")
@@ -774,13 +777,14 @@ class Decoder(nn.Module):
         logits = self.lm_head(self.hidden(idx, mask, cache, 0)[:, -1]).float()   # (B, V)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         n = 0
         for t in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, top_p, generator)
             out[:, t] = nxt
             n = t + 1
             if eos_id is not None:
-                done |= nxt == eos_id
+                done |= torch.isin(nxt, eos_t)
             if stop is not None and t % 8 == 7:
                 so_far = out[:, :n].tolist()
                 hit = [not d and stop(r) for d, r in zip(done.tolist(), so_far)]   # a row with EOS is done
@@ -791,7 +795,7 @@ class Decoder(nn.Module):
                 logits = self.lm_head(self.hidden(nxt[:, None], mask, cache, P + t)[:, -1]).float()
         rows = out[:, :n].tolist()
         if eos_id is not None:
-            rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+            rows = [r[:next((j for j, x in enumerate(r) if x in eos), len(r))] for r in rows]
         return rows
 
     def compile_decode(self):
@@ -1023,6 +1027,12 @@ def read_config(path):
     return cfg
 
 
+def _token_ids(v):
+    """An eos_token_id value transformers accepts: a non-negative int or a list of them."""
+    ids = v if isinstance(v, list) else [v]
+    return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+
+
 def read_generation_config(path):
     """A model folder's generation_config.json (or config.json), parsed: ONE UserError naming the file when it is not
     a JSON object or a sampling setting has the wrong type (top_k "x" would fail in the middle of an evaluation;
@@ -1037,7 +1047,8 @@ def read_generation_config(path):
         ok = {"top_k": num and v >= 0 and v == int(v), "top_p": num and 0 < v <= 1, "temperature": num and v >= 0,
               "do_sample": isinstance(v, bool), "repetition_penalty": num and v > 0, "typical_p": num and 0 < v <= 1,
               "min_p": num and 0 <= v <= 1, "no_repeat_ngram_size": num and v >= 0, "epsilon_cutoff": num and v >= 0,
-              "eta_cutoff": num and v >= 0, "num_beams": num and v >= 1}.get(k, True)
+              "eta_cutoff": num and v >= 0, "num_beams": num and v >= 1,
+              "eos_token_id": _token_ids(v)}.get(k, True)
         if not ok:
             raise UserError(path, f"{k} = {v!r}: not a valid sampling setting")
     return cfg

@@ -80,7 +80,8 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=num(float, lo=0), default=0.0, help="AdamW weight decay (never on norms, biases, embeddings)")
     p.add_argument("--grad-clip", type=num(float, lo=0), default=1.0, help="clip the global grad norm (0 = off)")
     p.add_argument("--max-len", type=num(int, lo=2), default=512, help="truncate prompt+answer to this many tokens")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype: auto = bf16 on CUDA (fp16 with --recipe notebook, as the notebooks), fp32 on CPU; "
+                   "fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--pack", action="store_true", help="padding-free: lay each step's examples (the same ones) end to "
                    "end into rows of up to --max-len - 1 tokens (the width with the fewest FLOPs), attention, "
@@ -383,7 +384,7 @@ def save_state(path, model, opt, scaler, step, args_dict):
 # of steps (--max-steps / --epochs) may grow; --eval-*, --save-*, --device, --quiet and --compile do not alter the run.
 RESUME_KEYS = ("model", "weights_abc", "data_sha256", "loss_tokens", "loss_norm", "seed", "batch_size", "grad_accum", "world_size",
                "max_len", "schedule", "warmup", "lr", "weight_decay", "grad_clip", "lora_rank", "lora_alpha",
-               "lora_dropout", "lora_targets", "dtype")
+               "lora_dropout", "lora_targets", "dtype", "quantize")
 STATE_HINT = "delete it to start over, or resume from a copy that is intact"
 
 
@@ -698,7 +699,8 @@ def fit(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if dev_type == "cuda" else "fp32")
+    cuda_auto = "fp16" if args.recipe == "notebook" else "bf16"     # the notebooks trained in fp16
+    dtype = args.dtype if args.dtype != "auto" else (cuda_auto if dev_type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
     amp = torch.autocast(dev_type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "fp16")

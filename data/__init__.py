@@ -628,36 +628,88 @@ def format_prompt(question, cue=True):
     return f"\n{question}\n\n{PROMPT_CUE}\n" if cue else f"\n{question}\n"
 
 
+# The cue as a model may write it: any alef/hamza form (الاجابة / الإجابة / الأجابة / الآجابة), final ة or ه,
+# diacritics or tatweel between the letters, spaces before or after the colon, or the English "Answer:". The colon
+# is required: the word alone ("الإجابة على سؤالك ...") is part of an answer, never a cue.
+_MARKS = "[\u0640\u064B-\u065F\u0670]*"                  # tatweel, harakat, superscript alef
+_CUE_RE = re.compile(r"(?<!\w)(?:" + _MARKS.join(["ا", "ل", "[اأإآ]", "ج", "ا", "ب", "[ةه]"]) + _MARKS
+                     + r"|answer)[ \t]*[:：]", re.IGNORECASE)
+_QUESTION_END = ("?", "؟")
+
+
 def extract_answer(generated_text):
     """The answer the model gave to THIS question, from the text it generated after the prompt, stripped.
 
     The prompt already ends with the cue, so a model that goes on after its answer writes the training template
-    again: "<answer>\n<new question>\n\nالاجابة:\n<an invented answer>...". The answer ends where that new
-    question begins: at the last line break before the next cue (the new question is the line above it), or at the
-    cue itself when no line break comes before it. No cue at all: the whole text. A cue at the very start (a
-    prompt without the cue, the notebooks' "\n{Q}\n", lets the model write this question's cue itself) belongs to
-    this question and is skipped.
+    again: "<answer>\n<new question>\n\nالاجابة:\n<an invented answer>...". The rule, on the lines of the text
+    (blank lines skipped; the first line is always this question's answer):
+    - a new question starts at the first later line that is followed by a cue (the cue in any form, see _CUE_RE)
+      or that is a question sentence (ends with ? or ؟); everything from that line on is dropped, so a new
+      question spread over two lines goes whole, and a trailing new question without a cue goes too;
+    - a cue inside a later line: that line is the new question with its cue, dropped whole;
+    - a cue inside the first line: the answer ends at the cue, less a question sentence just before it;
+    - the first line may be empty: "\nسؤال؟\n\nالاجابة:..." is an empty answer;
+    - a cue at the very start (a prompt without the cue, the notebooks' "\n{Q}\n", lets the model write this
+      question's cue itself) belongs to this question and is skipped.
 
         extract_answer("الراحة.\n\nعندي صداع؟\n\nالاجابة:\nراجع الطبيب") == "الراحة."
     """
-    before, cue, _ = _after_own_cue(generated_text).partition(PROMPT_CUE)
-    if cue:                                           # a new question/answer pair begins: cut before its question
-        head = before.rstrip()
-        cut = head.rfind("\n")                       # the line break that opens the new question
-        before = head[:cut] if cut >= 0 else head
-    return before.strip()
+    return _cut(_after_own_cue(generated_text))[0].strip()
+
+
+def extract_answer_notebook(generated_text):
+    """The authors' notebooks' rule (evaluate.py --recipe notebook): `pred.split(Q, 1)[-1].split(cue, 1)[-1]`,
+    i.e. everything after the first exact cue "الاجابة:" (the whole text when there is none), a second invented
+    question and answer included; stripped. The generated text here excludes the prompt, so the split on Q is
+    already done."""
+    return generated_text.split(PROMPT_CUE, 1)[-1].strip()
 
 
 def answer_complete(generated_text):
-    """True once extract_answer(generated_text) can no longer change: the model has begun a new question and cue
-    (a cue after this question's own). Generation may stop there (evaluate.py asks this every 8 tokens)."""
-    return PROMPT_CUE in _after_own_cue(generated_text)
+    """True once extract_answer(generated_text) can no longer change, whatever text follows: a cue after this
+    question's own, or a finished later line (a line break after it) that is a question sentence. Generation may
+    stop there (evaluate.py asks this every 8 tokens)."""
+    return _cut(_after_own_cue(generated_text))[1]
 
 
 def _after_own_cue(text):
     """The generated text without a cue at its very start: that one is this question's own (a cue-less prompt)."""
     stripped = text.lstrip()
-    return stripped[len(PROMPT_CUE):] if stripped.startswith(PROMPT_CUE) else text
+    m = _CUE_RE.match(stripped)
+    return stripped[m.end():].lstrip(" \t").removeprefix("\n") if m else text
+
+
+def _cut(text):
+    """(answer, final) by extract_answer's rule; final: no continuation of text can change the answer."""
+    lines = text.split("\n")
+    starts, pos = [], 0
+    for line in lines:
+        starts.append(pos)
+        pos += len(line) + 1
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    cue = _CUE_RE.search(text)
+    cue_line = text.count("\n", 0, cue.start()) if cue else len(lines)
+    for i in filled:
+        if i == 0:                                    # the first line is this question's answer
+            continue
+        if i > cue_line:
+            break
+        finished = i < len(lines) - 1                 # a line break follows: the line cannot grow any more
+        line = lines[i].strip()
+        if i == cue_line or line.endswith(_QUESTION_END) and finished:
+            return text[:starts[i]], True
+        nxt = [j for j in filled if j > i]
+        if cue and (nxt[0] if nxt else cue_line) >= cue_line and not text[starts[cue_line]:cue.start()].strip():
+            return text[:starts[i]], True             # the line directly above a cue that opens its line
+        if line.endswith(_QUESTION_END) and not finished:
+            return text[:starts[i]], False            # a trailing question sentence (it may still go on)
+    if cue:                                           # the cue inside the first line
+        before = text[:cue.start()].rstrip()
+        if before.endswith(_QUESTION_END):            # "... عندي صداع؟ الاجابة:" -- drop that question sentence
+            ends = [before.rfind(c, 0, len(before) - 1) for c in ".!?؟\n"]
+            before = before[:max(ends) + 1]
+        return before, True
+    return text, False
 
 
 # ----------------------------------------------------------------------------------------------

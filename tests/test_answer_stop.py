@@ -13,13 +13,14 @@ from test_evaluate import env  # noqa: F401
 @pytest.mark.parametrize("generated, want", EXTRACT_CASES)
 def test_answer_complete_never_changes_the_answer(generated, want):
     """Once a prefix of the generation is 'complete', every longer prefix gives the same answer as the whole text:
-    stopping there loses nothing. A complete text holds a cue after its own."""
+    stopping there loses nothing; the whole text is complete exactly when a prefix is."""
     complete = [k for k in range(len(generated) + 1) if data.answer_complete(generated[:k])]
     assert complete == list(range(complete[0], len(generated) + 1)) if complete else True, "complete stays complete"
     for k in complete:
         assert data.extract_answer(generated[:k]) == want
-    own = generated.lstrip().startswith(data.PROMPT_CUE)
-    assert bool(complete) == (generated.count(data.PROMPT_CUE) > (1 if own else 0))
+    assert bool(complete) == data.answer_complete(generated)
+    tail = "\nسؤال آخر؟\n\nالإجابة:\nجواب"                # a new question and cue always completes it
+    assert data.answer_complete(generated + tail) and data.extract_answer(generated + tail) == want
 
 
 def tiny_decoder():

@@ -412,15 +412,17 @@ def test_llrd_param_groups():
         for p in g["params"]:
             assert id(p) not in lr_of
             lr_of[id(p)] = (g["lr"], g["weight_decay"])
-    L = 2
+    # seed 004's equation 1, lr_l = lr_head * 0.5^(L-l), L = 2, by hand: top layer (l = 2) 1e-3, bottom layer
+    # (l = 1) 5e-4, embeddings (l = 0) 2.5e-4, pooler and classifier 1e-3
+    want_of = {"layers.1": 1e-3, "layers.0": 5e-4, "embeddings": 2.5e-4, "head": 1e-3}
     for n, p in model.named_parameters():
         if n.startswith(("bert.wte.", "bert.wpe.", "bert.wtt.", "bert.emb_norm.")):
-            want = 1e-3 * 0.5 ** (L + 1)
+            want = want_of["embeddings"]
         elif n.startswith("bert.layers."):
-            want = 1e-3 * 0.5 ** (L - int(n.split(".")[2]))
+            want = want_of["layers." + n.split(".")[2]]
         else:
             assert n.startswith(("bert.pooler.", "classifier.")), n
-            want = 1e-3                                   # pooler and classifier
+            want = want_of["head"]                        # pooler and classifier
         lr, wd = lr_of[id(p)]
         assert abs(lr - want) < 1e-15, n
         assert wd == (0.0 if (p.ndim < 2 or "norm" in n) else 0.01), n

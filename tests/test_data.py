@@ -244,6 +244,26 @@ EXTRACT_CASES = [
     ("كلام الاجابة: الجواب الاجابة: المزيد", "كلام"),                             # no line break: cut at the cue
     ("\nالاجابة:\nاشرب الماء.\nسؤال؟\n\nالاجابة:\nلا", "اشرب الماء."),          # cue-less prompt: own cue first
     ("\nالاجابة:\n", ""),                                                       # cue-less prompt, empty answer
+    # issue 18: the cue as models write it
+    ("اشرب الماء.\nعندي حمى\nالإجابة:\nخذ دواء", "اشرب الماء."),                   # hamza under alef
+    ("اشرب الماء.\nعندي حمى\nالأجابة:\nخذ دواء", "اشرب الماء."),                   # hamza over alef
+    ("اشرب الماء.\nعندي حمى\nالإِجَابَةُ:\nخذ دواء", "اشرب الماء."),               # diacritics
+    ("اشرب الماء.\nعندي حمى\nالاجـــابة:\nخذ دواء", "اشرب الماء."),              # tatweel
+    ("اشرب الماء.\nعندي حمى\nالاجابة :\nخذ دواء", "اشرب الماء."),                 # a space before the colon
+    ("اشرب الماء.\nعندي حمى\nالاجابة :خذ دواء", "اشرب الماء."),                   # spaces around the colon
+    ("اشرب الماء.\nI have a fever\nAnswer:\ntake a pill", "اشرب الماء."),        # the English cue
+    ("اشرب الماء.\nanswer : rest", "اشرب الماء."),                                # English, lower case, spaced
+    # where the new question starts
+    ("اشرب الماء.\nعندي صداع منذ يومين\nفما السبب؟\n\nالاجابة:\nقلة النوم",     # two lines, ? on the second:
+     "اشرب الماء.\nعندي صداع منذ يومين"),       # its first line is kept (nothing tells it from an answer line)
+    ("اشرب الماء.\nما سبب الحمى؟\nوهل هي خطيرة\nالاجابة:\nلا", "اشرب الماء."),   # two lines, ? on the first
+    ("اشرب الماء.\nعندي صداع؟ الاجابة: راجع الطبيب", "اشرب الماء."),              # question and cue on one line
+    ("اشرب الماء. عندي صداع؟ الاجابة: راجع الطبيب", "اشرب الماء."),               # ... on the answer's own line
+    ("الإجابة على سؤالك هي الراحة.\nوالاجابة عن الثاني نعم", "الإجابة على سؤالك هي الراحة.\nوالاجابة عن الثاني نعم"),
+    ("اشرب الماء.\nهل القهوة مضرة؟\n", "اشرب الماء."),                           # trailing question, no cue
+    ("اشرب الماء.\nهل القهوة مضرة؟", "اشرب الماء."),                             # ... EOS right after it
+    ("هل لديك حمى؟ إذا نعم فراجع الطبيب.", "هل لديك حمى؟ إذا نعم فراجع الطبيب."),    # a question in the first line
+    ("\nالإجابة :\nاشرب الماء.\nسؤال؟\nAnswer:\nلا", "اشرب الماء."),             # own cue in another form
 ]
 
 

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import data
 import evaluate as E
@@ -50,11 +51,13 @@ def test_train_carries_the_base_generation_config(assets, tmp_path):
 
 def test_resolve_recipe_flag_by_flag(tmp_path):
     ns = lambda **kw: E.get_args(["--model", "x", *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in kw.items()), [])])  # noqa: E731
-    assert E.resolve_recipe(ns(), {})[:3] == ("cue", 0, 1.0)                                  # the paper
+    # the paper names no sampling settings: both recipes sample as the notebooks' transformers did (issue 18)
+    assert E.resolve_recipe(ns(), {})[:3] == ("cue", 50, 1.0)                                 # transformers' defaults
     assert E.resolve_recipe(ns(recipe="notebook"), {})[:3] == ("no-cue", 50, 1.0)             # transformers' defaults
     qwen3 = {"top_k": 20, "top_p": 0.95, "temperature": 0.6, "source": "g.json"}
     assert E.resolve_recipe(ns(recipe="notebook"), qwen3)[:3] == ("no-cue", 20, 0.95)         # the model's own
-    assert E.resolve_recipe(ns(recipe="paper"), qwen3)[:3] == ("cue", 0, 1.0)                 # paper ignores it
+    assert E.resolve_recipe(ns(recipe="paper"), qwen3)[:3] == ("cue", 20, 0.95)               # the model's own too
+    assert E.resolve_recipe(ns(recipe="paper", top_k=0), qwen3)[:3] == ("cue", 0, 0.95)       # 0 = off, by flag
     assert E.resolve_recipe(ns(recipe="notebook", top_k=5, prompt="cue"), qwen3)[:3] == ("cue", 5, 0.95)
     notes = E.resolve_recipe(ns(recipe="notebook"), dict(qwen3, repetition_penalty=1.2))[3]
     assert len(notes) == 1 and "repetition_penalty=1.2" in notes[0]
@@ -110,3 +113,52 @@ def test_train_notebook_recipe_uses_nf4_and_the_family_lora_targets(tmp_path):
     train.main(["--recipe", "notebook", "--model", "tiny", "--max-steps", "1", "--max-len", "48", "--quiet",
                 "--lora-targets", "qkv", "--out", str(out2)])
     assert json.loads((out2 / "args.json").read_text())["lora_targets"] == ["qkv"]
+
+
+def test_notebook_extraction_keeps_everything_after_the_first_cue():
+    """The notebooks' `pred.split(Q, 1)[-1].split(cue, 1)[-1]` on the generated text (the prompt already cut)."""
+    cases = [("\nالاجابة:\nاشرب الماء.\nسؤال؟\n\nالاجابة:\nلا", "اشرب الماء.\nسؤال؟\n\nالاجابة:\nلا"),
+             ("اشرب الماء.", "اشرب الماء."),                                 # no cue: the whole text
+             ("كلام الاجابة: جواب", "جواب"),
+             ("\nالإجابة:\nجواب", "الإجابة:\nجواب")]                         # the exact cue only, as split() did
+    for text, want in cases:
+        assert data.extract_answer_notebook(text) == want
+
+
+def test_generation_stops_at_every_eos_id_of_the_generation_config(env, tmp_path, monkeypatch):
+    """model.generate with a list of eos ids cuts each row at the first of any of them (two for Qwen3); evaluate
+    passes the tokenizer's EOS plus generation_config.json's eos_token_id (an int or a list) for both recipes;
+    --recipe notebook keeps the notebooks' answer and never stops early at a cue."""
+    from test_answer_stop import tiny_decoder
+    m = tiny_decoder()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    run = lambda eos: m.generate(prompts, 30, 1.0, eos_id=eos, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    free = run(-1)
+    a, b = free[0][4], free[1][6]                      # two tokens the rows drew
+    got = run([a, b])
+    for row, full in zip(got, free):
+        cut = next((j for j, x in enumerate(full) if x in (a, b)), len(full))
+        assert row == full[:cut]
+    assert len(got[0]) <= 4 and len(got[1]) <= 6
+    assert run(a) == [r[:r.index(a)] if a in r else r for r in free]   # one int as before
+    assert run([-1]) == free
+
+    seen = []
+    real = M.Decoder.generate
+    monkeypatch.setattr(M.Decoder, "generate", lambda self, *x, **kw: seen.append(kw) or real(self, *x, **kw))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in os.listdir(env["base"]):
+        (folder / f).write_bytes(open(os.path.join(env["base"], f), "rb").read())
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}), encoding="utf-8")
+    argv = ["--model", str(folder), "--data", env["test"], "--bertscore-model", env["scorer"], "--bertscore-layer",
+            "2", "--bootstrap", "0", "--batch-size", "5", "--quiet", "--seed", "4", "--n", "5"]
+    tok = M.load_tokenizer(str(folder))
+    for recipe in ("paper", "notebook"):
+        seen.clear()
+        res = E.main(argv + ["--recipe", recipe, "--out", str(tmp_path / recipe)])
+        assert seen and all(kw["eos_id"] == [tok.eos_id, 7, 9] for kw in seen)
+        assert res["generation"]["dtype"] == "fp32"                      # CPU stays fp32 under either recipe
+        nb = recipe == "notebook"
+        assert all((kw["stop"] is None) == nb for kw in seen)
+        assert res["generation"]["postprocess"] == ("data.extract_answer_notebook" if nb else "data.extract_answer")

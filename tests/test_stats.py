@@ -124,13 +124,15 @@ def test_compare_two_runs(env, tmp_path, capsys):
     tok = np.array([x["nll_tokens"] for x in ra], float)
     dn = np.array([y["nll"] - x["nll"] for x, y in zip(ra, rb)])
     assert res["diff"]["nll"]["overall"]["diff"] == pytest.approx((dn * tok).sum() / tok.sum(), rel=1e-9)
+    assert res["diff"]["nll_example_mean"]["overall"]["diff"] == pytest.approx(dn.mean(), rel=1e-9)
+    assert saved["nll_statistic"].startswith("token-weighted ratio of sums")
     ea = json.load(open(a / "eval.json", encoding="utf-8"))
     assert res["diff"]["nll"]["overall"]["mean_a"] == pytest.approx(ea["nll"]["overall"]["mean"], rel=1e-9)
     assert "| f1 | overall |" in capsys.readouterr().out
 
     # refusals: different data, scorer or protocol -> one line, exit 2, nothing written
     for key, sub, val, needle in (("data", "sha256", "0" * 64, "data sha256"), ("bertscore", "layer", 1, "scorer layer"),
-                                  ("generation", "top_k", 50, "protocol top_k")):
+                                  ("generation", "top_k", 7, "protocol top_k"), ("argv", "max_len", 40, "--max-len")):
         c = tmp_path / f"bad-{sub}"
         c.mkdir()
         ev = json.load(open(b / "eval.json", encoding="utf-8"))
@@ -182,3 +184,46 @@ def test_table_marks_cells_that_differ_from_ce(tmp_path, capsys):
     row = lines[crit + 4]
     assert row.endswith(" * |") and row.count("*") == 1
     assert any("Tested against CE: 8 cells" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("values, n_perm", [
+    ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 10000),                      # exact branch (2^6 <= n_perm), all one sign
+    ([0.3, -1.2, 2.5, 0.7, -0.4, 1.1, 0.9], 10000),                # exact branch, mixed signs
+    (list(np.full(25, 0.5)), 999),                                 # sampled branch, all one sign
+    (list(np.random.default_rng(4).normal(0.3, 1, 30)), 2000),     # sampled branch, mixed signs
+])
+def test_sign_flip_p_is_symmetric_in_the_sign(values, n_perm):
+    """A degradation is as significant as the same improvement: p(-d) == p(d) on both branches (issue 18: without
+    abs() on the observed sum every negative difference got p = 1)."""
+    v = np.array(values)
+    assert E.sign_flip_p(-v, n_perm, seed=3) == E.sign_flip_p(v, n_perm, seed=3) < 0.5
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.2 -> 4 x 0.01 = 0.04; 3 x 0.03 = 0.09; max(0.09, 2 x 0.04) = 0.09; max(0.09, 0.2)
+    assert E.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2], abs=1e-15)
+    assert E.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])                  # capped at 1
+    assert E.holm([]) == []
+
+
+def test_table_marks_a_worse_setting_and_holm_corrects(tmp_path, capsys):
+    """Strong = CE - 3 on every answer is marked like Balanced = CE + 3 (6 per class: exact p = 2 / 64 = 0.031 each).
+    With --holm the two cells of each class's table get 2 x 0.031 = 0.0625: unmarked; overall (18 answers, p about
+    1e-4, doubled) stays marked."""
+    rng = np.random.default_rng(0)
+    ce = rng.normal(50, 10, 18)
+    sev = ["critical", "neutral", "non-critical"] * 6
+    files = [fake_run(tmp_path / "ce", "CE", ce, sev), fake_run(tmp_path / "bal", "Balanced", ce + 3, sev),
+             fake_run(tmp_path / "strong", "Strong", ce - 3, sev)]
+    E.main(["--table", *files, "--bootstrap", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    crit = lines.index("### BERTScore F1 (x100), severity class: critical")
+    assert lines[crit + 4].count(" *") == 2, "the worse setting is marked too"
+    assert f"| {ce.mean() - 3:.2f} * | {ce.mean() + 3:.2f} * |" in lines[3 + 1]
+    assert any("not corrected" in ln for ln in lines)
+    E.main(["--table", *files, "--bootstrap", "0", "--holm"])
+    lines = capsys.readouterr().out.splitlines()
+    crit = lines.index("### BERTScore F1 (x100), severity class: critical")
+    assert " *" not in lines[crit + 4]
+    assert f"| {ce.mean() - 3:.2f} * | {ce.mean() + 3:.2f} * |" in lines[3 + 1]
+    assert any("Holm-adjusted" in ln and "6 marked" not in ln and "2 marked" in ln for ln in lines)

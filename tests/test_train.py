@@ -838,3 +838,26 @@ def test_embedded_default_tiny_runs_offline_and_learns(tmp_path):
     assert state_meta(out)["step"] == 30
     m = M.Decoder.from_pretrained(str(out))
     assert m.cfg.vocab_size >= M.load_tokenizer(str(out)).vocab_size
+
+
+# Every setting a resume must keep (issue 18), written out here and not read from train.RESUME_KEYS, so that a key
+# dropped from there fails its row. Each row: the key, the saved value, a different value given on resume.
+RESUME_CHANGES = [
+    ("model", "tiny", "qwen2.5-0.5b"), ("weights_abc", [0.5, 1, 1.5], [1, 1, 1]), ("data_sha256", "aa", "bb"),
+    ("loss_tokens", "answer", "all"), ("loss_norm", "example", "token"), ("seed", 0, 1), ("batch_size", 8, 4),
+    ("grad_accum", 1, 2), ("world_size", 1, 2), ("max_len", 512, 256), ("schedule", "linear", "cosine"),
+    ("warmup", 0, 10), ("lr", 5e-5, 1e-4), ("weight_decay", 0.01, 0.0), ("grad_clip", 1.0, 0.5),
+    ("lora_rank", 16, 8), ("lora_alpha", 32, 16), ("lora_dropout", 0.05, 0.1),
+    ("lora_targets", ["q_proj", "v_proj"], ["q_proj"]), ("dtype", "bf16", "fp16"), ("quantize", "none", "nf4"),
+]
+
+
+@pytest.mark.parametrize("key, saved, given", RESUME_CHANGES, ids=[r[0] for r in RESUME_CHANGES])
+def test_check_resume_refuses_each_changed_key(key, saved, given):
+    base = {k: v for k, v, _ in RESUME_CHANGES}
+    train.check_resume("out/state.safetensors", {"args": dict(base)}, dict(base))      # unchanged: accepted
+    with pytest.raises(data.UserError) as e:
+        train.check_resume("out/state.safetensors", {"args": dict(base)}, {**base, key: given})
+    msg = str(e.value)
+    assert str(given) in msg or isinstance(given, list)
+    assert "delete" not in msg and "must not change the experiment" in msg, "an intact checkpoint is not broken"
