@@ -163,9 +163,25 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.table and a.compare:
         p.error("--table and --compare are two different modes: give one of them")
-    if a.table and a.out is not None:
-        p.error("--out: --table prints the table (give --plot for a PNG file)")
+    mode = "table" if a.table else "compare" if a.compare else "evaluate"
+    for flag in [f for f in MODE_FLAGS if f in p.given(argv)]:   # in MODE_FLAGS order: one message, always the same
+        modes, why = MODE_FLAGS[flag]
+        if mode not in modes:
+            raise data.UserError(f"--{flag}", why)
     return a
+
+
+# The one table of which mode reads which flag (a flag not listed is read by every mode that needs it). A flag given
+# to a mode that would ignore it is refused with one line, never silently dropped. Modes: evaluate (generate and score
+# --model, the default), table (--table), compare (--compare).
+MODE_FLAGS = {
+    "out": (("evaluate", "compare"), "--table prints the table (give --plot for a PNG file)"),
+    "plot": (("table",), "only with --table (a bar chart of the table's cells)"),
+    "paper": (("table",), "only with --table (the paper's figures as a row of the table)"),
+    "holm": (("table",), "only with --table (--compare tests one pair: nothing to correct)"),
+    "metric": (("table",), "only with --table (an evaluation and --compare report every metric)"),
+    "permutations": (("table", "compare"), "only with --compare or --table (the paired permutation test)"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,12 +562,6 @@ def check_args(args):
     """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
         raise data.UserError("--model", "required (or use --table)")
-    if args.plot is not None or args.paper or args.holm:
-        raise data.UserError("--plot/--paper/--holm", "only with --table")
-    if args.metric is not None:   # a flag this mode would ignore (given at all, even with its default value)
-        raise data.UserError("--metric", "only with --table (an evaluation scores every metric)")
-    if args.permutations is not None:
-        raise data.UserError("--permutations", "only with --compare or --table")
     if not args.greedy and not args.temperature > 0:
         raise data.UserError("--temperature", f"{args.temperature} must be > 0 (use --greedy for greedy decoding)")
     if args.floor and args.n < 2:
@@ -1104,10 +1114,6 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
 
 
 def compare_main(args):
-    if args.metric is not None:
-        raise data.UserError("--metric", "only with --table (--compare reports every metric)")
-    if args.holm:
-        raise data.UserError("--holm", "only with --table (--compare tests one pair: nothing to correct)")
     args.permutations = args.permutations or PERMUTATIONS
     if not args.out:
         raise data.UserError("--out", "required with --compare (compare.json is written there)")

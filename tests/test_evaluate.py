@@ -317,3 +317,22 @@ def test_paper_rows_by_registry_name_or_repo_id():
     assert E.paper_key("Qwen2.5-0.5B") == "qwen2.5-0.5b"          # args.json model = "Qwen/Qwen2.5-0.5B"
     assert E.paper_key("bloomz-560m") == "bloomz-560m"
     assert E.paper_key("tiny") is None and E.paper_key("bloom-560m") is None
+
+
+MODE_ARGV = {"evaluate": ["--model", "tiny"], "table": ["--table", "a/eval.json"], "compare": ["--compare", "a", "b"]}
+FLAG_VALUE = {"out": ["--out", "o"], "plot": ["--plot", "p.png"], "paper": ["--paper"], "holm": ["--holm"],
+              "metric": ["--metric", "f1"], "permutations": ["--permutations", "100"]}
+
+
+@pytest.mark.parametrize("flag", sorted(E.MODE_FLAGS))
+@pytest.mark.parametrize("mode", sorted(MODE_ARGV))
+def test_mode_flags_one_table(flag, mode):
+    """evaluate.MODE_FLAGS is the one table of which mode reads which flag: each flag is refused, naming it, in every
+    mode that would ignore it (given with its default value too), and parsed in the modes that read it."""
+    argv = MODE_ARGV[mode] + FLAG_VALUE[flag]
+    if mode in E.MODE_FLAGS[flag][0]:
+        assert E.get_args(argv) is not None
+    else:
+        with pytest.raises(data.UserError, match=f"^--{flag}: "):
+            E.get_args(argv)
+    assert set(FLAG_VALUE) == set(E.MODE_FLAGS)   # a flag added to the table gets a row here
