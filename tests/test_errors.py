@@ -161,6 +161,8 @@ def model_variant(env, tmp, kind):
         (d / "tokenizer.json").write_text(json.dumps(t), encoding="utf-8")
     elif kind in ("n_head 0", "eos past the vocabulary"):
         _set_config(d, **({"n_head": 0} if kind == "n_head 0" else {"eos_token_id": 10 ** 6}))
+        if kind == "eos past the vocabulary":   # the config's id is then the only EOS: refused where it is used
+            (d / "special_tokens_map.json").unlink()
     elif kind == "shard outside folder":
         outside = tmp / "elsewhere.safetensors"
         st.rename(outside)
@@ -539,6 +541,8 @@ CASES = [
      ["config.json"]),
     ("train model config eos past the vocabulary", "train",
      lambda e, t: T(e, t, model=model_variant(e, t, "eos past the vocabulary")), ["config.json", "eos_token_id"]),
+    ("evaluate model config eos past the vocabulary", "evaluate",
+     lambda e, t: E(e, t, model=model_variant(e, t, "eos past the vocabulary")), ["--model", "eos_token_id", "EOS"]),
     ("train model int64 tensors", "train", lambda e, t: T(e, t, model=model_variant(e, t, "int64 tensors")),
      ["--model", "int64"]),
     ("train model NaN tensor", "train", lambda e, t: T(e, t, model=model_variant(e, t, "nan tensor")),
@@ -624,8 +628,6 @@ CASES = [
      ["--hidden"]),
 
     # -- found by the third red-team pass (helper "redteam3")
-    ("train model config bos_token_id -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, bos_token_id=-1)),
-     ["--model", "config.json", "bos_token_id"]),
     ("train model config tie_word_embeddings a string", "train",
      lambda e, t: T(e, t, model=model_file(e, t, "", None, tie_word_embeddings="false")), ["config.json", "tie_word"]),
     ("train model config rope_theta -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, model_type="llama",
