@@ -308,14 +308,19 @@ def _text(path, line, f, canon):
         raise DataError(path, line, _col(col, canon), f"expected text, got {type(v).__name__}")
     if not v.strip():
         raise DataError(path, line, _col(col, canon), "empty")
-    size = len(v.encode("utf-8", "surrogatepass")) if len(v) > MAX_FIELD_BYTES // 4 else 0
-    if size > MAX_FIELD_BYTES:   # before any tokenizer sees it (see MAX_FIELD_BYTES)
-        raise DataError(path, line, _col(col, canon), f"{size} bytes of text; the limit is {MAX_FIELD_BYTES} "
-                                                      "bytes per field (a broken export?)")
+    check_field_size(path, line, _col(col, canon), v)
     bad = next((ch for ch in v if "\ud800" <= ch <= "\udfff"), None)
     if bad is not None:   # a lone surrogate (JSON "\ud800"): not a character, cannot be encoded or tokenized
         raise DataError(path, line, _col(col, canon), f"lone surrogate \\u{ord(bad):04x} is not valid Unicode text")
     return v.strip()
+
+
+def check_field_size(path, line, field, v):
+    """DataError when text v is longer than MAX_FIELD_BYTES in UTF-8: before any tokenizer sees it."""
+    size = len(v.encode("utf-8", "surrogatepass")) if len(v) > MAX_FIELD_BYTES // 4 else 0   # <= 4 bytes a char
+    if size > MAX_FIELD_BYTES:
+        raise DataError(path, line, field, f"{size} bytes of text; the limit is {MAX_FIELD_BYTES} bytes per field "
+                                           "(a broken export?)")
 
 
 def _blank(v):

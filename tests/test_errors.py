@@ -627,6 +627,24 @@ CASES = [
     ("bench shape too big for memory", "bench", lambda e, t: B(e, t, "--hidden", str(1 << 17), "--layers", "4096"),
      ["--hidden"]),
 
+    # -- issue 17, sizes checked before allocating and inputs that are not files (more in tests/test_limits.py)
+    ("bench batch-size too big for memory", "bench", lambda e, t: B(e, t, "--batch-size", "1000000"), ["--batch-size"]),
+    ("bench gen-batch too big for memory", "bench", lambda e, t: B(e, t, "--gen-batch", str(10 ** 9)), ["--gen-batch"]),
+    ("bench memory batch-size too big", "bench", lambda e, t: B(e, t, "--memory", "--batch-size", str(10 ** 9))[2:],
+     ["--batch-size"]),
+    ("train record field over the byte limit", "train", lambda e, t: T(e, t, data_file=jsonl(
+        t, "big.jsonl", e["good"], json.dumps({**json.loads(e["good"]), "answer": "x" * (data.MAX_FIELD_BYTES + 1)}))),
+     ["big.jsonl:2: answer:", "limit"]),
+    ("classify data field over the byte limit", "classify", lambda e, t: C(e, t, data_file=jsonl(
+        t, "big.jsonl", json.dumps({"text": "ب" * (data.MAX_FIELD_BYTES // 2 + 1), "label": "critical"}))),
+     ["big.jsonl:1: text:", "limit"]),
+    ("evaluate model config n_layer 100000", "evaluate",
+     lambda e, t: E(e, t, model=model_file(e, t, "", None, n_layer=100000)), ["--model", "config.json", "n_layer"]),
+    ("train data /dev/zero", "train", lambda e, t: T(e, t, data_file="/dev/zero"), ["--data", "not a regular file"]),
+    ("annotate input /dev/zero", "annotate", lambda e, t: A(e, t, inp="/dev/zero"), ["/dev/zero", "not a regular"]),
+    ("classify data /dev/zero", "classify", lambda e, t: C(e, t, data_file="/dev/zero"), ["/dev/zero", "not a regular"]),
+    ("prepare input /dev/zero", "prepare", lambda e, t: P(e, t, inp="/dev/zero"), ["/dev/zero", "not a regular"]),
+
     # -- found by the third red-team pass (helper "redteam3")
     ("train model config tie_word_embeddings a string", "train",
      lambda e, t: T(e, t, model=model_file(e, t, "", None, tie_word_embeddings="false")), ["config.json", "tie_word"]),
