@@ -7,8 +7,9 @@ import io
 import json
 import os
 import shutil
-import signal
+import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -176,6 +177,17 @@ def test_unused_token_ids_past_the_vocabulary_load(env, tmp_path, ids):
     assert code == 0, err
 
 
+def test_unused_bos_id_without_a_named_token(env, tmp_path):
+    """Without special_tokens_map.json the config's ids are the tokenizer's: a BOS past the vocabulary is dropped
+    (nothing uses it), a pad past it falls back to EOS, and training runs."""
+    d = copy_model(env, tmp_path, bos_token_id=50256, eos_token_id=0, pad_token_id=50256)
+    os.unlink(d / "special_tokens_map.json")
+    tok = M.load_tokenizer(str(d))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 0, 0)
+    code, _, err = call(train, train_args(env, tmp_path, model=d))
+    assert code == 0, err
+
+
 def test_transformers_loads_the_gpt2_default_ids(env, tmp_path):
     """The reference: transformers builds a GPT-2 whose config has bos/eos 50256 and a vocabulary of 2048."""
     from transformers import GPT2LMHeadModel
@@ -206,17 +218,29 @@ def test_field_byte_limit(tmp_path):
 # ----------------------------------------------------------------------------------------------- 6e: not files
 
 @contextlib.contextmanager
-def deadline(seconds):
-    """A reader that blocks on a FIFO fails the test instead of hanging it."""
-    def fire(*_):
-        raise TimeoutError(f"blocked for {seconds} s (a FIFO was opened)")
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
+def unblocked(fifo, seconds=10):
+    """Fail instead of hanging when the code under test blocks on opening `fifo` for reading (a signal does not help:
+    the Rust readers retry the interrupted open): after `seconds` a watchdog opens the FIFO for writing, which
+    releases a blocked reader with an empty file, and the test fails on `blocked`."""
+    blocked, done = [], threading.Event()
+
+    def release():
+        while not done.wait(seconds):   # again and again: a reader may open the file more than once
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)   # succeeds only when a reader is waiting
+            except OSError:
+                continue
+            blocked.append(True)
+            os.close(fd)
+
+    watchdog = threading.Thread(target=release, daemon=True)
+    watchdog.start()
     try:
-        yield
+        yield blocked
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        done.set()
+        watchdog.join()
+    assert not blocked, f"blocked on the FIFO {fifo} for {seconds} s"
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "special_tokens_map.json",
@@ -228,10 +252,12 @@ def test_fifo_in_a_model_folder_is_refused(env, tmp_path, name):
     else:
         os.unlink(d / "model.safetensors")   # the folder scan: any *.safetensors
     os.mkfifo(d / name)
-    with deadline(10):
-        code, _, err = call(train, train_args(env, tmp_path, model=d))
-    assert code == 2
-    one_error(err, "--model", name, "not a regular file")
+    # a subprocess with a time limit: a reader blocked on the FIFO inside Rust (safetensors, tokenizers) holds the GIL,
+    # so nothing in this process could end the wait
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, train_args(env, tmp_path, model=d))],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 2
+    one_error(p.stderr, "--model", name, "not a regular file")
 
 
 @pytest.mark.parametrize("path", ["fifo", "/dev/zero"])
@@ -239,7 +265,7 @@ def test_fifo_or_device_as_data_is_refused(env, tmp_path, path):
     if path == "fifo":
         path = str(tmp_path / "data.jsonl")
         os.mkfifo(path)
-    with deadline(10):
+    with unblocked(path):
         code, _, err = call(train, train_args(env, tmp_path, data_file=path))
         assert code == 2
         one_error(err, "--data", "not a regular file")
