@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import REGISTRY, Config, Decoder
+from model import REGISTRY, Config, Decoder, param_count
 from train import peak_bf16   # dense bf16 peak FLOP/s by device name (H100 SXM / H200: 989e12)
 
 # --shape small: any registry shape scaled down to this many layers and this width (vocabulary kept)
@@ -137,12 +137,16 @@ def scaled_config(hf, layers=None, hidden=None):
     return c
 
 
-def check_fits(cfg, device):
-    """Refuse (UserError) a shape whose two fp32 copies (ours and transformers', both built on the host first)
-    cannot fit in the host's available memory, or on the GPU. The parameters are counted on a meta model."""
-    with torch.device("meta"):
-        n = Decoder(cfg).num_params()
-    need = 2 * 4 * n
+def check_fits(cfg, device, args=None, copies=2):
+    """Refuse (UserError) a shape whose fp32 copies (ours and transformers', both built on the host first; one with
+    --memory) cannot fit in the host's available memory, or on the GPU; then, with `args`, a batch whose activations
+    cannot fit beside them (--batch-size 1000000 tried a 32 GB allocation and died with a traceback). The parameters
+    come from model.param_count (no tensor is made). The activation figure is a lower bound, so that only what
+    cannot fit at all is refused: per copy and per token, the logits (vocab_size values) and the input every block
+    keeps for backward (d_model values per block), at 2 bytes each (bf16); for generation the KV cache (2 x d_model
+    per block and token) and the prefill's logits."""
+    n, _ = param_count(cfg)
+    need = copies * 4 * n
     free = {}
     try:
         with open("/proc/meminfo") as fh:
@@ -155,6 +159,22 @@ def check_fits(cfg, device):
         if need > b:
             raise data.UserError("--model/--layers/--hidden", f"{n / 1e9:.2f}B parameters: ours and transformers' "
                                  f"copies need {need / 2**30:.1f} GiB in fp32, the {where} has {b / 2**30:.1f} GiB free")
+    if args is None:
+        return
+    acts = []
+    if not args.skip_train:
+        acts.append(("--batch-size x --seq-len", f"{args.batch_size} x {args.seq_len}",
+                     args.batch_size * args.seq_len * (cfg.vocab_size + cfg.n_layer * cfg.d_model) * 2))
+    if not args.skip_gen and not args.memory:
+        P, N = args.gen_prompt_len, args.new_tokens
+        acts.append(("--gen-batch x (--gen-prompt-len + --new-tokens)", f"{args.gen_batch} x {P + N}",
+                     args.gen_batch * ((P + N) * 2 * cfg.n_layer * cfg.d_model + P * cfg.vocab_size) * 2))
+    for flag, shape, act in acts:
+        for where, b in free.items():   # device memory holds the activations; on CPU the host does
+            if where == ("GPU" if device.type == "cuda" else "host") and need + copies * act > b:
+                raise data.UserError(flag, f"{shape} tokens: the activations alone need at least "
+                                           f"{copies * act / 2**30:.1f} GiB beside {need / 2**30:.1f} GiB of weights, "
+                                           f"the {where} has {b / 2**30:.1f} GiB free")
 
 
 def build_models(hf_cfg, device, seed):
@@ -531,12 +551,15 @@ def _main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory:
+        # the model memory_report builds (cut to --layers, default 1, at full width) and one step of it
+        check_fits(Config.from_hf(scaled_config(REGISTRY[args.model]["config"], args.layers or 1, args.hidden)),
+                   device, args, copies=1)
         return memory_report(args, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    check_fits(cfg, device)   # before building: a shape too big is one line, not a MemoryError traceback
+    check_fits(cfg, device, args)   # before building: a shape too big is one line, not a MemoryError traceback
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()

@@ -200,6 +200,7 @@ def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
                 raise data.DataError(path, line, col, f"missing column (the {field} column; see --{field}-col)") from None
             if not isinstance(v, str) or not v.strip():
                 raise data.DataError(path, line, col, "empty" if isinstance(v, str) else f"expected text, got {v!r}")
+            data.check_field_size(path, line, col, v)   # before the tokenizer (data.MAX_FIELD_BYTES)
             out.append(v.strip())
         try:
             v = get_col(row, label_col)

@@ -609,7 +609,7 @@ def evaluate(args):
         model = Decoder.from_pretrained(path, dtype=torch_dtype, device=device,
                                         quantize=None if args.quantize == "none" else args.quantize).eval()
     if tok.eos_id is None:
-        raise data.UserError("--model", f"{args.model}: the tokenizer has no EOS token")
+        raise data.UserError("--model", f"{args.model}: {tok.no_id('eos')}")
     if model.cfg.pos == "learned" and model.cfg.max_pos - args.max_new_tokens < 1:
         raise data.UserError("--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in the model's "
                                                  f"{model.cfg.max_pos} positions")

@@ -842,6 +842,8 @@ class Decoder(nn.Module):
             w1 = next((k for k in tensors if k.endswith("feed_forward.w1.weight")), None)
             if w1 is not None:
                 cfg.d_ff = tensors.shape(w1)[0]
+        check_fits(cfg, os.path.join(path, "config.json"), dtype, device, quantize,
+                   stored=sum(math.prod(tensors.shape(k)) for k in tensors))
         with torch.device("meta"):
             model = cls(cfg)
         quant = set(block_linears(model)) if quantize else set()
@@ -997,6 +999,7 @@ def read_config(path):
     """Config of a model folder from its config.json; a missing, unreadable or unusable config is ONE UserError
     naming the file (the scripts print it as "error: ..." and exit 2)."""
     cfg_file = os.path.join(path, "config.json")
+    _regular(cfg_file)
     if not os.path.isfile(cfg_file):
         raise UserError(path, "no config.json: not a model folder")
     hf = data.read_json(cfg_file, "config")
@@ -1019,11 +1022,14 @@ def read_config(path):
     tie = next((hf[k] for k in ("tie_word_embeddings", "tie_embedding") if hf.get(k) is not None), True)
     if not isinstance(tie, bool):   # bool("false") is True: a string would silently tie the output head
         raise UserError(cfg_file, f"tie_word_embeddings = {tie!r}: expected true or false")
-    for k in ("bos", "eos", "pad"):   # a token id, or null; past the vocabulary (or negative: torch counts from the
-        v = getattr(cfg, f"{k}_id")   # end) it would index the wrong row of the embedding
+    for k in ("bos", "eos", "pad"):
+        # A token id the weights have no row for is not refused here: transformers loads such configs (GPT2Config's
+        # default bos/eos 50256 with a smaller vocabulary, LLaMA's pad_token_id -1), and the model itself never
+        # indexes with them. It is dropped (None) so nothing uses it by mistake; where a script needs the id (EOS,
+        # padding) the tokenizer's ids are checked at that place (load_tokenizer, train.py, evaluate.py).
+        v = getattr(cfg, f"{k}_id")
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < cfg.vocab_size):
-            raise UserError(cfg_file, f"{k}_token_id = {v!r}: expected a token id below vocab_size "
-                                      f"{cfg.vocab_size}, or null")
+            setattr(cfg, f"{k}_id", None)
     return cfg
 
 
@@ -1031,6 +1037,89 @@ def _token_ids(v):
     """An eos_token_id value transformers accepts: a non-negative int or a list of them."""
     ids = v if isinstance(v, list) else [v]
     return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+
+
+# The config.json key that names each size, per family (for the message when the model cannot fit)
+_SIZE_KEYS = {"layers": {"gpt2": "n_layer", "bloom": "n_layer"}, "vocab": {}, "positions": {"gpt2": "n_positions"}}
+
+
+def param_count(cfg):
+    """Parameters the Decoder built from cfg has (a tied head counted once), computed from the config alone, tensor
+    by tensor as Decoder builds them: checked before anything is allocated. Returns (total, {part: count}) with the
+    parts "vocab" (embedding + untied head), "positions" (learned position table) and "layers" (the blocks and
+    norms), so a message can name the field that makes a model too big."""
+    d, hd = cfg.d_model, cfg.head_dim
+    norm = 2 * d if cfg.norm == "layernorm" else d            # LayerNorm: weight + bias; RMSNorm: weight
+    kinds = cfg.layer_types or ("attn",) * cfg.n_layer
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * hd
+    attn = d * qkv + cfg.qkv_bias * qkv + cfg.n_head * hd * d + cfg.o_bias * d + cfg.qk_norm * 2 * hd
+    conv = d * 3 * d + d * cfg.conv_kernel + d * d
+    width = 2 * cfg.d_ff if cfg.act == "swiglu" else cfg.d_ff
+    mlp = d * width + cfg.mlp_bias * width + cfg.d_ff * d + cfg.mlp_bias * d
+    n_attn = sum(1 for k in kinds if k == "attn")
+    layers = n_attn * attn + (len(kinds) - n_attn) * conv + len(kinds) * (2 * norm + mlp)
+    layers += norm + cfg.emb_norm * norm                      # final norm, bloom's embedding norm
+    parts = {"vocab": cfg.vocab_size * d * (1 if cfg.tie else 2),
+             "positions": cfg.max_pos * d if cfg.pos == "learned" else 0, "layers": layers}
+    return sum(parts.values()), parts
+
+
+def weight_bytes(cfg, dtype=torch.float32, quantize=None):
+    """Bytes the built model's parameters and buffers take: every tensor in `dtype`, except with quantize="nf4" the
+    block Linears' weights, which take 4 bits per weight plus one fp32 absmax per NF4_BLOCK (padded to whole
+    blocks), as NF4Linear holds them."""
+    n, _ = param_count(cfg)
+    size = torch.empty((), dtype=dtype).element_size()
+    if quantize != "nf4":
+        return n * size
+    d, hd = cfg.d_model, cfg.head_dim
+    width = 2 * cfg.d_ff if cfg.act == "swiglu" else cfg.d_ff
+    mats = [d * width, cfg.d_ff * d]                          # per block: MLP, then the mixer's
+    kinds = cfg.layer_types or ("attn",) * cfg.n_layer
+    n_attn = sum(1 for k in kinds if k == "attn")
+    attn_mats, conv_mats = [d * (cfg.n_head + 2 * cfg.n_kv_head) * hd, cfg.n_head * hd * d], [d * 3 * d, d * d]
+    quant = []
+    for mixer, count in ((attn_mats, n_attn), (conv_mats, len(kinds) - n_attn)):
+        quant += [(m, count) for m in mats + mixer]
+    q_params = sum(m * c for m, c in quant)
+    q_bytes = sum((-(-m // NF4_BLOCK)) * (NF4_BLOCK // 2 + 4) * c for m, c in quant)
+    return (n - q_params) * size + q_bytes
+
+
+def memory_limit(device=None):
+    """(bytes, what) the loaded weights can use at most: the device's total memory on CUDA, else the RAM available now
+    plus free swap (MemAvailable of /proc/meminfo; the physical size where that cannot be read)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(dev.index if dev.index is not None else torch.cuda.current_device())
+        return props.total_memory, f"memory of {dev}"
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ln.split()[1:2]}
+        return info["MemAvailable"] + info.get("SwapFree", 0), "available RAM (+ free swap)"
+    except (OSError, KeyError, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+
+
+def check_fits(cfg, cfg_file, dtype=torch.float32, device=None, quantize=None, stored=None):
+    """Refuse (one UserError naming config.json and the size field) a config whose model cannot be built here, BEFORE
+    any module is made (a config with n_layer 100000 ran 137 s and took 3.9 GB before the weights were found
+    missing): more than twice the parameters the weights files hold (`stored`, counted from their headers: not the
+    same model), or weights larger than memory_limit(device). Generous on purpose: only what cannot fit at all is refused."""
+    n, parts = param_count(cfg)
+    part = max(parts, key=parts.get)
+    key = _SIZE_KEYS[part].get(cfg.family, {"layers": "num_hidden_layers", "vocab": "vocab_size",
+                                            "positions": "max_position_embeddings"}[part])
+    value = {"layers": cfg.n_layer, "vocab": cfg.vocab_size, "positions": cfg.max_pos}[part]
+    if stored is not None and n > 2 * stored:   # a tensor or two missing: _load_state names it, more precisely
+        raise UserError(cfg_file, f"{key} = {value}: config.json describes {n:,} parameters but the weights hold "
+                                  f"only {stored:,}: the config and the weights do not belong together")
+    need = weight_bytes(cfg, dtype, quantize)
+    limit, what = memory_limit(device)
+    if need > limit:
+        as_what = "NF4" if quantize == "nf4" else str(dtype).replace("torch.", "")
+        raise UserError(cfg_file, f"{key} = {value}: the model would have {n:,} parameters, {need / 2**30:.1f} GiB as "
+                                  f"{as_what}, more than the {limit / 2**30:.1f} GiB {what}")
 
 
 def read_generation_config(path):
@@ -1084,6 +1173,14 @@ class _Tensors:
             return h.get_tensor(name)
 
 
+def _regular(f):
+    """f, unless it exists and is not a regular file (a FIFO would block its reader for ever, a device never ends):
+    then one UserError naming it. Links are followed; a missing file is left to the caller."""
+    if os.path.exists(f) and not os.path.isfile(f) and not os.path.isdir(f):
+        raise UserError(f, "not a regular file (a FIFO, device or socket): only files are read as a model's files")
+    return f
+
+
 def open_safetensors(path):
     """The safetensors weights of a model folder (sharded through model.safetensors.index.json, or not), as a lazy
     name -> tensor view; a folder with only pickled weights is refused. Shared with bert.py."""
@@ -1102,13 +1199,13 @@ def open_safetensors(path):
                 raise UserError(index, f"shard {x!r} lies outside the model folder: refused")
             if not f.endswith(".safetensors"):
                 raise UserError(index, f"shard {x!r} is not a .safetensors file: only safetensors are loaded")
-            if not os.path.isfile(f):
+            if not os.path.isfile(_regular(f)):
                 raise UserError(index, f"shard {x!r} is missing from {path}")
             files.append(f)
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):   # not train.py's state.safetensors beside it
+    elif os.path.lexists(_regular(os.path.join(path, "model.safetensors"))):   # not train.py's state.safetensors
         files = [os.path.join(path, "model.safetensors")]
     else:
-        files = sorted(os.path.join(path, x) for x in os.listdir(path) if x.endswith(".safetensors"))
+        files = sorted(_regular(os.path.join(path, x)) for x in os.listdir(path) if x.endswith(".safetensors"))
     if not files:
         pickles = [x for x in os.listdir(path) if x.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
@@ -1216,6 +1313,12 @@ class Tokenizer:
         self.tk, self.bos_id, self.eos_id = tk, bos_id, eos_id
         self.pad_id = pad_id if pad_id is not None else eos_id
         self.vocab_size = tk.get_vocab_size()
+        self.dropped = {}   # "bos"|"eos"|"pad" -> why config.json's id was not usable (load_tokenizer fills it)
+
+    def no_id(self, k):
+        """Why the tokenizer has no `k` ("eos", ...) token: for the one-line error of a script that needs it."""
+        return f"the tokenizer has no {k.upper()} token ({self.dropped[k]})" if k in self.dropped else \
+            f"the tokenizer has no {k.upper()} token (set {k}_token_id in config.json)"
 
     def encode(self, text, special=True):
         """Token ids; special=True lets the tokenizer's post-processor add what it adds (LFM2: BOS)."""
@@ -1244,6 +1347,9 @@ def load_tokenizer(name_or_path, revision=None):
         return Tokenizer(tk, c["bos_token_id"], c["eos_token_id"], None)
     path = resolve(name_or_path, revision)
     j = lambda n: os.path.join(path, n)  # noqa: E731
+    for n in ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "config.json",
+              "tokenizer_config.json", "special_tokens_map.json"):
+        _regular(j(n))
     if os.path.isfile(j("tokenizer.json")):
         with data.reading(j("tokenizer.json"), "tokenizer", "expected a tokenizer.json saved by the tokenizers library"):
             tk = TK.from_file(j("tokenizer.json"))
@@ -1285,11 +1391,18 @@ def load_tokenizer(name_or_path, revision=None):
         if top >= V:
             raise UserError(path, f"the tokenizer has token id {top} but config.json's vocab_size is {V}: the "
                                   "tokenizer and the weights do not belong together")
-        for k, v in ids.items():
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < V):
-                raise UserError(j("config.json"), f"{k}_token_id {v!r} is not a token id of this model "
-                                                  f"(vocab_size {V})")
-    return Tokenizer(tk, ids.get("bos"), ids.get("eos"), ids.get("pad"))
+    dropped = {}
+    for k, v in ids.items():
+        # An id with no row in the embedding is dropped, not refused: transformers loads such configs (GPT2Config's
+        # default bos/eos 50256 with a smaller vocabulary). A pad id then falls back to EOS; a script that needs
+        # an EOS (train.py, evaluate.py) refuses there, with this reason (Tokenizer.no_id).
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0
+                              or (isinstance(V, int) and not isinstance(V, bool) and v >= V)):
+            dropped[k] = f"config.json's {k}_token_id {v!r} is not a token id of this model (vocab_size {V})"
+            ids[k] = None
+    tok = Tokenizer(tk, ids.get("bos"), ids.get("eos"), ids.get("pad"))
+    tok.dropped = dropped
+    return tok
 
 
 def _special_names(path):

@@ -153,17 +153,22 @@ def severity_weight(rec, abc):
     return sum(k * p for k, p in zip(abc, data.severity_probs(rec)))
 
 
-def encode(records, tok, abc, max_len, loss_tokens):
-    """Each record -> (input ids, loss mask, w, severity class). Text = prompt + answer + EOS; the loss mask marks the
-    tokens whose prediction counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that
-    'padded' adds is collate's work)."""
+def encode(records, tok, abc, max_len, loss_tokens, quiet=True):
+    """Each record -> (input ids, loss mask, w, severity class). Text = prompt + answer + EOS, truncated to max_len
+    tokens from the end (the prompt is kept first, the answer cut); the loss mask marks the tokens whose prediction
+    counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that 'padded' adds is collate's
+    work). A progress bar on a terminal's stderr for large sets (data.PROGRESS_MIN records or more) unless quiet."""
     out = []
-    for r in records:
+    bar = data.progress(len(records), "tokenising", "rec", quiet=quiet or len(records) < data.PROGRESS_MIN)
+    for i, r in enumerate(records, 1):
         p = tok.encode(data.format_prompt(r["question"]))
         a = tok.encode(r["answer"], special=False) + [tok.eos_id]
         ids = (p + a)[:max_len]
         keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
         out.append((ids, keep[:len(ids)], severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
+        if i % 1000 == 0 or i == len(records):
+            bar.update(i - bar.n)
+    bar.close()
     return out
 
 
@@ -731,24 +736,42 @@ def fit(argv=None):
         shard(model, amp_dtype)
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
     if tok.eos_id is None:
-        raise data.UserError("--model", f"{args.model}: the tokenizer has no EOS token (set eos_token_id in config.json)")
+        raise data.UserError("--model", f"{args.model}: {tok.no_id('eos')}")
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if model.cfg.pos == "learned" and args.max_len > model.cfg.max_pos + 1:   # inputs are ids[:-1]
         log(f"--max-len {args.max_len} exceeds the model's {model.cfg.max_pos} positions: using {model.cfg.max_pos + 1}")
         args.max_len = model.cfg.max_pos + 1
-    train_ex = encode(train_recs, tok, abc, args.max_len, args.loss_tokens)
-    eval_ex = encode(eval_recs, tok, abc, args.max_len, "answer")
+    train_ex = encode(train_recs, tok, abc, args.max_len, args.loss_tokens, quiet=args.quiet or not master)
+    eval_ex = encode(eval_recs, tok, abc, args.max_len, "answer", quiet=args.quiet or not master)
     # --loss-tokens padded: every training sequence padded to --max-len with EOS (the notebooks' pad token)
     pad_to, train_pad = (args.max_len, tok.eos_id) if args.loss_tokens == "padded" else (0, pad_id)
+    # A record whose prompt alone fills --max-len keeps no answer token (with --loss-tokens answer): nothing to learn
+    # from it, nothing to score. It is dropped with one note per file, not the whole dataset refused; a file left
+    # without any record is refused.
+    exs_kept = []
     for path, exs in ((args.data, train_ex), (eval_path, eval_ex)):
-        for i, (ids, keep, _, _) in enumerate(exs):
-            if not any(keep[1:]):   # keep[0] is never predicted
-                raise data.UserError("--max-len", f"{args.max_len} tokens keep only the prompt of record {i + 1} of "
-                                                  f"{path}, no answer token to learn from: raise --max-len")
+        kept = [ex for ex in exs if any(ex[1][1:])]   # keep[0] is never predicted
+        if exs and not kept:
+            raise data.UserError("--max-len", f"{args.max_len} tokens keep only the prompt of every record of {path}, "
+                                              "no answer token to learn from: raise --max-len")
+        if len(kept) < len(exs):
+            first = next(i for i, ex in enumerate(exs) if not any(ex[1][1:]))
+            log(f"note: {path}: dropped {len(exs) - len(kept)} of {len(exs)} records whose prompt alone fills "
+                f"--max-len {args.max_len} (the first: record {first + 1}); raise --max-len to keep them")
+        exs_kept.append(kept)
+    train_ex, eval_ex = exs_kept
     per_step = args.batch_size * args.grad_accum * world
     if len(train_ex) < per_step:
-        raise data.UserError(args.data, f"{len(train_ex)} examples < one optimizer step ({per_step} = --batch-size x "
-                                        f"--grad-accum x processes)")
+        # fewer examples than one optimizer step: the micro-batch shrinks to what the data fills (evaluate.py and
+        # annotate.py take a small set the same way); refused only when not even one example per micro-batch is left
+        small = len(train_ex) // (args.grad_accum * world)
+        if small < 1:
+            raise data.UserError(args.data, f"{len(train_ex)} examples < one per micro-batch of one optimizer step "
+                                            f"({args.grad_accum * world} = --grad-accum x processes)")
+        log(f"note: {args.data} has {len(train_ex)} examples, fewer than one optimizer step of {per_step}: "
+            f"--batch-size {args.batch_size} -> {small}")
+        args.batch_size = small
+        per_step = args.batch_size * args.grad_accum * world
     total = args.max_steps or max(1, int(args.epochs * (len(train_ex) // per_step)))
 
     # AdamW; no weight decay on norms, biases and embeddings (anything 1-D, plus wte/wpe)

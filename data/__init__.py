@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +32,10 @@ SEVERITIES = ("non-critical", "neutral", "critical")  # index order = p_nc, p_n,
 PROB_FIELDS = ("p_nc", "p_n", "p_c")                  # same order as SEVERITIES
 PROMPT_CUE = "الاجابة:"                               # "the answer:", as in the authors' notebooks
 SUM_TOL = 1e-3                                        # probabilities must sum to 1 within this
+# The most UTF-8 bytes one text field may hold. A real question or answer is a few hundred bytes (MAQA's longest
+# answer is ~20 kB); a field past this is a broken export (a whole file pasted into one cell) and would be tokenised
+# whole (a 45 MB field took 43 s and 5.3 GB) before anything else could refuse it.
+MAX_FIELD_BYTES = 1 << 20
 
 
 class DataError(ValueError):
@@ -77,8 +82,21 @@ def canonical_severity(label):
 # ----------------------------------------------------------------------------------------------
 # Reading raw rows
 
+def regular_file(path):
+    """Refuse (DataError) a path that exists but is not a regular file: reading a FIFO waits for a writer for ever,
+    a device never ends (/dev/zero) or is not data. Checked with stat (links followed) before anything opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path   # missing or unreadable: the open that follows says so
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise DataError(path, 1, "file", "not a regular file (a FIFO, device or socket): give a file")
+    return path
+
+
 def _decode(path):
     """Read a file as UTF-8 text (a leading BOM is dropped). Bad bytes -> DataError at their line."""
+    regular_file(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as e:   # missing, a folder, no permission: the file is the problem, say so in one line
@@ -291,10 +309,19 @@ def _text(path, line, f, canon):
         raise DataError(path, line, _col(col, canon), f"expected text, got {type(v).__name__}")
     if not v.strip():
         raise DataError(path, line, _col(col, canon), "empty")
+    check_field_size(path, line, _col(col, canon), v)
     bad = next((ch for ch in v if "\ud800" <= ch <= "\udfff"), None)
     if bad is not None:   # a lone surrogate (JSON "\ud800"): not a character, cannot be encoded or tokenized
         raise DataError(path, line, _col(col, canon), f"lone surrogate \\u{ord(bad):04x} is not valid Unicode text")
     return v.strip()
+
+
+def check_field_size(path, line, field, v):
+    """DataError when text v is longer than MAX_FIELD_BYTES in UTF-8: before any tokenizer sees it."""
+    size = len(v.encode("utf-8", "surrogatepass")) if len(v) > MAX_FIELD_BYTES // 4 else 0   # <= 4 bytes a char
+    if size > MAX_FIELD_BYTES:
+        raise DataError(path, line, field, f"{size} bytes of text; the limit is {MAX_FIELD_BYTES} bytes per field "
+                                           "(a broken export?)")
 
 
 def _blank(v):
@@ -365,27 +392,43 @@ def parse_record(path, line, row, require_probs=True, require_severity=True):
     return rec
 
 
+PROGRESS_MIN = 10000   # records: a smaller file is read in about a second, a bar would only flicker
+
+
+def _shown(path, rows):
+    """Yield rows, with a progress bar on a terminal's stderr while a large file (PROGRESS_MIN rows or more) is
+    validated: 200,000 records take tens of seconds to read and tokenise."""
+    if len(rows) < PROGRESS_MIN:
+        yield from rows
+        return
+    with progress(len(rows), f"reading {Path(path).name}", "rec") as bar:
+        for i, row in enumerate(rows, 1):
+            yield row
+            if i % 1000 == 0 or i == len(rows):
+                bar.update(i - bar.n)
+
+
 def load_records(path, require_probs=True):
     """Canonical, validated records {question, answer, severity, p_nc, p_n, p_c} from a file.
 
     require_probs=False accepts rows that have a severity label but no probabilities and gives
     them one-hot probabilities (useful for hand-labelled data; the loss then sees hard weights).
     """
-    return [parse_record(path, ln, row, require_probs=require_probs) for ln, row in read_rows(path)]
+    return [parse_record(path, ln, row, require_probs=require_probs) for ln, row in _shown(path, read_rows(path))]
 
 
 def load_qa(path):
     """Validated question/answer records for annotation: {question, answer} plus any severity
     fields the file already has (validated the same way). Used by annotate.py on prepare.py output."""
     return [parse_record(path, ln, row, require_probs=False, require_severity=False)
-            for ln, row in read_rows(path)]
+            for ln, row in _shown(path, read_rows(path))]
 
 
 def load_labels(path):
     """Labelled texts for the severity classifier: [{"text": str, "label": str}] with canonical labels.
     Accepts text/question and label/severity columns (any case) and the severity label aliases."""
     out = []
-    for ln, row in read_rows(path):
+    for ln, row in _shown(path, read_rows(path)):
         f = _canonical_fields(path, ln, row, LABEL_FIELD_ALIASES)
         text = _text(path, ln, f, "text")
         if "label" not in f:
@@ -846,7 +889,8 @@ def input_file(path, flag):
             raise UserError(flag, f"{path}: a broken symbolic link or a link loop (to {os.readlink(path)})")
         raise UserError(flag, f"{path}: no such file")
     if not os.path.isfile(path):
-        raise UserError(flag, f"{path}: is a directory, not a file" if os.path.isdir(path) else f"{path}: not a file")
+        raise UserError(flag, f"{path}: is a directory, not a file" if os.path.isdir(path)
+                        else f"{path}: not a regular file (a FIFO, device or socket): give a file")
     if not os.access(path, os.R_OK):
         raise UserError(flag, f"{path}: not readable (check its permissions)")
     return path
@@ -993,6 +1037,8 @@ def read_json(path, what="JSON file", hint=""):
     """A JSON file the user gave (config.json, args.json, eval.json, ...): the parsed value, or ONE UserError
     naming the file (missing, unreadable, not UTF-8, not JSON, a key given twice, nested too deeply)."""
     with reading(path, what, hint):
+        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):   # a FIFO would block open
+            raise UserError(path, f"{what} is not a regular file (a FIFO, device or socket)")
         with open(path, "rb") as fh:
             return STRICT_JSON.decode(fh.read().decode("utf-8-sig"))
 

@@ -45,6 +45,13 @@ URL_RE = re.compile(r"(?:https?://|www\.)\S+")  # links: noise in social-media a
 EMOJI_RE = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]")
 # tashkeel (harakat, tanwin, shadda, sukun: U+064B-U+065F), superscript alef U+0670, Quranic marks
 DIACRITICS_RE = re.compile("[\u0610-\u061A\u064B-\u065F\u0670\u06D6-\u06ED]")
+# Invisible format characters: bidi marks and isolates (LRM, RLM, ALM, LRE..RLO, LRI..PDI), zero-width space,
+# ZWNJ/ZWJ, the BOM (zero-width no-break space) and the soft hyphen. They change no letter a reader sees, yet
+# "صداع" and "صداع" + RLM are different strings: copies of one pair pasted from chat apps or the web survived
+# de-duplication and put test questions' twins into train.jsonl. ZWNJ and ZWJ are removed too: in Arabic they
+# only steer the joining of glyphs (shaping), never the word (Persian and Urdu, where ZWNJ separates morphemes,
+# are not this corpus).
+INVISIBLE_RE = re.compile("[\u00AD\u061C\u200B-\u200F\u202A-\u202E\u2060\u2066-\u2069\uFEFF]")
 TATWEEL = "\u0640"  # kashida used to stretch words: "طـــبيب" -> "طبيب"
 LETTER_MAP = str.maketrans({
     "أ": "ا", "إ": "ا", "آ": "ا", "ٱ": "ا",  # alef with hamza above/below, madda, wasla -> bare alef
@@ -54,9 +61,11 @@ LETTER_MAP = str.maketrans({
 
 
 def normalize_arabic(text):
-    """Normalise Arabic text: remove URLs, emoji, diacritics and tatweel; unify alef variants,
-    alef maqsura and taa marbuta; collapse all whitespace (newlines included) to single spaces."""
+    """Normalise Arabic text: remove URLs, emoji, invisible format characters (INVISIBLE_RE), diacritics and
+    tatweel; unify alef variants, alef maqsura and taa marbuta; collapse all whitespace (newlines included) to
+    single spaces."""
     text = URL_RE.sub(" ", text)
+    text = INVISIBLE_RE.sub("", text)   # first: an RLM inside a link or emoji sequence must not split it
     text = EMOJI_RE.sub("", text)
     text = DIACRITICS_RE.sub("", text)
     text = text.replace(TATWEEL, "")
@@ -214,10 +223,43 @@ def _text(v):
     return "" if v is None else str(v)
 
 
+# Limits on the XML inside an .xlsx, checked from the zip's directory before anything is inflated (a 0.8 MB file
+# holding 200 MB of sheet XML took 95 s and 1.2 GB to parse). They are Apache POI's zip-bomb defaults: a part may
+# inflate to at most XLSX_MAX_RATIO times its compressed size (real sheet XML compresses 5-20x; the ratio is only
+# applied past XLSX_RATIO_FROM, as a tiny part of repeated cells can compress further) and to at most
+# XLSX_MAX_PART bytes. Rows past Excel's own last row (1,048,576) are refused as malformed.
+XLSX_MAX_RATIO = 100
+XLSX_RATIO_FROM = 10 << 20
+XLSX_MAX_PART = 4 << 30
+XLSX_MAX_ROWS = 1048576
+
+
+def _check_xlsx_sizes(path):
+    """DataError when a part of the .xlsx zip would inflate past the limits above (a zip bomb, or not a real
+    spreadsheet); a file that is not a zip is left to openpyxl's own message."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            parts = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    for p in parts:
+        ratio = p.file_size / max(1, p.compress_size)
+        if p.file_size > XLSX_MAX_PART or (p.file_size > XLSX_RATIO_FROM and ratio > XLSX_MAX_RATIO):
+            raise data.DataError(path, 1, p.filename,
+                                 f"{p.compress_size} bytes inflate to {p.file_size} ({ratio:.0f}x): past the limits "
+                                 f"of {XLSX_MAX_RATIO}x and {XLSX_MAX_PART} bytes per part (a zip bomb?); "
+                                 "re-save it as .csv")
+
+
 def read_xlsx(path, sheet=None):
     """Rows of one worksheet (the first, or --sheet by name or 1-based number) as [(row number, {header: text})];
-    the first non-blank row is the header. A malformed file is a one-line DataError naming the file (and row)."""
+    the first non-blank row is the header. A malformed file is a one-line DataError naming the file (and row).
+    The zip's sizes are checked first (_check_xlsx_sizes); the sheet's <dimension> tag is not trusted (a stale one
+    made openpyxl's read-only mode stop at the row it names: 20 of 200 rows, silently), every row is read."""
     import openpyxl
+    data.regular_file(path)
+    _check_xlsx_sizes(path)
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as e:   # not a zip, missing parts, malformed XML; openpyxl raises many kinds
@@ -232,7 +274,12 @@ def read_xlsx(path, sheet=None):
             raise data.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(names)})")
         rows, header, line = [], None, 0
         try:
-            for line, values in enumerate(wb[match[0]].iter_rows(values_only=True), 1):
+            ws = wb[match[0]]
+            ws.reset_dimensions()   # read to the last <row>, not to the row the <dimension> tag names
+            for line, values in enumerate(ws.iter_rows(values_only=True), 1):
+                if line > XLSX_MAX_ROWS:
+                    raise data.DataError(path, line, f"sheet {match[0]}", f"more than {XLSX_MAX_ROWS} rows "
+                                                                           "(Excel's limit): malformed worksheet")
                 vals = [_text(v) for v in values]
                 if not any(v.strip() for v in vals):
                     continue
@@ -343,7 +390,8 @@ def parse_args(argv):
     p.add_argument("--sheet", default=None, help="xlsx only: worksheet name or 1-based number (default: first)")
     p.add_argument("--normalize", nargs="*", choices=("orthographic", "dialect"), default=None,
                    help="normalisation steps for the written text; the bare flag means orthographic. "
-                        "orthographic: URLs, emoji, diacritics, tatweel removed; alef/yaa/taa-marbuta unified; "
+                        "orthographic: URLs, emoji, invisible marks (RLM, ZWNJ, ...), diacritics, tatweel removed; "
+                        "alef/yaa/taa-marbuta unified; "
                         "whitespace collapsed (questions and answers). dialect: the dialect words of "
                         "--dialect-rules replaced by MSA (questions only). Both: --normalize orthographic dialect")
     p.add_argument("--dialect-rules", default=None,

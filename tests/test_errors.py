@@ -161,6 +161,8 @@ def model_variant(env, tmp, kind):
         (d / "tokenizer.json").write_text(json.dumps(t), encoding="utf-8")
     elif kind in ("n_head 0", "eos past the vocabulary"):
         _set_config(d, **({"n_head": 0} if kind == "n_head 0" else {"eos_token_id": 10 ** 6}))
+        if kind == "eos past the vocabulary":   # the config's id is then the only EOS: refused where it is used
+            (d / "special_tokens_map.json").unlink()
     elif kind == "shard outside folder":
         outside = tmp / "elsewhere.safetensors"
         st.rename(outside)
@@ -539,6 +541,8 @@ CASES = [
      ["config.json"]),
     ("train model config eos past the vocabulary", "train",
      lambda e, t: T(e, t, model=model_variant(e, t, "eos past the vocabulary")), ["config.json", "eos_token_id"]),
+    ("evaluate model config eos past the vocabulary", "evaluate",
+     lambda e, t: E(e, t, model=model_variant(e, t, "eos past the vocabulary")), ["--model", "eos_token_id", "EOS"]),
     ("train model int64 tensors", "train", lambda e, t: T(e, t, model=model_variant(e, t, "int64 tensors")),
      ["--model", "int64"]),
     ("train model NaN tensor", "train", lambda e, t: T(e, t, model=model_variant(e, t, "nan tensor")),
@@ -623,9 +627,25 @@ CASES = [
     ("bench shape too big for memory", "bench", lambda e, t: B(e, t, "--hidden", str(1 << 17), "--layers", "4096"),
      ["--hidden"]),
 
+    # -- issue 17, sizes checked before allocating and inputs that are not files (more in tests/test_limits.py)
+    ("bench batch-size too big for memory", "bench", lambda e, t: B(e, t, "--batch-size", "1000000"), ["--batch-size"]),
+    ("bench gen-batch too big for memory", "bench", lambda e, t: B(e, t, "--gen-batch", str(10 ** 9)), ["--gen-batch"]),
+    ("bench memory batch-size too big", "bench", lambda e, t: B(e, t, "--memory", "--batch-size", str(10 ** 9))[2:],
+     ["--batch-size"]),
+    ("train record field over the byte limit", "train", lambda e, t: T(e, t, data_file=jsonl(
+        t, "big.jsonl", e["good"], json.dumps({**json.loads(e["good"]), "answer": "x" * (data.MAX_FIELD_BYTES + 1)}))),
+     ["big.jsonl:2: answer:", "limit"]),
+    ("classify data field over the byte limit", "classify", lambda e, t: C(e, t, data_file=jsonl(
+        t, "big.jsonl", json.dumps({"text": "ب" * (data.MAX_FIELD_BYTES // 2 + 1), "label": "critical"}))),
+     ["big.jsonl:1: text:", "limit"]),
+    ("evaluate model config n_layer 100000", "evaluate",
+     lambda e, t: E(e, t, model=model_file(e, t, "", None, n_layer=100000)), ["--model", "config.json", "n_layer"]),
+    ("train data /dev/zero", "train", lambda e, t: T(e, t, data_file="/dev/zero"), ["--data", "not a regular file"]),
+    ("annotate input /dev/zero", "annotate", lambda e, t: A(e, t, inp="/dev/zero"), ["/dev/zero", "not a regular"]),
+    ("classify data /dev/zero", "classify", lambda e, t: C(e, t, data_file="/dev/zero"), ["/dev/zero", "not a regular"]),
+    ("prepare input /dev/zero", "prepare", lambda e, t: P(e, t, inp="/dev/zero"), ["/dev/zero", "not a regular"]),
+
     # -- found by the third red-team pass (helper "redteam3")
-    ("train model config bos_token_id -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, bos_token_id=-1)),
-     ["--model", "config.json", "bos_token_id"]),
     ("train model config tie_word_embeddings a string", "train",
      lambda e, t: T(e, t, model=model_file(e, t, "", None, tie_word_embeddings="false")), ["config.json", "tie_word"]),
     ("train model config rope_theta -1", "train", lambda e, t: T(e, t, model=model_file(e, t, "", None, model_type="llama",

@@ -655,9 +655,10 @@ def test_bad_inputs_in_a_subprocess(assets, tmp_path):
     _assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("flags", [("--batch-size", "0"), ("--grad-accum", "0"), ("--batch-size", "9")])
+@pytest.mark.parametrize("flags", [("--batch-size", "0"), ("--grad-accum", "0"), ("--grad-accum", "9")])
 def test_bad_batch_settings_exit_2(assets, tmp_path, capsys, flags):
-    """--batch-size 9 with 8 records: not even one optimizer step."""
+    """--grad-accum 9 with 8 records: not even one example per micro-batch of one optimizer step. (--batch-size 9
+    trains with a smaller batch: tests/test_limits.py)"""
     out = tmp_path / "out"
     capsys.readouterr()
     assert run_main(base_args(assets, out, *flags, "--eval-data", "none", data_file=assets["train8"], steps=1)) == 2
