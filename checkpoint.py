@@ -10,8 +10,10 @@ What a training run leaves in --out, and how it resumes.
 check_resume refuses a resume that would change the experiment (RESUME_KEYS); remove_earlier_run clears what an
 earlier run left before a new one starts.
 """
+import contextlib
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -233,3 +235,68 @@ def read_log_lines(log_path, step):
                 kept.append(ln if ln.endswith("\n") else ln + "\n")
     return kept, dropped
 
+
+
+def claim_out(out, model_name):
+    """Check --out and take it for this run: refused when it is the --model folder (its weights would be
+    overwritten). Rank 0 locks it (one run per --out; under torchrun for every rank) and removes the temp files of
+    a killed save, safe once the lock is held."""
+    data.output_dir(out, "--out")
+    if os.path.isdir(model_name) and os.path.isdir(out) and os.path.samefile(model_name, out):
+        raise data.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
+                                      "--out)")
+    if os.environ.get("RANK", "0") == "0":   # one run per --out; under torchrun rank 0 holds it for every rank
+        data.lock_output(out, "--out")
+        # temp files of a killed save: safe to remove now that we hold the lock
+        stale = data.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
+        if stale:
+            print(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save", file=sys.stderr)
+
+
+def open_log(out, resume, step, log):
+    """<out>/train_log.jsonl opened for appending, <out> created. --resume: the lines past the resumed `step` are
+    dropped (and a line cut off by a kill, said through log); a new run first removes the files of an earlier run
+    (EARLIER_RUN_FILES, named on stderr). args.json is written with each checkpoint (save_checkpoint): never beside
+    a folder without a model. Returns (path, file)."""
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "train_log.jsonl")
+    if resume and os.path.isfile(log_path):   # drop log lines past the resumed step (and a line cut by a kill)
+        kept, dropped = read_log_lines(log_path, step)
+        if dropped:
+            log(f"note: {log_path}: dropped {dropped} unreadable line(s) (cut off when the run was killed)")
+        data.atomic_write(log_path, "".join(kept))
+    elif not resume:
+        gone = remove_earlier_run(out)
+        if gone:
+            print(f"note: --out {out}: a new run (no --resume): removed the earlier run's {', '.join(gone)}",
+                  file=sys.stderr, flush=True)
+    try:
+        logf = open(log_path, "a", encoding="utf-8")
+    except OSError as e:
+        raise data.WriteError(log_path, e.strerror or str(e)) from None
+    return log_path, logf
+
+
+def append_log(logf, log_path, rec):
+    """One record as one line of train_log.jsonl, flushed."""
+    try:
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+    except OSError as e:   # a full disk: one line, exit 2; the last checkpoint stays whole
+        raise data.WriteError(log_path, e.strerror or str(e)) from None
+
+
+def reopen_log(out, log_path, logf):
+    """--out deleted during the run: recreated, with the log written back from the handle still open on the deleted
+    file. Returns the file to append to from now on (logf itself when nothing was deleted)."""
+    if os.path.isfile(log_path):
+        return logf
+    print(f"note: {out} was deleted during the run: recreating it", file=sys.stderr, flush=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with contextlib.suppress(OSError):   # Linux: the deleted file is still readable through our handle
+            shutil.copyfile(f"/proc/self/fd/{logf.fileno()}", log_path)
+        logf.close()
+        return open(log_path, "a", encoding="utf-8")
+    except OSError as e:
+        raise data.WriteError(log_path, e.strerror or str(e)) from None

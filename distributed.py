@@ -5,11 +5,99 @@ orderly exit, and FSDP's checkpoint (gathered to and read from the single-proces
 
 With one process (no torchrun) every helper is a no-op, so train.py's loop reads the same either way.
 """
+import os
+import sys
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
+import data
 from checkpoint import load_state, save_checkpoint
 from model import Decoder
+
+
+def active():
+    """True when this process is one of several under torchrun (the process group is up)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(device_flag):
+    """Join torchrun's process group when launched with WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU) and choose this
+    process's device: --device as given, or auto = cuda:LOCAL_RANK (one GPU per process) when CUDA is there, else
+    cpu. Returns (rank, world, device); (0, 1, device) for a single process."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device_flag != "cpu" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+    if device_flag == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = device_flag
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def sharded(model):
+    """True when shard() has split the model over the processes (--fsdp)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def wrap(model, device):
+    """DDP around the (compiled) model when there are several processes and FSDP does not already shard it: its
+    backward averages the gradients over ranks. One process: the model as it is."""
+    if not active() or sharded(getattr(model, "_orig_mod", model)):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
+                                                     if device.startswith("cuda") else None)
+
+
+def grad_sync(model, raw_model, sync):
+    """The context for one micro-batch's backward under gradient accumulation: gradients are reduced over the ranks
+    only when sync (the step's last micro-batch); before that each rank accumulates its own. DDP: no_sync();
+    FSDP: set_requires_gradient_sync, set here before the backward. One process: nothing to do."""
+    if sharded(raw_model):   # FSDP's no_sync: reduce-scatter the gradients on the last micro-batch only
+        raw_model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def all_reduce_sum(*tensors):
+    """Sum each tensor over the ranks, in place (the step's loss-token and example counts, its loss sums)."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def agree(due, sig, device):
+    """The save/stop decision every rank takes alike: rank 0's clock for saving (an FSDP save is collective), any
+    rank's signal for stopping (so that no rank waits in an all-reduce for one that has left). The MAX all-reduce
+    of (rank 0's due, each rank's signal). Returns (due, sig)."""
+    if not active():
+        return due, sig
+    flags = torch.tensor([float(bool(due) and dist.get_rank() == 0), float(sig or 0)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item()), (int(flags[1].item()) or None)
+
+
+def leave(code):
+    """All ranks leave together: gloo torn down by a rank that is done while rank 0 still saves the checkpoint
+    aborts the process (SIGABRT, "terminate called without an active exception"; 1 run in 15 under load).
+    Then a torchrun worker ends at once, its output flushed and every file already written and closed: the
+    interpreter's own teardown, which destroys DDP's reducer and the gloo objects it holds in no set order, still
+    aborted about 1 run in 60 under load. One process: sys.exit(code) when code is not 0."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+        data.release_outputs()   # os._exit skips atexit: remove rank 0's lock file here
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 # -- FSDP: parameters, gradients and optimizer state sharded over the processes (torch.distributed.fsdp, FSDP2) ----

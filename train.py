@@ -16,22 +16,21 @@ A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.s
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
 import contextlib
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 import data
-from checkpoint import (EARLIER_RUN_FILES, all_finite, base_generation_config, check_resume, load_state,
-                        read_log_lines, read_state_meta, remove_earlier_run, save_checkpoint, try_plot)
-from distributed import fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, shard
+from checkpoint import (all_finite, append_log, base_generation_config, check_resume, claim_out, load_state, open_log,
+                        read_state_meta, reopen_log, save_checkpoint, try_plot)
+from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
+                         leave, shard, wrap)
+from distributed import init as init_processes
 from model import HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, load_tokenizer
 from packing import pack_step
 
@@ -134,6 +133,8 @@ def get_args(argv=None):
     return args
 
 
+# ================================ the method: weights -> per-token NLL -> normalisation -> backward ===============
+
 def parse_weights(s):
     """'0.5,1,1.5' or a preset name -> (a, b, c). Raises ValueError with a one-line reason."""
     if s in PRESETS:
@@ -180,6 +181,7 @@ def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
     every micro-batch and all-reduced over processes before the first backward, so the estimator does not depend on
     how the step is split. An example without loss tokens gets 0 and is not counted in step_examples. A packed row
     (several examples in one sequence) gives each token the s_i of the example it belongs to."""
+    assert w.shape == n_tokens.shape, f"w {tuple(w.shape)} != n_tokens {tuple(n_tokens.shape)}: (B,) or (R, T) both"
     if norm == "token":
         return w / step_tokens
     return torch.where(n_tokens > 0, w / n_tokens.clamp(min=1) / step_examples, torch.zeros_like(w))
@@ -206,6 +208,22 @@ def collate(examples, pad_id, device, pad_to=0):
     return x.to(device), y.to(device), w.to(device), int((~real).sum()), kw
 
 
+def micro_step(model, x, y, kw, scale, amp, scaler, world):
+    """One micro-batch of the method: the per-token NLL (B, T) (0 off the loss tokens) times the loss scale s_i
+    (per example (B,), or per token (R, T) for packed rows), summed: this micro-batch's share of the step's loss L;
+    then its backward. Gradients add up over the micro-batches; the caller enters the gradient-sync context
+    (distributed.grad_sync). world: DDP and FSDP average gradients over the processes, so each share is multiplied
+    by their number for the gradients to be those of L. scaler: fp16's GradScaler (a pass-through otherwise).
+    Returns the share and the NLL per row (per example, or per token when packed), detached."""
+    with amp:
+        nll = model(x, targets=y, **kw)                      # (B, T) fp32, 0 where y == -100
+        per_row = nll if scale.dim() == 2 else nll.sum(1)    # packed: per token; padded: per example
+        part = (per_row * scale).sum()                       # this micro-batch's share of the step's loss
+        scaler.scale(part * world).backward()
+    return part.detach(), per_row.detach()
+
+# ================================ end of the method ===============================================================
+
 
 def step_batches(n_examples, step, per_step, seed):
     """Indices of the examples of optimizer step `step`: each epoch is a fresh seeded permutation, cut into global
@@ -214,6 +232,27 @@ def step_batches(n_examples, step, per_step, seed):
     epoch, k = divmod(step, per_epoch)
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return order[k * per_step:(k + 1) * per_step], epoch
+
+
+def micro_batches(mine, args, pad_id, train_pad, pad_to, device, flops):
+    """This rank's examples of one step -> (micro-batches, each one's loss-token counts for loss_scale, the
+    examples' loss-token counts n_i on the CPU). Padded: --grad-accum micro-batches (collate), counts (B,) per
+    example. --pack: the same examples packed into rows (pack_step), counts (R, T) per token."""
+    if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows, or
+        # under --compile exactly one full-width row each: one shape, so the step compiles once (a new number
+        # of rows would recompile as surely as a new width does)
+        batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
+                            fixed=args.compile, flops=flops)
+        n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
+        # per token: its own example's loss-token count (0 on padding), so that loss_scale gives every token
+        # the factor of the example it belongs to, whichever row it landed in
+        per_ex_tok = [n_i.to(device)[b[4]["segments"].clamp(min=0)] * (b[4]["segments"] >= 0)
+                      for b in batches]                                               # (R, T)
+        return batches, per_ex_tok, n_i
+    micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
+    batches = [collate(m, train_pad, device, pad_to) for m in micro]
+    per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]               # (B,) per micro-batch
+    return batches, per_ex_tok, torch.cat(per_ex_tok).cpu()
 
 
 def lr_at(step, total, peak, warmup, schedule):
@@ -260,6 +299,14 @@ def evaluate_loss(model, examples, batch_size, pad_id, device, amp, pack_width=0
     return out
 
 
+def progress(rec, total, eta):
+    """The console line of one step (the JSONL log record rec; eta in seconds)."""
+    bar = "#" * int(20 * rec["step"] / total)
+    return (f"[{bar:<20}] {rec['step']}/{total} eta {int(eta) // 60}:{int(eta) % 60:02d} | loss {rec['loss']:.4f} | "
+            f"nll {rec['nll']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.2f} | {rec['ms']:.0f} ms | "
+            f"{rec['tok_s']:,.0f} tok/s | pad {rec['pad_frac']:.0%}" + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""))
+
+
 def check_memory_flags(args):
     """--quantize, --grad-checkpoint, --fsdp: refuse combinations that cannot work, before any work starts."""
     if args.quantize != "none" and args.lora_rank <= 0:
@@ -299,16 +346,7 @@ def fit(argv=None):
     elif eval_path != "none":
         data.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
-    data.output_dir(out, "--out")
-    if os.path.isdir(args.model) and os.path.isdir(out) and os.path.samefile(args.model, out):
-        raise data.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
-                                      "--out)")
-    if os.environ.get("RANK", "0") == "0":   # one run per --out; under torchrun rank 0 holds it for every rank
-        data.lock_output(out, "--out")
-        # temp files of a killed save: safe to remove now that we hold the lock
-        stale = data.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
-        if stale:
-            print(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save", file=sys.stderr)
+    claim_out(out, args.model)
     if args.device != "auto":
         data.resolve_device(args.device, "--device")
     train_recs = data.load_records(args.data)
@@ -325,19 +363,9 @@ def fit(argv=None):
     check_memory_flags(args)
 
     # -- processes, device, precision ------------------------------------------------------------------------------
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
+    rank, world, device = init_processes(args.device)
     master = rank == 0
-    if args.device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = args.device
     if device.startswith("cuda"):
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -391,6 +419,7 @@ def fit(argv=None):
         raise data.UserError(args.data, f"{len(train_ex)} examples < one optimizer step ({per_step} = --batch-size x "
                                         f"--grad-accum x processes)")
     total = args.max_steps or max(1, int(args.epochs * (len(train_ex) // per_step)))
+    w_lo, w_hi = min(e[2] for e in train_ex), max(e[2] for e in train_ex)   # the loss is a w-weighted NLL mean
 
     # AdamW; no weight decay on norms, biases and embeddings (anything 1-D, plus wte/wpe)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -413,35 +442,18 @@ def fit(argv=None):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp and not args.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev_type == "cuda" else None)
+    model = wrap(model, device)   # DDP under torchrun (FSDP already sharded it); one process: as it is
     model.train()
 
     # -- from here on, files are written -----------------------------------------------------------------------------
     if master:
-        os.makedirs(out, exist_ok=True)
-        log_path = os.path.join(out, "train_log.jsonl")
-        if args.resume and os.path.isfile(log_path):   # drop log lines past the resumed step (and a line cut by a kill)
-            kept, dropped = read_log_lines(log_path, step)
-            if dropped:
-                log(f"note: {log_path}: dropped {dropped} unreadable line(s) (cut off when the run was killed)")
-            data.atomic_write(log_path, "".join(kept))
-        elif not args.resume:
-            gone = remove_earlier_run(out)
-            if gone:
-                print(f"note: --out {out}: a new run (no --resume): removed the earlier run's {', '.join(gone)}",
-                      file=sys.stderr, flush=True)
-        try:
-            logf = open(log_path, "a", encoding="utf-8")
-        except OSError as e:
-            raise data.WriteError(log_path, e.strerror or str(e)) from None
-        # args.json is written with each checkpoint (save_checkpoint): never beside a folder without a model
+        log_path, logf = open_log(out, args.resume, step, log)
     nparams = raw_model.num_params()
     gpu = torch.cuda.get_device_name(device) if dev_type == "cuda" else None
     peak = peak_bf16(gpu)
     log(f"model {args.model}: {nparams / 1e6:.1f}M params | {len(train_ex)} train / {len(eval_ex)} eval examples | "
         f"weights a,b,c = {abc} | {total} steps of {per_step} examples | lr {lr:g} | {dtype} on {device}"
-        + (f" x{world}" if ddp else ""))
+        + (f" x{world}" if world > 1 else ""))
 
     stop = {"sig": None}
 
@@ -452,32 +464,17 @@ def fit(argv=None):
 
     def write_log(rec):
         if master:
-            try:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-            except OSError as e:   # a full disk: one line, exit 2; the last checkpoint stays whole
-                raise data.WriteError(log_path, e.strerror or str(e)) from None
+            append_log(logf, log_path, rec)
 
     def save(step):
-        """The checkpoint of this step. --out deleted during the run: recreated, with the log written back from the
-        handle still open on the deleted file. A failure of the first save of a new run leaves no log of it behind
-        (no log without a model)."""
+        """The checkpoint of this step (--out recreated if it was deleted). A failure of the first save of a new run
+        leaves no log of it behind (no log without a model)."""
         nonlocal logf
-        if master and not os.path.isfile(log_path):
-            print(f"note: {out} was deleted during the run: recreating it", file=sys.stderr, flush=True)
-            try:
-                os.makedirs(out, exist_ok=True)
-                with contextlib.suppress(OSError):   # Linux: the deleted file is still readable through our handle
-                    shutil.copyfile(f"/proc/self/fd/{logf.fileno()}", log_path)
-                logf.close()
-                logf = open(log_path, "a", encoding="utf-8")
-            except OSError as e:
-                raise data.WriteError(log_path, e.strerror or str(e)) from None
+        if master:
+            logf = reopen_log(out, log_path, logf)
         try:
-            if args.fsdp:
-                fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
-            else:
-                save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
+            (fsdp_save_checkpoint if args.fsdp else save_checkpoint)(out, raw_model, opt, scaler, step, tok, args_dict,
+                                                                     gen_config)
         except data.WriteError:
             if master and saved_step is None and not args.resume:
                 logf.close()
@@ -485,22 +482,6 @@ def fit(argv=None):
                     with contextlib.suppress(OSError):
                         os.remove(f)
             raise
-
-    def leave(code):
-        """All ranks leave together: gloo torn down by a rank that is done while rank 0 still saves the checkpoint
-        aborts the process (SIGABRT, "terminate called without an active exception"; 1 run in 15 under load).
-        Then a torchrun worker ends at once, its output flushed and every file already written and closed: the
-        interpreter's own teardown, which destroys DDP's reducer and the gloo objects it holds in no set order, still
-        aborted about 1 run in 60 under load."""
-        if ddp:
-            dist.barrier()
-            dist.destroy_process_group()
-            data.release_outputs()   # os._exit skips atexit: remove rank 0's lock file here
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        if code:
-            sys.exit(code)
 
     def diverged(what):
         """Stop: the bad update was not applied; name the checkpoint that remains (never a non-finite one)."""
@@ -510,65 +491,42 @@ def fit(argv=None):
               f"Try a lower --lr or --grad-clip 1", file=sys.stderr, flush=True)
         leave(1)
 
-    t_start, tokens_seen, start_step = time.time(), 0, step
-    t_saved = time.time()
+    # ================================ the training loop: one optimizer step per turn ================================
+    t_start, t_saved, tokens_seen, start_step = time.time(), time.time(), 0, step
     while step < total:
         t0 = time.time()
+        # -- batch: the step's examples (a pure function of step and seed), this rank's share, its micro-batches ----
         idx, epoch = step_batches(len(train_ex), step, per_step, args.seed)
         mine = [train_ex[i] for i in idx[rank::world]]
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
-        if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows, or
-            # under --compile exactly one full-width row each: one shape, so the step compiles once (a new number
-            # of rows would recompile as surely as a new width does)
-            batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
-                                fixed=args.compile, flops=raw_model.flops_per_token)
-            n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
-            # per token: its own example's loss-token count (0 on padding), so that loss_scale gives every token
-            # the factor of the example it belongs to, whichever row it landed in
-            per_ex_tok = [n_i.to(device)[b[4]["segments"].clamp(min=0)] * (b[4]["segments"] >= 0)
-                          for b in batches]                                               # (R, T)
-        else:
-            micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
-            batches = [collate(m, train_pad, device, pad_to) for m in micro]
-            per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]               # (B,) per micro-batch
-            n_i = torch.cat(per_ex_tok).cpu()
+        batches, per_ex_tok, n_i = micro_batches(mine, args, pad_id, train_pad, pad_to, device,
+                                                 raw_model.flops_per_token)
         # the loss denominators count the whole step: every micro-batch, every rank (loss tokens, and examples
         # that have at least one loss token)
         counts = torch.tensor([float(n_i.sum()), float((n_i > 0).sum())], device=device)
-        if ddp:
-            dist.all_reduce(counts)
+        all_reduce_sum(counts)
         n_tok, n_ex = counts[0], counts[1]
+        # -- lr -------------------------------------------------------------------------------------------------------
         lr_now = lr_at(step, total, lr, args.warmup, args.schedule)
         for g in opt.param_groups:
             g["lr"] = lr_now
-        loss_sum = torch.zeros((), device=device)
-        nll_sum = torch.zeros((), device=device)
-        real_tokens, pad_tokens = 0, 0
+        # -- step: the method per micro-batch (gradients reduced over ranks at the last one), then clip --------------
+        loss_sum, nll_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for j, (x, y, w, pads, kw) in enumerate(batches):   # kw: segments (packed rows) or mask (padded)
-            sync = not ddp or j == len(batches) - 1
             scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)   # (B,), packed: (R, T) per token
-            if args.fsdp:   # FSDP's no_sync: reduce-scatter the gradients on the last micro-batch only
-                raw_model.set_requires_gradient_sync(sync)
-            with (nullcontext() if sync or args.fsdp else model.no_sync()), amp:
-                nll = model(x, targets=y, **kw)                      # (B, T) fp32, 0 where y == -100
-                per_row = nll if scale.dim() == 2 else nll.sum(1)    # packed: per token; padded: per example
-                part = (per_row * scale).sum()                       # this micro-batch's share of the step's loss
-                # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
-                scaler.scale(part * world).backward()
-            loss_sum += part.detach()
+            with grad_sync(model, raw_model, j == len(batches) - 1):
+                part, per_row = micro_step(model, x, y, kw, scale, amp, scaler, world)
+            loss_sum += part
             # the same estimator with w = 1: the unweighted NLL
             unit = loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)
-            nll_sum += (per_row.detach() * unit).sum()
-            real_tokens += x.numel() - pads
-            pad_tokens += pads
-        if ddp:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(nll_sum)
+            nll_sum += (per_row * unit).sum()
+        all_reduce_sum(loss_sum, nll_sum)
         loss = loss_sum.item()
         scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):   # FSDP: the norm of sharded gradients is itself a DTensor
             gnorm = gnorm.full_tensor()
+        # -- divergence check, around the update ---------------------------------------------------------------------
         # a non-finite loss or gradient never reaches the weights. With fp16 the GradScaler skips an overflowing step
         # itself (and lowers its scale): that is routine, not divergence; a non-finite loss is.
         if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(gnorm.item())):
@@ -583,44 +541,42 @@ def fit(argv=None):
         if not (fsdp_all_finite(raw_model, device) if args.fsdp else all_finite(raw_model)):
             diverged("the update made weights non-finite")
         step += 1
+        # -- log ------------------------------------------------------------------------------------------------------
         if dev_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
+        pad_tokens = sum(b[3] for b in batches)
+        real_tokens = sum(b[0].numel() for b in batches) - pad_tokens
         tokens_seen += real_tokens * world
         tok_s = real_tokens * world / dt
-        T = max(b[0].shape[1] for b in batches)
-        mfu = raw_model.flops_per_token(T) * tok_s / (peak * world) if peak else None
         rec = {"step": step, "epoch": epoch, "loss": loss, "nll": nll_sum.item(), "lr": lr_now,
                "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()),
                "tokens_seen": tokens_seen, "ms": dt * 1000,
                "tok_s": tok_s, "pad_frac": pad_tokens / max(1, pad_tokens + real_tokens)}
-        if mfu is not None:
-            rec["mfu"] = mfu
+        assert w_lo * rec["nll"] * (1 - 1e-4) - 1e-6 <= loss <= w_hi * rec["nll"] * (1 + 1e-4) + 1e-6, \
+            f"loss {loss} is not a mean of the NLL {rec['nll']} weighted by w in [{w_lo}, {w_hi}] (loss_scale)"
+        if peak:   # model FLOPs utilisation at the step's widest micro-batch
+            rec["mfu"] = raw_model.flops_per_token(max(b[0].shape[1] for b in batches)) * tok_s / (peak * world)
         write_log(rec)
         if not args.quiet:
-            eta = (time.time() - t_start) / (step - start_step) * (total - step)
-            bar = "#" * int(20 * step / total)
-            log(f"[{bar:<20}] {step}/{total} eta {int(eta) // 60}:{int(eta) % 60:02d} | loss {loss:.4f} | "
-                f"nll {rec['nll']:.4f} | lr {lr_now:.2e} | gnorm {rec['grad_norm']:.2f} | {dt * 1000:.0f} ms | "
-                f"{tok_s:,.0f} tok/s | pad {rec['pad_frac']:.0%}" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
-        if eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
+            log(progress(rec, total, (time.time() - t_start) / (step - start_step) * (total - step)))
+        # -- eval -----------------------------------------------------------------------------------------------------
+        evals = eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total)
+        if evals:
             ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp,
                                pack_width=args.max_len - 1 if args.pack else 0)
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
+        # -- save / stop: every rank takes the same decision (distributed.agree) -------------------------------------
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
-        sig = stop["sig"]   # read once: a signal handled from here on counts at the next step, on every rank alike
-        if ddp:   # every rank takes the same decisions: rank 0's clock for saving (an FSDP save is collective), any
-            # rank's signal for stopping (so that no rank waits in an all-reduce for one that has left)
-            flags = torch.tensor([float(bool(due) and master), float(sig or 0)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            due, sig = bool(flags[0].item()), (int(flags[1].item()) or None)
+        # stop["sig"] read once: a signal handled from here on counts at the next step, on every rank alike
+        due, sig = agree(due, stop["sig"], device)
         last = step == total or sig is not None
         if (master or args.fsdp) and (last or due):
             save(step)   # the model first, the plot after: a plot that fails never costs the checkpoint
             saved_step, t_saved = step, time.time()
-        if master and eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
+        if master and evals:
             try_plot(log_path, os.path.join(out, "train_log.png"))
         if sig is not None:
             log(f"signal {sig}: saved step {step} to {out}; rerun with --resume to continue")
