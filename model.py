@@ -710,19 +710,24 @@ class Decoder(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx, cache[i] if cache is not None else None)
+        assert x.shape == (B, T, self.cfg.d_model), f"hidden {tuple(x.shape)}: expected (B, T, D)"
         return self.norm_f(x)
 
     def forward(self, idx, mask=None, targets=None, segments=None):
         """Logits (B, T, vocab) in the model's dtype (or autocast dtype); with targets, the per-token NLL (B, T) fp32
         instead (see token_nll). The loss goes through forward so that DDP's hooks see it. segments: packed rows
         (see hidden)."""
+        assert idx.dim() == 2, f"idx {tuple(idx.shape)}: expected token ids (B, T)"
         if targets is not None:
             return self.token_nll(idx, targets, mask, segments=segments)
-        return self.lm_head(self.hidden(idx, mask, segments=segments))
+        logits = self.lm_head(self.hidden(idx, mask, segments=segments))
+        assert logits.shape[:2] == idx.shape, f"logits {tuple(logits.shape)}: expected (B, T, V), idx (B, T)"
+        return logits
 
     def token_nll(self, idx, targets, mask=None, chunk_tokens=None, segments=None):
         """Unreduced NLL (B, T) in fp32, 0 where targets == -100, computed in row chunks so that full-vocabulary fp32
         logits are never held for every token (16 x 512 tokens x 151,936 x 4 bytes would be 5 GB)."""
+        assert targets.shape == idx.shape, f"targets {tuple(targets.shape)}: expected (B, T) = {tuple(idx.shape)}"
         h = self.hidden(idx, mask, segments=segments)
         B, T, d = h.shape
         W = self.lm_head.weight

@@ -16,21 +16,23 @@ A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.s
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
 import contextlib
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 import data
-from model import (HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer, merge_lora,
-                   read_generation_config)
+from checkpoint import (all_finite, append_log, base_generation_config, check_resume, claim_out, load_state, open_log,
+                        read_state_meta, reopen_log, save_checkpoint, try_plot)
+from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
+                         leave, shard, wrap)
+from distributed import init as init_processes
+from model import HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, load_tokenizer
+from packing import pack_step
 
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
@@ -132,6 +134,8 @@ def get_args(argv=None):
     return args
 
 
+# ================================ the method: weights -> per-token NLL -> normalisation -> backward ===============
+
 def parse_weights(s):
     """'0.5,1,1.5' or a preset name -> (a, b, c). Raises ValueError with a one-line reason."""
     if s in PRESETS:
@@ -183,6 +187,7 @@ def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
     every micro-batch and all-reduced over processes before the first backward, so the estimator does not depend on
     how the step is split. An example without loss tokens gets 0 and is not counted in step_examples. A packed row
     (several examples in one sequence) gives each token the s_i of the example it belongs to."""
+    assert w.shape == n_tokens.shape, f"w {tuple(w.shape)} != n_tokens {tuple(n_tokens.shape)}: (B,) or (R, T) both"
     if norm == "token":
         return w / step_tokens
     return torch.where(n_tokens > 0, w / n_tokens.clamp(min=1) / step_examples, torch.zeros_like(w))
@@ -209,74 +214,21 @@ def collate(examples, pad_id, device, pad_to=0):
     return x.to(device), y.to(device), w.to(device), int((~real).sum()), kw
 
 
-def pack_rows(lengths, width):
-    """First-fit decreasing: example indices -> rows whose lengths sum to at most `width` (each length <= width).
-    Longest first, each into the first row with room; deterministic (ties by index). Returns [[indices], ...]."""
-    rows, free = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
-        if r is None:
-            rows.append([])
-            free.append(width)
-            r = len(rows) - 1
-        rows[r].append(i)
-        free[r] -= lengths[i]
-    return rows
+def micro_step(model, x, y, kw, scale, amp, scaler, world):
+    """One micro-batch of the method: the per-token NLL (B, T) (0 off the loss tokens) times the loss scale s_i
+    (per example (B,), or per token (R, T) for packed rows), summed: this micro-batch's share of the step's loss L;
+    then its backward. Gradients add up over the micro-batches; the caller enters the gradient-sync context
+    (distributed.grad_sync). world: DDP and FSDP average gradients over the processes, so each share is multiplied
+    by their number for the gradients to be those of L. scaler: fp16's GradScaler (a pass-through otherwise).
+    Returns the share and the NLL per row (per example, or per token when packed), detached."""
+    with amp:
+        nll = model(x, targets=y, **kw)                      # (B, T) fp32, 0 where y == -100
+        per_row = nll if scale.dim() == 2 else nll.sum(1)    # packed: per token; padded: per example
+        part = (per_row * scale).sum()                       # this micro-batch's share of the step's loss
+        scaler.scale(part * world).backward()
+    return part.detach(), per_row.detach()
 
-
-def pack_step(examples, width, max_rows, pad_id, device, fixed=False, flops=None):
-    """--pack: the examples of one step laid end to end into rows (first-fit decreasing), cut into micro-batches of
-    at most max_rows rows. Each example keeps its own x = ids[:-1], y = ids[1:] (-100 where the loss does not
-    count), and the model is told where each example starts (segments), so attention, positions and LFM2's conv
-    restart there. The slots left at a row's end are padding (segment -1, y = -100, weight 0).
-    Row width: fixed -> rows of exactly `width` tokens (one shape for --compile). Otherwise each micro-batch is as
-    wide as its fullest row, and the rows are cut at whichever width W from the step's longest example up to
-    `width` (the longest times 1, 2, 4 ..., each narrowed to the least width that needs no more rows) costs the
-    fewest slots * flops(slot width): flops(T) = training FLOPs per token at row width T (Decoder.flops_per_token),
-    or 1 (fewest slots, i.e. least padding) without it. Wider rows leave less padding but spend more on the masked
-    T x T attention, which matters for tiny models only.
-    Returns [(x (R, T), y (R, T), w (R, T) each token's severity weight, padding slots, {"segments": seg}), ...]:
-    the model's keyword arguments, seg (R, T) each token's index into `examples` (see loss_scale for how the loss
-    normalisations use it)."""
-    lengths = [len(e[0]) - 1 for e in examples]
-    flops = flops or (lambda T: 1.0)
-
-    def layout(W):   # -> ([(rows, T) per micro-batch], cost); rows fullest first
-        rows = pack_rows(lengths, W)
-        if not fixed:   # as many rows, as narrow as FFD allows (binary search): the rows come out evenly filled
-            lo, hi = max(max(lengths), -(-sum(lengths) // len(rows))), W
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if len(pack_rows(lengths, mid)) <= len(rows) else (mid + 1, hi)
-            narrow = pack_rows(lengths, lo)
-            rows = narrow if len(narrow) <= len(rows) else rows
-        rows.sort(key=lambda r: -sum(lengths[i] for i in r))
-        groups = [rows[j:j + max_rows] for j in range(0, len(rows), max_rows)]
-        groups = [(g, W if fixed else sum(lengths[i] for i in g[0])) for g in groups]
-        return groups, sum(len(g) * T * flops(T) for g, T in groups)
-
-    longest = max(lengths)
-    candidates = [width] if fixed else sorted({*(longest << k for k in range(12) if longest << k < width), width})
-    groups, _ = min((layout(W) for W in candidates), key=lambda gc: gc[1])
-    out = []
-    for group, T in groups:
-        x = torch.full((len(group), T), pad_id, dtype=torch.long)
-        y = torch.full((len(group), T), -100, dtype=torch.long)
-        w = torch.zeros((len(group), T), dtype=torch.float32)
-        seg = torch.full((len(group), T), -1, dtype=torch.long)
-        for b, row in enumerate(group):
-            t = 0
-            for i in row:
-                ids, keep = examples[i][0], examples[i][1]
-                n = lengths[i]
-                x[b, t:t + n] = torch.tensor(ids[:-1])
-                y[b, t:t + n] = torch.tensor([tk if kp else -100 for tk, kp in zip(ids[1:], keep[1:])])
-                w[b, t:t + n] = examples[i][2]
-                seg[b, t:t + n] = i
-                t += n
-        pads = len(group) * T - sum(lengths[i] for row in group for i in row)
-        out.append((x.to(device), y.to(device), w.to(device), pads, {"segments": seg.to(device)}))
-    return out
+# ================================ end of the method ===============================================================
 
 
 def step_batches(n_examples, step, per_step, seed):
@@ -286,6 +238,27 @@ def step_batches(n_examples, step, per_step, seed):
     epoch, k = divmod(step, per_epoch)
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return order[k * per_step:(k + 1) * per_step], epoch
+
+
+def micro_batches(mine, args, pad_id, train_pad, pad_to, device, flops):
+    """This rank's examples of one step -> (micro-batches, each one's loss-token counts for loss_scale, the
+    examples' loss-token counts n_i on the CPU). Padded: --grad-accum micro-batches (collate), counts (B,) per
+    example. --pack: the same examples packed into rows (pack_step), counts (R, T) per token."""
+    if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows, or
+        # under --compile exactly one full-width row each: one shape, so the step compiles once (a new number
+        # of rows would recompile as surely as a new width does)
+        batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
+                            fixed=args.compile, flops=flops)
+        n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
+        # per token: its own example's loss-token count (0 on padding), so that loss_scale gives every token
+        # the factor of the example it belongs to, whichever row it landed in
+        per_ex_tok = [n_i.to(device)[b[4]["segments"].clamp(min=0)] * (b[4]["segments"] >= 0)
+                      for b in batches]                                               # (R, T)
+        return batches, per_ex_tok, n_i
+    micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
+    batches = [collate(m, train_pad, device, pad_to) for m in micro]
+    per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]               # (B,) per micro-batch
+    return batches, per_ex_tok, torch.cat(per_ex_tok).cpu()
 
 
 def lr_at(step, total, peak, warmup, schedule):
@@ -332,295 +305,12 @@ def evaluate_loss(model, examples, batch_size, pad_id, device, amp, pack_width=0
     return out
 
 
-def plot_log(log_path, png_path):
-    """<out>/train_log.png from train_log.jsonl: training loss and eval loss (overall and per severity) against steps,
-    and the learning rate below. Written atomically, with matplotlib's Agg canvas (no display, no global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    with open(log_path, encoding="utf-8") as f:
-        recs = [json.loads(ln) for ln in f if ln.strip()]
-    train_recs = [r for r in recs if "loss" in r]
-    evals = [r for r in recs if "eval_loss" in r]
-    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
-    ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], lw=0.8, color="0.6", label="train (weighted)")
-    for key, style in [("eval_loss", dict(color="k", lw=2, label="eval, all"))] + [
-            (f"eval_loss_{s}", dict(lw=1.2, ls="--", label=f"eval, {s}")) for s in data.SEVERITIES]:
-        pts = [(r["step"], r[key]) for r in evals if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, **style)
-    ax.set_ylabel("loss (nats / answer token)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax_lr.plot([r["step"] for r in train_recs], [r["lr"] for r in train_recs], color="tab:blue")
-    ax_lr.set_xlabel("optimizer step")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.grid(alpha=0.3)
-    canvas = FigureCanvasAgg(fig)
-    data.atomic_write(png_path, lambda tmp: canvas.print_png(tmp))
-    return fig
-
-
-# -- checkpoint: one safetensors file holds every tensor (model, optimizer, RNG); its metadata holds the rest --------
-
-def save_state(path, model, opt, scaler, step, args_dict):
-    from safetensors.torch import save_file
-    t = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    sd = opt.state_dict()
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            t[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    t["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        t["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "param_groups": sd["param_groups"], "args": args_dict,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-    seen, uniq = {}, {}
-    for k, v in t.items():   # tied weights share storage; safetensors refuses aliases, so store one copy
-        key = (v.data_ptr(), v.shape) if v.numel() else (k,)
-        if key in seen:
-            meta.setdefault("aliases", {})[k] = seen[key]
-        else:
-            seen[key], uniq[k] = k, v
-    atomic_write(path, lambda p: save_file(uniq, p, metadata={"meta": json.dumps(meta)}))
-
-
-# What a resume must not change: the data order, the loss, the optimizer and the schedule depend on these. The number
-# of steps (--max-steps / --epochs) may grow; --eval-*, --save-*, --device, --quiet and --compile do not alter the run.
-RESUME_KEYS = ("model", "weights_abc", "data_sha256", "loss_tokens", "loss_norm", "seed", "batch_size", "grad_accum", "world_size",
-               "max_len", "schedule", "warmup", "lr", "weight_decay", "grad_clip", "lora_rank", "lora_alpha",
-               "lora_dropout", "lora_targets", "dtype", "quantize")
-STATE_HINT = "delete it to start over, or resume from a copy that is intact"
-
-
-def read_state_meta(path):
-    """The metadata of a resume state (step, args, ...), or ONE UserError naming the file when it is corrupt."""
-    from safetensors import safe_open
-    with data.reading(path, "resume state", STATE_HINT):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = (f.metadata() or {}).get("meta")
-    try:
-        meta = json.loads(meta)
-        if not isinstance(meta.get("step"), int) or not isinstance(meta.get("args"), dict):
-            raise ValueError("no step or args")
-    except (TypeError, ValueError, AttributeError):
-        raise data.UserError(path, f"not a resume state written by train.py (metadata unreadable); {STATE_HINT}") from None
-    return meta
-
-
-def check_resume(path, meta, args_dict):
-    """Refuse a resume that would change the experiment (see RESUME_KEYS)."""
-    saved = meta["args"]
-    for k in RESUME_KEYS:
-        if k not in saved:   # a state from an older train.py that did not record this setting
-            continue
-        a, b = saved[k], args_dict[k]
-        if k == "lora_targets" and isinstance(a, str):   # older states kept the flag's text
-            a = [t.strip() for t in a.split(",") if t.strip()]
-        if k == "dtype" and a == "auto":                   # older states kept the flag, not what it resolved to
-            continue
-        if isinstance(a, list):
-            a = tuple(a)
-        if isinstance(b, list):
-            b = tuple(b)
-        if a != b:
-            flag = {"weights_abc": "--weights", "data_sha256": "--data (its content)",
-                    "world_size": "the number of processes"}.get(k, "--" + k.replace("_", "-"))
-            raise data.UserError("--resume", f"{flag} is {b} but the run saved in {path} used {a}: a resume must not "
-                                             f"change the experiment; use another --out for a new run")
-
-
-def load_state(path, model, opt, scaler):
-    from safetensors import safe_open
-    meta = read_state_meta(path)
-    with data.reading(path, "resume state", STATE_HINT):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            t = {k: f.get_tensor(k) for k in f.keys()}
-    for k, src in meta.get("aliases", {}).items():
-        t[k] = t[src]
-    try:
-        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        state = {}
-        for k, v in t.items():
-            if k.startswith("opt."):
-                _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        torch.set_rng_state(t["rng.cpu"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise data.UserError(path, f"does not fit this model and optimizer ({str(e).splitlines()[0][:200]}); "
-                                   f"{STATE_HINT}") from None
-    if "rng.cuda" in t and torch.cuda.is_available():
-        torch.cuda.set_rng_state(t["rng.cuda"])
-    if meta["scaler"] and scaler.is_enabled():
-        scaler.load_state_dict(meta["scaler"])
-    return meta["step"], meta["args"]
-
-
-def base_generation_config(model_name):
-    """The text of the base model's generation_config.json (its sampling settings, e.g. Qwen3's top_k/top_p), or
-    None when it has none (tiny, a folder without one). model.resolve's download already fetches it."""
-    if model_name == "tiny" and not os.path.isdir(model_name):
-        return None
-    from model import resolve
-    f = os.path.join(resolve(model_name), "generation_config.json")
-    if not os.path.isfile(f):
-        return None
-    read_generation_config(f)   # copied as it is into every checkpoint: refuse a broken one before any work
-    with open(f, encoding="utf-8-sig") as fh:
-        return fh.read()
-
-
-def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None):
-    """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged), plus the
-    base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does,
-    and args.json. Written as one unit (data.unit): every file into a hidden temp folder first, then moved in, the
-    resume state last; a failure (a full disk: data.WriteError) leaves the previous checkpoint whole. <out> is
-    recreated if it was deleted during the run."""
-    with data.unit(out, last=("state.safetensors",)) as tmp:
-        save_state(os.path.join(tmp, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
-        if any("lora_" in n for n, _ in raw_model.named_parameters()):
-            import copy
-            export = merge_lora(copy.deepcopy(raw_model))
-        else:
-            export = raw_model
-        export.save_pretrained(tmp)
-        tok.save(tmp)
-        if generation_config is not None:
-            data.atomic_write(os.path.join(tmp, "generation_config.json"), generation_config)
-        data.write_json(os.path.join(tmp, "args.json"), args_dict)
-
-
-# What a new run (no --resume) removes from its --out at the start: every file an earlier train.py or evaluate.py
-# run wrote there. Kept, they would describe another model (evaluate --table would report the old scores under the
-# new run). Nothing else in the folder is touched.
-EARLIER_RUN_FILES = ("model.safetensors", "state.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                     "special_tokens_map.json", "args.json", "train_log.jsonl", "train_log.png", "eval.json",
-                     "predictions.jsonl")
-
-
-def remove_earlier_run(out):
-    """Remove EARLIER_RUN_FILES from out; returns the names removed (said on stderr by the caller)."""
-    gone = []
-    for name in EARLIER_RUN_FILES:
-        f = os.path.join(out, name)
-        if os.path.isfile(f) or os.path.islink(f):
-            try:
-                os.remove(f)
-            except OSError as e:
-                raise data.WriteError(f, f"cannot remove this file of an earlier run: {e.strerror or e}") from None
-            gone.append(name)
-    return gone
-
-
-def try_plot(log_path, png_path):
-    """plot_log, whose failure (the folder deleted, a full disk) is a note: it never stops a run or costs a save."""
-    try:
-        plot_log(log_path, png_path)
-    except (OSError, ValueError) as e:   # data.WriteError is a ValueError; json's errors too
-        print(f"note: {png_path} not written: {data.one_line(e.strerror if isinstance(e, OSError) else e)}",
-              file=sys.stderr, flush=True)
-
-
-def all_finite(model):
-    """True when every trainable parameter is finite (what a checkpoint must hold; frozen ones cannot change).
-    One device sync."""
-    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]).all())
-
-
-def read_log_lines(log_path, step):
-    """Lines of train_log.jsonl up to `step`, for a resume. A line cut off by a kill (the last one) is dropped."""
-    kept, dropped = [], 0
-    with open(log_path, encoding="utf-8", errors="replace") as f:
-        for ln in f:
-            try:
-                rec = json.loads(ln)
-                if not isinstance(rec, dict):
-                    raise ValueError
-            except ValueError:
-                dropped += 1
-                continue
-            if rec.get("step", 0) <= step:
-                kept.append(ln if ln.endswith("\n") else ln + "\n")
-    return kept, dropped
-
-
-# -- FSDP: parameters, gradients and optimizer state sharded over the processes (torch.distributed.fsdp, FSDP2) ----
-
-def shard(model, amp_dtype):
-    """fully_shard each block, then the root (embeddings, final norm, head): a block's full weights exist only while
-    it runs. With a bf16/fp16 autocast dtype the all-gathered weights are cast to it and gradients are reduced in
-    fp32; the sharded master weights and AdamW state stay fp32. Gradients are averaged over ranks, as with DDP."""
-    import warnings
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # the loss (B, T) is a view of the model's flat NLL; it is only ever used out of place (nll * w), which is
-    # what FSDP's warning about in-place ops on returned views asks for
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
-    for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def _plain_twin(model, opt):
-    """An unsharded CPU Decoder and an AdamW over it with the same parameter groups (matched by name): the single-
-    process objects whose state.safetensors / model.safetensors an FSDP run writes and reads, so that the checkpoint
-    format is the same with and without --fsdp."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
-    with torch.device("meta"):
-        twin = Decoder(model.cfg)
-    twin = twin.to_empty(device="cpu")
-    if twin.cfg.tie:
-        twin.lm_head.weight = twin.wte.weight
-    named = dict(twin.named_parameters())
-    twin_opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "params"}, "params": [named[n] for n in ns]}
-                                  for g, ns in zip(opt.param_groups, groups)])
-    return twin, twin_opt, groups
-
-
-def fsdp_all_finite(model, device):
-    """all_finite over the shards of every rank (collective: every rank gets the same answer)."""
-    ok = torch.tensor([float(all(bool(torch.isfinite(p.to_local()).all()) for p in model.parameters()))],
-                      device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def fsdp_save_checkpoint(out, model, opt, scaler, step, tok, args_dict, generation_config=None):
-    """Collective (every rank calls it): gather the full weights and optimizer state onto rank 0's CPU, which writes
-    them in the single-process format (save_checkpoint): state.safetensors + an ordinary HF checkpoint."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=o)
-    osd = get_optimizer_state_dict(model, opt, options=o)
-    if dist.get_rank() == 0:
-        twin, twin_opt, groups = _plain_twin(model, opt)
-        twin.load_state_dict(msd)
-        ids = {n: i for i, n in enumerate(n for ns in groups for n in ns)}
-        twin_opt.load_state_dict({"state": {ids[n]: s for n, s in osd["state"].items()},
-                                  "param_groups": [{**g, "params": [ids[n] for n in ns]}
-                                                   for g, ns in zip(osd["param_groups"], groups)]})
-        save_checkpoint(out, twin, twin_opt, scaler, step, tok, args_dict, generation_config)
-    dist.barrier()
-
-
-def fsdp_load_state(path, model, opt, scaler):
-    """Every rank reads the (single-process format) state into a plain twin, then hands each rank its shards."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    twin, twin_opt, groups = _plain_twin(model, opt)
-    step, saved = load_state(path, twin, twin_opt, scaler)
-    o = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, twin.state_dict(), options=o)
-    sd = twin_opt.state_dict()
-    order = [n for ns in groups for n in ns]
-    set_optimizer_state_dict(model, opt, {"state": {order[i]: s for i, s in sd["state"].items()},
-                                          "param_groups": [{**g, "params": ns}
-                                                           for g, ns in zip(sd["param_groups"], groups)]}, options=o)
-    return step, saved
+def progress(rec, total, eta):
+    """The console line of one step (the JSONL log record rec; eta in seconds)."""
+    bar = "#" * int(20 * rec["step"] / total)
+    return (f"[{bar:<20}] {rec['step']}/{total} eta {int(eta) // 60}:{int(eta) % 60:02d} | loss {rec['loss']:.4f} | "
+            f"nll {rec['nll']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.2f} | {rec['ms']:.0f} ms | "
+            f"{rec['tok_s']:,.0f} tok/s | pad {rec['pad_frac']:.0%}" + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""))
 
 
 def check_memory_flags(args):
@@ -662,16 +352,7 @@ def fit(argv=None):
     elif eval_path != "none":
         data.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
-    data.output_dir(out, "--out")
-    if os.path.isdir(args.model) and os.path.isdir(out) and os.path.samefile(args.model, out):
-        raise data.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
-                                      "--out)")
-    if os.environ.get("RANK", "0") == "0":   # one run per --out; under torchrun rank 0 holds it for every rank
-        data.lock_output(out, "--out")
-        # temp files of a killed save: safe to remove now that we hold the lock
-        stale = data.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
-        if stale:
-            print(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save", file=sys.stderr)
+    claim_out(out, args.model)
     if args.device != "auto":
         data.resolve_device(args.device, "--device")
     train_recs = data.load_records(args.data)
@@ -688,19 +369,9 @@ def fit(argv=None):
     check_memory_flags(args)
 
     # -- processes, device, precision ------------------------------------------------------------------------------
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
+    rank, world, device = init_processes(args.device)
     master = rank == 0
-    if args.device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = args.device
     if device.startswith("cuda"):
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -773,6 +444,7 @@ def fit(argv=None):
         args.batch_size = small
         per_step = args.batch_size * args.grad_accum * world
     total = args.max_steps or max(1, int(args.epochs * (len(train_ex) // per_step)))
+    w_lo, w_hi = min(e[2] for e in train_ex), max(e[2] for e in train_ex)   # the loss is a w-weighted NLL mean
 
     # AdamW; no weight decay on norms, biases and embeddings (anything 1-D, plus wte/wpe)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -795,35 +467,18 @@ def fit(argv=None):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp and not args.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev_type == "cuda" else None)
+    model = wrap(model, device)   # DDP under torchrun (FSDP already sharded it); one process: as it is
     model.train()
 
     # -- from here on, files are written -----------------------------------------------------------------------------
     if master:
-        os.makedirs(out, exist_ok=True)
-        log_path = os.path.join(out, "train_log.jsonl")
-        if args.resume and os.path.isfile(log_path):   # drop log lines past the resumed step (and a line cut by a kill)
-            kept, dropped = read_log_lines(log_path, step)
-            if dropped:
-                log(f"note: {log_path}: dropped {dropped} unreadable line(s) (cut off when the run was killed)")
-            data.atomic_write(log_path, "".join(kept))
-        elif not args.resume:
-            gone = remove_earlier_run(out)
-            if gone:
-                print(f"note: --out {out}: a new run (no --resume): removed the earlier run's {', '.join(gone)}",
-                      file=sys.stderr, flush=True)
-        try:
-            logf = open(log_path, "a", encoding="utf-8")
-        except OSError as e:
-            raise data.WriteError(log_path, e.strerror or str(e)) from None
-        # args.json is written with each checkpoint (save_checkpoint): never beside a folder without a model
+        log_path, logf = open_log(out, args.resume, step, log)
     nparams = raw_model.num_params()
     gpu = torch.cuda.get_device_name(device) if dev_type == "cuda" else None
     peak = peak_bf16(gpu)
     log(f"model {args.model}: {nparams / 1e6:.1f}M params | {len(train_ex)} train / {len(eval_ex)} eval examples | "
         f"weights a,b,c = {abc} | {total} steps of {per_step} examples | lr {lr:g} | {dtype} on {device}"
-        + (f" x{world}" if ddp else ""))
+        + (f" x{world}" if world > 1 else ""))
 
     stop = {"sig": None}
 
@@ -834,32 +489,17 @@ def fit(argv=None):
 
     def write_log(rec):
         if master:
-            try:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-            except OSError as e:   # a full disk: one line, exit 2; the last checkpoint stays whole
-                raise data.WriteError(log_path, e.strerror or str(e)) from None
+            append_log(logf, log_path, rec)
 
     def save(step):
-        """The checkpoint of this step. --out deleted during the run: recreated, with the log written back from the
-        handle still open on the deleted file. A failure of the first save of a new run leaves no log of it behind
-        (no log without a model)."""
+        """The checkpoint of this step (--out recreated if it was deleted). A failure of the first save of a new run
+        leaves no log of it behind (no log without a model)."""
         nonlocal logf
-        if master and not os.path.isfile(log_path):
-            print(f"note: {out} was deleted during the run: recreating it", file=sys.stderr, flush=True)
-            try:
-                os.makedirs(out, exist_ok=True)
-                with contextlib.suppress(OSError):   # Linux: the deleted file is still readable through our handle
-                    shutil.copyfile(f"/proc/self/fd/{logf.fileno()}", log_path)
-                logf.close()
-                logf = open(log_path, "a", encoding="utf-8")
-            except OSError as e:
-                raise data.WriteError(log_path, e.strerror or str(e)) from None
+        if master:
+            logf = reopen_log(out, log_path, logf)
         try:
-            if args.fsdp:
-                fsdp_save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
-            else:
-                save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
+            (fsdp_save_checkpoint if args.fsdp else save_checkpoint)(out, raw_model, opt, scaler, step, tok, args_dict,
+                                                                     gen_config)
         except data.WriteError:
             if master and saved_step is None and not args.resume:
                 logf.close()
@@ -867,22 +507,6 @@ def fit(argv=None):
                     with contextlib.suppress(OSError):
                         os.remove(f)
             raise
-
-    def leave(code):
-        """All ranks leave together: gloo torn down by a rank that is done while rank 0 still saves the checkpoint
-        aborts the process (SIGABRT, "terminate called without an active exception"; 1 run in 15 under load).
-        Then a torchrun worker ends at once, its output flushed and every file already written and closed: the
-        interpreter's own teardown, which destroys DDP's reducer and the gloo objects it holds in no set order, still
-        aborted about 1 run in 60 under load."""
-        if ddp:
-            dist.barrier()
-            dist.destroy_process_group()
-            data.release_outputs()   # os._exit skips atexit: remove rank 0's lock file here
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        if code:
-            sys.exit(code)
 
     def diverged(what):
         """Stop: the bad update was not applied; name the checkpoint that remains (never a non-finite one)."""
@@ -892,65 +516,42 @@ def fit(argv=None):
               f"Try a lower --lr or --grad-clip 1", file=sys.stderr, flush=True)
         leave(1)
 
-    t_start, tokens_seen, start_step = time.time(), 0, step
-    t_saved = time.time()
+    # ================================ the training loop: one optimizer step per turn ================================
+    t_start, t_saved, tokens_seen, start_step = time.time(), time.time(), 0, step
     while step < total:
         t0 = time.time()
+        # -- batch: the step's examples (a pure function of step and seed), this rank's share, its micro-batches ----
         idx, epoch = step_batches(len(train_ex), step, per_step, args.seed)
         mine = [train_ex[i] for i in idx[rank::world]]
         mine.sort(key=lambda e: len(e[0]))                    # similar lengths together: less padding
-        if args.pack:   # the same examples, packed into rows; micro-batches of at most --batch-size rows, or
-            # under --compile exactly one full-width row each: one shape, so the step compiles once (a new number
-            # of rows would recompile as surely as a new width does)
-            batches = pack_step(mine, args.max_len - 1, 1 if args.compile else args.batch_size, pad_id, device,
-                                fixed=args.compile, flops=raw_model.flops_per_token)
-            n_i = torch.tensor([float(sum(e[1][1:])) for e in mine])             # each example's loss tokens
-            # per token: its own example's loss-token count (0 on padding), so that loss_scale gives every token
-            # the factor of the example it belongs to, whichever row it landed in
-            per_ex_tok = [n_i.to(device)[b[4]["segments"].clamp(min=0)] * (b[4]["segments"] >= 0)
-                          for b in batches]                                               # (R, T)
-        else:
-            micro = [mine[j::args.grad_accum] for j in range(args.grad_accum)]
-            batches = [collate(m, train_pad, device, pad_to) for m in micro]
-            per_ex_tok = [(b[1] != -100).sum(1).float() for b in batches]               # (B,) per micro-batch
-            n_i = torch.cat(per_ex_tok).cpu()
+        batches, per_ex_tok, n_i = micro_batches(mine, args, pad_id, train_pad, pad_to, device,
+                                                 raw_model.flops_per_token)
         # the loss denominators count the whole step: every micro-batch, every rank (loss tokens, and examples
         # that have at least one loss token)
         counts = torch.tensor([float(n_i.sum()), float((n_i > 0).sum())], device=device)
-        if ddp:
-            dist.all_reduce(counts)
+        all_reduce_sum(counts)
         n_tok, n_ex = counts[0], counts[1]
+        # -- lr -------------------------------------------------------------------------------------------------------
         lr_now = lr_at(step, total, lr, args.warmup, args.schedule)
         for g in opt.param_groups:
             g["lr"] = lr_now
-        loss_sum = torch.zeros((), device=device)
-        nll_sum = torch.zeros((), device=device)
-        real_tokens, pad_tokens = 0, 0
+        # -- step: the method per micro-batch (gradients reduced over ranks at the last one), then clip --------------
+        loss_sum, nll_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for j, (x, y, w, pads, kw) in enumerate(batches):   # kw: segments (packed rows) or mask (padded)
-            sync = not ddp or j == len(batches) - 1
             scale = loss_scale(w, per_ex_tok[j], args.loss_norm, n_tok, n_ex)   # (B,), packed: (R, T) per token
-            if args.fsdp:   # FSDP's no_sync: reduce-scatter the gradients on the last micro-batch only
-                raw_model.set_requires_gradient_sync(sync)
-            with (nullcontext() if sync or args.fsdp else model.no_sync()), amp:
-                nll = model(x, targets=y, **kw)                      # (B, T) fp32, 0 where y == -100
-                per_row = nll if scale.dim() == 2 else nll.sum(1)    # packed: per token; padded: per example
-                part = (per_row * scale).sum()                       # this micro-batch's share of the step's loss
-                # DDP averages gradients over ranks: multiply by world so the sum over ranks is what we divide
-                scaler.scale(part * world).backward()
-            loss_sum += part.detach()
+            with grad_sync(model, raw_model, j == len(batches) - 1):
+                part, per_row = micro_step(model, x, y, kw, scale, amp, scaler, world)
+            loss_sum += part
             # the same estimator with w = 1: the unweighted NLL
             unit = loss_scale(torch.ones_like(w), per_ex_tok[j], args.loss_norm, n_tok, n_ex)
-            nll_sum += (per_row.detach() * unit).sum()
-            real_tokens += x.numel() - pads
-            pad_tokens += pads
-        if ddp:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(nll_sum)
+            nll_sum += (per_row * unit).sum()
+        all_reduce_sum(loss_sum, nll_sum)
         loss = loss_sum.item()
         scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):   # FSDP: the norm of sharded gradients is itself a DTensor
             gnorm = gnorm.full_tensor()
+        # -- divergence check, around the update ---------------------------------------------------------------------
         # a non-finite loss or gradient never reaches the weights. With fp16 the GradScaler skips an overflowing step
         # itself (and lowers its scale): that is routine, not divergence; a non-finite loss is.
         if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(gnorm.item())):
@@ -965,44 +566,42 @@ def fit(argv=None):
         if not (fsdp_all_finite(raw_model, device) if args.fsdp else all_finite(raw_model)):
             diverged("the update made weights non-finite")
         step += 1
+        # -- log ------------------------------------------------------------------------------------------------------
         if dev_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
+        pad_tokens = sum(b[3] for b in batches)
+        real_tokens = sum(b[0].numel() for b in batches) - pad_tokens
         tokens_seen += real_tokens * world
         tok_s = real_tokens * world / dt
-        T = max(b[0].shape[1] for b in batches)
-        mfu = raw_model.flops_per_token(T) * tok_s / (peak * world) if peak else None
         rec = {"step": step, "epoch": epoch, "loss": loss, "nll": nll_sum.item(), "lr": lr_now,
                "grad_norm": gnorm.item(), "tokens": int(n_tok.item()), "examples": int(n_ex.item()),
                "tokens_seen": tokens_seen, "ms": dt * 1000,
                "tok_s": tok_s, "pad_frac": pad_tokens / max(1, pad_tokens + real_tokens)}
-        if mfu is not None:
-            rec["mfu"] = mfu
+        assert w_lo * rec["nll"] * (1 - 1e-4) - 1e-6 <= loss <= w_hi * rec["nll"] * (1 + 1e-4) + 1e-6, \
+            f"loss {loss} is not a mean of the NLL {rec['nll']} weighted by w in [{w_lo}, {w_hi}] (loss_scale)"
+        if peak:   # model FLOPs utilisation at the step's widest micro-batch
+            rec["mfu"] = raw_model.flops_per_token(max(b[0].shape[1] for b in batches)) * tok_s / (peak * world)
         write_log(rec)
         if not args.quiet:
-            eta = (time.time() - t_start) / (step - start_step) * (total - step)
-            bar = "#" * int(20 * step / total)
-            log(f"[{bar:<20}] {step}/{total} eta {int(eta) // 60}:{int(eta) % 60:02d} | loss {loss:.4f} | "
-                f"nll {rec['nll']:.4f} | lr {lr_now:.2e} | gnorm {rec['grad_norm']:.2f} | {dt * 1000:.0f} ms | "
-                f"{tok_s:,.0f} tok/s | pad {rec['pad_frac']:.0%}" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
-        if eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
+            log(progress(rec, total, (time.time() - t_start) / (step - start_step) * (total - step)))
+        # -- eval -----------------------------------------------------------------------------------------------------
+        evals = eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total)
+        if evals:
             ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp,
                                pack_width=args.max_len - 1 if args.pack else 0)
             write_log({"step": step, **ev})
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
+        # -- save / stop: every rank takes the same decision (distributed.agree) -------------------------------------
         due = (args.save_every and step % args.save_every == 0) or \
             (args.save_minutes and time.time() - t_saved >= 60 * args.save_minutes)
-        sig = stop["sig"]   # read once: a signal handled from here on counts at the next step, on every rank alike
-        if ddp:   # every rank takes the same decisions: rank 0's clock for saving (an FSDP save is collective), any
-            # rank's signal for stopping (so that no rank waits in an all-reduce for one that has left)
-            flags = torch.tensor([float(bool(due) and master), float(sig or 0)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            due, sig = bool(flags[0].item()), (int(flags[1].item()) or None)
+        # stop["sig"] read once: a signal handled from here on counts at the next step, on every rank alike
+        due, sig = agree(due, stop["sig"], device)
         last = step == total or sig is not None
         if (master or args.fsdp) and (last or due):
             save(step)   # the model first, the plot after: a plot that fails never costs the checkpoint
             saved_step, t_saved = step, time.time()
-        if master and eval_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
+        if master and evals:
             try_plot(log_path, os.path.join(out, "train_log.png"))
         if sig is not None:
             log(f"signal {sig}: saved step {step} to {out}; rerun with --resume to continue")

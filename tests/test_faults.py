@@ -18,6 +18,7 @@ import sys
 import pytest
 
 import annotate
+import checkpoint
 import classify
 import data
 import evaluate as E
@@ -372,7 +373,7 @@ def test_a_plot_that_fails_never_costs_the_model(tmp_path, capsys, monkeypatch):
 
     def plot_log(log_path, png_path):
         raise OSError(errno.ENOSPC, NOSPACE)
-    monkeypatch.setattr(train, "plot_log", plot_log)
+    monkeypatch.setattr(checkpoint, "plot_log", plot_log)
     code, err = call(train.main, train_argv(out, 2, "--eval-every", "1"), capsys)
     assert code == 0, err
     assert f"note: {os.path.join(out, 'train_log.png')} not written: {NOSPACE}" in err

@@ -449,6 +449,25 @@ def test_token_nll_value_and_gradient(fam, saved):
         assert max_diff(a, b) <= 1e-5 * scale, f"{fam}: grad of {n} differs by {max_diff(a, b):.3g}"
 
 
+def _shrink_last_block(m):   # a block that drops a feature: the hidden states are no longer (B, T, D)
+    m.layers[-1].forward = lambda x, ctx, cache=None: x[:, :, :8]
+
+
+@pytest.mark.parametrize("case, call, needle", [
+    ("idx not (B, T)", lambda m: m(torch.zeros(5, dtype=torch.long)), r"idx \(5,\): expected token ids \(B, T\)"),
+    ("targets not idx's shape", lambda m: m(torch.zeros(2, 5, dtype=torch.long), targets=torch.zeros(2, 4, dtype=torch.long)),
+     r"targets \(2, 4\): expected \(B, T\) = \(2, 5\)"),
+    ("hidden not (B, T, D)", lambda m: _shrink_last_block(m) or m(torch.zeros(2, 5, dtype=torch.long)),
+     r"hidden \(2, 5, 8\): expected \(B, T, D\)"),
+])
+def test_forward_asserts_its_shapes(case, call, needle):
+    """Decoder's forward states the shapes it works in (input (B, T), hidden (B, T, D), NLL (B, T)): a wrong one is
+    an AssertionError naming the shape, not an error deep inside."""
+    m = M.Decoder(M.Config.from_hf(dict(M.REGISTRY["tiny"]["config"])))
+    with pytest.raises(AssertionError, match=needle):
+        call(m)
+
+
 def test_token_nll_left_padding(saved):
     hf, d = saved("qwen2")
     ours = load(d)

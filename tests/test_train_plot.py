@@ -9,6 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 
@@ -21,7 +22,7 @@ def test_plot_draws_exactly_the_log(tmp_path):
     recs.append({"step": 4, "eval_loss": 2.25, f"eval_loss_{SEV[0]}": 1.5})   # a class missing from this eval
     log = tmp_path / "train_log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    fig = train.plot_log(log, tmp_path / "train_log.png")
+    fig = checkpoint.plot_log(log, tmp_path / "train_log.png")
     ax, ax_lr = fig.axes
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
     assert lines["train (weighted)"] == ([1, 2, 3, 4], [2.9, 2.8, 2.7, 2.6])
@@ -40,13 +41,13 @@ def test_plot_draws_exactly_the_log(tmp_path):
 
 def test_training_writes_the_picture_at_each_eval_and_at_the_end(tmp_path, monkeypatch):
     calls = []
-    real = train.plot_log
+    real = checkpoint.plot_log
 
     def spy(log_path, png_path):
         with open(log_path) as f:
             calls.append(sum(1 for ln in f if "eval_loss" in ln))
         return real(log_path, png_path)
-    monkeypatch.setattr(train, "plot_log", spy)
+    monkeypatch.setattr(checkpoint, "plot_log", spy)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     n = torch.get_num_threads()
     torch.set_num_threads(1)
