@@ -31,6 +31,8 @@ Examples:
         --epochs 8 --lr 2e-3 --batch-size 32 --max-len 128
     python classify.py --model arabertv02 --data labels.csv --epochs 3 --lr 2e-5 --out out/classifier
 """
+import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
+data.start(__name__)
 import argparse
 import json
 import math
@@ -44,7 +46,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 from model import _open_safetensors, resolve   # one hub download and safetensors reader, model.py's
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -15,6 +15,8 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
+import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
+data.start(__name__)
 import json
 import math
 import os
@@ -26,7 +28,6 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-import data
 from model import (HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, atomic_write, load_tokenizer, merge_lora,
                    read_generation_config)
 
@@ -753,6 +754,7 @@ def fit(argv=None):
         stop["sig"] = sig
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)   # a closed terminal or dropped ssh: save and stop, as for SIGTERM
 
     def write_log(rec):
         if master:
@@ -897,8 +899,10 @@ def fit(argv=None):
             else:
                 save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, gen_config)
             saved_step, t_saved = step, time.time()
-        if sig is not None:
-            log(f"signal {sig}: saved step {step} to {out}; rerun with --resume to continue")
+        if sig is not None:   # one line on stderr; Ctrl-C's begins "interrupted:" as in every script
+            if master:
+                what = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+                data.notice(f"{what}: saved step {step} to {out}; rerun with --resume to continue")
             leave(128 + sig)
     if master:
         logf.close()
