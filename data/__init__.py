@@ -609,12 +609,25 @@ def start(name):
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
     console()
-    if "MPLCONFIGDIR" not in os.environ:
-        home = os.path.expanduser("~")
-        cfg = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"), "matplotlib")
-        probe = cfg if os.path.isdir(cfg) else home
-        if not (os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)):
-            os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="matplotlib-")
+    if "MPLCONFIGDIR" not in os.environ and not all(_creatable(d) for d in _matplotlib_folders()):
+        import atexit
+        import shutil
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="matplotlib-")
+        atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], True)
+
+
+def _matplotlib_folders():
+    """Where matplotlib keeps its config and its font cache when MPLCONFIGDIR is not set (XDG, as on Linux)."""
+    home = os.path.expanduser("~")
+    return [os.path.join(os.environ.get(var) or os.path.join(home, default), "matplotlib")
+            for var, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"))]
+
+
+def _creatable(folder):
+    """Whether `folder` is a writable folder or could be made: its nearest existing ancestor is a writable folder."""
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
 
 
 def console():

@@ -188,16 +188,25 @@ def test_ascii_console_training_with_arabic_out(tmp_path):
     assert saved(out) and "\\u0628" in stdout
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("home", ["missing", "readonly"])
-def test_unwritable_home_user_error_is_one_line(tmp_path, script, home):
+# a user error after bert_score has imported matplotlib (which warns at import when its config folder cannot be made)
+HOME_ERRORS = [*USER_ERRORS.items(), ("evaluate.py", ["--model", "tiny", "--data", "data/sample/test.jsonl",
+                                                     "--bertscore-model", "nope", "--out", "x"])]
+
+
+@pytest.mark.parametrize("script, argv", HOME_ERRORS, ids=[f"{s}-{i}" for i, (s, _) in enumerate(HOME_ERRORS)])
+@pytest.mark.parametrize("home", ["missing", "readonly", "under-a-file"])   # root writes in the first two anyway
+def test_unwritable_home_user_error_is_one_line(tmp_path, script, argv, home):
     h = tmp_path / "home"
     if home == "readonly":
         h.mkdir()
         h.chmod(0o555)
-    p = popen(script, USER_ERRORS[script], HOME=h, XDG_CONFIG_HOME="", XDG_CACHE_HOME="")
+    if home == "under-a-file":
+        (tmp_path / "file").write_text("", encoding="utf-8")
+        h = tmp_path / "file" / "home"
+    p = popen(script, argv, HOME=h, XDG_CONFIG_HOME="", XDG_CACHE_HOME="")
     _, err = finish(p)
-    h.exists() and h.chmod(0o755)
+    if h.is_dir():
+        h.chmod(0o755)
     assert p.returncode == 2, err[-2000:]
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err[-2000:]
 
