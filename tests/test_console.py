@@ -239,3 +239,19 @@ def test_control_characters_in_a_column_name(tmp_path, name):
     assert p.returncode == 2, err
     assert err.count("\n") == 1 and err.startswith("error:") and "given twice" in err, repr(err)
     assert not any(ch in err for ch in "\x1b\r\u202e\x85\x7f"), repr(err)
+
+
+def test_annotate_piped_into_head_exits_0(tmp_path):
+    """annotate.py | head -1: its work done, the flush at exit met the closed pipe and exited 120 (now 0)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_annotate import make_classifier
+    import data
+    clf = make_classifier(tmp_path / "clf", list(data.SEVERITIES))
+    out = tmp_path / "out.jsonl"
+    p = popen("annotate.py", ["--classifier", str(clf), "--out", str(out), "--device", "cpu",
+                              os.path.join(ROOT, "data", "sample", "train.jsonl")])
+    p.stdout.close()   # the reader is gone before annotate's stdout (a pipe: block-buffered) is flushed at exit
+    _, err = finish(p)
+    assert p.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+    assert out.is_file()
