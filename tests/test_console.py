@@ -114,7 +114,7 @@ def test_signal_in_training_saves_and_resumes(tmp_path, sig, first_word):
 
 @pytest.fixture(scope="module")
 def slow_torch(tmp_path_factory):
-    """A folder to put first on PYTHONPATH whose `torch` (and `openpyxl`) touches a marker file and then sleeps: the
+    """A folder to put first on PYTHONPATH whose `torch` and `numpy` touch a marker file and then sleep: the
     script is then certainly inside its heavy imports when the test sends SIGINT."""
     d = tmp_path_factory.mktemp("slow")
     for name in ("torch", "numpy"):
@@ -147,8 +147,7 @@ def test_ctrl_c_at_any_moment_of_a_real_run(tmp_path, delay):
     _, err = finish(p)
     lines = err.strip().splitlines()
     assert p.returncode == 130, (p.returncode, err[-2000:])
-    assert [ln for ln in lines if not ln.startswith("tiny: no weights")][-1:] and \
-        sum(ln.startswith("interrupted:") for ln in lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("interrupted:"), err[-2000:]
 
 
 # --------------------------------------------------------------------------------------------- encodings, HOME
@@ -175,7 +174,7 @@ def test_ascii_console_user_error_is_one_line(tmp_path, script, console):
     assert p.returncode == 2, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), err[-2000:]
-    if "LC_ALL" not in console:   # the C locale decodes the Arabic argument itself as undecodable bytes (\\udcd8)
+    if "LC_ALL" not in console:   # the C locale decodes the Arabic argument itself as undecodable bytes (\udcd8)
         assert "\\u0628" in lines[0], err[-2000:]
 
 
