@@ -18,6 +18,8 @@ or give 'src=dst,...' (several classes may map to one severity: their probabilit
 Example:
     python annotate.py out/maqa/train.jsonl --classifier out/classifier --out out/maqa/train.annotated.jsonl
 """
+import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
+data.start(__name__)
 import argparse
 import json
 import os
@@ -27,7 +29,6 @@ import numpy as np
 import torch
 
 import bert
-import data
 
 SEVERITIES, PROB_FIELDS = data.SEVERITIES, data.PROB_FIELDS   # one definition of each, in data
 PAPER_DISTRIBUTION = (46, 30, 24)  # % non-critical / neutral / critical after annotation in the paper
@@ -165,8 +166,8 @@ def _main(argv=None):
     try:   # inside data.run, so that this message (not data.run's general one) tells what was kept
         return annotate(get_args(argv))
     except KeyboardInterrupt:
-        print("\ninterrupted: finished chunks are kept in the .partial file; run the same command to resume",
-              file=sys.stderr)
+        print(("\n" if sys.stderr.isatty() else "") + "interrupted: finished chunks are kept in the .partial file; "
+              "run the same command to resume", file=sys.stderr)
         sys.exit(130)
 
 

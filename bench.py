@@ -18,6 +18,8 @@ Columns: tokens/s (training: B*T per step; generation: new tokens per second, pr
 (generation: per new token), peak memory (MiB, see --help of --device), MFU against the device's bf16 peak
 (CUDA only), and the ratio ours / transformers of each figure (tokens/s above 1 and ms, memory below 1 favour ours).
 """
+import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
+data.start(__name__)
 import functools
 import json
 import math
@@ -32,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 from model import REGISTRY, Config, Decoder, param_count
 from train import peak_bf16   # dense bf16 peak FLOP/s by device name (H100 SXM / H200: 989e12)
 

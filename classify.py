@@ -32,6 +32,8 @@ Examples:
         --epochs 8 --lr 2e-3 --batch-size 32 --max-len 128
     python classify.py --model arabertv02 --data labels.csv --epochs 3 --lr 2e-5 --out out/classifier
 """
+import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
+data.start(__name__)
 import argparse
 import math
 import os
@@ -42,7 +44,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
 from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, BertClassifier, autocast, build_inputs,  # the encoder
                   collate, load_tensors, load_tokenizer, log, predict_logits, read_checkpoint, save_classifier,
                   weight_table)

@@ -39,6 +39,8 @@ bert-score 0.3.13 on transformers 5 (two workarounds, both here, both keep bert-
   - an empty candidate crashes it (it calls a tokenizer method transformers 5 removed); bert-score defines the
     score of an empty candidate as P = R = F1 = 0, so empty predictions get 0 and are not sent to it.
 """
+import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
+data.start(__name__)
 import functools
 import json
 import os
@@ -48,7 +50,6 @@ import time
 import numpy as np
 import torch
 
-import data
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_TEST = os.path.join(ROOT, "data", "sample", "test.jsonl")
@@ -985,7 +986,7 @@ def table_main(args):
     marks, skipped = table_significance(args.table, evs, args.metric, args.bootstrap, args.bootstrap_seed,
                                         args.permutations)
     for msg in skipped:
-        print(f"note: no significance mark for {msg}", file=sys.stderr)
+        data.notice(f"note: no significance mark for {msg}")   # msg names runs from files: escaped
     if args.holm:
         marks = holm_marks(marks)
     text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks, args.holm)

@@ -15,6 +15,8 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
+import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
+data.start(__name__)
 import contextlib
 import math
 import os
@@ -25,7 +27,6 @@ from contextlib import nullcontext
 
 import torch
 
-import data
 from checkpoint import (all_finite, append_log, base_generation_config, check_resume, claim_out, load_state, open_log,
                         read_state_meta, reopen_log, save_checkpoint, try_plot)
 from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
@@ -92,7 +93,7 @@ def get_args(argv=None):
                    "row of exactly --max-len - 1 tokens: one shape, one compilation")
     p.add_argument("--seed", type=num(int, lo=0, hi=2**31 - 1), default=1337, help="seed for data order, init and dropout")
     p.add_argument("--eval-every", type=num(int, lo=0), default=0, help="eval loss (overall and per severity) every N steps; 0 = only at the end")
-    p.add_argument("--save-every", type=num(int, lo=0), default=1000, help="write a checkpoint every N steps (0 = not by steps); one is also written at the end and on SIGINT/SIGTERM")
+    p.add_argument("--save-every", type=num(int, lo=0), default=1000, help="write a checkpoint every N steps (0 = not by steps); one is also written at the end and on SIGINT/SIGTERM/SIGHUP")
     p.add_argument("--save-minutes", type=num(float, lo=0), default=30, help="also write a checkpoint when this many minutes have passed since the last one (0 = not by time): a kill -9 loses at most this much")
     p.add_argument("--lora-rank", type=num(int, lo=0), default=0, help="LoRA rank; 0 = full fine-tuning (notebooks: 16)")
     p.add_argument("--lora-alpha", type=num(float, lo=0, lo_open=True), default=32, help="LoRA alpha (scale = alpha / rank)")
@@ -486,6 +487,7 @@ def fit(argv=None):
         stop["sig"] = sig
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)   # a closed terminal or dropped ssh: save and stop, as for SIGTERM
 
     def write_log(rec):
         if master:
@@ -603,8 +605,10 @@ def fit(argv=None):
             saved_step, t_saved = step, time.time()
         if master and evals:
             try_plot(log_path, os.path.join(out, "train_log.png"))
-        if sig is not None:
-            log(f"signal {sig}: saved step {step} to {out}; rerun with --resume to continue")
+        if sig is not None:   # one line on stderr; Ctrl-C's begins "interrupted:" as in every script
+            if master:
+                what = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+                data.notice(f"{what}: saved step {step} to {out}; rerun with --resume to continue")
             leave(128 + sig)
     if master:
         logf.close()

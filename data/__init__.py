@@ -784,8 +784,18 @@ class WriteError(UserError):
     it as "error: ..." and exits 2, at any moment of a run (what was written before it is whole: see atomic_write)."""
 
 
+# Control characters a name read from a file may hold (a tensor name, a column, a label): C0 (but tab and newline,
+# which one_line turns into spaces), DEL, C1, and the bidi embeddings, overrides and isolates that reorder what
+# follows. Shown escaped, as repr shows them, so that "\x1b[2K\rok: done" cannot erase or fake a line.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)] if chr(c) not in "\t\n"}
+_ESCAPES.update({0x0d: "\\r", 0x1b: "\\x1b"})
+_ESCAPES.update({c: f"\\u{c:04x}" for c in [*range(0x202a, 0x202f), *range(0x2066, 0x206a)]})
+
+
 def one_line(msg):
-    return " ".join(str(msg).split())
+    """msg as ONE printable line: control characters escaped (\\x1b, \\r, \\u202e), newlines and runs of blanks
+    made one space. Every error, warning and note line goes through it."""
+    return " ".join(str(msg).translate(_ESCAPES).split())
 
 
 def die(msg):
@@ -794,16 +804,115 @@ def die(msg):
     sys.exit(2)
 
 
+def notice(msg):
+    """Print a warning or note ("warning: ...", "note: ...") as one line on stderr, names from files escaped."""
+    print(one_line(msg), file=sys.stderr, flush=True)
+
+
+class _Console:
+    """sys.stdout / sys.stderr of a script: a console that went away (a reader like `head -1` that closed the pipe, a
+    closed terminal, /dev/full) never stops the work. The first failed write points the file descriptor at /dev/null,
+    so that this and every later write and flush, Python's own at exit included (exit 120 otherwise), succeed and
+    are dropped; progress and notes are lost, the run goes on and saves."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop(self):
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+
+    def write(self, s):
+        try:
+            return self._stream.write(s)
+        except OSError:   # BrokenPipeError, ENOSPC, EIO (a hung-up terminal): drop it, carry on
+            self._drop()
+            return len(s)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            self._drop()
+            with contextlib.suppress(OSError):
+                self._stream.flush()   # the buffered rest, now to /dev/null
+
+    def __getattr__(self, name):   # isatty, fileno, encoding, buffer, ... as the real stream has them
+        return getattr(self._stream, name)
+
+
+def _interrupted_while_starting(sig, frame):
+    sys.stderr.write("interrupted: stopped while starting; nothing was written\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def start(name):
+    """Called at the very top of every script, before its heavy imports (torch takes a second or more):
+
+    - Ctrl-C from here until data.run begins is one line "interrupted: ..." and exit 130, not a KeyboardInterrupt
+      traceback from inside torch's import;
+    - stdout and stderr never raise on encoding (an ASCII or cp1252 console shows Arabic as \\u0627...; files are
+      always written UTF-8) and never kill the run when they go away (see _Console);
+    - matplotlib gets a writable cache folder when HOME is not writable (else it warns at import, and a user error
+      is three lines instead of one).
+
+    Does nothing when the script is imported as a module (name != "__main__"), e.g. by tests or by bench.py."""
+    if name != "__main__":
+        return
+    import signal
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    console()
+    if "MPLCONFIGDIR" not in os.environ and not all(_creatable(d) for d in _matplotlib_folders()):
+        import atexit
+        import shutil
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="matplotlib-")
+        atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], True)
+
+
+def _matplotlib_folders():
+    """Where matplotlib keeps its config and its font cache when MPLCONFIGDIR is not set (XDG, as on Linux)."""
+    home = os.path.expanduser("~")
+    return [os.path.join(os.environ.get(var) or os.path.join(home, default), "matplotlib")
+            for var, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"))]
+
+
+def _creatable(folder):
+    """Whether `folder` is a writable folder or could be made: its nearest existing ancestor is a writable folder."""
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+
+
+def console():
+    """Make the process's own stdout and stderr safe (see start); a stream someone else replaced (a test's capture)
+    is left alone. Idempotent."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and stream is getattr(sys, f"__{name}__"):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
+            setattr(sys, name, _Console(stream))
+
+
 def run(main, argv=None):
     """Run a script's main(argv) under the contract: DataError / UserError -> one line, exit 2; Ctrl-C -> one
     line, exit 130 (a script with its own Ctrl-C handling, train.py and annotate.py, catches it first)."""
+    import signal
+    console()
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:   # start-up is over: Ctrl-C is
+        signal.signal(signal.SIGINT, signal.default_int_handler)          # KeyboardInterrupt again, handled below
     try:
         return main(argv)
     except (DataError, UserError) as e:
         die(e)
     except KeyboardInterrupt:   # Ctrl-C is the user's choice, not a bug: one line, no traceback, 128 + SIGINT
-        print("\ninterrupted: stopped before the end (every output file is written whole or not at all)",
-              file=sys.stderr)
+        # the newline only after a terminal's "^C"; in a log the line stays the one line
+        print(("\n" if sys.stderr.isatty() else "") + "interrupted: stopped before the end (every output file is "
+              "written whole or not at all)", file=sys.stderr)
         sys.exit(130)
     finally:
         release_outputs()   # the output locks of this run (lock_output); in-process callers (tests) run again

@@ -34,6 +34,8 @@ if __package__ in (None, ""):  # run as `python data/prepare.py`: make `import d
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 
+data.start(__name__)   # Ctrl-C while starting, a safe console, matplotlib's cache (see data.start)
+
 APOLLO_REPO = "FreedomIntelligence/ApolloCorpus"
 APOLLO_FILE = "train/sft/medicalPatient_ar.json"
 
