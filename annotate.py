@@ -18,8 +18,8 @@ or give 'src=dst,...' (several classes may map to one severity: their probabilit
 Example:
     python annotate.py out/maqa/train.jsonl --classifier out/classifier --out out/maqa/train.annotated.jsonl
 """
-import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
-data.start(__name__)
+import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
+cli.start(__name__)
 import argparse
 import json
 import os
@@ -28,6 +28,8 @@ import sys
 import numpy as np
 import torch
 
+import data
+import outputs
 import bert
 
 SEVERITIES, PROB_FIELDS = data.SEVERITIES, data.PROB_FIELDS   # one definition of each, in data
@@ -36,8 +38,8 @@ DECIMALS = 6                         # probabilities are rounded to this many de
 
 
 def get_args(argv=None):
-    num = data.number
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+    num = cli.number
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="Q/A file to annotate (.jsonl/.json/.csv/.tsv)")
     p.add_argument("--out", required=True, help="output .jsonl (canonical six-field records)")
@@ -86,10 +88,10 @@ def parse_label_map(spec):
         src, eq, dst = part.partition("=")
         src, dst = src.strip(), dst.strip()
         if not eq or not src:
-            raise data.UserError("--label-map", f"'{part.strip()}' is not src=dst")
+            raise cli.UserError("--label-map", f"'{part.strip()}' is not src=dst")
         sev = dst if dst in SEVERITIES else data.canonical_severity(dst)
         if sev is None:
-            raise data.UserError("--label-map", f"'{dst}' is not a severity ({', '.join(SEVERITIES)})")
+            raise cli.UserError("--label-map", f"'{dst}' is not a severity ({', '.join(SEVERITIES)})")
         mapping[src] = sev
     return mapping
 
@@ -103,16 +105,16 @@ def label_matrix(spec, labels):
         mapping = {l: data.canonical_severity(l) for l in labels}
         bad = [l for l, s in mapping.items() if s is None]
         if bad:
-            raise data.UserError("--label-map", f"classifier class '{bad[0]}' is not a severity name; "
+            raise cli.UserError("--label-map", f"classifier class '{bad[0]}' is not a severity name; "
                                                 f"give --label-map 'src=dst,...' (classes: {', '.join(labels)})")
     else:
         mapping = given
         for src in mapping:
             if src not in labels:
-                raise data.UserError("--label-map", f"'{src}' is not a class of the classifier ({', '.join(labels)})")
+                raise cli.UserError("--label-map", f"'{src}' is not a class of the classifier ({', '.join(labels)})")
         missing = [l for l in labels if l not in mapping]
         if missing:
-            raise data.UserError("--label-map", f"classifier class '{missing[0]}' is not mapped")
+            raise cli.UserError("--label-map", f"classifier class '{missing[0]}' is not mapped")
     M = np.zeros((len(labels), len(SEVERITIES)))
     for c, l in enumerate(labels):
         M[c, SEVERITIES.index(mapping[l])] = 1.0
@@ -134,7 +136,7 @@ def read_questions(path, question_col=None, answer_col=None):
             if col is None:
                 continue
             if col not in row:
-                raise data.DataError(path, line, col, "missing column (see --%s-col)" % canon)
+                raise cli.DataError(path, line, col, "missing column (see --%s-col)" % canon)
             # the named column becomes the canonical one; other columns that would alias it are dropped
             value = row[col]
             row = {k: v for k, v in row.items() if k != col and " ".join(str(k).split()).lower() != canon}
@@ -159,11 +161,11 @@ def _stamp(name):
 
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
-    return data.run(_main, argv)
+    return cli.run(_main, argv)
 
 
 def _main(argv=None):
-    try:   # inside data.run, so that this message (not data.run's general one) tells what was kept
+    try:   # inside cli.run, so that this message (not cli.run's general one) tells what was kept
         return annotate(get_args(argv))
     except KeyboardInterrupt:
         print(("\n" if sys.stderr.isatty() else "") + "interrupted: finished chunks are kept in the .partial file; "
@@ -173,25 +175,25 @@ def _main(argv=None):
 
 def load_classifier(args, device):
     """bert.load_classifier at the boundary: its errors name the flag and say what to do."""
-    with data.for_flag("--classifier"), data.reading(args.classifier, "classifier", "train one with classify.py"):
+    with cli.for_flag("--classifier"), cli.reading(args.classifier, "classifier", "train one with classify.py"):
         return bert.load_classifier(args.classifier, device, args.revision)
 
 
 def annotate(args):
     # every flag and path before any work; nothing is written before the first chunk is done
-    data.input_file(args.input, "input")
+    cli.input_file(args.input, "input")
     if os.path.exists(args.out) and os.path.samefile(args.input, args.out):   # the input would be replaced
-        raise data.UserError("--out", f"{args.out} is the input file: give another output path")
+        raise cli.UserError("--out", f"{args.out} is the input file: give another output path")
     for f in (args.out, args.out + ".partial", args.out + ".partial.json"):
-        data.output_file(f, "--out")
+        cli.output_file(f, "--out")
     if not args.out.lower().endswith(".jsonl"):   # JSON lines under another name: train.py would read .json as a
-        raise data.UserError("--out", f"{args.out}: annotate.py writes JSON lines: name the file .jsonl")   # list
+        raise cli.UserError("--out", f"{args.out}: annotate.py writes JSON lines: name the file .jsonl")   # list
     # one process per output ("<out>.lock"): the resume below trusts the partial file, which a second process
     # appending to the same file would corrupt; then the temp files of a killed write of ours are removed
-    data.lock_output(args.out, "--out", folder=False)
-    data.clean_stale(os.path.dirname(os.path.abspath(args.out)),
+    outputs.lock_output(args.out, "--out", folder=False)
+    outputs.clean_stale(os.path.dirname(os.path.abspath(args.out)),
                      [os.path.basename(args.out + end) for end in ("", ".partial", ".partial.json")])
-    device = str(data.resolve_device(args.device, "--device"))
+    device = str(cli.resolve_device(args.device, "--device"))
     parse_label_map(args.label_map)
     recs = read_questions(args.input, args.question_col, args.answer_col)
     if args.limit is not None:
@@ -203,12 +205,12 @@ def annotate(args):
               file=sys.stderr)
     max_len = min(args.max_len or int(model.meta.get("max_len", 512)), model.cfg.max_position_embeddings)
     if max_len < 3:
-        raise data.UserError("--max-len", f"{max_len} is too small (the classifier's limit is "
+        raise cli.UserError("--max-len", f"{max_len} is too small (the classifier's limit is "
                                           f"{model.cfg.max_position_embeddings}; [CLS] and [SEP] take 2)")
 
     out = args.out
     partial, sidecar = out + ".partial", out + ".partial.json"
-    fingerprint = {"input": os.path.abspath(args.input), "input_sha256": data.sha256(args.input),
+    fingerprint = {"input": os.path.abspath(args.input), "input_sha256": outputs.sha256(args.input),
                    "n_rows": len(recs), "classifier": _stamp(args.classifier), "revision": args.revision,
                    "label_map": M.tolist(),
                    "max_len": max_len, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
@@ -235,9 +237,9 @@ def annotate(args):
         with open(partial, "r+b" if done else "wb") as fh:
             fh.truncate(nbytes)
     except OSError as e:
-        raise data.WriteError(partial, e.strerror or str(e)) from None
+        raise outputs.WriteError(partial, e.strerror or str(e)) from None
 
-    bar = data.progress(len(recs), "annotate", "row", args.quiet, initial=done)
+    bar = cli.progress(len(recs), "annotate", "row", args.quiet, initial=done)
     chunks = 0
     while done < len(recs):
         chunk = recs[done:done + args.chunk_size]
@@ -256,9 +258,9 @@ def annotate(args):
                 os.fsync(fh.fileno())
                 nbytes = fh.tell()
         except OSError as e:
-            raise data.WriteError(partial, e.strerror or str(e)) from None
+            raise outputs.WriteError(partial, e.strerror or str(e)) from None
         done += len(chunk)
-        data.write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
+        outputs.write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
         chunks += 1
         if args.stop_after is not None and chunks >= args.stop_after and done < len(recs):
             bar.close()
@@ -270,7 +272,7 @@ def annotate(args):
         os.replace(partial, out)
         os.remove(sidecar)
     except OSError as e:
-        raise data.WriteError(out, e.strerror or str(e)) from None
+        raise outputs.WriteError(out, e.strerror or str(e)) from None
 
     counts = {s: 0 for s in SEVERITIES}
     with open(out, encoding="utf-8") as fh:

@@ -18,8 +18,8 @@ Columns: tokens/s (training: B*T per step; generation: new tokens per second, pr
 (generation: per new token), peak memory (MiB, see --help of --device), MFU against the device's bf16 peak
 (CUDA only), and the ratio ours / transformers of each figure (tokens/s above 1 and ms, memory below 1 favour ours).
 """
-import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
-data.start(__name__)
+import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
+cli.start(__name__)
 import functools
 import json
 import math
@@ -34,7 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from model import REGISTRY, Config, Decoder, param_count
+import outputs
 from train import peak_bf16   # dense bf16 peak FLOP/s by device name (H100 SXM / H200: 989e12)
 
 # --shape small: any registry shape scaled down to this many layers and this width (vocabulary kept)
@@ -44,8 +46,8 @@ IMPLS = ("ours", "transformers")
 
 def get_args(argv=None):
     cuda = torch.cuda.is_available()
-    num = data.number
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    num = cli.number
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="registry name whose config.json shape is benchmarked with random "
                    "weights: " + ", ".join(REGISTRY))
     p.add_argument("--shape", choices=["full", "small"], default="full", help="full = the registry shape; small = scaled "
@@ -114,7 +116,7 @@ def scaled_config(hf, layers=None, hidden=None):
         d0, h0 = c[d_key], c[h_key]
         hd = c.get("head_dim") or d0 // h0
         if hidden % hd:
-            raise data.UserError("--hidden", f"{hidden} is not a multiple of the head size {hd}")
+            raise cli.UserError("--hidden", f"{hidden} is not a multiple of the head size {hd}")
         heads = hidden // hd
         c[d_key], c[h_key] = hidden, heads
         if c.get("num_key_value_heads"):
@@ -158,7 +160,7 @@ def check_fits(cfg, device, args=None, copies=2):
         free["GPU"] = torch.cuda.mem_get_info(device)[0]
     for where, b in free.items():
         if need > b:
-            raise data.UserError("--model/--layers/--hidden", f"{n / 1e9:.2f}B parameters: ours and transformers' "
+            raise cli.UserError("--model/--layers/--hidden", f"{n / 1e9:.2f}B parameters: ours and transformers' "
                                  f"copies need {need / 2**30:.1f} GiB in fp32, the {where} has {b / 2**30:.1f} GiB free")
     if args is None:
         return
@@ -173,7 +175,7 @@ def check_fits(cfg, device, args=None, copies=2):
     for flag, shape, act in acts:
         for where, b in free.items():   # device memory holds the activations; on CPU the host does
             if where == ("GPU" if device.type == "cuda" else "host") and need + copies * act > b:
-                raise data.UserError(flag, f"{shape} tokens: the activations alone need at least "
+                raise cli.UserError(flag, f"{shape} tokens: the activations alone need at least "
                                            f"{copies * act / 2**30:.1f} GiB beside {need / 2**30:.1f} GiB of weights, "
                                            f"the {where} has {b / 2**30:.1f} GiB free")
 
@@ -283,7 +285,7 @@ def run_alternating(phase, fns, warmup, iters, device, meter, quiet=False):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = {k: [] for k in fns}
     peaks = {k: 0 for k in fns}
-    prog = data.progress(warmup + iters, f"[{phase}]", "step", quiet)
+    prog = cli.progress(warmup + iters, f"[{phase}]", "step", quiet)
     for i in range(warmup + iters):
         order = list(fns) if i % 2 == 0 else list(fns)[::-1]
         for k in order:
@@ -461,7 +463,7 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
 
     impls = ("ours", "ours packed", "transformers")
     tot = {k: [0.0, 0, 0] for k in impls}                                 # seconds, real tokens, padding slots
-    prog = data.progress(K, f"[train {args.lengths}]", "step", args.quiet)
+    prog = cli.progress(K, f"[train {args.lengths}]", "step", args.quiet)
     for i, ex in enumerate(steps):
         for k in (impls if i % 2 == 0 else impls[::-1]):
             sync()
@@ -523,31 +525,31 @@ def print_table(title, s):
 
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
-    return data.run(_main, argv)
+    return cli.run(_main, argv)
 
 
 def _main(argv=None):
     args = get_args(argv)
     # every flag and path before any work
     if args.model not in REGISTRY:
-        raise data.UserError("--model", f"{args.model!r} is not a registry name ({', '.join(REGISTRY)})")
+        raise cli.UserError("--model", f"{args.model!r} is not a registry name ({', '.join(REGISTRY)})")
     if args.json is not None:   # "" too: output_file refuses an empty path
-        data.output_file(args.json, "--json")
+        cli.output_file(args.json, "--json")
     if args.skip_train and args.skip_gen:
-        raise data.UserError("--skip-train/--skip-gen", "both given: nothing to time")
+        raise cli.UserError("--skip-train/--skip-gen", "both given: nothing to time")
     if args.lengths != "fixed" and args.compile:
-        raise data.UserError("--lengths with --compile", "measure the compiled packed step with train.py --pack "
+        raise cli.UserError("--lengths with --compile", "measure the compiled packed step with train.py --pack "
                                                          "--compile (see README, Performance)")
     layers = args.layers or (SMALL["layers"] if args.shape == "small" else None)
     hidden = args.hidden or (SMALL["hidden"] if args.shape == "small" else None)
     hf_cfg = scaled_config(REGISTRY[args.model]["config"], layers, hidden)
     cfg = Config.from_hf(hf_cfg)
     if cfg.pos == "learned" and not args.skip_gen and args.gen_prompt_len + args.new_tokens > cfg.max_pos:
-        raise data.UserError("--gen-prompt-len + --new-tokens", f"{args.gen_prompt_len + args.new_tokens} exceed "
+        raise cli.UserError("--gen-prompt-len + --new-tokens", f"{args.gen_prompt_len + args.new_tokens} exceed "
                                                                 f"the model's {cfg.max_pos} positions")
     if cfg.pos == "learned" and not args.skip_train and args.seq_len > cfg.max_pos:
-        raise data.UserError("--seq-len", f"{args.seq_len} exceeds the model's {cfg.max_pos} positions")
-    device = data.resolve_device(args.device, "--device")
+        raise cli.UserError("--seq-len", f"{args.seq_len} exceeds the model's {cfg.max_pos} positions")
+    device = cli.resolve_device(args.device, "--device")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -675,7 +677,7 @@ def _main(argv=None):
     print(f"\npeak MiB = own weights{' + optimizer state' if not args.skip_train else ''} + the step's peak growth "
           f"({meter.how}); MFU only on CUDA with bf16" + (f" (peak {peak_flops / 1e12:.0f} TFLOP/s)" if peak_flops else ""))
     if args.json:
-        data.write_json(args.json, report)
+        outputs.write_json(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
     return report
 
@@ -854,7 +856,7 @@ def memory_report(args, device):
           "for backward (saved_tensors_hooks), weights excluded; tight = fits with less than 1.5 GiB to spare for "
           "the CUDA context and allocator fragmentation")
     if args.json:
-        data.write_json(args.json, report)
+        outputs.write_json(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
     return report
 

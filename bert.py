@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
+import outputs
 from model import open_safetensors, resolve   # one hub download and safetensors reader, model.py's
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -72,7 +74,7 @@ class BertConfig:
     @classmethod
     def from_hf(cls, d, where="config.json"):
         """From a HF config.json dict: unknown keys ignored, unsupported variants and bad values refused."""
-        bad = lambda key, what: data.UserError(where, f"{key}: {what}")   # noqa: E731
+        bad = lambda key, what: cli.UserError(where, f"{key}: {what}")   # noqa: E731
         if d.get("model_type", "bert") != "bert":
             raise bad("model_type", f"'{d.get('model_type')}' is not supported (BERT only)")
         if d.get("position_embedding_type", "absolute") != "absolute":
@@ -243,13 +245,13 @@ def read_checkpoint(name_or_path, revision=None):
     folder = resolve(name_or_path, revision, registry=REGISTRY)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
-        raise data.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
-    cfg_dict = data.read_json(cfg_path, "config")
+        raise cli.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
+    cfg_dict = cli.read_json(cfg_path, "config")
     if not isinstance(cfg_dict, dict):
-        raise data.UserError(cfg_path, "expected a JSON object")
+        raise cli.UserError(cfg_path, "expected a JSON object")
     meta = cfg_dict.get("severity_classifier")
     if not (meta is None or (isinstance(meta, dict) and meta.get("head", "pooler") in ("pooler", "linear"))):
-        raise data.UserError(cfg_path, f"severity_classifier: expected an object with head pooler or linear, "
+        raise cli.UserError(cfg_path, f"severity_classifier: expected an object with head pooler or linear, "
                                        f"got {str(meta)[:60]!r}")
     cfg = BertConfig.from_hf(cfg_dict, cfg_path)
     tensors, enc, head = open_safetensors(folder), {}, {}
@@ -270,24 +272,24 @@ def load_tensors(module, sd, table, where, prefix=""):
     names = {h for _, hs in table for h in hs}
     extra = [k for k in sd if k not in names]
     if extra:
-        raise data.UserError(where, f"unexpected tensor '{prefix}{extra[0]}' with shape {tuple(sd[extra[0]].shape)}")
+        raise cli.UserError(where, f"unexpected tensor '{prefix}{extra[0]}' with shape {tuple(sd[extra[0]].shape)}")
     missing = [h for _, hs in table for h in hs if h not in sd]
     if missing and all(h.startswith("pooler.") for h in missing):
         log(f"note: {where} has no pooler; bert.pooler.dense starts random")
         table = [e for e in table if not e[0].startswith("pooler.")]
     elif missing:
-        raise data.UserError(where, f"missing tensor '{prefix}{missing[0]}'"
+        raise cli.UserError(where, f"missing tensor '{prefix}{missing[0]}'"
                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     for ours, hs in table:
         want = (own[ours].shape[0] // len(hs), *own[ours].shape[1:])
         for h in hs:
             if tuple(sd[h].shape) != want:
-                raise data.UserError(where, f"tensor '{prefix}{h}': checkpoint shape {tuple(sd[h].shape)} != "
+                raise cli.UserError(where, f"tensor '{prefix}{h}': checkpoint shape {tuple(sd[h].shape)} != "
                                             f"model shape {want}")
             if not sd[h].is_floating_point():   # an int copy would load "fine" (rounded weights, no error)
-                raise data.UserError(where, f"tensor '{prefix}{h}' is {sd[h].dtype}: weights must be floating point")
+                raise cli.UserError(where, f"tensor '{prefix}{h}' is {sd[h].dtype}: weights must be floating point")
             if not bool(torch.isfinite(sd[h]).all()):
-                raise data.UserError(where, f"tensor '{prefix}{h}' holds NaN or infinite values: corrupt weights")
+                raise cli.UserError(where, f"tensor '{prefix}{h}' holds NaN or infinite values: corrupt weights")
         with torch.no_grad():
             own[ours].copy_(torch.cat([sd[h].float() for h in hs]))
 
@@ -304,9 +306,9 @@ def save_classifier(model, tok, out_dir):
     from safetensors.torch import save_file
     sd = {**hf_tensors(model.bert, weight_table(model.cfg.num_hidden_layers), "bert."),
           **hf_tensors(model.classifier, HEAD_TABLE)}
-    data.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, {"format": "pt"}))
+    outputs.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, {"format": "pt"}))
     labels = model.labels
-    data.write_json(os.path.join(out_dir, "config.json"),
+    outputs.write_json(os.path.join(out_dir, "config.json"),
                     dict(model.cfg.to_hf(), architectures=["BertForSequenceClassification"],
                          id2label={str(i): l for i, l in enumerate(labels)},
                          label2id={l: i for i, l in enumerate(labels)}, problem_type="single_label_classification",
@@ -321,13 +323,13 @@ def load_classifier(path, device="cpu", revision=None):
     id2label = cfg_dict.get("id2label")
     if head:
         if not isinstance(id2label, dict) or not all(str(i) in id2label for i in range(len(id2label))):
-            raise data.UserError(path, "config.json has no usable id2label for its classifier head")
+            raise cli.UserError(path, "config.json has no usable id2label for its classifier head")
         labels = [id2label[str(i)] for i in range(len(id2label))]
     elif folder is None:
         labels = list(data.SEVERITIES)
         log(f"note: {path} has no classifier head; using a RANDOM {len(labels)}-class head")
     else:
-        raise data.UserError(path, "no classifier head (classifier.weight); train one with classify.py")
+        raise cli.UserError(path, "no classifier head (classifier.weight); train one with classify.py")
     meta = dict(cfg_dict.get("severity_classifier") or {})
     model = BertClassifier(cfg, labels, meta.get("head", "pooler"))
     if folder is not None:
@@ -337,7 +339,7 @@ def load_classifier(path, device="cpu", revision=None):
     model.meta = meta
     tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
     if tok.vocab_size > cfg.vocab_size:   # ids past the embedding: an IndexError in the first batch (as in train)
-        raise data.UserError(path, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+        raise cli.UserError(path, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
     return model.to(device).eval(), tok, labels
 
 
@@ -366,7 +368,7 @@ class WordPieceTokenizer:
         self.names = special_names(config)
         for k in ("pad_token", "cls_token", "sep_token"):
             if tk.token_to_id(self.names[k]) is None:
-                raise data.UserError("tokenizer", f"{self.names[k]}: not in the vocabulary")
+                raise cli.UserError("tokenizer", f"{self.names[k]}: not in the vocabulary")
         self.pad_id, self.cls_id, self.sep_id = (tk.token_to_id(self.names[k]) for k in ("pad_token", "cls_token",
                                                                                           "sep_token"))
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
@@ -386,7 +388,7 @@ class WordPieceTokenizer:
         tokens of that share. token_type_ids: 0 for [CLS] Q [SEP], 1 for A [SEP]."""
         budget = max_len - 3
         if budget < 2:
-            raise data.UserError("--max-len", f"{max_len} is too small for a question+answer pair")
+            raise cli.UserError("--max-len", f"{max_len} is too small for a question+answer pair")
         if len(q) + len(a) > budget:
             a_keep = min(len(a), max(min(min_answer, budget // 2), budget - len(q)))
             q = q[:budget - a_keep]
@@ -399,14 +401,14 @@ class WordPieceTokenizer:
         vocab = self.vocab_text
         if vocab is None:   # from tokenizer.json only: vocab.txt rebuilt from the WordPiece vocabulary
             vocab = "".join(t + "\n" for t, _ in sorted(self.tk.get_vocab(False).items(), key=lambda kv: kv[1]))
-        data.atomic_write(os.path.join(folder, "vocab.txt"), vocab)
-        data.atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
+        outputs.atomic_write(os.path.join(folder, "vocab.txt"), vocab)
+        outputs.atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
         c, mml = self.config, self.config.get("model_max_length")
-        data.write_json(os.path.join(folder, "tokenizer_config.json"), {
+        outputs.write_json(os.path.join(folder, "tokenizer_config.json"), {
             "tokenizer_class": "BertTokenizer", "do_lower_case": bool(c.get("do_lower_case", False)),
             "strip_accents": c.get("strip_accents"), "tokenize_chinese_chars": c.get("tokenize_chinese_chars", True),
             "model_max_length": int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512, **self.names})
-        data.write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
+        outputs.write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
 
 
 def load_tokenizer(folder):
@@ -418,15 +420,15 @@ def load_tokenizer(folder):
     from tokenizers.implementations import BertWordPieceTokenizer
     p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
                                                                  "vocab.txt"))
-    cfg = data.read_json(p_cfg, "tokenizer config") if os.path.isfile(p_cfg) else {}
+    cfg = cli.read_json(p_cfg, "tokenizer config") if os.path.isfile(p_cfg) else {}
     if not isinstance(cfg, dict):
-        raise data.UserError(p_cfg, "expected a JSON object")
+        raise cli.UserError(p_cfg, "expected a JSON object")
     vocab_text = None
     if os.path.isfile(p_vocab):
-        with data.reading(p_vocab, "vocab.txt"), open(p_vocab, encoding="utf-8", newline="") as fh:
+        with cli.reading(p_vocab, "vocab.txt"), open(p_vocab, encoding="utf-8", newline="") as fh:
             vocab_text = fh.read()
     if os.path.isfile(p_json):
-        with data.reading(p_json, "tokenizer.json"):
+        with cli.reading(p_json, "tokenizer.json"):
             tk = Tokenizer.from_file(p_json)
         norm = json.loads(tk.to_str()).get("normalizer") or {}
         if norm.get("type") == "BertNormalizer":   # tokenizer_config.json's casing wins, as in transformers
@@ -444,14 +446,14 @@ def load_tokenizer(folder):
         names = special_names(cfg)
         missing = [names[k] for k in ("pad_token", "cls_token", "sep_token") if names[k] not in vocab]
         if missing:
-            raise data.UserError(p_vocab, f"{missing[0]}: not in the vocabulary")
+            raise cli.UserError(p_vocab, f"{missing[0]}: not in the vocabulary")
         tk = BertWordPieceTokenizer(vocab, **names, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
                                     strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg.get("do_lower_case")))
         extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
         extra = [t.get("content") if isinstance(t, dict) else t for t in extra] if isinstance(extra, list) else []
         tk.add_special_tokens([n for n in extra if n in vocab])
     else:
-        raise data.UserError(folder, "no tokenizer.json or vocab.txt")
+        raise cli.UserError(folder, "no tokenizer.json or vocab.txt")
     return WordPieceTokenizer(tk, dict({"do_lower_case": False}, **cfg), vocab_text)
 
 

@@ -18,8 +18,10 @@ import sys
 
 import torch
 
+import cli
 import data
-from model import atomic_write, merge_lora, read_generation_config
+import outputs
+from model import merge_lora, read_generation_config
 
 
 def plot_log(log_path, png_path):
@@ -47,7 +49,7 @@ def plot_log(log_path, png_path):
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
     canvas = FigureCanvasAgg(fig)
-    data.atomic_write(png_path, lambda tmp: canvas.print_png(tmp))
+    outputs.atomic_write(png_path, lambda tmp: canvas.print_png(tmp))
     return fig
 
 
@@ -73,7 +75,7 @@ def save_state(path, model, opt, scaler, step, args_dict):
             meta.setdefault("aliases", {})[k] = seen[key]
         else:
             seen[key], uniq[k] = k, v
-    atomic_write(path, lambda p: save_file(uniq, p, metadata={"meta": json.dumps(meta)}))
+    outputs.atomic_write(path, lambda p: save_file(uniq, p, metadata={"meta": json.dumps(meta)}))
 
 
 # What a resume must not change: the data order, the loss, the optimizer and the schedule depend on these. The number
@@ -87,7 +89,7 @@ STATE_HINT = "delete it to start over, or resume from a copy that is intact"
 def read_state_meta(path):
     """The metadata of a resume state (step, args, ...), or ONE UserError naming the file when it is corrupt."""
     from safetensors import safe_open
-    with data.reading(path, "resume state", STATE_HINT):
+    with cli.reading(path, "resume state", STATE_HINT):
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = (f.metadata() or {}).get("meta")
     try:
@@ -95,7 +97,7 @@ def read_state_meta(path):
         if not isinstance(meta.get("step"), int) or not isinstance(meta.get("args"), dict):
             raise ValueError("no step or args")
     except (TypeError, ValueError, AttributeError):
-        raise data.UserError(path, f"not a resume state written by train.py (metadata unreadable); {STATE_HINT}") from None
+        raise cli.UserError(path, f"not a resume state written by train.py (metadata unreadable); {STATE_HINT}") from None
     return meta
 
 
@@ -117,14 +119,14 @@ def check_resume(path, meta, args_dict):
         if a != b:
             flag = {"weights_abc": "--weights", "data_sha256": "--data (its content)",
                     "world_size": "the number of processes"}.get(k, "--" + k.replace("_", "-"))
-            raise data.UserError("--resume", f"{flag} is {b} but the run saved in {path} used {a}: a resume must not "
+            raise cli.UserError("--resume", f"{flag} is {b} but the run saved in {path} used {a}: a resume must not "
                                              f"change the experiment; use another --out for a new run")
 
 
 def load_state(path, model, opt, scaler):
     from safetensors import safe_open
     meta = read_state_meta(path)
-    with data.reading(path, "resume state", STATE_HINT):
+    with cli.reading(path, "resume state", STATE_HINT):
         with safe_open(path, framework="pt", device="cpu") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
     for k, src in meta.get("aliases", {}).items():
@@ -139,7 +141,7 @@ def load_state(path, model, opt, scaler):
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         torch.set_rng_state(t["rng.cpu"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise data.UserError(path, f"does not fit this model and optimizer ({str(e).splitlines()[0][:200]}); "
+        raise cli.UserError(path, f"does not fit this model and optimizer ({str(e).splitlines()[0][:200]}); "
                                    f"{STATE_HINT}") from None
     if "rng.cuda" in t and torch.cuda.is_available():
         torch.cuda.set_rng_state(t["rng.cuda"])
@@ -165,10 +167,10 @@ def base_generation_config(model_name):
 def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None):
     """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged), plus the
     base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does,
-    and args.json. Written as one unit (data.unit): every file into a hidden temp folder first, then moved in, the
-    resume state last; a failure (a full disk: data.WriteError) leaves the previous checkpoint whole. <out> is
+    and args.json. Written as one unit (outputs.unit): every file into a hidden temp folder first, then moved in, the
+    resume state last; a failure (a full disk: outputs.WriteError) leaves the previous checkpoint whole. <out> is
     recreated if it was deleted during the run."""
-    with data.unit(out, last=("state.safetensors",)) as tmp:
+    with outputs.unit(out, last=("state.safetensors",)) as tmp:
         save_state(os.path.join(tmp, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
         if any("lora_" in n for n, _ in raw_model.named_parameters()):
             import copy
@@ -178,8 +180,8 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generatio
         export.save_pretrained(tmp)
         tok.save(tmp)
         if generation_config is not None:
-            data.atomic_write(os.path.join(tmp, "generation_config.json"), generation_config)
-        data.write_json(os.path.join(tmp, "args.json"), args_dict)
+            outputs.atomic_write(os.path.join(tmp, "generation_config.json"), generation_config)
+        outputs.write_json(os.path.join(tmp, "args.json"), args_dict)
 
 
 # What a new run (no --resume) removes from its --out at the start: every file an earlier train.py or evaluate.py
@@ -199,7 +201,7 @@ def remove_earlier_run(out):
             try:
                 os.remove(f)
             except OSError as e:
-                raise data.WriteError(f, f"cannot remove this file of an earlier run: {e.strerror or e}") from None
+                raise outputs.WriteError(f, f"cannot remove this file of an earlier run: {e.strerror or e}") from None
             gone.append(name)
     return gone
 
@@ -208,8 +210,8 @@ def try_plot(log_path, png_path):
     """plot_log, whose failure (the folder deleted, a full disk) is a note: it never stops a run or costs a save."""
     try:
         plot_log(log_path, png_path)
-    except (OSError, ValueError) as e:   # data.WriteError is a ValueError; json's errors too
-        print(f"note: {png_path} not written: {data.one_line(e.strerror if isinstance(e, OSError) else e)}",
+    except (OSError, ValueError) as e:   # outputs.WriteError is a ValueError; json's errors too
+        print(f"note: {png_path} not written: {cli.one_line(e.strerror if isinstance(e, OSError) else e)}",
               file=sys.stderr, flush=True)
 
 
@@ -241,14 +243,14 @@ def claim_out(out, model_name):
     """Check --out and take it for this run: refused when it is the --model folder (its weights would be
     overwritten). Rank 0 locks it (one run per --out; under torchrun for every rank) and removes the temp files of
     a killed save, safe once the lock is held."""
-    data.output_dir(out, "--out")
+    cli.output_dir(out, "--out")
     if os.path.isdir(model_name) and os.path.isdir(out) and os.path.samefile(model_name, out):
-        raise data.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
+        raise cli.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
                                       "--out)")
     if os.environ.get("RANK", "0") == "0":   # one run per --out; under torchrun rank 0 holds it for every rank
-        data.lock_output(out, "--out")
+        outputs.lock_output(out, "--out")
         # temp files of a killed save: safe to remove now that we hold the lock
-        stale = data.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
+        stale = outputs.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
         if stale:
             print(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save", file=sys.stderr)
 
@@ -264,7 +266,7 @@ def open_log(out, resume, step, log):
         kept, dropped = read_log_lines(log_path, step)
         if dropped:
             log(f"note: {log_path}: dropped {dropped} unreadable line(s) (cut off when the run was killed)")
-        data.atomic_write(log_path, "".join(kept))
+        outputs.atomic_write(log_path, "".join(kept))
     elif not resume:
         gone = remove_earlier_run(out)
         if gone:
@@ -273,7 +275,7 @@ def open_log(out, resume, step, log):
     try:
         logf = open(log_path, "a", encoding="utf-8")
     except OSError as e:
-        raise data.WriteError(log_path, e.strerror or str(e)) from None
+        raise outputs.WriteError(log_path, e.strerror or str(e)) from None
     return log_path, logf
 
 
@@ -283,7 +285,7 @@ def append_log(logf, log_path, rec):
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
     except OSError as e:   # a full disk: one line, exit 2; the last checkpoint stays whole
-        raise data.WriteError(log_path, e.strerror or str(e)) from None
+        raise outputs.WriteError(log_path, e.strerror or str(e)) from None
 
 
 def reopen_log(out, log_path, logf):
@@ -299,4 +301,4 @@ def reopen_log(out, log_path, logf):
         logf.close()
         return open(log_path, "a", encoding="utf-8")
     except OSError as e:
-        raise data.WriteError(log_path, e.strerror or str(e)) from None
+        raise outputs.WriteError(log_path, e.strerror or str(e)) from None

@@ -32,8 +32,8 @@ Examples:
         --epochs 8 --lr 2e-3 --batch-size 32 --max-len 128
     python classify.py --model arabertv02 --data labels.csv --epochs 3 --lr 2e-5 --out out/classifier
 """
-import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
-data.start(__name__)
+import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
+cli.start(__name__)
 import argparse
 import math
 import os
@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, BertClassifier, autocast, build_inputs,  # the encoder
                   collate, load_tensors, load_tokenizer, log, predict_logits, read_checkpoint, save_classifier,
                   weight_table)
+import data
+import outputs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def get_col(row, col):
     """A row's value by column name, exact first, then case/space-insensitively; KeyError if absent."""
     if col in row:
         return row[col]
-    match = [v for c, v in row.items() if data._key(c) == data._key(col)]
+    match = [v for c, v in row.items() if data.column_key(c) == data.column_key(col)]
     if not match:
         raise KeyError(col)
     return match[0]
@@ -198,30 +200,30 @@ def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
             try:
                 v = get_col(row, col)
             except KeyError:
-                raise data.DataError(path, line, col, f"missing column (the {field} column; see --{field}-col)") from None
+                raise cli.DataError(path, line, col, f"missing column (the {field} column; see --{field}-col)") from None
             if not isinstance(v, str) or not v.strip():
-                raise data.DataError(path, line, col, "empty" if isinstance(v, str) else f"expected text, got {v!r}")
+                raise cli.DataError(path, line, col, "empty" if isinstance(v, str) else f"expected text, got {v!r}")
             data.check_field_size(path, line, col, v)   # before the tokenizer (data.MAX_FIELD_BYTES)
             out.append(v.strip())
         try:
             v = get_col(row, label_col)
         except KeyError:
-            raise data.DataError(path, line, label_col, "missing column (see --label-col)") from None
+            raise cli.DataError(path, line, label_col, "missing column (see --label-col)") from None
         if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
-            raise data.DataError(path, line, label_col, f"bad label {v!r}")
+            raise cli.DataError(path, line, label_col, f"bad label {v!r}")
         v = str(int(v)) if isinstance(v, (int, float)) else str(v).strip()
         if not v:
-            raise data.DataError(path, line, label_col, "empty label")
+            raise cli.DataError(path, line, label_col, "empty label")
         raw.append((line, v))
     if not labels and all(data.canonical_severity(v) for _, v in raw):
         labels, raw = list(data.SEVERITIES), [(line, data.canonical_severity(v)) for line, v in raw]
     labels = labels or sorted({v for _, v in raw})
     for line, v in raw:
         if v not in labels:   # only with --labels
-            raise data.DataError(path, line, label_col, f"unknown label '{v}' (--labels: {', '.join(labels)})")
+            raise cli.DataError(path, line, label_col, f"unknown label '{v}' (--labels: {', '.join(labels)})")
     y = [labels.index(v) for _, v in raw]
     if len(set(y)) < 2:
-        raise data.DataError(path, raw[0][0], label_col, f"need at least 2 classes, found only '{labels[y[0]]}'")
+        raise cli.DataError(path, raw[0][0], label_col, f"need at least 2 classes, found only '{labels[y[0]]}'")
     return texts, answers, y, list(labels)
 
 
@@ -250,8 +252,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def get_args(argv=None):
-    num, pos = data.number, dict(lo=0, lo_open=True)
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=HelpFormatter)
+    num, pos = cli.number, dict(lo=0, lo_open=True)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=os.path.join("data", "sample", "severity_labels.jsonl"),
                    help="labelled training file (.jsonl/.json/.csv/.tsv)")
     p.add_argument("--text-col", default="text", help="column with the text to classify (the question)")
@@ -334,27 +336,27 @@ def train(argv=None):
     # -- everything a user can get wrong is checked before any work and before anything is written --------------
     args = get_args(argv)
     t_start = time.time()
-    device = data.resolve_device(args.device)
-    data.input_file(args.data, "--data")
-    data.output_dir(args.out, "--out", inputs=[args.model])
-    data.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is saved
-    data.clean_stale(args.out, ("unit", "model.safetensors", "config.json", "vocab.txt", "tokenizer.json",
+    device = cli.resolve_device(args.device)
+    cli.input_file(args.data, "--data")
+    cli.output_dir(args.out, "--out", inputs=[args.model])
+    outputs.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is saved
+    outputs.clean_stale(args.out, ("unit", "model.safetensors", "config.json", "vocab.txt", "tokenizer.json",
                                 "tokenizer_config.json", "special_tokens_map.json", "metrics.json"))   # a killed save's
     labels_arg = split_list(args.labels) or None
     if labels_arg and len(set(labels_arg)) != len(labels_arg):
-        raise data.UserError("--labels", f"duplicate class names in '{args.labels}'")
+        raise cli.UserError("--labels", f"duplicate class names in '{args.labels}'")
     texts, answers, y, labels = read_labelled(args.data, args.text_col, args.label_col, args.answer_col, labels_arg)
     boost = split_list(args.boost_classes)
     for c in boost:
         if c not in labels:
-            raise data.UserError("--boost-classes", f"'{c}' is not a class ({', '.join(labels)})")
+            raise cli.UserError("--boost-classes", f"'{c}' is not a class ({', '.join(labels)})")
     folder, cfg_dict, cfg, enc, head = read_checkpoint(args.model, args.revision)   # a corrupt file fails here
     if args.max_len > cfg.max_position_embeddings:
-        raise data.UserError("--max-len", f"{args.max_len} exceeds the model's max_position_embeddings "
+        raise cli.UserError("--max-len", f"{args.max_len} exceeds the model's max_position_embeddings "
                                           f"{cfg.max_position_embeddings}")
     tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
     if tok.vocab_size > cfg.vocab_size:
-        raise data.UserError(args.model, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+        raise cli.UserError(args.model, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
 
     # -- data: a seeded stratified split, inputs tokenised once --------------------------------------------------
     C, y = len(labels), np.asarray(y)
@@ -416,7 +418,7 @@ def train(argv=None):
             log(f"epoch {epoch + 1}: switching from ce to {args.loss}")
         perm = torch.randperm(len(tr), generator=gen).tolist()
         n_steps = min(steps_per_epoch, total - step)
-        bar = data.progress(n_steps, f"epoch {epoch + 1}/{n_epochs}", "step", args.quiet)
+        bar = cli.progress(n_steps, f"epoch {epoch + 1}/{n_epochs}", "step", args.quiet)
         loss_sum, n_seen = 0.0, 0
         for b in range(n_steps):
             idx = [tr[i] for i in perm[b * args.batch_size:(b + 1) * args.batch_size]]
@@ -433,7 +435,7 @@ def train(argv=None):
             loss = loss_fn()
             loss_v = loss.item()
             if not math.isfinite(loss_v):
-                raise data.UserError("--lr", f"the loss is {loss_v} at step {step + 1}; try a lower --lr")
+                raise cli.UserError("--lr", f"the loss is {loss_v} at step {step + 1}; try a lower --lr")
             loss.backward()
             if args.fgm_eps > 0:
                 fgm_step(model.bert.wte, args.fgm_eps, loss_fn)
@@ -469,7 +471,7 @@ def train(argv=None):
     # -- save: the model folder, then metrics.json (both atomic) -------------------------------------------------
     bad = next((n for n, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:   # a finite loss, then an update past the float range (--lr or --weight-decay far too large)
-        raise data.UserError("--lr", f"the updates made the weights non-finite ({bad}); nothing was saved: try a lower "
+        raise cli.UserError("--lr", f"the updates made the weights non-finite ({bad}); nothing was saved: try a lower "
                                      "--lr or --weight-decay")
     met = evaluate(1.0)
     model.meta = {"trained_with": "classify.py", "input": "question+answer" if answers is not None else "text",
@@ -479,10 +481,10 @@ def train(argv=None):
                "labels": labels, "n_train": len(tr), "n_val": len(va), "train_counts": counts.tolist(),
                "epochs": history, "best_epoch": best["epoch"] if best else n_epochs, "steps": step,
                "seconds": round(time.time() - t_start, 1), "args": vars(args)}
-    # one unit (data.unit): a failure (a full disk) leaves the previous classifier whole, or no folder at all
-    with data.unit(args.out, last=("metrics.json",)) as tmp:
+    # one unit (outputs.unit): a failure (a full disk) leaves the previous classifier whole, or no folder at all
+    with outputs.unit(args.out, last=("metrics.json",)) as tmp:
         save_classifier(model.cpu(), tok, tmp)
-        data.write_json(os.path.join(tmp, "metrics.json"), metrics)
+        outputs.write_json(os.path.join(tmp, "metrics.json"), metrics)
     if met is not None:
         print(f"validation ({len(va)} examples), epoch {metrics['best_epoch']}:")
         print(format_metrics(met, labels, majority))
@@ -492,7 +494,7 @@ def train(argv=None):
 
 def main(argv=None):
     """train(argv) under the command-line contract: a user's mistake is one line 'error: ...' and exit 2."""
-    return data.run(train, argv)
+    return cli.run(train, argv)
 
 
 if __name__ == "__main__":

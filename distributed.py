@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-import data
+import outputs
 from checkpoint import load_state, save_checkpoint
 from model import Decoder
 
@@ -92,7 +92,7 @@ def leave(code):
     if active():
         dist.barrier()
         dist.destroy_process_group()
-        data.release_outputs()   # os._exit skips atexit: remove rank 0's lock file here
+        outputs.release_outputs()   # os._exit skips atexit: remove rank 0's lock file here
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

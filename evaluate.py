@@ -39,8 +39,8 @@ bert-score 0.3.13 on transformers 5 (two workarounds, both here, both keep bert-
   - an empty candidate crashes it (it calls a tokenizer method transformers 5 removed); bert-score defines the
     score of an empty candidate as P = R = F1 = 0, so empty predictions get 0 and are not sent to it.
 """
-import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
-data.start(__name__)
+import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
+cli.start(__name__)
 import functools
 import json
 import os
@@ -49,6 +49,9 @@ import time
 
 import numpy as np
 import torch
+
+import data
+import outputs
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -85,8 +88,8 @@ def paper_key(name):
 
 
 def get_args(argv=None):
-    num = data.number
-    p = data.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    num = cli.number
+    p = cli.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--model", default=None, help="registry name (see model.REGISTRY), HF repo id or local folder of the "
                    "untouched base model (setting Base), or a folder train.py wrote (setting from its args.json)")
     p.add_argument("--data", default=SAMPLE_TEST, help="canonical test file (question, answer, severity, p_nc, p_n, p_c)")
@@ -158,7 +161,7 @@ def get_args(argv=None):
                    "scored on the same data with the same scorer and protocol: per example B - A in P, R, F1 and "
                    "answer NLL, overall and per severity, with a 95%% paired bootstrap interval and a paired "
                    "sign-flip permutation p-value; printed and saved to --out/compare.json")
-    p.add_argument("--permutations", type=data.number(int, lo=1, hi=10**7), default=None, help="with --compare/--table: "
+    p.add_argument("--permutations", type=cli.number(int, lo=1, hi=10**7), default=None, help="with --compare/--table: "
                    "random sign flips of the permutation test (exact enumeration when 2^n is no more than this); "
                    f"seeded with --bootstrap-seed; default {PERMUTATIONS}")
     a = p.parse_args(argv)
@@ -168,7 +171,7 @@ def get_args(argv=None):
     for flag in [f for f in MODE_FLAGS if f in p.given(argv)]:   # in MODE_FLAGS order: one message, always the same
         modes, why = MODE_FLAGS[flag]
         if mode not in modes:
-            raise data.UserError(f"--{flag}", why)
+            raise cli.UserError(f"--{flag}", why)
     return a
 
 
@@ -196,14 +199,14 @@ def describe_model(name_or_path):
     if not os.path.isfile(args_file):
         return os.path.basename(os.path.normpath(name_or_path)), "Base", None
     import train
-    targs = data.read_json(args_file, "training arguments")
+    targs = cli.read_json(args_file, "training arguments")
     try:
         abc = targs.get("weights_abc")
         abc = train.parse_weights(str(targs.get("weights", ""))) if abc is None else tuple(float(x) for x in abc)
         if len(abc) != 3:
             raise ValueError(f"{len(abc)} values")
     except (AttributeError, TypeError, ValueError) as e:
-        raise data.UserError(args_file, f"weights: cannot read the training weights a,b,c ({e})") from None
+        raise cli.UserError(args_file, f"weights: cannot read the training weights a,b,c ({e})") from None
     setting = next((PRESET_SETTING[k] for k, v in train.PRESETS.items()
                     if k in PRESET_SETTING and all(abs(x - y) < 1e-9 for x, y in zip(v, abc))), "custom")
     base = str(targs.get("model") or name_or_path)
@@ -272,7 +275,7 @@ def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
     if model.cfg.pos == "learned":
         room = model.cfg.max_pos - max_new_tokens
         if room < 1:
-            raise data.UserError("--max-new-tokens", f"{max_new_tokens} leaves no room for a prompt in the model's "
+            raise cli.UserError("--max-new-tokens", f"{max_new_tokens} leaves no room for a prompt in the model's "
                                                      f"{model.cfg.max_pos} positions")
         prompts = [p[-room:] for p in prompts]
     return prompts
@@ -355,9 +358,9 @@ def scorer_folder(name):
     if os.path.isdir(name):
         folder = name
     elif os.path.exists(name):
-        raise data.UserError(flag, f"{name}: is a file, expected a folder or a hub name")
+        raise cli.UserError(flag, f"{name}: is a file, expected a folder or a hub name")
     elif os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1:
-        raise data.UserError(flag, f"{name}: no such folder")
+        raise cli.UserError(flag, f"{name}: no such folder")
     else:
         from huggingface_hub import snapshot_download
         try:
@@ -366,27 +369,27 @@ def scorer_folder(name):
             try:
                 folder = snapshot_download(name, allow_patterns=SCORER_ALLOW, local_files_only=True)
             except Exception as e:   # noqa: BLE001 - any hub failure is the user's to fix (name, network, token)
-                raise data.UserError(flag, f"{name}: not a local folder, and cannot fetch it from the hub "
+                raise cli.UserError(flag, f"{name}: not a local folder, and cannot fetch it from the hub "
                                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise data.UserError(flag, f"{name}: no config.json")
+        raise cli.UserError(flag, f"{name}: no config.json")
     files = os.listdir(folder)
     if not any(f.endswith(".safetensors") for f in files):
         pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))]
-        raise data.UserError(flag, f"{name}: no .safetensors weights" + (
+        raise cli.UserError(flag, f"{name}: no .safetensors weights" + (
             f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)"
             if pickles else ""))
     vocab = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
     if not any(f in files for f in vocab):   # transformers would build an EMPTY tokenizer: every token [UNK]
-        raise data.UserError(flag, f"{name}: no tokenizer files (one of {', '.join(vocab)})")
+        raise cli.UserError(flag, f"{name}: no tokenizer files (one of {', '.join(vocab)})")
     from safetensors import safe_open
     for f in sorted(f for f in files if f.endswith(".safetensors")):   # a cut or corrupt file fails here, by name
-        with data.reading(os.path.join(folder, f), "scorer weights", "re-download or re-save the scorer"):
+        with cli.reading(os.path.join(folder, f), "scorer weights", "re-download or re-save the scorer"):
             with safe_open(os.path.join(folder, f), framework="pt") as h:
                 for k in h.keys():   # from the header only; integer buffers (position_ids) are allowed
                     dt = h.get_slice(k).get_dtype()
                     if k.endswith((".weight", ".bias")) and not dt.startswith(("F", "BF")):
-                        raise data.UserError(flag, f"{os.path.join(folder, f)}: tensor {k} is {dt}: weights "
+                        raise cli.UserError(flag, f"{os.path.join(folder, f)}: tensor {k} is {dt}: weights "
                                                    "must be floating point")
     return folder
 
@@ -402,16 +405,16 @@ class BertScore:
         from bert_score.utils import model2layers
         if layer is None:
             if model_type not in model2layers:
-                raise data.UserError("--bertscore-model", f"{model_type!r} is not in bert-score's layer table: give "
+                raise cli.UserError("--bertscore-model", f"{model_type!r} is not in bert-score's layer table: give "
                                      f"--bertscore-layer (e.g. 9 for {DEFAULT_SCORER}, 17 for xlm-roberta-large)")
             layer = model2layers[model_type]
         if layer < 0:
-            raise data.UserError("--bertscore-layer", f"{layer} must be >= 0")
+            raise cli.UserError("--bertscore-layer", f"{layer} must be >= 0")
         folder = scorer_folder(model_type)
-        cfg = data.read_json(os.path.join(folder, "config.json"), "scorer config")
+        cfg = cli.read_json(os.path.join(folder, "config.json"), "scorer config")
         n_layers = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
         if isinstance(n_layers, int) and layer > n_layers:
-            raise data.UserError("--bertscore-layer", f"{layer} but {model_type} has {n_layers} layers")
+            raise cli.UserError("--bertscore-layer", f"{layer} but {model_type} has {n_layers} layers")
         self.model_type, self.layer = model_type, layer
         from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
@@ -425,11 +428,11 @@ class BertScore:
             # one pair through tokenizer and model now: a broken vocabulary fails here, not after the generation
             self.scorer.score(["ا"], ["ا"], batch_size=1)
         except (OSError, ValueError, AssertionError, KeyError, TypeError, IndexError, StrictDataclassError) as e:
-            raise data.UserError("--bertscore-model", f"cannot load {model_type!r}: {e}") from None
+            raise cli.UserError("--bertscore-model", f"cannot load {model_type!r}: {e}") from None
         except Exception as e:   # noqa: BLE001 - the tokenizers library raises bare Exceptions (an empty vocab.txt)
             if type(e) is not Exception:
                 raise
-            raise data.UserError("--bertscore-model", f"cannot load {model_type!r}'s tokenizer: {e}") from None
+            raise cli.UserError("--bertscore-model", f"cannot load {model_type!r}'s tokenizer: {e}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
@@ -562,23 +565,23 @@ def paired_diff(a, b, n_boot=1000, seed=0, n_perm=10000, denom=None):
 def check_args(args):
     """Every flag and path, before any work: the model, the data, the output folder."""
     if args.model is None:
-        raise data.UserError("--model", "required (or use --table)")
+        raise cli.UserError("--model", "required (or use --table)")
     if not args.greedy and not args.temperature > 0:
-        raise data.UserError("--temperature", f"{args.temperature} must be > 0 (use --greedy for greedy decoding)")
+        raise cli.UserError("--temperature", f"{args.temperature} must be > 0 (use --greedy for greedy decoding)")
     if args.floor and args.n < 2:
-        raise data.UserError("--floor", "needs --n >= 2")
+        raise cli.UserError("--floor", "needs --n >= 2")
     if args.greedy and args.repeat > 1:
-        raise data.UserError("--repeat", "greedy runs are identical; repeat sampled runs only")
+        raise cli.UserError("--repeat", "greedy runs are identical; repeat sampled runs only")
     given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
     if args.greedy and given:   # a sampling setting greedy decoding would ignore: the run is not what was asked
-        raise data.UserError(given[0], "a sampling setting: it has no effect with --greedy (drop one of the two)")
-    data.input_file(args.data, "--data")
-    data.output_dir(out_folder(args), "--out")
+        raise cli.UserError(given[0], "a sampling setting: it has no effect with --greedy (drop one of the two)")
+    cli.input_file(args.data, "--data")
+    cli.output_dir(out_folder(args), "--out")
     for f in ("eval.json", "predictions.jsonl"):
-        data.output_file(os.path.join(out_folder(args), f), "--out")
-    data.lock_output(out_folder(args), "--out")   # one run per folder (a train.py run there holds it too)
+        cli.output_file(os.path.join(out_folder(args), f), "--out")
+    outputs.lock_output(out_folder(args), "--out")   # one run per folder (a train.py run there holds it too)
     # temp files of a killed write: no live run can own them now that we hold the lock
-    data.clean_stale(out_folder(args), ("unit", "eval.json", "predictions.jsonl"))
+    outputs.clean_stale(out_folder(args), ("unit", "eval.json", "predictions.jsonl"))
 
 
 def out_folder(args):
@@ -594,25 +597,25 @@ def evaluate(args):
     records_all = data.load_records(args.data)
     records = records_all[:args.n]
     name, setting, targs = describe_model(args.model)
-    device = str(data.resolve_device(args.device, "--device"))
+    device = str(cli.resolve_device(args.device, "--device"))
     cuda_auto = "fp16" if args.recipe == "notebook" else "bf16"     # the notebooks generated in fp16
     dtype = args.dtype if args.dtype != "auto" else (cuda_auto if device.startswith("cuda") else "fp32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     # find the model (a download for a hub name) before the scorer, load it after: both fail fast (model.py's
     # loaders report a missing folder, bad config, tokenizer or weights as one UserError naming the file)
-    with data.for_flag("--model"):
+    with cli.for_flag("--model"):
         path = args.model if args.model == "tiny" and not os.path.isdir(args.model) else resolve(args.model)
     # the scorer before any generation: a bad --bertscore-model fails in seconds, not after an hour
-    with data.for_flag("--bertscore-model"):
+    with cli.for_flag("--bertscore-model"):
         scorer = BertScore(args.bertscore_model, args.bertscore_layer, args.bertscore_batch_size, device)
-    with data.for_flag("--model"):
+    with cli.for_flag("--model"):
         tok = load_tokenizer(path)
         model = Decoder.from_pretrained(path, dtype=torch_dtype, device=device,
                                         quantize=None if args.quantize == "none" else args.quantize).eval()
     if tok.eos_id is None:
-        raise data.UserError("--model", f"{args.model}: {tok.no_id('eos')}")
+        raise cli.UserError("--model", f"{args.model}: {tok.no_id('eos')}")
     if model.cfg.pos == "learned" and model.cfg.max_pos - args.max_new_tokens < 1:
-        raise data.UserError("--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in the model's "
+        raise cli.UserError("--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in the model's "
                                                  f"{model.cfg.max_pos} positions")
     gen_cfg = model_generation_config(path)           # a bad generation_config.json fails here, before any work
     prompt, top_k, top_p, notes = resolve_recipe(args, gen_cfg)
@@ -646,7 +649,7 @@ def evaluate(args):
     for k, seed in enumerate(seeds):
         t0 = time.time()
         tag = f"run {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
-        prog = data.progress(len(records), f"{tag}generate", "row", args.quiet)
+        prog = cli.progress(len(records), f"{tag}generate", "row", args.quiet)
         preds = generate_answers(model, tok, questions, args.batch_size, args.max_new_tokens, temperature, top_k,
                                  top_p, seed, prog, gen_stats, prompt, eos_ids=gen_cfg.get("eos_token_id"),
                                  notebook=args.recipe == "notebook")
@@ -691,7 +694,7 @@ def evaluate(args):
         "model": {"path": args.model, "name": args.name or name, "params": model.num_params(),
                   "family": model.cfg.family,
                   "weights": targs["weights_abc"] if targs else None, "train_args": targs},
-        "data": {"path": args.data, "sha256": data.sha256(args.data), "n": len(records), "n_file": len(records_all),
+        "data": {"path": args.data, "sha256": outputs.sha256(args.data), "n": len(records), "n_file": len(records_all),
                  "counts": counts},
         "generation": {"mode": "greedy" if args.greedy else "sampled", "temperature": temperature,
                        "top_k": top_k or None, "top_p": top_p if top_p < 1 else None,
@@ -753,41 +756,41 @@ def _is_num(x):
 def _check_cells(path, where, table):
     """A {group: cell} dict of an eval.json: each cell has a finite mean and numbers (or null) for lo/hi/std."""
     if not isinstance(table, dict):
-        raise data.UserError(path, f"{where}: expected an object of group -> cell, got {type(table).__name__}")
+        raise cli.UserError(path, f"{where}: expected an object of group -> cell, got {type(table).__name__}")
     for g, d in table.items():
         if not isinstance(d, dict) or not _is_num(d.get("mean")):
-            raise data.UserError(path, f"{where}.{g}: expected a cell with a finite number 'mean'")
+            raise cli.UserError(path, f"{where}.{g}: expected a cell with a finite number 'mean'")
         for k in ("lo", "hi", "std"):
             if d.get(k) is not None and not _is_num(d[k]):
-                raise data.UserError(path, f"{where}.{g}.{k}: expected a number or null, got {d[k]!r}"[:200])
+                raise cli.UserError(path, f"{where}.{g}.{k}: expected a number or null, got {d[k]!r}"[:200])
         n = d.get("n")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise data.UserError(path, f"{where}.{g}.n: expected a count (an integer >= 0) or null, got {n!r}"[:200])
+            raise cli.UserError(path, f"{where}.{g}.n: expected a count (an integer >= 0) or null, got {n!r}"[:200])
 
 
 def load_eval(path, flag="--table", predictions=True):
     """An eval.json for --table (or --compare), checked field by field (one UserError naming the file and field);
     with predictions, also the predictions.jsonl beside it against the sha256 it records (check_predictions)."""
-    data.input_file(path, flag)
-    ev = data.read_json(path, "eval.json")
+    cli.input_file(path, flag)
+    ev = cli.read_json(path, "eval.json")
     if not isinstance(ev, dict):
-        raise data.UserError(path, "not an eval.json written by evaluate.py (expected a JSON object)")
+        raise cli.UserError(path, "not an eval.json written by evaluate.py (expected a JSON object)")
     for key in ("setting", "model", "scores", "nll"):
         if key not in ev:
-            raise data.UserError(path, f"{key}: missing (not an eval.json written by evaluate.py)")
+            raise cli.UserError(path, f"{key}: missing (not an eval.json written by evaluate.py)")
     if not isinstance(ev["setting"], str):
-        raise data.UserError(path, f"setting: expected text, got {type(ev['setting']).__name__}")
+        raise cli.UserError(path, f"setting: expected text, got {type(ev['setting']).__name__}")
     m = ev["model"]
     if not isinstance(m, dict) or not isinstance(m.get("name"), str):
-        raise data.UserError(path, "model.name: expected text")
+        raise cli.UserError(path, "model.name: expected text")
     w = m.get("weights")
     if w is not None and not (isinstance(w, list) and len(w) == 3 and all(_is_num(x) for x in w)):
-        raise data.UserError(path, "model.weights: expected three numbers or null")
+        raise cli.UserError(path, "model.weights: expected three numbers or null")
     for key in ("scores", "floor"):
         if key == "floor" and ev.get("floor") is None:
             continue
         if not isinstance(ev[key], dict):
-            raise data.UserError(path, f"{key}: expected an object of metric -> groups")
+            raise cli.UserError(path, f"{key}: expected an object of metric -> groups")
         for metric, table in ev[key].items():
             _check_cells(path, f"{key}.{metric}", table)
     _check_cells(path, "nll", ev["nll"])
@@ -804,10 +807,10 @@ def check_predictions(path, ev):
     pred = os.path.join(os.path.dirname(os.path.abspath(path)), "predictions.jsonl")
     if want is None or not os.path.isfile(pred):   # no file: --compare says so when it needs it
         return
-    with data.reading(pred, "predictions"):
-        got = data.sha256(pred)
+    with cli.reading(pred, "predictions"):
+        got = outputs.sha256(pred)
     if got != want:
-        raise data.UserError(pred, f"does not match {path} (sha256 {got[:12]}..., eval.json records "
+        raise cli.UserError(pred, f"does not match {path} (sha256 {got[:12]}..., eval.json records "
                                    f"{str(want)[:12]}...): the two files are from different runs; evaluate again")
 
 
@@ -970,7 +973,7 @@ def save_plot(path, metric, rows, cols, cells):
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     try:
-        data.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        outputs.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
 
@@ -978,15 +981,15 @@ def save_plot(path, metric, rows, cols, cells):
 def table_main(args):
     args.metric, args.permutations = args.metric or "f1", args.permutations or PERMUTATIONS
     if args.plot is not None:   # "" too: refused, not silently skipped
-        data.output_file(args.plot, "--plot", inputs=args.table)
+        cli.output_file(args.plot, "--plot", inputs=args.table)
     evs = [load_eval(p) for p in args.table]
     if all(cell_values(e, args.metric, "overall") is None for e in evs):   # an empty table is no answer
-        raise data.UserError("--metric", f"{args.metric}: no --table file has it"
+        raise cli.UserError("--metric", f"{args.metric}: no --table file has it"
                              + (" (evaluate.py --floor writes it)" if args.metric == "floor" else ""))
     marks, skipped = table_significance(args.table, evs, args.metric, args.bootstrap, args.bootstrap_seed,
                                         args.permutations)
     for msg in skipped:
-        data.notice(f"note: no significance mark for {msg}")   # msg names runs from files: escaped
+        cli.notice(f"note: no significance mark for {msg}")   # msg names runs from files: escaped
     if args.holm:
         marks = holm_marks(marks)
     text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks, args.holm)
@@ -1016,22 +1019,22 @@ def load_examples(path):
     ev = load_eval(eval_json_path(path), "--compare", predictions=False)   # checked below, once its rows parse
     for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
         if not isinstance(ev.get(key), kind):
-            raise data.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
+            raise cli.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
     if not isinstance(ev["data"].get("n"), int) or isinstance(ev["data"].get("n"), bool) or ev["data"]["n"] < 1:
-        raise data.UserError(eval_json_path(path), "data.n: expected the number of test records")
+        raise cli.UserError(eval_json_path(path), "data.n: expected the number of test records")
     pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
     if not os.path.isfile(pred):
-        raise data.UserError(pred, "no such file (the per-example scores are needed)")
+        raise cli.UserError(pred, "no such file (the per-example scores are needed)")
     n = ev["data"]["n"]
     rows = {}
-    with data.reading(pred, "predictions"):
+    with cli.reading(pred, "predictions"):
         with open(pred, encoding="utf-8") as f:
             lines = list(enumerate(f, 1))
     for ln, line in lines:
         if not line.strip():
             continue
         try:
-            r = data.STRICT_JSON.decode(line)
+            r = cli.STRICT_JSON.decode(line)
             if not all(isinstance(r[k], str) for k in ("severity", "question", "reference")) or \
                     not all(_is_num(r[m]) for m in METRICS) or isinstance(r["index"], bool) or \
                     not (r.get("nll") is None or _is_num(r["nll"])) or \
@@ -1039,9 +1042,9 @@ def load_examples(path):
                 raise TypeError("wrong field types")
             rows.setdefault(int(r["index"]), []).append(r)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
-            raise data.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
+            raise cli.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
     if sorted(rows) != list(range(n)):
-        raise data.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
+        raise cli.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
     check_predictions(eval_json_path(path), ev)
     ex = {"path": pred, "severity": [], "question": [], "reference": []}
     cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
@@ -1074,7 +1077,7 @@ def check_comparable(runs):
                        (b.get("argv") or {}).get("max_len")))
         for what, x, y in checks:
             if x != y:
-                raise data.UserError("--compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
+                raise cli.UserError("--compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
                                                   f"comparison needs the same data, scorer and protocol")
 
 
@@ -1086,7 +1089,7 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
     for k in ("severity", "question", "reference"):
         if exa[k] != exb[k]:
             i = next(j for j, (x, y) in enumerate(zip(exa[k], exb[k])) if x != y)
-            raise data.UserError("--compare", f"{exa['path']} and {exb['path']} differ in the {k} of record {i}")
+            raise cli.UserError("--compare", f"{exa['path']} and {exb['path']} differ in the {k} of record {i}")
     sev = np.asarray(exa["severity"])
     out = {}
     ok = np.array([x is not None and y is not None for x, y in zip(exa["nll"], exb["nll"])])
@@ -1117,13 +1120,13 @@ def paired_table(exa, exb, n_boot, seed, n_perm):
 def compare_main(args):
     args.permutations = args.permutations or PERMUTATIONS
     if not args.out:
-        raise data.UserError("--out", "required with --compare (compare.json is written there)")
-    data.output_dir(args.out, "--out")
-    data.output_file(os.path.join(args.out, "compare.json"), "--out")
-    data.lock_output(args.out, "--out")
+        raise cli.UserError("--out", "required with --compare (compare.json is written there)")
+    cli.output_dir(args.out, "--out")
+    cli.output_file(os.path.join(args.out, "compare.json"), "--out")
+    outputs.lock_output(args.out, "--out")
     a, b = args.compare
     if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):   # a run against itself: nothing to test
-        raise data.UserError("--compare", f"{a} and {b} are the same run: give two different eval folders")
+        raise cli.UserError("--compare", f"{a} and {b} are the same run: give two different eval folders")
     (ea, xa), (eb, xb) = load_examples(args.compare[0]), load_examples(args.compare[1])
     check_comparable([(args.compare[0], ea), (args.compare[1], eb)])
     diffs = paired_table(xa, xb, args.bootstrap, args.bootstrap_seed, args.permutations)
@@ -1144,7 +1147,7 @@ def compare_main(args):
                               "seed": args.bootstrap_seed},
               "nll_statistic": diffs.pop("nll_statistic"), "diff": diffs, "notes": notes}
     out = os.path.join(args.out, "compare.json")
-    data.write_json(out, result)
+    outputs.write_json(out, result)
     print(f"B - A: {result['b']['name']} / {result['b']['setting']} minus {result['a']['name']} / "
           f"{result['a']['setting']} | n = {result['data']['n']}" + "".join(f" | note: {x}" for x in notes))
     print("| metric | group | n | A | B | B - A [95% paired bootstrap] | p (sign-flip) |")
@@ -1205,7 +1208,7 @@ def table_significance(paths, evs, metric, n_boot, seed, n_perm):
 
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
-    return data.run(_main, argv)
+    return cli.run(_main, argv)
 
 
 def _main(argv=None):
@@ -1218,10 +1221,10 @@ def _main(argv=None):
     out = out_folder(args)
     result["out"] = out
     # one unit: both files or neither replace the old ones, eval.json (which names the predictions' sha256) last
-    with data.unit(out, last=("eval.json",)) as tmp:
-        data.write_jsonl(os.path.join(tmp, "predictions.jsonl"), rows)
-        result["predictions_sha256"] = data.sha256(os.path.join(tmp, "predictions.jsonl"))
-        data.write_json(os.path.join(tmp, "eval.json"), result)
+    with outputs.unit(out, last=("eval.json",)) as tmp:
+        outputs.write_jsonl(os.path.join(tmp, "predictions.jsonl"), rows)
+        result["predictions_sha256"] = outputs.sha256(os.path.join(tmp, "predictions.jsonl"))
+        outputs.write_json(os.path.join(tmp, "eval.json"), result)
     print_summary(result)
     print(f"\nwrote {os.path.join(out, 'eval.json')} and predictions.jsonl ({result['timing']['total_s']:.0f} s)",
           file=sys.stderr)

@@ -29,8 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import data
-from data import UserError, atomic_write  # noqa: F401 - atomic_write: one home (data), used here and by callers
+import cli
+import outputs
+from cli import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -878,8 +879,8 @@ class Decoder(nn.Module):
                 hf[name] = t.contiguous().cpu()
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.wte.weight.dtype).replace("torch.", "")
-        atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
-        data.write_json(os.path.join(out_dir, "config.json"), cfg)
+        outputs.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
+        outputs.write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
 def sample(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -1007,7 +1008,7 @@ def read_config(path):
     _regular(cfg_file)
     if not os.path.isfile(cfg_file):
         raise UserError(path, "no config.json: not a model folder")
-    hf = data.read_json(cfg_file, "config")
+    hf = cli.read_json(cfg_file, "config")
     if not isinstance(hf, dict):
         raise UserError(cfg_file, "config must be a JSON object")
     try:
@@ -1131,7 +1132,7 @@ def read_generation_config(path):
     """A model folder's generation_config.json (or config.json), parsed: ONE UserError naming the file when it is not
     a JSON object or a sampling setting has the wrong type (top_k "x" would fail in the middle of an evaluation;
     do_sample "false" would read as true). Only the keys a sampler reads are checked; the rest pass through."""
-    cfg = data.read_json(path, os.path.basename(path))
+    cfg = cli.read_json(path, os.path.basename(path))
     if not isinstance(cfg, dict):
         raise UserError(path, "must be a JSON object")
     for k, v in cfg.items():
@@ -1155,7 +1156,7 @@ class _Tensors:
         from safetensors import safe_open
         self.handles, self.where, self.name = [], {}, folder
         for f in files:
-            with data.reading(f, "weights", "re-download or re-save the model"):
+            with cli.reading(f, "weights", "re-download or re-save the model"):
                 h = safe_open(f, framework="pt", device="cpu")
                 self.handles.append(h)
                 for k in h.keys():
@@ -1169,12 +1170,12 @@ class _Tensors:
 
     def shape(self, k):
         h, name, f = self.where[k]
-        with data.reading(f, "weights", "re-download or re-save the model"):
+        with cli.reading(f, "weights", "re-download or re-save the model"):
             return tuple(h.get_slice(name).get_shape())
 
     def get(self, k):
         h, name, f = self.where[k]
-        with data.reading(f, "weights", "re-download or re-save the model"):
+        with cli.reading(f, "weights", "re-download or re-save the model"):
             return h.get_tensor(name)
 
 
@@ -1191,7 +1192,7 @@ def open_safetensors(path):
     name -> tensor view; a folder with only pickled weights is refused. Shared with bert.py."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        wm = data.read_json(index, "index")
+        wm = cli.read_json(index, "index")
         wm = wm.get("weight_map") if isinstance(wm, dict) else None
         if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
             raise UserError(index, "weight_map: expected an object of tensor name -> shard file")
@@ -1284,7 +1285,7 @@ def resolve(name_or_path, revision=None, registry=None):
     registry: the short names to know (default: this file's REGISTRY; classify.py passes its encoders')."""
     registry = REGISTRY if registry is None else registry
     if os.path.isdir(name_or_path):
-        data.utf8_path(name_or_path, "")   # safetensors cannot open it, the JSON outputs cannot record it
+        cli.utf8_path(name_or_path, "")   # safetensors cannot open it, the JSON outputs cannot record it
         return name_or_path
     if os.path.exists(name_or_path):
         raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "
@@ -1334,10 +1335,10 @@ class Tokenizer:
 
     def save(self, out_dir):
         os.makedirs(out_dir, exist_ok=True)
-        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: self.tk.save(p))
+        outputs.atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: self.tk.save(p))
         specials = {k: self.tk.id_to_token(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                                                             ("pad_token", self.pad_id)) if i is not None}
-        data.write_json(os.path.join(out_dir, "special_tokens_map.json"), specials)
+        outputs.write_json(os.path.join(out_dir, "special_tokens_map.json"), specials)
 
 
 def load_tokenizer(name_or_path, revision=None):
@@ -1356,16 +1357,16 @@ def load_tokenizer(name_or_path, revision=None):
               "tokenizer_config.json", "special_tokens_map.json"):
         _regular(j(n))
     if os.path.isfile(j("tokenizer.json")):
-        with data.reading(j("tokenizer.json"), "tokenizer", "expected a tokenizer.json saved by the tokenizers library"):
+        with cli.reading(j("tokenizer.json"), "tokenizer", "expected a tokenizer.json saved by the tokenizers library"):
             tk = TK.from_file(j("tokenizer.json"))
     elif os.path.isfile(j("vocab.json")) and os.path.isfile(j("merges.txt")):
-        with data.reading(f"{j('vocab.json')} + merges.txt", "tokenizer (byte-level BPE)"):
+        with cli.reading(f"{j('vocab.json')} + merges.txt", "tokenizer (byte-level BPE)"):
             tk = TK(models.BPE.from_file(j("vocab.json"), j("merges.txt")))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
         if os.path.isfile(j("added_tokens.json")):
-            added = data.read_json(j("added_tokens.json"), "added tokens")
+            added = cli.read_json(j("added_tokens.json"), "added tokens")
             if not isinstance(added, dict) or not all(isinstance(v, int) for v in added.values()):
                 raise UserError(j("added_tokens.json"), "expected an object of token -> id")
             for tok, want in sorted(added.items(), key=lambda kv: kv[1]):
@@ -1381,7 +1382,7 @@ def load_tokenizer(name_or_path, revision=None):
         tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in sorted(specials)])
     ids, V = {}, None
     if os.path.isfile(j("config.json")):
-        c = data.read_json(j("config.json"), "config")
+        c = cli.read_json(j("config.json"), "config")
         c = c if isinstance(c, dict) else {}
         for k in ("bos", "eos", "pad"):
             v = c.get(f"{k}_token_id")
@@ -1416,7 +1417,7 @@ def _special_names(path):
     for fname in ("tokenizer_config.json", "special_tokens_map.json"):
         p = os.path.join(path, fname)
         if os.path.isfile(p):
-            c = data.read_json(p, fname)
+            c = cli.read_json(p, fname)
             if not isinstance(c, dict):
                 raise UserError(p, "expected a JSON object")
             for k in ("bos", "eos", "pad"):

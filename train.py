@@ -15,8 +15,8 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
 (loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
 """
-import data   # first, and light: data.start() guards Ctrl-C and the console while the heavy imports load
-data.start(__name__)
+import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
+cli.start(__name__)
 import contextlib
 import math
 import os
@@ -29,10 +29,12 @@ import torch
 
 from checkpoint import (all_finite, append_log, base_generation_config, check_resume, claim_out, load_state, open_log,
                         read_state_meta, reopen_log, save_checkpoint, try_plot)
+import data
 from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
                          leave, shard, wrap)
 from distributed import init as init_processes
 from model import HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, load_tokenizer
+import outputs
 from packing import pack_step
 
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
@@ -63,8 +65,8 @@ def peak_bf16(device_name):
 
 
 def get_args(argv=None):
-    num = data.number
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    num = cli.number
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="registry name (see model.REGISTRY), HF repo id, or local folder")
     p.add_argument("--data", default=os.path.join(SAMPLE, "train.jsonl"), help="training file, canonical JSONL/CSV (data/README.md)")
     p.add_argument("--eval-data", default="auto", help="held-out file for eval loss; 'auto' = test.jsonl beside --data, 'none' = no eval")
@@ -145,11 +147,11 @@ def parse_weights(s):
     try:
         w = tuple(float(x) for x in parts)
     except ValueError:
-        raise data.UserError("--weights", f"{s!r} is neither a,b,c numbers nor a preset ({', '.join(PRESETS)})") from None
+        raise cli.UserError("--weights", f"{s!r} is neither a,b,c numbers nor a preset ({', '.join(PRESETS)})") from None
     if len(w) != 3 or not all(math.isfinite(x) and x >= 0 for x in w):
-        raise data.UserError("--weights", f"{s!r} must be three finite non-negative numbers a,b,c")
+        raise cli.UserError("--weights", f"{s!r} must be three finite non-negative numbers a,b,c")
     if not any(w):
-        raise data.UserError("--weights", f"{s!r}: all three are 0, so every example has weight 0 and nothing is learned")
+        raise cli.UserError("--weights", f"{s!r}: all three are 0, so every example has weight 0 and nothing is learned")
     return w
 
 
@@ -164,7 +166,7 @@ def encode(records, tok, abc, max_len, loss_tokens, quiet=True):
     counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that 'padded' adds is collate's
     work). A progress bar on a terminal's stderr for large sets (data.PROGRESS_MIN records or more) unless quiet."""
     out = []
-    bar = data.progress(len(records), "tokenising", "rec", quiet=quiet or len(records) < data.PROGRESS_MIN)
+    bar = cli.progress(len(records), "tokenising", "rec", quiet=quiet or len(records) < data.PROGRESS_MIN)
     for i, r in enumerate(records, 1):
         p = tok.encode(data.format_prompt(r["question"]))
         a = tok.encode(r["answer"], special=False) + [tok.eos_id]
@@ -317,22 +319,22 @@ def progress(rec, total, eta):
 def check_memory_flags(args):
     """--quantize, --grad-checkpoint, --fsdp: refuse combinations that cannot work, before any work starts."""
     if args.quantize != "none" and args.lora_rank <= 0:
-        raise data.UserError("--quantize", f"{args.quantize} freezes the base weights: train adapters on top of "
+        raise cli.UserError("--quantize", f"{args.quantize} freezes the base weights: train adapters on top of "
                              "them with --lora-rank (the notebooks: --lora-rank 16)")
     if args.fsdp:
         if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
-            raise data.UserError("--fsdp", "shards over several processes: launch with "
+            raise cli.UserError("--fsdp", "shards over several processes: launch with "
                                  "torchrun --nproc_per_node=N train.py ... (N >= 2)")
         if args.lora_rank > 0:
-            raise data.UserError("--fsdp", "is for full fine-tuning; LoRA (--lora-rank) trains so few parameters that "
+            raise cli.UserError("--fsdp", "is for full fine-tuning; LoRA (--lora-rank) trains so few parameters that "
                                  "plain data parallelism (torchrun without --fsdp) or --quantize nf4 is the way")
         if args.dtype == "fp16":
-            raise data.UserError("--fsdp", "--dtype fp16 needs a loss scaler for sharded gradients: use --dtype bf16")
+            raise cli.UserError("--fsdp", "--dtype fp16 needs a loss scaler for sharded gradients: use --dtype bf16")
 
 
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
-    return data.run(fit, argv)
+    return cli.run(fit, argv)
 
 
 def fit(argv=None):
@@ -342,30 +344,30 @@ def fit(argv=None):
     lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]   # "notebook": set once loaded
     bad = [t for t in lora_targets if t.rsplit(".", 1)[-1] not in LORA_TARGETS + HF_LORA_NAMES + ("notebook",)]
     if bad or not lora_targets:
-        raise data.UserError("--lora-targets", f"{bad[0] if bad else args.lora_targets!r} is not a layer name: "
+        raise cli.UserError("--lora-targets", f"{bad[0] if bad else args.lora_targets!r} is not a layer name: "
                                                f"choose from the HF/peft names {', '.join(HF_LORA_NAMES)} or ours, "
                                                f"{', '.join(LORA_TARGETS)}")
-    data.input_file(args.data, "--data")
+    cli.input_file(args.data, "--data")
     eval_path = args.eval_data
     if eval_path == "auto":
         cand = os.path.join(os.path.dirname(os.path.abspath(args.data)), "test.jsonl")
         eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
     elif eval_path != "none":
-        data.input_file(eval_path, "--eval-data")
+        cli.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
     claim_out(out, args.model)
     if args.device != "auto":
-        data.resolve_device(args.device, "--device")
+        cli.resolve_device(args.device, "--device")
     train_recs = data.load_records(args.data)
     eval_recs = data.load_records(eval_path) if eval_path != "none" else []
     state_path = os.path.join(out, "state.safetensors")
     if args.resume:
         if not os.path.isfile(state_path):
-            raise data.UserError("--resume", f"{state_path}: no saved state to resume from")
+            raise cli.UserError("--resume", f"{state_path}: no saved state to resume from")
         saved_meta = read_state_meta(state_path)   # a corrupt state fails here, in seconds
 
     if args.pack and args.loss_tokens == "padded":
-        raise data.UserError("--pack", "--loss-tokens padded (the notebook recipe) trains on every sequence padded to "
+        raise cli.UserError("--pack", "--loss-tokens padded (the notebook recipe) trains on every sequence padded to "
                                        "--max-len, padding included: there is nothing to pack")
     check_memory_flags(args)
 
@@ -387,7 +389,7 @@ def fit(argv=None):
 
     # -- model, tokenizer, data -------------------------------------------------------------------------------------
     quant = None if args.quantize == "none" else args.quantize
-    with data.for_flag("--model"):
+    with cli.for_flag("--model"):
         tok = load_tokenizer(args.model)
         gen_config = base_generation_config(args.model)
         # fp32 master weights, autocast does the rest; a quantised base is frozen whole, so its embeddings, norms
@@ -397,7 +399,7 @@ def fit(argv=None):
     model.grad_checkpoint = args.grad_checkpoint
     random_init = args.model == "tiny" and not os.path.isdir(args.model)
     if args.lora_rank > model.cfg.d_model:   # a rank above the width adds parameters and no expressiveness
-        raise data.UserError("--lora-rank", f"{args.lora_rank} exceeds the model's width {model.cfg.d_model}")
+        raise cli.UserError("--lora-rank", f"{args.lora_rank} exceeds the model's width {model.cfg.d_model}")
     if lora_targets == ["notebook"]:
         lora_targets = NOTEBOOK_LORA_TARGETS[model.cfg.family].split(",")
     if args.lora_rank > 0:
@@ -408,7 +410,7 @@ def fit(argv=None):
         shard(model, amp_dtype)
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
     if tok.eos_id is None:
-        raise data.UserError("--model", f"{args.model}: {tok.no_id('eos')}")
+        raise cli.UserError("--model", f"{args.model}: {tok.no_id('eos')}")
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if model.cfg.pos == "learned" and args.max_len > model.cfg.max_pos + 1:   # inputs are ids[:-1]
         log(f"--max-len {args.max_len} exceeds the model's {model.cfg.max_pos} positions: using {model.cfg.max_pos + 1}")
@@ -424,7 +426,7 @@ def fit(argv=None):
     for path, exs in ((args.data, train_ex), (eval_path, eval_ex)):
         kept = [ex for ex in exs if any(ex[1][1:])]   # keep[0] is never predicted
         if exs and not kept:
-            raise data.UserError("--max-len", f"{args.max_len} tokens keep only the prompt of every record of {path}, "
+            raise cli.UserError("--max-len", f"{args.max_len} tokens keep only the prompt of every record of {path}, "
                                               "no answer token to learn from: raise --max-len")
         if len(kept) < len(exs):
             first = next(i for i, ex in enumerate(exs) if not any(ex[1][1:]))
@@ -438,7 +440,7 @@ def fit(argv=None):
         # annotate.py take a small set the same way); refused only when not even one example per micro-batch is left
         small = len(train_ex) // (args.grad_accum * world)
         if small < 1:
-            raise data.UserError(args.data, f"{len(train_ex)} examples < one per micro-batch of one optimizer step "
+            raise cli.UserError(args.data, f"{len(train_ex)} examples < one per micro-batch of one optimizer step "
                                             f"({args.grad_accum * world} = --grad-accum x processes)")
         log(f"note: {args.data} has {len(train_ex)} examples, fewer than one optimizer step of {per_step}: "
             f"--batch-size {args.batch_size} -> {small}")
@@ -455,12 +457,12 @@ def fit(argv=None):
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                             fused=dev_type == "cuda")
     args_dict = dict(vars(args), weights_abc=abc, lr=lr, world_size=world, dtype=dtype, lora_targets=lora_targets,
-                     data_sha256=data.sha256(args.data))
+                     data_sha256=outputs.sha256(args.data))
     step, saved_step = 0, None
     if args.resume:
         check_resume(state_path, saved_meta, args_dict)
         if saved_meta["step"] > total:   # fewer steps than already done: not an extension of that run
-            raise data.UserError("--resume", f"the run saved in {state_path} is at step {saved_meta['step']}, past "
+            raise cli.UserError("--resume", f"the run saved in {state_path} is at step {saved_meta['step']}, past "
                                              f"the {total} steps asked for (--max-steps / --epochs may only grow)")
         step, _ = (fsdp_load_state if args.fsdp else load_state)(state_path, model, opt, scaler)
         saved_step = step
@@ -502,7 +504,7 @@ def fit(argv=None):
         try:
             (fsdp_save_checkpoint if args.fsdp else save_checkpoint)(out, raw_model, opt, scaler, step, tok, args_dict,
                                                                      gen_config)
-        except data.WriteError:
+        except outputs.WriteError:
             if master and saved_step is None and not args.resume:
                 logf.close()
                 for f in (log_path, os.path.join(out, "train_log.png")):
@@ -608,7 +610,7 @@ def fit(argv=None):
         if sig is not None:   # one line on stderr; Ctrl-C's begins "interrupted:" as in every script
             if master:
                 what = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
-                data.notice(f"{what}: saved step {step} to {out}; rerun with --resume to continue")
+                cli.notice(f"{what}: saved step {step} to {out}; rerun with --resume to continue")
             leave(128 + sig)
     if master:
         logf.close()

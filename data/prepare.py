@@ -32,9 +32,11 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `import data` work
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import data  # noqa: E402
+import cli  # noqa: E402
 
-data.start(__name__)   # Ctrl-C while starting, a safe console, matplotlib's cache (see data.start)
+cli.start(__name__)   # Ctrl-C while starting, a safe console, matplotlib's cache (see cli.start)
+import data  # noqa: E402
+import outputs  # noqa: E402
 
 APOLLO_REPO = "FreedomIntelligence/ApolloCorpus"
 APOLLO_FILE = "train/sft/medicalPatient_ar.json"
@@ -99,7 +101,7 @@ def _parse_condition(path, n, text):
     kind = " ".join(kind.split())
     words = [w if w in ("<start>", "<end>") else normalize_arabic(w) for w in words.split()]
     if not colon or kind not in CONDITIONS or not words:
-        raise data.DataError(path, n, "rule", f"expected a condition 'prev: words', 'next: words', 'not prev: "
+        raise cli.DataError(path, n, "rule", f"expected a condition 'prev: words', 'next: words', 'not prev: "
                                               f"words' or 'not next: words', got {text.strip()!r}")
     return kind, words
 
@@ -112,8 +114,8 @@ def load_dialect_rules(path=DIALECT_RULES):
     by "if cond; cond" (see _parse_condition). One * in a form stands for a stem of 2+ letters, copied to
     the * of the MSA side. A form may have several rules, each with conditions, tried in file order; a form
     that already has a rule without conditions cannot get another (it would never fire): an error."""
-    path = data.input_file(str(path), "--dialect-rules")
-    with data.for_flag("--dialect-rules"), data.reading(path, "dialect rules"), open(path, encoding="utf-8") as fh:
+    path = cli.input_file(str(path), "--dialect-rules")
+    with cli.for_flag("--dialect-rules"), cli.reading(path, "dialect rules"), open(path, encoding="utf-8") as fh:
         lines = fh.read().splitlines()
     forms, index, counts, dialect = [], {}, {}, None  # index: (exact?, spelling key) -> position in forms
     for n, raw in enumerate(lines, 1):
@@ -125,37 +127,37 @@ def load_dialect_rules(path=DIALECT_RULES):
             counts.setdefault(dialect, 0)
             continue
         if dialect is None:
-            raise data.DataError(path, n, "rule", "a rule before the first [dialect] line")
+            raise cli.DataError(path, n, "rule", "a rule before the first [dialect] line")
         exact = "==" in line
         left, eq, right = line.partition("==" if exact else "=")
         msa, _, cond_text = right.partition(" if ")
         msa = " ".join(msa.split())
         if not eq or not left.strip() or not msa or "=" in right:
-            raise data.DataError(path, n, "rule", f"expected 'dialect form = MSA form', got {line!r}")
+            raise cli.DataError(path, n, "rule", f"expected 'dialect form = MSA form', got {line!r}")
         conds = [_parse_condition(path, n, c) for c in cond_text.split(";")] if cond_text.strip() else []
         spellings = [" ".join(s.split()) for s in left.split("|")]
         if len(spellings) > 1 and not exact:
-            raise data.DataError(path, n, "rule", "several spellings 'a | b' need '==' (exact spellings)")
+            raise cli.DataError(path, n, "rule", "several spellings 'a | b' need '==' (exact spellings)")
         for form in spellings:
             key = DIACRITICS_RE.sub("", form).replace(TATWEEL, "") if exact else normalize_arabic(form)
             if not re.fullmatch(r"[\u0621-\u064A*]+( [\u0621-\u064A]+)*", key) or key.count("*") > 1 \
                     or key.strip("*") == "":
-                raise data.DataError(path, n, "rule", f"the dialect form {form!r} is not Arabic words")
+                raise cli.DataError(path, n, "rule", f"the dialect form {form!r} is not Arabic words")
             if ("*" in key) != ("*" in msa):
-                raise data.DataError(path, n, "rule", "a * in the form needs one in the MSA form, and back")
+                raise cli.DataError(path, n, "rule", "a * in the form needs one in the MSA form, and back")
             if (not exact, normalize_arabic(key)) in index:   # an exact spelling a folded form already covers
                 key_at = index[(not exact, normalize_arabic(key))]
-                raise data.DataError(path, n, "rule", f"{form!r} repeats the form of line {forms[key_at][3]}")
+                raise cli.DataError(path, n, "rule", f"{form!r} repeats the form of line {forms[key_at][3]}")
             at = index.setdefault((exact, normalize_arabic(key) if not exact else key), len(forms))
             if at == len(forms):
                 forms.append((key, exact, [], n))
             elif any(not c for _, c in forms[at][2]):
-                raise data.DataError(path, n, "rule", f"{form!r} repeats the form of line {forms[at][3]}, "
+                raise cli.DataError(path, n, "rule", f"{form!r} repeats the form of line {forms[at][3]}, "
                                                       "which has no condition")
             forms[at][2].append((msa, conds))
         counts[dialect] += 1
     if not forms:
-        raise data.DataError(path, 1, "rule", "no rules")
+        raise cli.DataError(path, 1, "rule", "no rules")
 
     # One alternation, a named group per form, longest first (prefix rules last): at a given place the regex
     # takes the first form that matches. Tashkeel/tatweel may follow any letter, a space is any whitespace;
@@ -248,7 +250,7 @@ def _check_xlsx_sizes(path):
     for p in parts:
         ratio = p.file_size / max(1, p.compress_size)
         if p.file_size > XLSX_MAX_PART or (p.file_size > XLSX_RATIO_FROM and ratio > XLSX_MAX_RATIO):
-            raise data.DataError(path, 1, p.filename,
+            raise cli.DataError(path, 1, p.filename,
                                  f"{p.compress_size} bytes inflate to {p.file_size} ({ratio:.0f}x): past the limits "
                                  f"of {XLSX_MAX_RATIO}x and {XLSX_MAX_PART} bytes per part (a zip bomb?); "
                                  "re-save it as .csv")
@@ -260,27 +262,27 @@ def read_xlsx(path, sheet=None):
     The zip's sizes are checked first (_check_xlsx_sizes); the sheet's <dimension> tag is not trusted (a stale one
     made openpyxl's read-only mode stop at the row it names: 20 of 200 rows, silently), every row is read."""
     import openpyxl
-    data.regular_file(path)
+    cli.regular_file(path)
     _check_xlsx_sizes(path)
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as e:   # not a zip, missing parts, malformed XML; openpyxl raises many kinds
-        raise data.DataError(path, 1, "file",
-                             f"not a valid .xlsx file ({type(e).__name__}: {data.one_line(e)[:200]})") from None
+        raise cli.DataError(path, 1, "file",
+                             f"not a valid .xlsx file ({type(e).__name__}: {cli.one_line(e)[:200]})") from None
     try:
         names = wb.sheetnames
         if not names:
-            raise data.DataError(path, 1, "sheet", "the workbook has no worksheets")
+            raise cli.DataError(path, 1, "sheet", "the workbook has no worksheets")
         match = [n for i, n in enumerate(names) if sheet is None or n == sheet or str(i + 1) == str(sheet)]
         if not match:
-            raise data.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(names)})")
+            raise cli.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(names)})")
         rows, header, line = [], None, 0
         try:
             ws = wb[match[0]]
             ws.reset_dimensions()   # read to the last <row>, not to the row the <dimension> tag names
             for line, values in enumerate(ws.iter_rows(values_only=True), 1):
                 if line > XLSX_MAX_ROWS:
-                    raise data.DataError(path, line, f"sheet {match[0]}", f"more than {XLSX_MAX_ROWS} rows "
+                    raise cli.DataError(path, line, f"sheet {match[0]}", f"more than {XLSX_MAX_ROWS} rows "
                                                                            "(Excel's limit): malformed worksheet")
                 vals = [_text(v) for v in values]
                 if not any(v.strip() for v in vals):
@@ -289,20 +291,20 @@ def read_xlsx(path, sheet=None):
                     header = [v.strip() for v in vals]
                     twice = [h for i, h in enumerate(header) if h and h in header[:i]]
                     if twice:   # the dict below would keep the last one silently (as data.read_rows refuses for CSV)
-                        raise data.DataError(path, line, twice[0], "column given twice in the header")
+                        raise cli.DataError(path, line, twice[0], "column given twice in the header")
                 else:
                     rows.append((line, {h: vals[i] if i < len(vals) else "" for i, h in enumerate(header)}))
-        except data.DataError:
+        except cli.DataError:
             raise
         except IndexError:   # a cell pointing past the shared-string table
-            raise data.DataError(path, line + 1, f"sheet {match[0]}", "shared-string index out of range") from None
+            raise cli.DataError(path, line + 1, f"sheet {match[0]}", "shared-string index out of range") from None
         except Exception as e:   # truncated or malformed worksheet XML (ElementTree / lxml parse errors)
-            raise data.DataError(path, line + 1, f"sheet {match[0]}",
-                                 f"malformed worksheet ({type(e).__name__}: {data.one_line(e)[:200]})") from None
+            raise cli.DataError(path, line + 1, f"sheet {match[0]}",
+                                 f"malformed worksheet ({type(e).__name__}: {cli.one_line(e)[:200]})") from None
     finally:
         wb.close()
     if not rows:
-        raise data.DataError(path, 1, "file", "no records (empty sheet)")
+        raise cli.DataError(path, 1, "file", "no records (empty sheet)")
     return rows
 
 
@@ -315,8 +317,8 @@ def read_table(path, qcol, acol, sheet):
     # Say early (at the header, line 1) when no question/answer column can be found.
     first = rows[0][1]
     for canon, col, flag in (("question", qcol, "--question-col"), ("answer", acol, "--answer-col")):
-        if col is None and not any(data.FIELD_ALIASES.get(data._key(k)) == canon for k in first):
-            raise data.DataError(path, 1, canon, f"no '{canon}' column (columns: {', '.join(map(str, first))}); "
+        if col is None and not any(data.FIELD_ALIASES.get(data.column_key(k)) == canon for k in first):
+            raise cli.DataError(path, 1, canon, f"no '{canon}' column (columns: {', '.join(map(str, first))}); "
                                                  f"name it with {flag}")
     out = []
     for line, row in rows:
@@ -327,10 +329,10 @@ def read_table(path, qcol, acol, sheet):
             if col is None:
                 continue
             if col not in row:
-                raise data.DataError(path, line, col, f"column not found (columns: {', '.join(map(str, row))})")
+                raise cli.DataError(path, line, col, f"column not found (columns: {', '.join(map(str, row))})")
             picked[canon] = row[col]
         rest = {k: v for k, v in row.items()
-                if k not in (qcol, acol) and not (data.FIELD_ALIASES.get(data._key(k)) in picked)}
+                if k not in (qcol, acol) and not (data.FIELD_ALIASES.get(data.column_key(k)) in picked)}
         out.append((line, {**rest, **picked}))
     return out
 
@@ -338,14 +340,14 @@ def read_table(path, qcol, acol, sheet):
 def read_apollo(path):
     """ApolloCorpus conversations [q1, a1, q2, a2, ...] -> (line, {question, answer}) per turn pair.
     A trailing unpaired turn is dropped (counted). Items that are objects are read as rows."""
-    items = data._json_items(path, data._decode(path))
+    items = data.json_items(path, data.decode_file(path))
     out, unpaired = [], 0
     for line, conv in items:
         if isinstance(conv, dict):
             out.append((line, conv))
             continue
         if not isinstance(conv, list) or not all(isinstance(t, str) for t in conv):
-            raise data.DataError(path, line, "conversation", "expected a list of strings [q1, a1, q2, a2, ...]")
+            raise cli.DataError(path, line, "conversation", "expected a list of strings [q1, a1, q2, a2, ...]")
         for j in range(0, len(conv) - 1, 2):
             out.append((line, {"question": conv[j], "answer": conv[j + 1]}))
         unpaired += len(conv) % 2
@@ -358,7 +360,7 @@ def fetch_apollo(filename, revision):
     try:
         return hf_hub_download(APOLLO_REPO, filename, repo_type="dataset", revision=revision)
     except Exception as e:  # offline, missing file, ...: report as bad input, one line
-        raise data.DataError(f"hf://datasets/{APOLLO_REPO}/{filename}", 1, "download",
+        raise cli.DataError(f"hf://datasets/{APOLLO_REPO}/{filename}", 1, "download",
                              f"{type(e).__name__}: {e}") from None
 
 
@@ -375,8 +377,8 @@ def split_sizes(n, n_train, n_test):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    num = data.number
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0],
+    num = cli.number
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--source", choices=("maqa", "apollo", "ahd"), default="maqa",
@@ -424,16 +426,16 @@ def parse_args(argv):
 def check_paths(args):
     """Input and every output path, before anything is read or written (nothing is replaced on a bad path)."""
     if args.source != "apollo" or (args.input is not None and Path(args.input).exists()):
-        data.input_file(args.input, "--input")
-    data.output_dir(args.out, "--out")
+        cli.input_file(args.input, "--input")
+    cli.output_dir(args.out, "--out")
     for f in ("train.jsonl", "test.jsonl", "manifest.json"):
-        data.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
-    data.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is written
-    data.clean_stale(args.out, ("unit", "train.jsonl", "test.jsonl", "manifest.json"))   # a killed write's
+        cli.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
+    outputs.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is written
+    outputs.clean_stale(args.out, ("unit", "train.jsonl", "test.jsonl", "manifest.json"))   # a killed write's
 
 
 def prepare(args):
-    """Do the work; returns the manifest. Raises data.DataError on bad input before writing anything."""
+    """Do the work; returns the manifest. Raises cli.DataError on bad input before writing anything."""
     unpaired = 0
     rules_file = args.dialect_rules or DIALECT_RULES
     rules = load_dialect_rules(rules_file) if "dialect" in args.normalize else None  # before any work
@@ -454,7 +456,7 @@ def prepare(args):
         rec = {k: v for k, v in row.items()}
         # Empty Q/A are dropped (counted), not errors: scraped corpora have some. Everything else
         # (missing column, bad probabilities, unknown severity) is validated by the data contract.
-        f = data._canonical_fields(path, line, rec, data.FIELD_ALIASES)
+        f = data.canonical_fields(path, line, rec, data.FIELD_ALIASES)
         q, a = (f.get(c, (None, None))[1] for c in ("question", "answer"))
         if "orthographic" in args.normalize:
             q, a = (normalize_arabic(x) if isinstance(x, str) else x for x in (q, a))
@@ -480,7 +482,7 @@ def prepare(args):
 
     n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test)
     if (args.n_train and not n_train) or (args.n_test and not n_test):   # an empty split no later script can use
-        raise data.UserError("--input", f"{origin}: only {len(recs)} usable pairs after cleaning ({len(rows)} rows "
+        raise cli.UserError("--input", f"{origin}: only {len(recs)} usable pairs after cleaning ({len(rows)} rows "
                                         f"read, {n_empty} empty, {n_dup} duplicates): too few for "
                                         f"{'a training and a test split' if args.n_train and args.n_test else 'a split'}")
     if proportional:
@@ -493,7 +495,7 @@ def prepare(args):
     manifest = {
         "source": args.source,
         "input": origin,
-        "input_sha256": data.sha256(path),
+        "input_sha256": outputs.sha256(path),
         "columns": {"question": args.question_col, "answer": args.answer_col},
         "sheet": args.sheet,
         "rows_read": len(rows),
@@ -504,7 +506,7 @@ def prepare(args):
         "has_severity": any("severity" in r for r in recs),
         "normalize": "orthographic" in args.normalize,
         "dialect": None if rules is None else {
-            "rules": args.dialect_rules or "data/dialect_rules.txt", "rules_sha256": data.sha256(rules_file),
+            "rules": args.dialect_rules or "data/dialect_rules.txt", "rules_sha256": outputs.sha256(rules_file),
             "rules_per_dialect": rules[2], "questions_changed": n_dialect},
         "seed": args.seed,
         "requested": {"n_train": args.n_train, "n_test": args.n_test},
@@ -515,17 +517,17 @@ def prepare(args):
     }
     # one unit: the three files are written into a hidden temp folder, then moved in (manifest.json last, with the
     # sha256 of the two others): a failure (a full disk) leaves the previous split whole, never half of each
-    with data.unit(args.out, last=("manifest.json",)) as tmp:
-        data.write_jsonl(Path(tmp) / "train.jsonl", train)
-        data.write_jsonl(Path(tmp) / "test.jsonl", test)
-        manifest["sha256"] = {f: data.sha256(Path(tmp) / f) for f in ("train.jsonl", "test.jsonl")}
-        data.write_json(Path(tmp) / "manifest.json", manifest)
+    with outputs.unit(args.out, last=("manifest.json",)) as tmp:
+        outputs.write_jsonl(Path(tmp) / "train.jsonl", train)
+        outputs.write_jsonl(Path(tmp) / "test.jsonl", test)
+        manifest["sha256"] = {f: outputs.sha256(Path(tmp) / f) for f in ("train.jsonl", "test.jsonl")}
+        outputs.write_json(Path(tmp) / "manifest.json", manifest)
     return manifest
 
 
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
-    return data.run(_main, argv)
+    return cli.run(_main, argv)
 
 
 def _main(argv=None):

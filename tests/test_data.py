@@ -14,7 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import data  # noqa: E402
+import outputs  # noqa: E402
 from data import prepare  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample"
@@ -41,7 +43,7 @@ def write_csv_rows(path, header, rows):
 
 def expect_error(fn, path, line, field, *words):
     """fn() raises DataError whose one-line text starts with '<path>:<line>: <field>: '."""
-    with pytest.raises(data.DataError) as ei:
+    with pytest.raises(cli.DataError) as ei:
         fn()
     msg = str(ei.value)
     assert "\n" not in msg
@@ -205,14 +207,14 @@ def test_bom_is_dropped_and_labels_load(tmp_path):
 def test_write_jsonl_atomic_and_roundtrip(tmp_path):
     out = tmp_path / "sub" / "o.jsonl"
     recs = [GOOD, {**GOOD, "question": "سؤال\nبسطرين", "severity": "critical", "p_nc": 0.1, "p_n": 0.1, "p_c": 0.8}]
-    data.write_jsonl(out, recs)
+    outputs.write_jsonl(out, recs)
     assert data.load_records(out) == [{**r, "question": r["question"].strip()} for r in recs]
     assert "ما علاج" in out.read_text(encoding="utf-8")  # Arabic kept readable, not \u-escaped
     assert os.listdir(out.parent) == ["o.jsonl"]  # no temp file left
     # a failure while serialising leaves the old file untouched and no temp file behind
     before = out.read_bytes()
     with pytest.raises(TypeError):
-        data.write_jsonl(out, [GOOD, {"question": object()}])
+        outputs.write_jsonl(out, [GOOD, {"question": object()}])
     assert out.read_bytes() == before
     assert os.listdir(out.parent) == ["o.jsonl"]
 
@@ -221,7 +223,7 @@ def test_jsonl_lines_split_on_newline_only(tmp_path):
     # U+2028 / U+0085 are line breaks for str.splitlines() but legal raw characters in JSON strings
     recs = [{**GOOD, "answer": "سطر\u2028فاصل\u0085آخر"}, GOOD]
     out = tmp_path / "u.jsonl"
-    data.write_jsonl(out, recs)
+    outputs.write_jsonl(out, recs)
     assert data.load_records(out) == recs
     out.write_bytes(out.read_bytes().replace(b"\n", b"\r\n"))  # Windows line ends
     assert data.load_records(out) == recs
@@ -363,7 +365,7 @@ def test_prepare_apollo_shaped_json(tmp_path):
     assert {(r["question"], r["answer"]) for r in tr + te} == {("س1", "ج1"), ("س2", "ج2"), ("س3", "ج3")}
     # a conversation that is not a list of strings is bad input, reported at its line
     src.write_text('[\n["q", "a"],\n["q", 3]\n]', encoding="utf-8")
-    with pytest.raises(data.DataError, match=r":3: conversation: "):
+    with pytest.raises(cli.DataError, match=r":3: conversation: "):
         prepare.prepare(prepare.parse_args(["--source", "apollo", "--input", str(src), "--out", str(tmp_path / "x")]))
 
 

@@ -12,7 +12,9 @@ import re
 
 import pytest
 
+import cli
 import data
+import outputs
 import dialect_eval
 from data import prepare
 
@@ -197,7 +199,7 @@ def test_one_pass_and_custom_table(tmp_path):
 def test_bad_tables(tmp_path, text, line, words):
     p = tmp_path / "rules.txt"
     p.write_text(text, encoding="utf-8")
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(cli.DataError) as e:
         prepare.load_dialect_rules(p)
     assert str(e.value).startswith(f"{p}:{line}: rule: ") and words in str(e.value)
 
@@ -236,7 +238,7 @@ def test_prepare_dialect_end_to_end(tmp_path):
     assert "اسأل الصيدلي، عايز الطبيب يشوفك." in {r["answer"] for r in dial}
     assert {r["question"] for r in dial} >= {"أريد أن أعرف كيف أخس", "ماذا سبب الصداع؟", "هل يوجد دواء؟ أريد أن أعرف"}
     assert m1["normalize"] is False and m1["dialect"]["questions_changed"] == 4
-    assert m1["dialect"]["rules_sha256"] == data.sha256(prepare.DIALECT_RULES)
+    assert m1["dialect"]["rules_sha256"] == outputs.sha256(prepare.DIALECT_RULES)
     assert m1["dialect"]["rules"] == "data/dialect_rules.txt"
     assert m1["dialect"]["rules_per_dialect"] == RULES[2]
     # with orthographic too, the MSA replacements are spelled like the rest (أ -> ا, ة -> ه ...)
@@ -260,6 +262,6 @@ def test_prepare_custom_table(tmp_path):
     table = tmp_path / "mine.txt"
     table.write_text("[levantine]\nشو = ما\n", encoding="utf-8")
     recs, m = run(tmp_path, "custom", "--normalize", "dialect", "--dialect-rules", str(table))
-    assert m["dialect"] == {"rules": str(table), "rules_sha256": data.sha256(table),
+    assert m["dialect"] == {"rules": str(table), "rules_sha256": outputs.sha256(table),
                             "rules_per_dialect": {"levantine": 1}, "questions_changed": 1}
     assert "ما سبب الصداع؟" in {r["question"] for r in recs} and "شلون أنام زين؟" in {r["question"] for r in recs}

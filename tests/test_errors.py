@@ -29,7 +29,9 @@ if ROOT not in sys.path:
 import annotate  # noqa: E402
 import bench  # noqa: E402
 import classify  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
+import outputs  # noqa: E402
 import evaluate  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
@@ -63,8 +65,8 @@ def env(tmp_path_factory):
     recs = data.load_records(os.path.join(SAMPLE, "train.jsonl"))
     (root / "d").mkdir()
     tr, te = str(root / "d" / "train.jsonl"), str(root / "d" / "test.jsonl")
-    data.write_jsonl(tr, recs[:8])
-    data.write_jsonl(te, data.load_records(os.path.join(SAMPLE, "test.jsonl"))[:4])
+    outputs.write_jsonl(tr, recs[:8])
+    outputs.write_jsonl(te, data.load_records(os.path.join(SAMPLE, "test.jsonl"))[:4])
     good = json.dumps(recs[0], ensure_ascii=False)
     return dict(root=root, model=mdir, train=tr, test=te, recs=recs[:8], good=good,
                 scorer=_bert_folder(str(root / "scorer")), labels=os.path.join(SAMPLE, "severity_labels.jsonl"))
@@ -743,7 +745,7 @@ def test_ctrl_c_is_one_line_and_status_130(env, tmp_path, monkeypatch, script, a
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(data, "output_dir", interrupted)   # every script checks an output path early
+    monkeypatch.setattr(cli, "output_dir", interrupted)   # every script checks an output path early
     code, err = call(script, args)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 130 and "Traceback" not in err, err

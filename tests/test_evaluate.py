@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
+import outputs
 import evaluate as E
 from model import Config, Decoder, Tokenizer
 
@@ -85,7 +87,7 @@ def make_scorer(folder, layers=3, texts=None):
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     test = str(root / "test.jsonl")
-    data.write_jsonl(test, records())
+    outputs.write_jsonl(test, records())
     tok = make_tokenizer()
     base = make_decoder(tok, str(root / "base"))
     run = make_decoder(tok, str(root / "run"), seed=1)
@@ -333,6 +335,6 @@ def test_mode_flags_one_table(flag, mode):
     if mode in E.MODE_FLAGS[flag][0]:
         assert E.get_args(argv) is not None
     else:
-        with pytest.raises(data.UserError, match=f"^--{flag}: "):
+        with pytest.raises(cli.UserError, match=f"^--{flag}: "):
             E.get_args(argv)
     assert set(FLAG_VALUE) == set(E.MODE_FLAGS)   # a flag added to the table gets a row here

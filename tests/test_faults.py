@@ -21,6 +21,7 @@ import annotate
 import checkpoint
 import classify
 import data
+import outputs
 import evaluate as E
 import train
 from data import prepare
@@ -161,7 +162,7 @@ def test_disk_full_keeps_the_old_outputs_whole(tmp_path, capsys, monkeypatch, tr
     assert leftovers(out) == []
     if setup is _prepare_old:   # the old manifest still matches the old files
         m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        assert m["sha256"] == {f: data.sha256(out / f) for f in ("train.jsonl", "test.jsonl")}
+        assert m["sha256"] == {f: outputs.sha256(out / f) for f in ("train.jsonl", "test.jsonl")}
     if setup is _eval_old:      # and the old pair still reads
         assert call(E.main, ["--table", out / "eval.json"], capsys)[0] == 0
 
@@ -196,7 +197,7 @@ def test_disk_full_in_annotate_names_the_partial_file(tmp_path, capsys, monkeypa
 
 # -- one run per output ------------------------------------------------------------------------------------------
 
-HOLD = ("import sys, time, data; data.lock_output(sys.argv[1], '--out', folder=sys.argv[2] == 'dir'); "
+HOLD = ("import sys, time, outputs; outputs.lock_output(sys.argv[1], '--out', folder=sys.argv[2] == 'dir'); "
         "print('ready', flush=True); time.sleep(300)")
 
 LOCKED = [   # (id, script, argv(output path), the output locked, folder or file)
@@ -230,11 +231,11 @@ def test_second_run_into_one_output_is_refused(tmp_path, capsys, trained, case, 
     # the holder died without cleaning up: its lock file is left, and is simply taken over
     lock = os.path.join(target, ".lock") if kind == "dir" else target + ".lock"
     assert open(lock).read().strip() == str(holder.pid)
-    taken = data.lock_output(target, "--out", folder=kind == "dir")
+    taken = outputs.lock_output(target, "--out", folder=kind == "dir")
     try:
         assert open(taken).read().strip() == str(os.getpid())
     finally:
-        data.release_outputs()
+        outputs.release_outputs()
     assert not os.path.exists(lock)
 
 
@@ -311,7 +312,7 @@ def test_predictions_that_do_not_match_eval_json_are_refused(tmp_path, capsys, e
     shutil.copytree(evaluated, ev)
     shutil.copytree(evaluated, other)
     pred = ev / "predictions.jsonl"
-    assert json.loads((ev / "eval.json").read_text(encoding="utf-8"))["predictions_sha256"] == data.sha256(pred)
+    assert json.loads((ev / "eval.json").read_text(encoding="utf-8"))["predictions_sha256"] == outputs.sha256(pred)
     assert call(E.main, argv(ev, other), capsys)[0] == 0   # the pair as written reads
     rows = pred.read_text(encoding="utf-8").splitlines()
     if how == "edit":
@@ -386,13 +387,13 @@ def test_unit_moves_all_or_nothing(tmp_path):
     (tmp_path / "a").write_text("old a")
     (tmp_path / "b").write_text("old b")
     with pytest.raises(RuntimeError):
-        with data.unit(tmp_path) as tmp:
-            data.atomic_write(os.path.join(tmp, "a"), "new a")
+        with outputs.unit(tmp_path) as tmp:
+            outputs.atomic_write(os.path.join(tmp, "a"), "new a")
             raise RuntimeError("killed half-way")
     assert (tmp_path / "a").read_text() == "old a" and sorted(os.listdir(tmp_path)) == ["a", "b"]
-    with data.unit(tmp_path / "gone", last=("b",)) as tmp:   # a missing folder is created
-        data.atomic_write(os.path.join(tmp, "b"), "new b")
-        data.atomic_write(os.path.join(tmp, "a"), "new a")
+    with outputs.unit(tmp_path / "gone", last=("b",)) as tmp:   # a missing folder is created
+        outputs.atomic_write(os.path.join(tmp, "b"), "new b")
+        outputs.atomic_write(os.path.join(tmp, "a"), "new a")
     assert sorted(os.listdir(tmp_path / "gone")) == ["a", "b"]
 
 
@@ -431,7 +432,7 @@ def test_atomic_write_failure_is_one_write_error(tmp_path, monkeypatch, case, co
     target.write_bytes(b"old")
     if at_fsync:
         disk_full(monkeypatch, "f.bin")
-    with pytest.raises(data.WriteError) as e:
-        data.atomic_write(target, content)
+    with pytest.raises(outputs.WriteError) as e:
+        outputs.atomic_write(target, content)
     assert str(e.value) == f"{target}: {NOSPACE}"
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]

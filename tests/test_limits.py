@@ -20,7 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 import data  # noqa: E402
+import outputs  # noqa: E402
 import evaluate  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
@@ -39,7 +41,7 @@ def env(tmp_path_factory):
     M.load_tokenizer("tiny").save(mdir)
     recs = data.load_records(os.path.join(SAMPLE, "train.jsonl"))[:8]
     tr = str(root / "train.jsonl")
-    data.write_jsonl(tr, recs)
+    outputs.write_jsonl(tr, recs)
     return dict(root=root, model=mdir, train=tr, recs=recs)
 
 
@@ -140,14 +142,14 @@ def test_memory_limit_names_the_field_and_is_generous(env, monkeypatch):
     monkeypatch.setattr(M, "memory_limit", lambda device=None: (need, "available RAM"))
     M.check_fits(cfg, "x/config.json")   # exactly fits: no refusal
     monkeypatch.setattr(M, "memory_limit", lambda device=None: (need - 1, "available RAM"))
-    with pytest.raises(data.UserError, match=r"x/config.json: (vocab_size|n_layer|n_positions) = \d+: the model "
+    with pytest.raises(cli.UserError, match=r"x/config.json: (vocab_size|n_layer|n_positions) = \d+: the model "
                                              r"would have [\d,]+ parameters, .* GiB as float32, more than"):
         M.check_fits(cfg, "x/config.json")
     # NF4 takes fewer bytes: what does not fit in fp32 may fit quantised
     big = M.Config.from_hf(dict(FAMILIES["llama"], num_hidden_layers=64, hidden_size=256, intermediate_size=1024))
     monkeypatch.setattr(M, "memory_limit", lambda device=None: (M.weight_bytes(big, quantize="nf4"), "RAM"))
     M.check_fits(big, "c", quantize="nf4")
-    with pytest.raises(data.UserError, match="num_hidden_layers = 64"):
+    with pytest.raises(cli.UserError, match="num_hidden_layers = 64"):
         M.check_fits(big, "c")
 
 
@@ -204,14 +206,14 @@ def test_field_byte_limit(tmp_path):
     rec = dict(data.load_records(os.path.join(SAMPLE, "train.jsonl"))[0])
     at = "ب" * (data.MAX_FIELD_BYTES // 2)
     f = tmp_path / "ok.jsonl"
-    data.write_jsonl(f, [dict(rec, answer=at)])
+    outputs.write_jsonl(f, [dict(rec, answer=at)])
     assert data.load_records(str(f))[0]["answer"] == at
-    data.write_jsonl(f, [rec, dict(rec, question=at + "ب")])
-    with pytest.raises(data.DataError, match=rf"ok.jsonl:2: question: {data.MAX_FIELD_BYTES + 2} bytes of text; "
+    outputs.write_jsonl(f, [rec, dict(rec, question=at + "ب")])
+    with pytest.raises(cli.DataError, match=rf"ok.jsonl:2: question: {data.MAX_FIELD_BYTES + 2} bytes of text; "
                                              rf"the limit is {data.MAX_FIELD_BYTES}"):
         data.load_records(str(f))
-    with pytest.raises(data.DataError, match=r":2: text: "):   # the classifier's reader too
-        data.write_jsonl(f, [{"text": "x", "label": "critical"}, {"text": at + "ب", "label": "critical"}])
+    with pytest.raises(cli.DataError, match=r":2: text: "):   # the classifier's reader too
+        outputs.write_jsonl(f, [{"text": "x", "label": "critical"}, {"text": at + "ب", "label": "critical"}])
         data.load_labels(str(f))
 
 
@@ -269,9 +271,9 @@ def test_fifo_or_device_as_data_is_refused(env, tmp_path, path):
         code, _, err = call(train, train_args(env, tmp_path, data_file=path))
         assert code == 2
         one_error(err, "--data", "not a regular file")
-        with pytest.raises(data.DataError, match="not a regular file"):   # the readers themselves, too
-            data._decode(path)
-        with pytest.raises(data.DataError, match="not a regular file"):
+        with pytest.raises(cli.DataError, match="not a regular file"):   # the readers themselves, too
+            data.decode_file(path)
+        with pytest.raises(cli.DataError, match="not a regular file"):
             prepare.read_xlsx(path)
 
 
@@ -315,7 +317,7 @@ def test_xlsx_bomb_is_refused_from_the_zip_directory(tmp_path):
                                                                                                      pad + b"<sheetData>", 1))
     assert os.path.getsize(bomb) < 100_000
     t0 = time.perf_counter()
-    with pytest.raises(data.DataError, match=r"bomb.xlsx:1: xl/worksheets/sheet1.xml: \d+ bytes inflate to \d+"):
+    with pytest.raises(cli.DataError, match=r"bomb.xlsx:1: xl/worksheets/sheet1.xml: \d+ bytes inflate to \d+"):
         prepare.read_xlsx(str(bomb))
     assert time.perf_counter() - t0 < 1
     code, _, err = call(prepare, ["--input", bomb, "--out", tmp_path / "o"])
@@ -348,7 +350,7 @@ def test_invisible_variants_collapse_end_to_end(tmp_path):
         for v in variants[:4] if i % 2 else variants[1:]:
             rows.append({"question": v(q), "answer": v(a)})
     src = tmp_path / "in.jsonl"
-    data.write_jsonl(src, rows)
+    outputs.write_jsonl(src, rows)
     code, out, err = call(prepare, ["--input", src, "--out", tmp_path / "o", "--n-train", "30", "--n-test", "10"])
     assert code == 0, err
     tr = data.read_rows(str(tmp_path / "o" / "train.jsonl"))
@@ -365,7 +367,7 @@ def test_record_longer_than_max_len_is_dropped_with_a_note(env, tmp_path):
     recs = [dict(r) for r in env["recs"]]
     recs[3]["question"] = " ".join(["صداع"] * 300)
     f = tmp_path / "long.jsonl"
-    data.write_jsonl(f, recs)
+    outputs.write_jsonl(f, recs)
     code, out, err = call(train, train_args(env, tmp_path, "--max-len", "64", "--batch-size", "7", data_file=f))
     assert code == 0, err
     notes = [ln for ln in out.splitlines() if "dropped" in ln]
@@ -383,7 +385,7 @@ def test_dataset_smaller_than_the_batch_trains_with_a_note(env, tmp_path):
 # ----------------------------------------------------------------------------------------------- 6f: progress
 
 def test_progress_on_large_files_only(tmp_path, monkeypatch):
-    """A bar (data.progress) while PROGRESS_MIN or more records are validated, and none for small files."""
+    """A bar (cli.progress) while PROGRESS_MIN or more records are validated, and none for small files."""
     shown = []
 
     class Bar:
@@ -401,13 +403,13 @@ def test_progress_on_large_files_only(tmp_path, monkeypatch):
         def __exit__(self, *a):
             shown.append(("done", self.n))
 
-    monkeypatch.setattr(data, "progress", Bar)
+    monkeypatch.setattr(cli, "progress", Bar)
     rec = data.load_records(os.path.join(SAMPLE, "train.jsonl"))[0]
     f = tmp_path / "big.jsonl"
-    data.write_jsonl(f, [rec] * data.PROGRESS_MIN)
+    outputs.write_jsonl(f, [rec] * data.PROGRESS_MIN)
     assert len(data.load_records(str(f))) == data.PROGRESS_MIN
     assert shown == [(data.PROGRESS_MIN, "reading big.jsonl"), ("done", data.PROGRESS_MIN)]
     shown.clear()
-    data.write_jsonl(f, [rec] * 10)
+    outputs.write_jsonl(f, [rec] * 10)
     data.load_records(str(f))
     assert shown == []

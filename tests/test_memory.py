@@ -15,7 +15,7 @@ from safetensors import safe_open
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import data
+import cli
 import model as M
 from test_model import _ROPE, FAMILIES, V
 from test_train import torchrun
@@ -360,7 +360,7 @@ def test_lora_on_nf4_merges_into_dequantised_weights(saved, tmp_path):
 
 def run_train(argv):
     try:
-        data.run(train.main, argv)
+        cli.run(train.main, argv)
     except SystemExit as e:
         return e.code
     return 0

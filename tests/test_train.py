@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+import cli
 import data
 import model as M
 import train
@@ -857,7 +858,7 @@ RESUME_CHANGES = [
 def test_check_resume_refuses_each_changed_key(key, saved, given):
     base = {k: v for k, v, _ in RESUME_CHANGES}
     train.check_resume("out/state.safetensors", {"args": dict(base)}, dict(base))      # unchanged: accepted
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         train.check_resume("out/state.safetensors", {"args": dict(base)}, {**base, key: given})
     msg = str(e.value)
     assert str(given) in msg or isinstance(given, list)

@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+import cli  # noqa: E402
 from data import prepare  # noqa: E402
 
 QUESTION, ANSWER = "سؤال رقم {} عن الصداع والحمى؟", "جواب رقم {}: الراحة والسوائل ومراجعة الطبيب."
@@ -51,7 +51,7 @@ def test_rows_columns_and_sheets(tmp_path):
     assert rows[0][1] == {"id": "0", "question": QUESTION.format(0), "answer": ANSWER.format(0)}
     assert prepare.read_xlsx(src, "2") == rows
     assert prepare.read_xlsx(src) == [(2, {"note": "not this sheet"})]   # default: the first sheet
-    with pytest.raises(data.DataError, match=r":1: sheet: no sheet 'Nope' \(sheets: Info, QA\)"):
+    with pytest.raises(cli.DataError, match=r":1: sheet: no sheet 'Nope' \(sheets: Info, QA\)"):
         prepare.read_xlsx(src, "Nope")
 
 

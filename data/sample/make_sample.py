@@ -866,6 +866,7 @@ EXTRA_LABELLED = [
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # repo root, for `import data`
 import data  # noqa: E402
+import outputs  # noqa: E402
 
 LABELS = {"nc": "non-critical", "n": "neutral", "c": "critical"}
 DIALECT_TAGS = {"eg": "Egyptian", "gu": "Gulf", "lv": "Levantine"}
@@ -977,10 +978,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     train, test, labelled, stats = build(args.seed, args.test_frac)
     out = Path(args.out)
-    data.write_jsonl(out / "train.jsonl", train)
-    data.write_jsonl(out / "test.jsonl", test)
-    data.write_jsonl(out / "severity_labels.jsonl", labelled)
-    data.atomic_write(out / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
+    outputs.write_jsonl(out / "train.jsonl", train)
+    outputs.write_jsonl(out / "test.jsonl", test)
+    outputs.write_jsonl(out / "severity_labels.jsonl", labelled)
+    outputs.atomic_write(out / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
     # Round-trip through the data contract so a mistake here fails loudly.
     assert len(data.load_records(out / "train.jsonl")) == len(train)
     assert len(data.load_records(out / "test.jsonl")) == len(test)

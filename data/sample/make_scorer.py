@@ -50,31 +50,32 @@ import torch.nn.functional as F  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # repo root, for `import data`
+import cli  # noqa: E402
 import data  # noqa: E402
-from model import atomic_write  # noqa: E402  (callable writer: safetensors writes to a path)
+import outputs  # noqa: E402
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in data/sample/wordpiece
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--data-dir", default=str(HERE), help="folder with train.jsonl, test.jsonl and wordpiece/")
     p.add_argument("--out", default=str(HERE / "scorer"), help="output folder (HF BERT layout)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the batches and the masks")
-    p.add_argument("--steps", type=data.number(int, lo=1), default=500, help="optimizer steps")
-    p.add_argument("--batch-size", type=data.number(int, lo=1), default=32, help="texts per step")
-    p.add_argument("--lr", type=data.number(float, lo=0, lo_open=True), default=2e-3, help="peak learning rate")
-    p.add_argument("--hidden", type=data.number(int, lo=1), default=128, help="hidden size")
-    p.add_argument("--layers", type=data.number(int, lo=1), default=3, help="encoder layers")
-    p.add_argument("--heads", type=data.number(int, lo=1), default=4, help="attention heads (divide --hidden)")
-    p.add_argument("--ffn", type=data.number(int, lo=1), default=256, help="feed-forward (intermediate) size")
-    p.add_argument("--max-len", type=data.number(int, lo=3), default=128,
+    p.add_argument("--steps", type=cli.number(int, lo=1), default=500, help="optimizer steps")
+    p.add_argument("--batch-size", type=cli.number(int, lo=1), default=32, help="texts per step")
+    p.add_argument("--lr", type=cli.number(float, lo=0, lo_open=True), default=2e-3, help="peak learning rate")
+    p.add_argument("--hidden", type=cli.number(int, lo=1), default=128, help="hidden size")
+    p.add_argument("--layers", type=cli.number(int, lo=1), default=3, help="encoder layers")
+    p.add_argument("--heads", type=cli.number(int, lo=1), default=4, help="attention heads (divide --hidden)")
+    p.add_argument("--ffn", type=cli.number(int, lo=1), default=256, help="feed-forward (intermediate) size")
+    p.add_argument("--max-len", type=cli.number(int, lo=3), default=128,
                    help="tokens per text, [CLS] and [SEP] included; also the model's max_position_embeddings")
-    p.add_argument("--mask-prob", type=data.number(float, lo=0, hi=1, lo_open=True), default=0.15,
+    p.add_argument("--mask-prob", type=cli.number(float, lo=0, hi=1, lo_open=True), default=0.15,
                    help="share of the non-special tokens that are predicted")
-    p.add_argument("--dropout", type=data.number(float, lo=0, hi=1, hi_open=True), default=0.1,
+    p.add_argument("--dropout", type=cli.number(float, lo=0, hi=1, hi_open=True), default=0.1,
                    help="dropout on embeddings, attention probabilities and sublayer outputs")
-    p.add_argument("--threads", type=data.number(int, lo=1), default=1,
+    p.add_argument("--threads", type=cli.number(int, lo=1), default=1,
                    help="CPU threads (fixed, so that a rerun writes the same weights)")
     args = p.parse_args(argv)
     if args.hidden % args.heads:
@@ -91,7 +92,7 @@ def load_texts(data_dir):
     variants appear once)."""
     texts, seen = [], set()
     for name in ("train.jsonl", "test.jsonl"):
-        for r in data.load_records(data.input_file(os.path.join(data_dir, name), "--data-dir")):
+        for r in data.load_records(cli.input_file(os.path.join(data_dir, name), "--data-dir")):
             for t in (r["question"], r["answer"]):
                 if t not in seen:
                     seen.add(t)
@@ -215,7 +216,7 @@ def save(model, args, tk_dir, out, info):
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
     sd = model.hf_state_dict()
-    atomic_write(str(out / "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    outputs.atomic_write(str(out / "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     cfg = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": model.word.weight.shape[0],
            "hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
            "intermediate_size": args.ffn, "hidden_act": "gelu", "hidden_dropout_prob": args.dropout,
@@ -223,14 +224,14 @@ def save(model, args, tk_dir, out, info):
            "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
            "position_embedding_type": "absolute", "tie_word_embeddings": True, "scorer": info}
     dump = lambda obj: json.dumps(obj, ensure_ascii=False, indent=2) + "\n"  # noqa: E731
-    data.atomic_write(out / "config.json", dump(cfg))
+    outputs.atomic_write(out / "config.json", dump(cfg))
     for f in ("tokenizer.json", "vocab.txt"):
         shutil.copyfile(tk_dir / f, out / f)
     names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS))
-    data.atomic_write(out / "tokenizer_config.json", dump({
+    outputs.atomic_write(out / "tokenizer_config.json", dump({
         "tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": False,
         "tokenize_chinese_chars": True, "model_max_length": args.max_len, **names}))
-    data.atomic_write(out / "special_tokens_map.json", dump(names))
+    outputs.atomic_write(out / "special_tokens_map.json", dump(names))
 
 
 def check_with_transformers(model, out, seqs):
@@ -263,10 +264,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from tokenizers import Tokenizer
     tk_dir = Path(args.data_dir) / "wordpiece"
-    tk = Tokenizer.from_file(str(data.input_file(str(tk_dir / "tokenizer.json"), "--data-dir")))
+    tk = Tokenizer.from_file(str(cli.input_file(str(tk_dir / "tokenizer.json"), "--data-dir")))
     if [tk.token_to_id(t) for t in SPECIALS] != list(range(len(SPECIALS))):
-        raise data.UserError(str(tk_dir), f"expected the special tokens {SPECIALS} as ids 0..4")
-    out = Path(data.output_dir(args.out, "--out"))
+        raise cli.UserError(str(tk_dir), f"expected the special tokens {SPECIALS} as ids 0..4")
+    out = Path(cli.output_dir(args.out, "--out"))
     texts = load_texts(args.data_dir)
     tk.enable_truncation(args.max_len)
     seqs = [e.ids for e in tk.encode_batch(texts)]                     # [CLS] text [SEP], <= --max-len
@@ -318,4 +319,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run(main)
+    cli.run(main)

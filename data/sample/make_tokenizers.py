@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # repo root, for `import data`
 import data  # noqa: E402
+import outputs  # noqa: E402
 
 EOT = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -142,7 +143,7 @@ def wordpiece(lines, vocab_size):
 
 def save(tok, path):
     # Tokenizer.to_str is deterministic; write atomically so a reader never sees half a file.
-    data.atomic_write(path, tok.to_str(pretty=True) + "\n")
+    outputs.atomic_write(path, tok.to_str(pretty=True) + "\n")
 
 
 def main(argv=None):
@@ -161,7 +162,7 @@ def main(argv=None):
     save(wp, folder / "wordpiece" / "tokenizer.json")
     vocab = sorted(wp.get_vocab().items(), key=lambda kv: kv[1])
     assert [i for _, i in vocab] == list(range(len(vocab)))  # dense ids, so line number = id
-    data.atomic_write(folder / "wordpiece" / "vocab.txt", "".join(t + "\n" for t, _ in vocab))
+    outputs.atomic_write(folder / "wordpiece" / "vocab.txt", "".join(t + "\n" for t, _ in vocab))
 
     sample = lines[0]
     print(json.dumps({
