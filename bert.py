@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import cli
 import data
 import outputs
-from model import open_safetensors, resolve   # one hub download and safetensors reader, model.py's
+from model import memory_limit, open_safetensors, resolve   # one hub download, safetensors reader and memory limit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -255,11 +255,37 @@ def read_checkpoint(name_or_path, revision=None):
                                        f"got {str(meta)[:60]!r}")
     cfg = BertConfig.from_hf(cfg_dict, cfg_path)
     tensors, enc, head = open_safetensors(folder), {}, {}
+    check_fits(cfg, cfg_path, stored=sum(math.prod(tensors.shape(k)) for k in tensors))
     for k in tensors:
         name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
         if not IGNORED.match(name):
             (head if name.startswith("classifier.") else enc)[name.removeprefix("bert.")] = tensors.get(k)
     return folder, cfg_dict, cfg, enc, head
+
+
+def param_count(cfg):
+    """Parameters of Bert(cfg) (encoder + pooler, no classifier head), from the config alone, tensor by tensor as
+    Bert builds them. -> (total, {config.json field: the parameters it scales})."""
+    H, inter = cfg.hidden_size, cfg.intermediate_size
+    layer = (3 * H * H + 3 * H) + (H * H + H) + (H * inter + inter) + (inter * H + H) + 2 * (2 * H)  # qkv o fc proj, 2 LN
+    parts = {"vocab_size": cfg.vocab_size * H, "max_position_embeddings": cfg.max_position_embeddings * H,
+             "type_vocab_size": cfg.type_vocab_size * H, "num_hidden_layers": cfg.num_hidden_layers * layer}
+    return sum(parts.values()) + 2 * H + H * H + H, parts   # + embedding LayerNorm, pooler
+
+
+def check_fits(cfg, cfg_file, stored):
+    """Refuse (one UserError naming config.json and the field) a config whose encoder cannot be built here, before any
+    module is made: more than twice the parameters the weights hold (`stored`, from the safetensors headers: not the
+    same model), or fp32 weights larger than the memory available (model.memory_limit). Generous on purpose."""
+    n, parts = param_count(cfg)
+    key = max(parts, key=parts.get)
+    if n > 2 * stored:
+        raise cli.UserError(cfg_file, f"{key} = {getattr(cfg, key)}: config.json describes {n:,} parameters but the "
+                                      f"weights hold only {stored:,}: the config and the weights do not belong together")
+    limit, what = memory_limit("cpu")
+    if 4 * n > limit:
+        raise cli.UserError(cfg_file, f"{key} = {getattr(cfg, key)}: the encoder would have {n:,} parameters, "
+                                      f"{4 * n / 2**30:.1f} GiB as float32, more than the {limit / 2**30:.1f} GiB {what}")
 
 
 HEAD_TABLE = [("weight", ["classifier.weight"]), ("bias", ["classifier.bias"])]   # BertClassifier.classifier

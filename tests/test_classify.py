@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 
 import bert  # noqa: E402
 import classify  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 
 SAMPLE_LABELS = os.path.join(ROOT, "data", "sample", "severity_labels.jsonl")
@@ -699,3 +700,25 @@ def test_tokenizer_config_null_special_names_take_berts(tmp_path):
     hf = BertTokenizerFast.from_pretrained(str(d), do_lower_case=False, pad_token="[PAD]", cls_token="[CLS]")
     assert (tok.pad_id, tok.cls_id) == (hf.convert_tokens_to_ids("[PAD]"), hf.convert_tokens_to_ids("[CLS]"))
     assert [tok.single(x, 10_000)[0] for x in tok.encode(ARABIC)] == [hf(t)["input_ids"] for t in ARABIC]
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_hidden_layers": 3, "intermediate_size": 20, "type_vocab_size": 3}])
+def test_encoder_param_count_from_config_equals_built(kw):
+    """bert.param_count, from the config alone, equals the parameters of the Bert it describes (the size check
+    before building relies on it)."""
+    cfg = bert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=kw.get("num_hidden_layers", 2),
+                          num_attention_heads=4, intermediate_size=kw.get("intermediate_size", 37),
+                          max_position_embeddings=64, type_vocab_size=kw.get("type_vocab_size", 2))
+    assert bert.param_count(cfg)[0] == sum(p.numel() for p in bert.Bert(cfg).parameters())
+
+
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", 100000), ("vocab_size", 10**9),
+                                         ("max_position_embeddings", 10**9)])
+def test_oversized_encoder_config_refused_before_building(tmp_path, field, value):
+    """A config.json describing far more than its weights (num_hidden_layers 100000) is one UserError naming
+    config.json and the field, before any module is allocated (it ran for minutes and GBs before)."""
+    _, path = tiny_hf(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, **{field: value})))
+    with pytest.raises(cli.UserError, match=rf"config\.json: {field} = {value}: .* parameters"):
+        bert.Bert.from_pretrained(str(path))
