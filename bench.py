@@ -324,7 +324,7 @@ def profile(fns, n, device):
 
 def loss_ours(model, x, y, w, n_tok, kw=None):
     """Our training loss: per-token NLL from the model (chunked over the vocabulary), weighted per example, or per
-    token for packed rows (w (R, T), kw {"segments": seg (R, T)}: train.pack_step)."""
+    token for packed rows (w (R, T), kw {"segments": seg (R, T)}: packing.pack_step)."""
     nll = model(x, targets=y, **(kw or {}))                                    # (B, T) fp32, 0 where y == -100
     return (nll * (w if w.dim() == 2 else w[:, None])).sum() / n_tok
 

@@ -1277,12 +1277,12 @@ def _load_state(model, tensors, dtype, device, quantize=()):
 
 ALLOW = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
          "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
-         "vocab.txt"]   # vocab.txt: BERT's WordPiece vocabulary (classify.py resolves its encoders here too)
+         "vocab.txt"]   # vocab.txt: BERT's WordPiece vocabulary (bert.py resolves its encoders here too)
 
 
 def resolve(name_or_path, revision=None, registry=None):
     """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only).
-    registry: the short names to know (default: this file's REGISTRY; classify.py passes its encoders')."""
+    registry: the short names to know (default: this file's REGISTRY; bert.py passes its encoders')."""
     registry = REGISTRY if registry is None else registry
     if os.path.isdir(name_or_path):
         cli.utf8_path(name_or_path, "")   # safetensors cannot open it, the JSON outputs cannot record it
