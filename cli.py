@@ -30,65 +30,7 @@ import tempfile
 from pathlib import Path
 
 
-class DataError(ValueError):
-    """A bad input file. str(e) is one line: "<file>:<line>: <field>: <problem>"."""
-
-    def __init__(self, path, line, field, problem):
-        problem = " ".join(str(problem).splitlines())  # always ONE line
-        self.path, self.line, self.field, self.problem = str(path), line, field, problem
-        super().__init__(f"{path}:{line}: {field}: {problem}")
-
-
-def regular_file(path):
-    """Refuse (DataError) a path that exists but is not a regular file: reading a FIFO waits for a writer for ever,
-    a device never ends (/dev/zero) or is not data. Checked with stat (links followed) before anything opens it."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return path   # missing or unreadable: the open that follows says so
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise DataError(path, 1, "file", "not a regular file (a FIFO, device or socket): give a file")
-    return path
-
-
-class JSONProblem(ValueError):
-    """Raised inside the decoder's hooks: a JSON value no record may hold (the field is named when known)."""
-
-    def __init__(self, field, problem):
-        self.field, self.problem = field, problem
-        super().__init__(problem)
-
-
-def _pairs(pairs):
-    """object_pairs_hook: refuse a key given twice (json would keep the last one silently, so a record could
-    change severity unseen)."""
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise JSONProblem(k, "key given twice in one record")
-        obj[k] = v
-    return obj
-
-
-def _constant(name):
-    raise JSONProblem("json", f"{name} is not a number (JSON has no NaN or Infinity)")
-
-
-def _int(s):
-    # integers too long for a float (or for int(), which refuses > 4300 digits) become inf, which every
-    # numeric check then refuses as out of range; short ones stay exact ints
-    return int(s) if len(s) <= 18 else float(s)
-
-
-STRICT_JSON = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_int)
-
-
-def progress(total, desc, unit, quiet=False, initial=0):
-    """The one progress display of every script: a tqdm bar on stderr with rate and ETA, silent when stderr is not a
-    terminal (tqdm's disable=None) or with --quiet. Use as a context manager or close() it."""
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                disable=True if quiet else None)
+# -- errors: a user's mistake is one line, exit 2 ------------------------------------------------------------------
 
 
 class UserError(ValueError):
@@ -97,6 +39,15 @@ class UserError(ValueError):
     def __init__(self, where, what):
         self.where, self.what = str(where), one_line(what)
         super().__init__(f"{self.where}: {self.what}" if self.where else self.what)
+
+
+class DataError(ValueError):
+    """A bad input file. str(e) is one line: "<file>:<line>: <field>: <problem>"."""
+
+    def __init__(self, path, line, field, problem):
+        problem = " ".join(str(problem).splitlines())  # always ONE line
+        self.path, self.line, self.field, self.problem = str(path), line, field, problem
+        super().__init__(f"{path}:{line}: {field}: {problem}")
 
 
 # Control characters a name read from a file may hold (a tensor name, a column, a label): C0 (but tab and newline,
@@ -122,6 +73,9 @@ def die(msg):
 def notice(msg):
     """Print a warning or note ("warning: ...", "note: ...") as one line on stderr, names from files escaped."""
     print(one_line(msg), file=sys.stderr, flush=True)
+
+
+# -- the run: console, signals, exit codes -------------------------------------------------------------------------
 
 
 class _Console:
@@ -234,6 +188,17 @@ def run(main, argv=None):
         outputs.release_outputs()   # the output locks of this run (lock_output); in-process callers (tests) run again
 
 
+def progress(total, desc, unit, quiet=False, initial=0):
+    """The one progress display of every script: a tqdm bar on stderr with rate and ETA, silent when stderr is not a
+    terminal (tqdm's disable=None) or with --quiet. Use as a context manager or close() it."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=True if quiet else None)
+
+
+# -- flags ---------------------------------------------------------------------------------------------------------
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the contract: a usage error is ONE line on stderr (no usage dump), exit 2.
     Defaults are shown in --help."""
@@ -299,6 +264,9 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
     return parse
 
 
+# -- paths, checked before any work --------------------------------------------------------------------------------
+
+
 def utf8_path(path, flag):
     """Refuse a path whose bytes are not UTF-8 (a Latin-1 file name reaches Python as lone surrogates): every script
     records its paths in JSON (args.json, eval.json, manifests), which cannot hold it, and failed after writing."""
@@ -320,6 +288,18 @@ def input_file(path, flag):
                         else f"{path}: not a regular file (a FIFO, device or socket): give a file")
     if not os.access(path, os.R_OK):
         raise UserError(flag, f"{path}: not readable (check its permissions)")
+    return path
+
+
+def regular_file(path):
+    """Refuse (DataError) a path that exists but is not a regular file: reading a FIFO waits for a writer for ever,
+    a device never ends (/dev/zero) or is not data. Checked with stat (links followed) before anything opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path   # missing or unreadable: the open that follows says so
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise DataError(path, 1, "file", "not a regular file (a FIFO, device or socket): give a file")
     return path
 
 
@@ -427,6 +407,41 @@ def resolve_device(name, flag="--device"):
     elif dev.type not in ("cpu", "mps"):
         raise UserError(flag, f"{name!r}: unsupported device type (use auto, cpu, cuda or cuda:N)")
     return dev
+
+
+# -- reading what the user gave: library errors become one line naming the file ------------------------------------
+
+
+class JSONProblem(ValueError):
+    """Raised inside the decoder's hooks: a JSON value no record may hold (the field is named when known)."""
+
+    def __init__(self, field, problem):
+        self.field, self.problem = field, problem
+        super().__init__(problem)
+
+
+def _pairs(pairs):
+    """object_pairs_hook: refuse a key given twice (json would keep the last one silently, so a record could
+    change severity unseen)."""
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise JSONProblem(k, "key given twice in one record")
+        obj[k] = v
+    return obj
+
+
+def _constant(name):
+    raise JSONProblem("json", f"{name} is not a number (JSON has no NaN or Infinity)")
+
+
+def _int(s):
+    # integers too long for a float (or for int(), which refuses > 4300 digits) become inf, which every
+    # numeric check then refuses as out of range; short ones stay exact ints
+    return int(s) if len(s) <= 18 else float(s)
+
+
+STRICT_JSON = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_int)
 
 
 @contextlib.contextmanager

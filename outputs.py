@@ -17,6 +17,15 @@ from pathlib import Path
 from cli import UserError
 
 
+# -- one file, written whole or not at all; a failure is one line --------------------------------------------------
+
+
+class WriteError(UserError):
+    """An OSError while writing an output (disk full, quota, read-only, the folder removed): str(e) is one line
+    "<file>: <errno text>", e.g. "out/x/model.safetensors: No space left on device". A UserError, so data.run prints
+    it as "error: ..." and exits 2, at any moment of a run (what was written before it is whole: see atomic_write)."""
+
+
 def _os_text(e):
     """The errno text of a write failure: OSError's strerror, or the message inside a Rust library's IO error
     (safetensors: 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'); None when
@@ -62,6 +71,28 @@ def atomic_write(path, content):
         if text is not None:
             raise WriteError(path, text) from None
         raise
+
+
+def sha256(path):
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks): what manifests and eval.json record about their input."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON (UTF-8 Arabic kept readable) plus a newline, atomically."""
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def write_jsonl(path, records):
+    """Write records (dicts) as JSON lines, UTF-8 Arabic kept readable (ensure_ascii=False), atomically."""
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# -- several files as one unit, and what a killed run left ---------------------------------------------------------
 
 
 # Our temporary names: atomic_write's ".<name>.<8 random>.tmp" files and unit()'s ".<name>.<8 random>.tmp" folders
@@ -126,6 +157,9 @@ def unit(folder, last=()):
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- one run per output --------------------------------------------------------------------------------------------
 
 
 _HELD = {}   # lock file -> (open file, folders created for it (removed when empty), (folder, its stat, mtime after))
@@ -199,28 +233,3 @@ def release_outputs():
                 os.utime(times[0], ns=(times[1].st_atime_ns, times[1].st_mtime_ns))
         fh.close()
     _HELD.clear()
-
-
-def sha256(path):
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks): what manifests and eval.json record about their input."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json(path, obj):
-    """Write obj as indented JSON (UTF-8 Arabic kept readable) plus a newline, atomically."""
-    atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-
-
-def write_jsonl(path, records):
-    """Write records (dicts) as JSON lines, UTF-8 Arabic kept readable (ensure_ascii=False), atomically."""
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-class WriteError(UserError):
-    """An OSError while writing an output (disk full, quota, read-only, the folder removed): str(e) is one line
-    "<file>: <errno text>", e.g. "out/x/model.safetensors: No space left on device". A UserError, so data.run prints
-    it as "error: ..." and exits 2, at any moment of a run (what was written before it is whole: see atomic_write)."""
