@@ -209,10 +209,11 @@ def lock_output(path, flag, folder=True):
         except FileNotFoundError:
             pass
         fh.close()
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    try:   # the pid is only for another run's message: a full disk must not keep this run from holding the lock
+        os.ftruncate(fh.fileno(), 0)
+        os.pwrite(fh.fileno(), f"{os.getpid()}\n".encode(), 0)   # unbuffered: nothing left to fail at close
+    except OSError:
+        pass
     # the folder's times as they were, and its mtime now: a run that ends without writing there puts them back
     times = (home, before, os.stat(home).st_mtime_ns) if before is not None else None
     _HELD[lock] = (fh, created, times)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -436,3 +437,24 @@ def test_atomic_write_failure_is_one_write_error(tmp_path, monkeypatch, case, co
         outputs.atomic_write(target, content)
     assert str(e.value) == f"{target}: {NOSPACE}"
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+
+def test_resume_with_no_byte_writable_is_one_line(tmp_path, trained):
+    """A resume where not one byte can be written any more (RLIMIT_FSIZE 0 in the child: every write past 0 bytes
+    fails, as on a full disk): the lock file cannot take the pid, the save cannot happen. One error line naming a
+    file, exit 2, the previous checkpoint untouched (the lock's pid write was an OSError traceback at the start)."""
+    import resource
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    before = outputs.sha256(out / "model.safetensors"), outputs.sha256(out / "state.safetensors")
+
+    def no_bytes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the write fails with EFBIG instead of killing the child
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    p = subprocess.run([sys.executable, "train.py", *map(str, train_argv(out, 4, "--resume"))], cwd=ROOT,
+                       capture_output=True, text=True, preexec_fn=no_bytes, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(out) in errors[0], p.stderr
+    assert (outputs.sha256(out / "model.safetensors"), outputs.sha256(out / "state.safetensors")) == before
