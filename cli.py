@@ -291,15 +291,18 @@ def input_file(path, flag):
     return path
 
 
-def regular_file(path):
-    """Refuse (DataError) a path that exists but is not a regular file: reading a FIFO waits for a writer for ever,
-    a device never ends (/dev/zero) or is not data. Checked with stat (links followed) before anything opens it."""
+def regular_file(path, record=True):
+    """Refuse a path that exists but is not a regular file: reading a FIFO waits for a writer for ever, a device never
+    ends (/dev/zero) or is not data. Checked with stat (links followed) before anything opens it. record: a data file
+    (DataError, as the record readers raise), else a model's file (UserError, which cli.for_flag prefixes with the
+    flag)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return path   # missing or unreadable: the open that follows says so
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise DataError(path, 1, "file", "not a regular file (a FIFO, device or socket): give a file")
+        what = "not a regular file (a FIFO, device or socket): give a file"
+        raise DataError(path, 1, "file", what) if record else UserError(path, what)
     return path
 
 

@@ -1005,7 +1005,7 @@ def read_config(path):
     """Config of a model folder from its config.json; a missing, unreadable or unusable config is ONE UserError
     naming the file (the scripts print it as "error: ..." and exit 2)."""
     cfg_file = os.path.join(path, "config.json")
-    _regular(cfg_file)
+    cli.regular_file(cfg_file, record=False)
     if not os.path.isfile(cfg_file):
         raise UserError(path, "no config.json: not a model folder")
     hf = cli.read_json(cfg_file, "config")
@@ -1049,6 +1049,19 @@ def _token_ids(v):
 _SIZE_KEYS = {"layers": {"gpt2": "n_layer", "bloom": "n_layer"}, "vocab": {}, "positions": {"gpt2": "n_positions"}}
 
 
+def _block_linears(cfg):
+    """[(weights of one Linear, how many blocks hold it)] for the Linears inside the blocks, as Decoder builds them:
+    the MLP's two in every block, the attention's qkv and o, or LFM2's conv in_proj and out_proj. What NF4 quantises."""
+    d, hd = cfg.d_model, cfg.head_dim
+    width = 2 * cfg.d_ff if cfg.act == "swiglu" else cfg.d_ff             # swiglu: gate and up in one matrix
+    kinds = cfg.layer_types or ("attn",) * cfg.n_layer
+    n_attn = sum(1 for k in kinds if k == "attn")
+    n_conv = len(kinds) - n_attn
+    return [(d * width, len(kinds)), (cfg.d_ff * d, len(kinds)),
+            (d * (cfg.n_head + 2 * cfg.n_kv_head) * hd, n_attn), (cfg.n_head * hd * d, n_attn),
+            (d * 3 * d, n_conv), (d * d, n_conv)]
+
+
 def param_count(cfg):
     """Parameters the Decoder built from cfg has (a tied head counted once), computed from the config alone, tensor
     by tensor as Decoder builds them: checked before anything is allocated. Returns (total, {part: count}) with the
@@ -1057,13 +1070,14 @@ def param_count(cfg):
     d, hd = cfg.d_model, cfg.head_dim
     norm = 2 * d if cfg.norm == "layernorm" else d            # LayerNorm: weight + bias; RMSNorm: weight
     kinds = cfg.layer_types or ("attn",) * cfg.n_layer
-    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * hd
-    attn = d * qkv + cfg.qkv_bias * qkv + cfg.n_head * hd * d + cfg.o_bias * d + cfg.qk_norm * 2 * hd
-    conv = d * 3 * d + d * cfg.conv_kernel + d * d
-    width = 2 * cfg.d_ff if cfg.act == "swiglu" else cfg.d_ff
-    mlp = d * width + cfg.mlp_bias * width + cfg.d_ff * d + cfg.mlp_bias * d
     n_attn = sum(1 for k in kinds if k == "attn")
-    layers = n_attn * attn + (len(kinds) - n_attn) * conv + len(kinds) * (2 * norm + mlp)
+    width = 2 * cfg.d_ff if cfg.act == "swiglu" else cfg.d_ff
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * hd
+    # beside the Linears' weights: biases, norms, qk-norm and LFM2's depthwise conv kernel
+    attn_rest = cfg.qkv_bias * qkv + cfg.o_bias * d + cfg.qk_norm * 2 * hd
+    per_block = 2 * norm + cfg.mlp_bias * (width + d)
+    layers = (sum(m * c for m, c in _block_linears(cfg)) + n_attn * attn_rest
+              + (len(kinds) - n_attn) * d * cfg.conv_kernel + len(kinds) * per_block)
     layers += norm + cfg.emb_norm * norm                      # final norm, bloom's embedding norm
     parts = {"vocab": cfg.vocab_size * d * (1 if cfg.tie else 2),
              "positions": cfg.max_pos * d if cfg.pos == "learned" else 0, "layers": layers}
@@ -1078,15 +1092,7 @@ def weight_bytes(cfg, dtype=torch.float32, quantize=None):
     size = torch.empty((), dtype=dtype).element_size()
     if quantize != "nf4":
         return n * size
-    d, hd = cfg.d_model, cfg.head_dim
-    width = 2 * cfg.d_ff if cfg.act == "swiglu" else cfg.d_ff
-    mats = [d * width, cfg.d_ff * d]                          # per block: MLP, then the mixer's
-    kinds = cfg.layer_types or ("attn",) * cfg.n_layer
-    n_attn = sum(1 for k in kinds if k == "attn")
-    attn_mats, conv_mats = [d * (cfg.n_head + 2 * cfg.n_kv_head) * hd, cfg.n_head * hd * d], [d * 3 * d, d * d]
-    quant = []
-    for mixer, count in ((attn_mats, n_attn), (conv_mats, len(kinds) - n_attn)):
-        quant += [(m, count) for m in mats + mixer]
+    quant = _block_linears(cfg)
     q_params = sum(m * c for m, c in quant)
     q_bytes = sum((-(-m // NF4_BLOCK)) * (NF4_BLOCK // 2 + 4) * c for m, c in quant)
     return (n - q_params) * size + q_bytes
@@ -1179,14 +1185,6 @@ class _Tensors:
             return h.get_tensor(name)
 
 
-def _regular(f):
-    """f, unless it exists and is not a regular file (a FIFO would block its reader for ever, a device never ends):
-    then one UserError naming it. Links are followed; a missing file is left to the caller."""
-    if os.path.exists(f) and not os.path.isfile(f) and not os.path.isdir(f):
-        raise UserError(f, "not a regular file (a FIFO, device or socket): only files are read as a model's files")
-    return f
-
-
 def open_safetensors(path):
     """The safetensors weights of a model folder (sharded through model.safetensors.index.json, or not), as a lazy
     name -> tensor view; a folder with only pickled weights is refused. Shared with bert.py."""
@@ -1205,13 +1203,14 @@ def open_safetensors(path):
                 raise UserError(index, f"shard {x!r} lies outside the model folder: refused")
             if not f.endswith(".safetensors"):
                 raise UserError(index, f"shard {x!r} is not a .safetensors file: only safetensors are loaded")
-            if not os.path.isfile(_regular(f)):
+            if not os.path.isfile(cli.regular_file(f, record=False)):
                 raise UserError(index, f"shard {x!r} is missing from {path}")
             files.append(f)
-    elif os.path.lexists(_regular(os.path.join(path, "model.safetensors"))):   # not train.py's state.safetensors
-        files = [os.path.join(path, "model.safetensors")]
+    elif os.path.lexists(cli.regular_file(os.path.join(path, "model.safetensors"), record=False)):
+        files = [os.path.join(path, "model.safetensors")]   # not train.py's state.safetensors beside it
     else:
-        files = sorted(_regular(os.path.join(path, x)) for x in os.listdir(path) if x.endswith(".safetensors"))
+        files = sorted(cli.regular_file(os.path.join(path, x), record=False)
+                       for x in os.listdir(path) if x.endswith(".safetensors"))
     if not files:
         pickles = [x for x in os.listdir(path) if x.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
@@ -1355,7 +1354,7 @@ def load_tokenizer(name_or_path, revision=None):
     j = lambda n: os.path.join(path, n)  # noqa: E731
     for n in ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "config.json",
               "tokenizer_config.json", "special_tokens_map.json"):
-        _regular(j(n))
+        cli.regular_file(j(n), record=False)
     if os.path.isfile(j("tokenizer.json")):
         with cli.reading(j("tokenizer.json"), "tokenizer", "expected a tokenizer.json saved by the tokenizers library"):
             tk = TK.from_file(j("tokenizer.json"))
