@@ -120,7 +120,7 @@ def label_matrix(spec, labels):
         M[c, SEVERITIES.index(mapping[l])] = 1.0
     unused = [s for s, n in zip(SEVERITIES, M.sum(0)) if n == 0]
     if unused:
-        print(f"warning: no classifier class maps to {', '.join(unused)} (probability 0)", file=sys.stderr)
+        cli.notice(f"warning: no classifier class maps to {', '.join(unused)} (probability 0)")
     return M
 
 
@@ -230,14 +230,14 @@ def annotate(args):
             done, nbytes = int(state["rows_done"]), int(state["bytes"])
             print(f"resuming {partial}: {done}/{len(recs)} rows already done", file=sys.stderr)
         else:
-            print(f"note: {partial} is from a different run (input, classifier or settings changed); starting over",
-                  file=sys.stderr)
+            cli.notice(f"note: {partial} is from a different run (input, classifier or settings changed); "
+                       "starting over")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
         with open(partial, "r+b" if done else "wb") as fh:
             fh.truncate(nbytes)
     except OSError as e:
-        raise outputs.WriteError(partial, e.strerror or str(e)) from None
+        raise outputs.WriteError.of(partial, e) from None
 
     bar = cli.progress(len(recs), "annotate", "row", args.quiet, initial=done)
     chunks = 0
@@ -258,7 +258,7 @@ def annotate(args):
                 os.fsync(fh.fileno())
                 nbytes = fh.tell()
         except OSError as e:
-            raise outputs.WriteError(partial, e.strerror or str(e)) from None
+            raise outputs.WriteError.of(partial, e) from None
         done += len(chunk)
         outputs.write_json(sidecar, {"rows_done": done, "bytes": nbytes, "fingerprint": fingerprint})
         chunks += 1
@@ -272,7 +272,7 @@ def annotate(args):
         os.replace(partial, out)
         os.remove(sidecar)
     except OSError as e:
-        raise outputs.WriteError(out, e.strerror or str(e)) from None
+        raise outputs.WriteError.of(out, e) from None
 
     counts = {s: 0 for s in SEVERITIES}
     with open(out, encoding="utf-8") as fh:

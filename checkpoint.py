@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 
 import torch
 
@@ -211,8 +210,7 @@ def try_plot(log_path, png_path):
     try:
         plot_log(log_path, png_path)
     except (OSError, ValueError) as e:   # outputs.WriteError is a ValueError; json's errors too
-        print(f"note: {png_path} not written: {cli.one_line(e.strerror if isinstance(e, OSError) else e)}",
-              file=sys.stderr, flush=True)
+        cli.notice(f"note: {png_path} not written: {e.strerror if isinstance(e, OSError) else e}")
 
 
 def all_finite(model):
@@ -252,7 +250,7 @@ def claim_out(out, model_name):
         # temp files of a killed save: safe to remove now that we hold the lock
         stale = outputs.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
         if stale:
-            print(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save", file=sys.stderr)
+            cli.notice(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save")
 
 
 def open_log(out, resume, step, log):
@@ -270,12 +268,11 @@ def open_log(out, resume, step, log):
     elif not resume:
         gone = remove_earlier_run(out)
         if gone:
-            print(f"note: --out {out}: a new run (no --resume): removed the earlier run's {', '.join(gone)}",
-                  file=sys.stderr, flush=True)
+            cli.notice(f"note: --out {out}: a new run (no --resume): removed the earlier run's {', '.join(gone)}")
     try:
         logf = open(log_path, "a", encoding="utf-8")
     except OSError as e:
-        raise outputs.WriteError(log_path, e.strerror or str(e)) from None
+        raise outputs.WriteError.of(log_path, e) from None
     return log_path, logf
 
 
@@ -285,7 +282,7 @@ def append_log(logf, log_path, rec):
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
     except OSError as e:   # a full disk: one line, exit 2; the last checkpoint stays whole
-        raise outputs.WriteError(log_path, e.strerror or str(e)) from None
+        raise outputs.WriteError.of(log_path, e) from None
 
 
 def reopen_log(out, log_path, logf):
@@ -293,7 +290,7 @@ def reopen_log(out, log_path, logf):
     file. Returns the file to append to from now on (logf itself when nothing was deleted)."""
     if os.path.isfile(log_path):
         return logf
-    print(f"note: {out} was deleted during the run: recreating it", file=sys.stderr, flush=True)
+    cli.notice(f"note: {out} was deleted during the run: recreating it")
     try:
         os.makedirs(out, exist_ok=True)
         with contextlib.suppress(OSError):   # Linux: the deleted file is still readable through our handle
@@ -301,4 +298,4 @@ def reopen_log(out, log_path, logf):
         logf.close()
         return open(log_path, "a", encoding="utf-8")
     except OSError as e:
-        raise outputs.WriteError(log_path, e.strerror or str(e)) from None
+        raise outputs.WriteError.of(log_path, e) from None

@@ -53,7 +53,6 @@ import torch
 import data
 import outputs
 
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_TEST = os.path.join(ROOT, "data", "sample", "test.jsonl")
 SETTINGS = ("Base", "CE", "Mild", "Strong", "Balanced")          # the paper's Table 2 columns
@@ -308,7 +307,7 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
         idx = order[b:b + batch_size]
         new = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k or None, top_p=top_p if top_p < 1 else None,
-                             eos_id=(stops[0] if len(stops) == 1 else stops) if stops else None, generator=gen,
+                             eos_id=stops or None, generator=gen,
                              stop=(lambda ids: data.answer_complete(tok.decode(ids))) if stop_at_cue else None)
         for i, ids in zip(idx, new):
             out[i] = extract(tok.decode(ids))

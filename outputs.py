@@ -22,8 +22,13 @@ from cli import UserError
 
 class WriteError(UserError):
     """An OSError while writing an output (disk full, quota, read-only, the folder removed): str(e) is one line
-    "<file>: <errno text>", e.g. "out/x/model.safetensors: No space left on device". A UserError, so data.run prints
+    "<file>: <errno text>", e.g. "out/x/model.safetensors: No space left on device". A UserError, so cli.run prints
     it as "error: ..." and exits 2, at any moment of a run (what was written before it is whole: see atomic_write)."""
+
+    @classmethod
+    def of(cls, path, e):
+        """The WriteError of an OSError (or a Rust library's IO error) met while writing `path`."""
+        return cls(path, _os_text(e) or str(e))
 
 
 def _os_text(e):
@@ -141,7 +146,7 @@ def unit(folder, last=()):
             folder.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(dir=folder, prefix=".unit.", suffix=".tmp")
         except OSError as e:
-            raise WriteError(folder, e.strerror or str(e)) from None
+            raise WriteError.of(folder, e) from None
         try:
             yield tmp
         except WriteError as e:   # name the file where the user will look for it, not the temp folder
@@ -153,7 +158,7 @@ def unit(folder, last=()):
             try:
                 os.replace(os.path.join(tmp, n), folder / n)
             except OSError as e:
-                raise WriteError(folder / n, e.strerror or str(e)) from None
+                raise WriteError.of(folder / n, e) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -189,12 +194,12 @@ def lock_output(path, flag, folder=True):
         try:
             os.makedirs(home, exist_ok=True)
         except OSError as e:
-            raise WriteError(home, e.strerror or str(e)) from None
+            raise WriteError.of(home, e) from None
     while True:
         try:
             fh = open(lock, "a+", encoding="utf-8")
         except OSError as e:
-            raise WriteError(lock, e.strerror or str(e)) from None
+            raise WriteError.of(lock, e) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
