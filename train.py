@@ -164,18 +164,14 @@ def encode(records, tok, abc, max_len, loss_tokens, quiet=True):
     """Each record -> (input ids, loss mask, w, severity class). Text = prompt + answer + EOS, truncated to max_len
     tokens from the end (the prompt is kept first, the answer cut); the loss mask marks the tokens whose prediction
     counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that 'padded' adds is collate's
-    work). A progress bar on a terminal's stderr for large sets (data.PROGRESS_MIN records or more) unless quiet."""
+    work). A progress bar for large sets (data.shown) unless quiet."""
     out = []
-    bar = cli.progress(len(records), "tokenising", "rec", quiet=quiet or len(records) < data.PROGRESS_MIN)
-    for i, r in enumerate(records, 1):
+    for r in data.shown(records, "tokenising", quiet):
         p = tok.encode(data.format_prompt(r["question"]))
         a = tok.encode(r["answer"], special=False) + [tok.eos_id]
         ids = (p + a)[:max_len]
         keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
         out.append((ids, keep[:len(ids)], severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
-        if i % 1000 == 0 or i == len(records):
-            bar.update(i - bar.n)
-    bar.close()
     return out
 
 

@@ -340,17 +340,22 @@ def parse_record(path, line, row, require_probs=True, require_severity=True):
 PROGRESS_MIN = 10000   # records: a smaller file is read in about a second, a bar would only flicker
 
 
-def _shown(path, rows):
-    """Yield rows, with a progress bar on a terminal's stderr while a large file (PROGRESS_MIN rows or more) is
-    validated: 200,000 records take tens of seconds to read and tokenise."""
-    if len(rows) < PROGRESS_MIN:
-        yield from rows
+def shown(items, desc, quiet=False):
+    """Yield items, with a progress bar (cli.progress: a terminal's stderr) while a large list is worked through
+    (PROGRESS_MIN items or more, not with quiet): 200,000 records take tens of seconds to read and tokenise."""
+    if quiet or len(items) < PROGRESS_MIN:
+        yield from items
         return
-    with cli.progress(len(rows), f"reading {Path(path).name}", "rec") as bar:
-        for i, row in enumerate(rows, 1):
-            yield row
-            if i % 1000 == 0 or i == len(rows):
+    with cli.progress(len(items), desc, "rec") as bar:
+        for i, item in enumerate(items, 1):
+            yield item
+            if i % 1000 == 0 or i == len(items):
                 bar.update(i - bar.n)
+
+
+def _read_shown(path):
+    """read_rows(path), shown while validated."""
+    return shown(read_rows(path), f"reading {Path(path).name}")
 
 
 def load_records(path, require_probs=True):
@@ -359,21 +364,21 @@ def load_records(path, require_probs=True):
     require_probs=False accepts rows that have a severity label but no probabilities and gives
     them one-hot probabilities (useful for hand-labelled data; the loss then sees hard weights).
     """
-    return [parse_record(path, ln, row, require_probs=require_probs) for ln, row in _shown(path, read_rows(path))]
+    return [parse_record(path, ln, row, require_probs=require_probs) for ln, row in _read_shown(path)]
 
 
 def load_qa(path):
     """Validated question/answer records for annotation: {question, answer} plus any severity
     fields the file already has (validated the same way). Used by annotate.py on prepare.py output."""
     return [parse_record(path, ln, row, require_probs=False, require_severity=False)
-            for ln, row in _shown(path, read_rows(path))]
+            for ln, row in _read_shown(path)]
 
 
 def load_labels(path):
     """Labelled texts for the severity classifier: [{"text": str, "label": str}] with canonical labels.
     Accepts text/question and label/severity columns (any case) and the severity label aliases."""
     out = []
-    for ln, row in _shown(path, read_rows(path)):
+    for ln, row in _read_shown(path):
         f = canonical_fields(path, ln, row, LABEL_FIELD_ALIASES)
         text = _text(path, ln, f, "text")
         if "label" not in f:
