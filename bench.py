@@ -35,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import REGISTRY, Config, Decoder, param_count
+from hub import REGISTRY, param_count
+from model import Config, Decoder, peak_bf16   # peak_bf16: dense bf16 peak FLOP/s by device name (H100 / H200: 989e12)
 import outputs
-from train import peak_bf16   # dense bf16 peak FLOP/s by device name (H100 SXM / H200: 989e12)
 
 # --shape small: any registry shape scaled down to this many layers and this width (vocabulary kept)
 SMALL = dict(layers=4, hidden=256)
@@ -144,7 +144,7 @@ def check_fits(cfg, device, args=None, copies=2):
     """Refuse (UserError) a shape whose fp32 copies (ours and transformers', both built on the host first; one with
     --memory) cannot fit in the host's available memory, or on the GPU; then, with `args`, a batch whose activations
     cannot fit beside them (--batch-size 1000000 tried a 32 GB allocation and died with a traceback). The parameters
-    come from model.param_count (no tensor is made). The activation figure is a lower bound, so that only what
+    come from hub.param_count (no tensor is made). The activation figure is a lower bound, so that only what
     cannot fit at all is refused: per copy and per token, the logits (vocab_size values) and the input every block
     keeps for backward (d_model values per block), at 2 bytes each (bf16); for generation the KV cache (2 x d_model
     per block and token) and the prefill's logits."""
@@ -324,7 +324,7 @@ def profile(fns, n, device):
 
 def loss_ours(model, x, y, w, n_tok, kw=None):
     """Our training loss: per-token NLL from the model (chunked over the vocabulary), weighted per example, or per
-    token for packed rows (w (R, T), kw {"segments": seg (R, T)}: packing.pack_step)."""
+    token for packed rows (w (R, T), kw {"segments": seg (R, T)}: batching.pack_step)."""
     nll = model(x, targets=y, **(kw or {}))                                    # (B, T) fp32, 0 where y == -100
     return (nll * (w if w.dim() == 2 else w[:, None])).sum() / n_tok
 
@@ -432,7 +432,7 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
     """Ours padded / ours packed / transformers padded on the same steps of variable-length examples, alternating.
     Every implementation runs the whole train.py step: batching on the host, forward, weighted loss, backward,
     AdamW. Returns {impl: {real_tokens_per_s, ms_per_step, pad_frac}} and the ratios packed / padded."""
-    from train import collate, pack_step
+    from batching import collate, pack_step
     K = args.warmup + args.iters
     steps = length_steps(args.lengths, K, args.batch_size, args.seq_len, cfg.vocab_size, args.seed)
     fused = device.type == "cuda"
@@ -737,7 +737,8 @@ def saved_activation_bytes(model, step_forward):
 def memory_report(args, device):
     """Measure, print and return the figures of README's Performance section (weights, NF4 error, step memory)."""
     import copy
-    from model import add_lora, block_linears, nf4_dequantize, nf4_quantize, quantize_nf4
+    from lora import add_lora
+    from nf4 import block_linears, nf4_dequantize, nf4_quantize, quantize_nf4
     full_hf = REGISTRY[args.model]["config"]
     cut = args.layers or 1
     hf_cfg = scaled_config(full_hf, cut, args.hidden)

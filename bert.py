@@ -7,7 +7,7 @@ token-type embeddings, the layers, BERT's tanh pooler) and `BertClassifier` (a h
 not). A checkpoint is mapped onto our names by ONE table (`weight_table`, transformers' BertModel names), read by
 `load_tensors` and written back by `hf_tensors`, so that what `save_classifier` writes loads in transformers as
 BertForSequenceClassification (and as AutoModel, hence in bert-score). Weights are read from safetensors only,
-through model.py's resolve (registry name, hub repo or local folder) and safetensors reader. The tokenizer is
+through hub.py's resolve (registry name, hub repo or local folder) and safetensors reader. The tokenizer is
 BERT's WordPiece (the tokenizers library), from tokenizer.json or vocab.txt.
 
     import bert
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import cli
 import data
 import outputs
-from model import memory_limit, open_safetensors, resolve   # one hub download, safetensors reader and memory limit
+from hub import memory_limit, open_safetensors, resolve   # one hub download, safetensors reader and memory limit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -232,7 +232,7 @@ IGNORED = re.compile(r"^(cls\.|.*\.position_ids$|.*embeddings\.token_type_ids$)"
 
 def read_checkpoint(name_or_path, revision=None):
     """-> (folder, or None for the random 'tiny'; config.json dict; BertConfig; encoder tensors by HF name without
-    'bert.'; head tensors 'classifier.*'). Folder and weights come through model.py's one mechanism: resolve
+    'bert.'; head tensors 'classifier.*'). Folder and weights come through hub.py's one mechanism: resolve
     (a local folder, or a hub snapshot of config, safetensors and tokenizer files only) and its safetensors reader
     (sharded or not, never a pickle). TF-era LayerNorm.gamma/beta become weight/bias."""
     entry = REGISTRY.get(name_or_path)
@@ -276,7 +276,7 @@ def param_count(cfg):
 def check_fits(cfg, cfg_file, stored):
     """Refuse (one UserError naming config.json and the field) a config whose encoder cannot be built here, before any
     module is made: more than twice the parameters the weights hold (`stored`, from the safetensors headers: not the
-    same model), or fp32 weights larger than the memory available (model.memory_limit). Generous on purpose."""
+    same model), or fp32 weights larger than the memory available (hub.memory_limit). Generous on purpose."""
     n, parts = param_count(cfg)
     key = max(parts, key=parts.get)
     if n > 2 * stored:

@@ -20,7 +20,8 @@ import torch
 import cli
 import data
 import outputs
-from model import merge_lora, read_generation_config
+from hub import read_generation_config
+from lora import merge_lora
 
 
 def plot_log(log_path, png_path):
@@ -151,10 +152,10 @@ def load_state(path, model, opt, scaler):
 
 def base_generation_config(model_name):
     """The text of the base model's generation_config.json (its sampling settings, e.g. Qwen3's top_k/top_p), or
-    None when it has none (tiny, a folder without one). model.resolve's download already fetches it."""
+    None when it has none (tiny, a folder without one). hub.resolve's download already fetches it."""
     if model_name == "tiny" and not os.path.isdir(model_name):
         return None
-    from model import resolve
+    from hub import resolve
     f = os.path.join(resolve(model_name), "generation_config.json")
     if not os.path.isfile(f):
         return None

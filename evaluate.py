@@ -50,13 +50,14 @@ import time
 import numpy as np
 import torch
 
+import batching
 import data
 import outputs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_TEST = os.path.join(ROOT, "data", "sample", "test.jsonl")
 SETTINGS = ("Base", "CE", "Mild", "Strong", "Balanced")          # the paper's Table 2 columns
-PRESET_SETTING = {"ce": "CE", "mild": "Mild", "strong": "Strong", "balanced": "Balanced"}   # train.PRESETS keys
+PRESET_SETTING = {"ce": "CE", "mild": "Mild", "strong": "Strong", "balanced": "Balanced"}   # data.PRESETS keys
 GROUPS = ("overall",) + tuple(data.SEVERITIES)
 METRICS = ("precision", "recall", "f1")
 PERMUTATIONS = 10000   # random sign flips of the paired permutation test (--permutations)
@@ -79,7 +80,7 @@ PAPER_TABLE2 = {
 
 def paper_key(name):
     """The PAPER_TABLE2 key of a row name: a registry name, or the last part of its HF repo id (any case)."""
-    from model import REGISTRY
+    from hub import REGISTRY
     low = name.lower()
     if low in PAPER_TABLE2:
         return low
@@ -89,7 +90,7 @@ def paper_key(name):
 def get_args(argv=None):
     num = cli.number
     p = cli.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    p.add_argument("--model", default=None, help="registry name (see model.REGISTRY), HF repo id or local folder of the "
+    p.add_argument("--model", default=None, help="registry name (see hub.REGISTRY), HF repo id or local folder of the "
                    "untouched base model (setting Base), or a folder train.py wrote (setting from its args.json)")
     p.add_argument("--data", default=SAMPLE_TEST, help="canonical test file (question, answer, severity, p_nc, p_n, p_c)")
     p.add_argument("--n", type=num(int, lo=1), default=2000, help="evaluate the first N records (the paper: 2,000)")
@@ -197,16 +198,15 @@ def describe_model(name_or_path):
     args_file = os.path.join(name_or_path, "args.json")
     if not os.path.isfile(args_file):
         return os.path.basename(os.path.normpath(name_or_path)), "Base", None
-    import train
     targs = cli.read_json(args_file, "training arguments")
     try:
         abc = targs.get("weights_abc")
-        abc = train.parse_weights(str(targs.get("weights", ""))) if abc is None else tuple(float(x) for x in abc)
+        abc = data.parse_weights(str(targs.get("weights", ""))) if abc is None else tuple(float(x) for x in abc)
         if len(abc) != 3:
             raise ValueError(f"{len(abc)} values")
     except (AttributeError, TypeError, ValueError) as e:
         raise cli.UserError(args_file, f"weights: cannot read the training weights a,b,c ({e})") from None
-    setting = next((PRESET_SETTING[k] for k, v in train.PRESETS.items()
+    setting = next((PRESET_SETTING[k] for k, v in data.PRESETS.items()
                     if k in PRESET_SETTING and all(abs(x - y) < 1e-9 for x, y in zip(v, abc))), "custom")
     base = str(targs.get("model") or name_or_path)
     return os.path.basename(os.path.normpath(base)), setting, dict(targs, weights_abc=list(abc))
@@ -227,7 +227,7 @@ def model_generation_config(path):
     """The generation settings a model folder ships: its generation_config.json, else the generation keys of its
     config.json (what transformers' GenerationConfig.from_model_config falls back to); {} for neither (tiny).
     Keys kept: top_k, top_p, temperature, do_sample, eos_token_id and HF_UNSUPPORTED's, None values dropped."""
-    from model import read_generation_config
+    from hub import read_generation_config
     keys = ("top_k", "top_p", "temperature", "do_sample", "eos_token_id") + tuple(HF_UNSUPPORTED)
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name) if path and os.path.isdir(path) else None
@@ -321,18 +321,17 @@ def generate_answers(model, tok, questions, batch_size=64, max_new_tokens=50, te
 @torch.no_grad()
 def answer_nll(model, tok, records, batch_size=64, max_len=512):
     """Per-example (sum of answer-token NLL, number of answer tokens), float64 numpy arrays. The answer tokens and
-    their masking are train.py's (train.encode / train.collate: prompt + answer + EOS, loss on answer + EOS)."""
-    import train
+    their masking are train.py's (batching.encode / batching.collate: prompt + answer + EOS, loss on answer + EOS)."""
     if model.cfg.pos == "learned":
         max_len = min(max_len, model.cfg.max_pos + 1)       # x = ids[:-1] must fit the positions
-    ex = train.encode(records, tok, (1.0, 1.0, 1.0), max_len, "answer")
+    ex = batching.encode(records, tok, (1.0, 1.0, 1.0), max_len, "answer")
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     device = model.wte.weight.device
     sums, counts = np.zeros(len(ex)), np.zeros(len(ex))
     order = length_order([len(e[0]) for e in ex])
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        x, y, _, _, _ = train.collate([ex[i] for i in idx], pad, device)
+        x, y, _, _, _ = batching.collate([ex[i] for i in idx], pad, device)
         nll = model(x, targets=y).double()                   # (B, T) fp32 -> fp64, 0 where y == -100
         sums[idx] = nll.sum(1).cpu().numpy()
         counts[idx] = (y != -100).sum(1).cpu().numpy()
@@ -351,7 +350,7 @@ SCORER_ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", 
 
 def scorer_folder(name):
     """A local folder with the scorer's config.json and safetensors weights. A hub name (bert-score's names are hub
-    repos) is downloaded with SCORER_ALLOW, like model.resolve; the folder is what bert-score then gets, so it
+    repos) is downloaded with SCORER_ALLOW, like hub.resolve; the folder is what bert-score then gets, so it
     cannot fall back to a pickled pytorch_model.bin. Refused (UserError) otherwise."""
     flag = "--bertscore-model"
     if os.path.isdir(name):
@@ -590,7 +589,8 @@ def out_folder(args):
 
 def evaluate(args):
     """Everything but the writing: returns (eval.json dict, prediction rows)."""
-    from model import Decoder, load_tokenizer, resolve
+    from hub import load_tokenizer, resolve
+    from model import Decoder
     t_start = time.time()
     check_args(args)
     records_all = data.load_records(args.data)

@@ -33,12 +33,12 @@ import data
 from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
                          leave, shard, wrap)
 from distributed import init as init_processes
-from model import HF_LORA_NAMES, LORA_TARGETS, Decoder, add_lora, load_tokenizer
+from hub import load_tokenizer
+from lora import HF_LORA_NAMES, LORA_TARGETS, add_lora
+from model import Decoder, peak_bf16
 import outputs
-from packing import pack_step
+from batching import collate, encode, pack_step
 
-PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
 # --recipe: defaults that each individual flag still overrides. paper = the paper's stated method (the parser's own
 # defaults). notebook = the authors' notebooks: loss over every position of a sequence EOS-padded to 512 (labels =
@@ -59,18 +59,14 @@ NOTEBOOK_LORA_TARGETS = {"gpt2": "c_attn,c_proj", "qwen2": "q_proj,v_proj", "qwe
                          "lfm2": "q_proj,v_proj"}
 
 
-def peak_bf16(device_name):
-    """Dense bf16 peak FLOP/s of a GPU by its name (PEAK_BF16 substring), None if unknown or not a GPU."""
-    return next((v for k, v in PEAK_BF16.items() if device_name and k in device_name), None)
-
 
 def get_args(argv=None):
     num = cli.number
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="registry name (see model.REGISTRY), HF repo id, or local folder")
+    p.add_argument("--model", default="tiny", help="registry name (see hub.REGISTRY), HF repo id, or local folder")
     p.add_argument("--data", default=os.path.join(SAMPLE, "train.jsonl"), help="training file, canonical JSONL/CSV (data/README.md)")
     p.add_argument("--eval-data", default="auto", help="held-out file for eval loss; 'auto' = test.jsonl beside --data, 'none' = no eval")
-    p.add_argument("--weights", default="balanced", help="a,b,c for non-critical,neutral,critical or a preset: " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in PRESETS.items()))
+    p.add_argument("--weights", default="balanced", help="a,b,c for non-critical,neutral,critical or a preset: " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in data.PRESETS.items()))
     p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>); locked while the run "
                    "lasts. Without --resume, the files of an earlier train.py or evaluate.py run there (model, state, "
                    "config, tokenizer, generation_config.json, args.json, train_log.*, eval.json, predictions.jsonl) "
@@ -138,42 +134,9 @@ def get_args(argv=None):
 
 
 # ================================ the method: weights -> per-token NLL -> normalisation -> backward ===============
-
-def parse_weights(s):
-    """'0.5,1,1.5' or a preset name -> (a, b, c). Raises ValueError with a one-line reason."""
-    if s in PRESETS:
-        return PRESETS[s]
-    parts = s.split(",")
-    try:
-        w = tuple(float(x) for x in parts)
-    except ValueError:
-        raise cli.UserError("--weights", f"{s!r} is neither a,b,c numbers nor a preset ({', '.join(PRESETS)})") from None
-    if len(w) != 3 or not all(math.isfinite(x) and x >= 0 for x in w):
-        raise cli.UserError("--weights", f"{s!r} must be three finite non-negative numbers a,b,c")
-    if not any(w):
-        raise cli.UserError("--weights", f"{s!r}: all three are 0, so every example has weight 0 and nothing is learned")
-    return w
-
-
-def severity_weight(rec, abc):
-    """w = a*p_nc + b*p_n + c*p_c for one record."""
-    return sum(k * p for k, p in zip(abc, data.severity_probs(rec)))
-
-
-def encode(records, tok, abc, max_len, loss_tokens, quiet=True):
-    """Each record -> (input ids, loss mask, w, severity class). Text = prompt + answer + EOS, truncated to max_len
-    tokens from the end (the prompt is kept first, the answer cut); the loss mask marks the tokens whose prediction
-    counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that 'padded' adds is collate's
-    work). A progress bar for large sets (data.shown) unless quiet."""
-    out = []
-    for r in data.shown(records, "tokenising", quiet):
-        p = tok.encode(data.format_prompt(r["question"]))
-        a = tok.encode(r["answer"], special=False) + [tok.eos_id]
-        ids = (p + a)[:max_len]
-        keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
-        out.append((ids, keep[:len(ids)], severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
-    return out
-
+# Upstream of this block: data.parse_weights reads --weights into (a, b, c); data.severity_weight gives each record
+# w = a*p_nc + b*p_n + c*p_c; batching.encode tokenises (ids, loss mask, w, severity) and batching.collate /
+# batching.pack_step make the micro-batches (x, y, w). What the loss does with w is here:
 
 def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
     """Per-example factor s_i (same shape as w) such that the step's loss is sum_i s_i * sum_t NLL_it, the sums
@@ -190,27 +153,6 @@ def loss_scale(w, n_tokens, norm, step_tokens, step_examples):
     if norm == "token":
         return w / step_tokens
     return torch.where(n_tokens > 0, w / n_tokens.clamp(min=1) / step_examples, torch.zeros_like(w))
-
-
-def collate(examples, pad_id, device, pad_to=0):
-    """Right-pad a micro-batch. x = ids[:-1], y = ids[1:] with -100 where the loss does not count (and on padding).
-    Returns x (B, T), y (B, T), w (B,), the number of padding positions, and the model's keyword arguments ({}).
-    pad_to > 0 is the notebooks' collator (--loss-tokens padded): every sequence padded with pad_id to pad_to
-    tokens and every position a target, padding included (labels = input ids), while transformers' attention mask
-    hid the padding from every query: mask (B, T), True on real tokens, goes to the model."""
-    T = max(pad_to, max(len(e[0]) for e in examples)) - 1
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), -100, dtype=torch.long)
-    for i, (ids, keep, _, _) in enumerate(examples):
-        if pad_to:   # the padding becomes part of the sequence: input and target like any token
-            ids, keep = ids + [pad_id] * (T + 1 - len(ids)), keep + [True] * (T + 1 - len(keep))
-        n = len(ids) - 1
-        x[i, :n] = torch.tensor(ids[:-1])
-        y[i, :n] = torch.tensor([t if k else -100 for t, k in zip(ids[1:], keep[1:])])
-    w = torch.tensor([e[2] for e in examples], dtype=torch.float32)
-    real = torch.arange(T)[None] < torch.tensor([len(e[0]) - (0 if pad_to else 1) for e in examples])[:, None]
-    kw = {"mask": real.to(device)} if pad_to else {}                  # real (B, T): x holds a real token there
-    return x.to(device), y.to(device), w.to(device), int((~real).sum()), kw
 
 
 def micro_step(model, x, y, kw, scale, amp, scaler, world):
@@ -336,7 +278,7 @@ def main(argv=None):
 def fit(argv=None):
     args = get_args(argv)
     # -- validate everything before anything is written ------------------------------------------------------------
-    abc = parse_weights(args.weights)
+    abc = data.parse_weights(args.weights)
     lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]   # "notebook": set once loaded
     bad = [t for t in lora_targets if t.rsplit(".", 1)[-1] not in LORA_TARGETS + HF_LORA_NAMES + ("notebook",)]
     if bad or not lora_targets:

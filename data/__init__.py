@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 import cli
-from cli import STRICT_JSON, DataError, JSONProblem, regular_file   # the error contract: cli.py
+from cli import STRICT_JSON, DataError, JSONProblem, UserError, regular_file   # the error contract: cli.py
 
 SEVERITIES = ("non-critical", "neutral", "critical")  # index order = p_nc, p_n, p_c
 PROB_FIELDS = ("p_nc", "p_n", "p_c")                  # same order as SEVERITIES
@@ -489,3 +489,31 @@ def _cut(text):
             before = before[:max(ends) + 1]
         return before, True
     return text, False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Severity weights: --weights a,b,c (or a preset) and each record's w = a*p_nc + b*p_n + c*p_c
+
+# The paper's settings (Table 2 columns besides Base): CE = plain cross-entropy, then three severity weightings
+PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
+
+
+def parse_weights(s):
+    """'0.5,1,1.5' or a preset name -> (a, b, c). Raises ValueError with a one-line reason."""
+    if s in PRESETS:
+        return PRESETS[s]
+    parts = s.split(",")
+    try:
+        w = tuple(float(x) for x in parts)
+    except ValueError:
+        raise UserError("--weights", f"{s!r} is neither a,b,c numbers nor a preset ({', '.join(PRESETS)})") from None
+    if len(w) != 3 or not all(math.isfinite(x) and x >= 0 for x in w):
+        raise UserError("--weights", f"{s!r} must be three finite non-negative numbers a,b,c")
+    if not any(w):
+        raise UserError("--weights", f"{s!r}: all three are 0, so every example has weight 0 and nothing is learned")
+    return w
+
+
+def severity_weight(rec, abc):
+    """w = a*p_nc + b*p_n + c*p_c for one record."""
+    return sum(k * p for k, p in zip(abc, severity_probs(rec)))

@@ -12,6 +12,7 @@ import torch
 
 import bench
 import model as M
+import hub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = ["--iters", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--gen-batch", "2",
@@ -20,7 +21,7 @@ FIGURES = ("tokens_per_s", "ms_per_step", "peak_mem_mib")
 
 
 def tiny():
-    return M.Decoder(M.Config.from_hf(dict(M.REGISTRY["tiny"]["config"])))
+    return M.Decoder(M.Config.from_hf(dict(hub.REGISTRY["tiny"]["config"])))
 
 
 def batch(cfg, B=2, T=24, seed=0):
@@ -88,9 +89,9 @@ def test_skip_flags_and_bad_input(capsys, tmp_path):
 def test_small_shape_is_consistent_with_transformers(name):
     """--shape small scales a registry config to 4 layers x 256; transformers must read it as the same model."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    hf = bench.scaled_config(M.REGISTRY[name]["config"], layers=4, hidden=256)
+    hf = bench.scaled_config(hub.REGISTRY[name]["config"], layers=4, hidden=256)
     cfg = M.Config.from_hf(hf)
-    assert cfg.n_layer == 4 and cfg.d_model == 256 and cfg.vocab_size == M.REGISTRY[name]["config"]["vocab_size"]
+    assert cfg.n_layer == 4 and cfg.d_model == 256 and cfg.vocab_size == hub.REGISTRY[name]["config"]["vocab_size"]
     assert cfg.n_head * cfg.head_dim == 256
     assert cfg.n_head % cfg.n_kv_head == 0
     with torch.device("meta"):
@@ -164,7 +165,7 @@ def test_compiled_training_step_equals_eager():
 def test_bloom_baseline_falls_back_to_eager_attention():
     """transformers has no SDPA path for BLOOM: the baseline is built with its eager attention instead of failing,
     and it still holds our weights (same logits)."""
-    hf = bench.scaled_config(M.REGISTRY["bloomz-560m"]["config"], layers=1, hidden=64)
+    hf = bench.scaled_config(hub.REGISTRY["bloomz-560m"]["config"], layers=1, hidden=64)
     ours, theirs = bench.build_models(hf, torch.device("cpu"), seed=0)
     assert theirs.config._attn_implementation == "eager"
     x = torch.randint(0, hf["vocab_size"], (2, 12))

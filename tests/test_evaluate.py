@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import cli
+import batching
 import data
 import outputs
 import evaluate as E
-from model import Config, Decoder, Tokenizer
+from hub import Tokenizer
+from model import Config, Decoder
 
 QA = [  # (question, answer, severity): short synthetic texts, not medical advice
     ("أشعر بألم شديد في الصدر مع تعرق", "اتصل بالإسعاف فورا", "critical"),
@@ -223,7 +225,7 @@ def test_eval_json_and_predictions(env, tmp_path):
     from model import load_tokenizer
     tok, m = load_tokenizer(env["base"]), Decoder.from_pretrained(env["base"]).eval()
     recs = data.load_records(env["test"])[:10]
-    ref = train.evaluate_loss(m, train.encode(recs, tok, (1, 1, 1), 512, "answer"), 4, 0, "cpu",
+    ref = train.evaluate_loss(m, batching.encode(recs, tok, (1, 1, 1), 512, "answer"), 4, 0, "cpu",
                               torch.autocast("cpu", enabled=False))
     assert on_disk["nll"]["overall"]["mean"] == pytest.approx(ref["eval_loss"], rel=1e-5)
     assert on_disk["nll"]["critical"]["mean"] == pytest.approx(ref["eval_loss_critical"], rel=1e-5)

@@ -25,6 +25,8 @@ import data  # noqa: E402
 import outputs  # noqa: E402
 import evaluate  # noqa: E402
 import model as M  # noqa: E402
+import hub  # noqa: E402
+import nf4  # noqa: E402
 import train  # noqa: E402
 from data import prepare  # noqa: E402
 from test_model import FAMILIES  # noqa: E402
@@ -101,20 +103,20 @@ def test_param_count_and_bytes_match_the_built_model(name):
     tensor for tensor: fp32, bf16 and NF4 (every family's tiny config)."""
     cfg = M.Config.from_hf(dict(HF_CONFIGS[name]))
     built = M.Decoder(cfg)
-    n, parts = M.param_count(cfg)
+    n, parts = hub.param_count(cfg)
     assert n == built.num_params() == sum(parts.values())
-    assert M.weight_bytes(cfg) == _tensor_bytes(built)
-    assert M.weight_bytes(cfg, torch.bfloat16) == _tensor_bytes(M.Decoder(cfg).to(torch.bfloat16))
-    assert M.weight_bytes(cfg, quantize="nf4") == _tensor_bytes(M.quantize_nf4(built))
+    assert hub.weight_bytes(cfg) == _tensor_bytes(built)
+    assert hub.weight_bytes(cfg, torch.bfloat16) == _tensor_bytes(M.Decoder(cfg).to(torch.bfloat16))
+    assert hub.weight_bytes(cfg, quantize="nf4") == _tensor_bytes(nf4.quantize_nf4(built))
 
 
-@pytest.mark.parametrize("name", list(M.REGISTRY))
+@pytest.mark.parametrize("name", list(hub.REGISTRY))
 def test_param_count_matches_every_registry_shape(name):
     """The full-size registry shapes, built on the meta device (no memory): the same count."""
-    cfg = M.Config.from_hf(dict(M.REGISTRY[name]["config"]))
+    cfg = M.Config.from_hf(dict(hub.REGISTRY[name]["config"]))
     with torch.device("meta"):
         built = M.Decoder(cfg)
-    assert M.param_count(cfg)[0] == built.num_params()
+    assert hub.param_count(cfg)[0] == built.num_params()
 
 
 @pytest.mark.parametrize("field,value,needles", [
@@ -137,24 +139,24 @@ def test_oversized_config_is_refused_before_building(env, tmp_path, field, value
 
 def test_memory_limit_names_the_field_and_is_generous(env, monkeypatch):
     """Past the memory limit: refused with the field and the sizes; at the limit exactly: accepted."""
-    cfg = M.read_config(env["model"])
-    need = M.weight_bytes(cfg)
-    monkeypatch.setattr(M, "memory_limit", lambda device=None: (need, "available RAM"))
-    M.check_fits(cfg, "x/config.json")   # exactly fits: no refusal
-    monkeypatch.setattr(M, "memory_limit", lambda device=None: (need - 1, "available RAM"))
+    cfg = hub.read_config(env["model"])
+    need = hub.weight_bytes(cfg)
+    monkeypatch.setattr(hub, "memory_limit", lambda device=None: (need, "available RAM"))
+    hub.check_fits(cfg, "x/config.json")   # exactly fits: no refusal
+    monkeypatch.setattr(hub, "memory_limit", lambda device=None: (need - 1, "available RAM"))
     with pytest.raises(cli.UserError, match=r"x/config.json: (vocab_size|n_layer|n_positions) = \d+: the model "
                                              r"would have [\d,]+ parameters, .* GiB as float32, more than"):
-        M.check_fits(cfg, "x/config.json")
+        hub.check_fits(cfg, "x/config.json")
     # NF4 takes fewer bytes: what does not fit in fp32 may fit quantised
     big = M.Config.from_hf(dict(FAMILIES["llama"], num_hidden_layers=64, hidden_size=256, intermediate_size=1024))
-    monkeypatch.setattr(M, "memory_limit", lambda device=None: (M.weight_bytes(big, quantize="nf4"), "RAM"))
-    M.check_fits(big, "c", quantize="nf4")
+    monkeypatch.setattr(hub, "memory_limit", lambda device=None: (hub.weight_bytes(big, quantize="nf4"), "RAM"))
+    hub.check_fits(big, "c", quantize="nf4")
     with pytest.raises(cli.UserError, match="num_hidden_layers = 64"):
-        M.check_fits(big, "c")
+        hub.check_fits(big, "c")
 
 
 def test_memory_limit_reads_this_machine():
-    b, what = M.memory_limit("cpu")
+    b, what = hub.memory_limit("cpu")
     assert b > 1 << 26 and what
 
 
@@ -169,7 +171,7 @@ def test_unused_token_ids_past_the_vocabulary_load(env, tmp_path, ids):
     """Accepted as transformers accepts them; an id the model has no row for is dropped where it would be used (the
     tokenizer's EOS comes from its own special tokens here), and training runs."""
     d = copy_model(env, tmp_path, **ids)
-    cfg = M.read_config(str(d))
+    cfg = hub.read_config(str(d))
     for k in ("bos", "eos", "pad"):
         v = getattr(cfg, f"{k}_id")
         assert v is None or 0 <= v < cfg.vocab_size

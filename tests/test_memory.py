@@ -17,6 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import cli
 import model as M
+import hub
+import lora
+import nf4
 from test_model import _ROPE, FAMILIES, V
 from test_train import torchrun
 import train
@@ -93,8 +96,8 @@ def reference_nf4(values, block=64):
 
 
 def test_nf4_levels_are_the_papers():
-    assert M.NF4_LEVELS == tuple(PAPER_NF4)
-    assert M.NF4_BLOCK == 64
+    assert nf4.NF4_LEVELS == tuple(PAPER_NF4)
+    assert nf4.NF4_BLOCK == 64
 
 
 def test_nf4_quantise_and_dequantise_match_the_hand_reference():
@@ -108,14 +111,14 @@ def test_nf4_quantise_and_dequantise_match_the_hand_reference():
     flat[256] = 1.0
     flat[257] = PAPER_NF4[8] / 2                                # ... these fall exactly half-way between two levels:
     flat[258] = PAPER_NF4[6] / 2                                # a tie goes to the lower level (7, then 6)
-    codes, absmax = M.nf4_quantize(w)
+    codes, absmax = nf4.nf4_quantize(w)
     ref_packed, ref_absmax, ref_codes = reference_nf4(flat.tolist())
     assert codes.dtype == torch.uint8 and codes.numel() == 320 // 2
     assert absmax.dtype == torch.float32 and absmax.tolist() == pytest.approx(ref_absmax, rel=0, abs=0)
     assert codes.tolist() == ref_packed
     assert ref_codes[131] == 12 and ref_codes[130] == 0 and set(ref_codes[64:128]) == {7}
     assert ref_codes[256:259] == [15, 7, 6]
-    deq = M.nf4_dequantize(codes, absmax, (3, 100))
+    deq = nf4.nf4_dequantize(codes, absmax, (3, 100))
     want = torch.tensor([PAPER_NF4[c] * ref_absmax[i // 64] for i, c in enumerate(ref_codes)][:300]).view(3, 100)
     assert torch.allclose(deq, want.float(), rtol=1e-6, atol=0)
     assert torch.equal(deq.view(-1)[64:128], torch.zeros(64))
@@ -123,7 +126,7 @@ def test_nf4_quantise_and_dequantise_match_the_hand_reference():
     err = (deq - w).abs().view(-1)
     bound = torch.tensor([ref_absmax[i // 64] for i in range(300)]) * (PAPER_NF4[1] - PAPER_NF4[0]) / 2
     assert (err <= bound + 1e-6).all()
-    assert M.nf4_dequantize(codes, absmax, (3, 100), torch.bfloat16).dtype == torch.bfloat16
+    assert nf4.nf4_dequantize(codes, absmax, (3, 100), torch.bfloat16).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("fam", ["gpt2", "bloom", "qwen2", "lfm2"])
@@ -131,8 +134,8 @@ def test_nf4_model_equals_model_with_dequantised_weights(fam, saved, tmp_path):
     d = saved(fam)
     q = M.Decoder.from_pretrained(d, quantize="nf4").eval()
     ref = M.Decoder.from_pretrained(d).eval()
-    quantised = M.block_linears(ref)
-    assert quantised and all(isinstance(q.get_submodule(n), M.NF4Linear) for n in quantised)
+    quantised = nf4.block_linears(ref)
+    assert quantised and all(isinstance(q.get_submodule(n), nf4.NF4Linear) for n in quantised)
     assert not any(isinstance(m, torch.nn.Linear) for m in q.layers.modules()), "a block Linear was left in full width"
     assert isinstance(q.lm_head, torch.nn.Linear) and q.wte.weight.dtype == torch.float32
     assert q.num_params() == ref.num_params()
@@ -140,7 +143,7 @@ def test_nf4_model_equals_model_with_dequantised_weights(fam, saved, tmp_path):
     with torch.no_grad():
         exact = ref(x)
         for n in quantised:   # the codes loaded are those of the checkpoint's own tensor, quantised once
-            codes, absmax = M.nf4_quantize(ref.get_submodule(n).weight)
+            codes, absmax = nf4.nf4_quantize(ref.get_submodule(n).weight)
             assert torch.equal(q.get_submodule(n).codes, codes) and torch.equal(q.get_submodule(n).absmax, absmax), n
         for n in quantised:   # replace each weight by its dequantised value
             ref.get_submodule(n).weight.copy_(q.get_submodule(n).dequantize())
@@ -159,7 +162,7 @@ def test_nf4_backward_gives_input_gradient_of_dequantised_weight():
     with torch.no_grad():
         lin.weight.copy_(torch.randn(96, 128, generator=g))
         lin.bias.copy_(torch.randn(96, generator=g))
-    q = M.NF4Linear.from_linear(lin)
+    q = nf4.NF4Linear.from_linear(lin)
     with torch.no_grad():
         lin.weight.copy_(q.dequantize())
     x = torch.randn(4, 5, 128, generator=g)
@@ -177,20 +180,20 @@ def test_nf4_load_quantises_tensor_by_tensor(saved, monkeypatch):
     """While loading, no full-precision weight of a block Linear is ever kept in the state being built."""
     d = saved("qwen2")
     seen = []
-    real = M.nf4_quantize
+    real = nf4.nf4_quantize
 
     def spy(w, *a, **k):
         seen.append(tuple(w.shape))
         return real(w, *a, **k)
-    real_load = M._load_state
+    real_load = hub._load_state
 
     def check(model, tensors, dtype, device, quantize=()):
         state = real_load(model, tensors, dtype, device, quantize)
         big = [k for k in state if any(k == n + ".weight" for n in quantize)]
         assert not big, f"full-width weights kept while loading: {big[:3]}"
         return state
-    monkeypatch.setattr(M, "nf4_quantize", spy)
-    monkeypatch.setattr(M, "_load_state", check)
+    monkeypatch.setattr(hub, "nf4_quantize", spy)
+    monkeypatch.setattr(hub, "_load_state", check)
     q = M.Decoder.from_pretrained(d, quantize="nf4")
     assert len(seen) == 2 * 4   # qkv, o, fc, proj per block
     with pytest.raises(ValueError, match="quantize"):
@@ -225,7 +228,7 @@ def _saved_bytes(m, x, y):
 def test_checkpointed_gradients_equal_plain_ones(setup, saved):
     m = M.Decoder.from_pretrained(saved("qwen2"), quantize="nf4" if setup == "nf4-lora" else None)
     if setup in ("lora-dropout", "nf4-lora"):
-        M.add_lora(m, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8, dropout=0.3)
+        lora.add_lora(m, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8, dropout=0.3)
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if "lora_B" in n:
@@ -251,35 +254,35 @@ def test_checkpointed_gradients_equal_plain_ones(setup, saved):
 def test_lora_sites_by_hf_and_our_names(saved):
     q, kv, ff = 64, 32, 128
     qwen = M.Decoder.from_pretrained(saved("qwen2"))
-    assert M.lora_sites(qwen, ["q_proj", "v_proj"]) == {
+    assert lora.lora_sites(qwen, ["q_proj", "v_proj"]) == {
         f"layers.{i}.attn.qkv": [(0, q), (q + kv, q + 2 * kv)] for i in range(2)}
-    assert M.lora_sites(qwen, ["gate_proj", "up_proj", "down_proj", "o_proj"]) == {
+    assert lora.lora_sites(qwen, ["gate_proj", "up_proj", "down_proj", "o_proj"]) == {
         **{f"layers.{i}.mlp.fc": [(0, ff), (ff, 2 * ff)] for i in range(2)},
         **{f"layers.{i}.mlp.proj": None for i in range(2)}, **{f"layers.{i}.attn.o": None for i in range(2)}}
-    assert M.lora_sites(qwen, ["qkv", "k_proj"]) == {f"layers.{i}.attn.qkv": None for i in range(2)}
-    assert M.lora_sites(qwen, ["layers.1.self_attn.k_proj"]) == {"layers.1.attn.qkv": [(q, q + kv)]}
+    assert lora.lora_sites(qwen, ["qkv", "k_proj"]) == {f"layers.{i}.attn.qkv": None for i in range(2)}
+    assert lora.lora_sites(qwen, ["layers.1.self_attn.k_proj"]) == {"layers.1.attn.qkv": [(q, q + kv)]}
     gpt2 = M.Decoder.from_pretrained(saved("gpt2"))
-    assert M.lora_sites(gpt2, ["c_attn", "c_proj"]) == {
+    assert lora.lora_sites(gpt2, ["c_attn", "c_proj"]) == {
         **{f"layers.{i}.attn.qkv": None for i in range(2)}, **{f"layers.{i}.attn.o": None for i in range(2)},
         **{f"layers.{i}.mlp.proj": None for i in range(2)}}
-    assert M.lora_sites(gpt2, ["attn.c_proj"]) == {f"layers.{i}.attn.o": None for i in range(2)}
+    assert lora.lora_sites(gpt2, ["attn.c_proj"]) == {f"layers.{i}.attn.o": None for i in range(2)}
     bloom = M.Decoder.from_pretrained(saved("bloom"))
-    assert set(M.lora_sites(bloom, ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])) == {
+    assert set(lora.lora_sites(bloom, ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])) == {
         f"layers.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.o", "mlp.fc", "mlp.proj")}
     lfm = M.Decoder.from_pretrained(saved("lfm2"))   # layer 0 conv, layer 1 attention; d_ff 96
-    assert M.lora_sites(lfm, ["out_proj", "w1"]) == {"layers.0.conv.out_proj": None, "layers.1.attn.o": None,
+    assert lora.lora_sites(lfm, ["out_proj", "w1"]) == {"layers.0.conv.out_proj": None, "layers.1.attn.o": None,
                                                      "layers.0.mlp.fc": [(0, 96)], "layers.1.mlp.fc": [(0, 96)]}
-    assert M.lora_sites(lfm, ["conv.out_proj", "in_proj"]) == {"layers.0.conv.out_proj": None,
+    assert lora.lora_sites(lfm, ["conv.out_proj", "in_proj"]) == {"layers.0.conv.out_proj": None,
                                                               "layers.0.conv.in_proj": None}
     for fam in HF:   # every HF name of every family is in the list train.py checks names against before loading
         m = M.Decoder.from_pretrained(saved(fam))
-        mods = M.lora_sites.__globals__["_weight_map"](m.cfg)
+        mods = hub.weight_map(m.cfg)
         names = {h[:-len(".weight")].rsplit(".", 1)[-1] for e in mods for h in e.hf
-                 if e.ours[:-len(".weight")] in M.block_linears(m) and h.endswith(".weight")}
-        assert names and names <= set(M.HF_LORA_NAMES), (fam, names - set(M.HF_LORA_NAMES))
+                 if e.ours[:-len(".weight")] in nf4.block_linears(m) and h.endswith(".weight")}
+        assert names and names <= set(lora.HF_LORA_NAMES), (fam, names - set(lora.HF_LORA_NAMES))
     for bad in (["q_proj"], ["c_attn", "nonsense"]):
         with pytest.raises(ValueError, match="matches no layer of this gpt2 model"):
-            M.add_lora(gpt2, bad)
+            lora.add_lora(gpt2, bad)
 
 
 @pytest.mark.parametrize("fam,targets,changed", [
@@ -290,7 +293,7 @@ def test_lora_sites_by_hf_and_our_names(saved):
 def test_hf_name_lora_merged_save_changes_only_the_targets(fam, targets, changed, saved, tmp_path):
     d = saved(fam)
     m = M.Decoder.from_pretrained(d).eval()
-    M.add_lora(m, targets, rank=4, alpha=8, dropout=0.0)
+    lora.add_lora(m, targets, rank=4, alpha=8, dropout=0.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -299,7 +302,7 @@ def test_hf_name_lora_merged_save_changes_only_the_targets(fam, targets, changed
     x = ids(seed=5)
     with torch.no_grad():
         unmerged = m(x)
-    M.merge_lora(m).save_pretrained(str(tmp_path))
+    lora.merge_lora(m).save_pretrained(str(tmp_path))
     before = {k.removeprefix("transformer."): v for k, v in read_st(d).items()}   # gpt2 is saved without it
     after = read_st(str(tmp_path))
     assert before.keys() == after.keys()
@@ -318,7 +321,7 @@ def test_each_slice_adapter_draws_its_own_dropout_mask():
     scale * dropout_i(x): the zero patterns of the two ranges must differ; in eval they are both exactly x."""
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 192, bias=False)
-    lin = M.LoRALinear(base, rank=64, alpha=64, dropout=0.5, rows=[(0, 64), (128, 192)])
+    lin = lora.LoRALinear(base, rank=64, alpha=64, dropout=0.5, rows=[(0, 64), (128, 192)])
     with torch.no_grad():
         lin.lora_A.copy_(torch.eye(64).repeat(2, 1))
         lin.lora_B.copy_(torch.eye(64).repeat(2, 1))
@@ -336,8 +339,8 @@ def test_each_slice_adapter_draws_its_own_dropout_mask():
 def test_lora_on_nf4_merges_into_dequantised_weights(saved, tmp_path):
     d = saved("qwen2")
     m = M.Decoder.from_pretrained(d, quantize="nf4").eval()
-    M.add_lora(m, ["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.0)
-    assert isinstance(m.layers[0].attn.qkv.base, M.NF4Linear)
+    lora.add_lora(m, ["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.0)
+    assert isinstance(m.layers[0].attn.qkv.base, nf4.NF4Linear)
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {
         f"layers.{i}.attn.qkv.lora_{ab}" for i in range(2) for ab in "AB"}
     with torch.no_grad():
@@ -347,7 +350,7 @@ def test_lora_on_nf4_merges_into_dequantised_weights(saved, tmp_path):
         x = ids(seed=3)
         unmerged = m(x)
         deq = {n: m.get_submodule(n).dequantize() for n in ("layers.0.attn.o", "layers.0.mlp.fc")}
-    M.merge_lora(m).save_pretrained(str(tmp_path))
+    lora.merge_lora(m).save_pretrained(str(tmp_path))
     saved_t = read_st(str(tmp_path))
     assert torch.equal(saved_t["model.layers.0.self_attn.o_proj.weight"], deq["layers.0.attn.o"])
     assert torch.equal(saved_t["model.layers.0.mlp.up_proj.weight"], deq["layers.0.mlp.fc"][128:])
@@ -467,7 +470,7 @@ def test_bench_memory_mode_figures_add_up(tmp_path, capsys):
     r = bench.main(["--memory", "--model", "llama-2-7b", "--hidden", "128", "--layers", "2", "--batch-size", "2",
                     "--seq-len", "32", "--json", str(out)])
     assert json.load(open(out))["weights"] == r["weights"]
-    w, cfg = r["weights"], M.Config.from_hf(bench.scaled_config(M.REGISTRY["llama-2-7b"]["config"], 2, 128))
+    w, cfg = r["weights"], M.Config.from_hf(bench.scaled_config(hub.REGISTRY["llama-2-7b"]["config"], 2, 128))
     d, ff, q, kv = cfg.d_model, cfg.d_ff, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     n_lin = d * (q + 2 * kv) + q * d + d * 2 * ff + ff * d              # qkv, o, fc, proj of one block
     assert w["params_per_block"] == n_lin + 2 * d                      # + two RMSNorm weights
@@ -501,7 +504,7 @@ def test_evaluate_quantize_nf4_generates_from_the_dequantised_model(tmp_path):
     preds = [json.loads(ln) for ln in open(out / "predictions.jsonl")]
     q, ref = M.Decoder.from_pretrained("tiny", quantize="nf4"), M.Decoder.from_pretrained("tiny").eval()
     with torch.no_grad():
-        for n in M.block_linears(ref):
+        for n in nf4.block_linears(ref):
             ref.get_submodule(n).weight.copy_(q.get_submodule(n).dequantize())
     want = E.generate_answers(ref, M.load_tokenizer("tiny"), [p["question"] for p in preds], batch_size=4,
                               max_new_tokens=6, temperature=0)

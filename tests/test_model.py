@@ -19,6 +19,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import model as M
+import hub
+import lora as L
 
 transformers.logging.set_verbosity_error()
 try:  # progress bars of save_pretrained / from_pretrained
@@ -463,7 +465,7 @@ def _shrink_last_block(m):   # a block that drops a feature: the hidden states a
 def test_forward_asserts_its_shapes(case, call, needle):
     """Decoder's forward states the shapes it works in (input (B, T), hidden (B, T, D), NLL (B, T)): a wrong one is
     an AssertionError naming the shape, not an error deep inside."""
-    m = M.Decoder(M.Config.from_hf(dict(M.REGISTRY["tiny"]["config"])))
+    m = M.Decoder(M.Config.from_hf(dict(hub.REGISTRY["tiny"]["config"])))
     with pytest.raises(AssertionError, match=needle):
         call(m)
 
@@ -564,9 +566,9 @@ PAPER_PARAMS = {
 
 
 def test_registry_names():
-    missing = [n for n in REGISTRY_NAMES if n not in M.REGISTRY]
+    missing = [n for n in REGISTRY_NAMES if n not in hub.REGISTRY]
     assert not missing, f"registry lacks {missing}"
-    for name, entry in M.REGISTRY.items():
+    for name, entry in hub.REGISTRY.items():
         for key in ("repo", "family", "params", "note", "config"):
             assert key in entry, f"REGISTRY[{name!r}] has no {key!r}"
 
@@ -574,7 +576,7 @@ def test_registry_names():
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
 def test_registry_param_counts_on_meta(name):
     with torch.device("meta"):
-        m = M.Decoder(M.Config.from_hf(M.REGISTRY[name]["config"]))
+        m = M.Decoder(M.Config.from_hf(hub.REGISTRY[name]["config"]))
     assert m.num_params() == PAPER_PARAMS[name]
 
 
@@ -603,7 +605,7 @@ def test_lora_init_merge_and_trainable(fam, saved):
     ids = rand_ids()
     base = our_logits(ours, ids)
     n_before = ours.num_params()
-    M.add_lora(ours, _lora_targets(fam), rank=4, alpha=8, dropout=0.0)
+    L.add_lora(ours, _lora_targets(fam), rank=4, alpha=8, dropout=0.0)
     ours.eval()
     lora = [(n, p) for n, p in ours.named_parameters() if "lora" in n.lower()]
     assert lora, "add_lora added no parameters with 'lora' in their name"
@@ -617,7 +619,7 @@ def test_lora_init_merge_and_trainable(fam, saved):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     unmerged = our_logits(ours, ids)
     assert max_diff(unmerged, base) > 1e-3, "test set-up: perturbed LoRA weights should change the output"
-    M.merge_lora(ours)
+    L.merge_lora(ours)
     merged = our_logits(ours, ids)
     # 1e-5 relative to the logit scale: folding B @ A into W reorders fp32 sums, nothing more
     tol = 1e-5 * max(1.0, unmerged.abs().max().item())

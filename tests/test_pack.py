@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import model as M
-import packing
+import hub
+import batching
 import train
 from test_model import FAMILIES, build_hf
 from test_train import make_records, write_jsonl
@@ -52,9 +53,9 @@ def assets(tmp_path_factory):
 
 def test_pack_rows_first_fit_decreasing_by_hand():
     # longest first: 9 -> row 0; 7 -> row 1; 5 -> row 2; 3 -> row 1 (first with room: 10-7=3); 2 -> row 2
-    assert packing.pack_rows([5, 9, 3, 7, 2], 10) == [[1], [3, 2], [0, 4]]
-    assert packing.pack_rows([4, 4, 4], 12) == [[0, 1, 2]]
-    assert packing.pack_rows([3], 3) == [[0]]
+    assert batching.pack_rows([5, 9, 3, 7, 2], 10) == [[1], [3, 2], [0, 4]]
+    assert batching.pack_rows([4, 4, 4], 12) == [[0, 1, 2]]
+    assert batching.pack_rows([3], 3) == [[0]]
 
 
 def test_segment_positions_by_hand():
@@ -78,7 +79,7 @@ def _examples(n=11, seed=0):
 def test_pack_step_lays_out_every_example_once(fixed):
     ex = _examples()
     width, max_rows = 40, 2
-    batches = packing.pack_step(ex, width, max_rows, pad_id=7, device="cpu", fixed=fixed)
+    batches = batching.pack_step(ex, width, max_rows, pad_id=7, device="cpu", fixed=fixed)
     seen = []
     for x, y, w, pads, kw in batches:
         seg = kw["segments"]
@@ -109,11 +110,11 @@ def test_pack_step_row_width_policy():
     real = sum(len(e[0]) - 1 for e in ex)
     widths = lambda bs: {x.shape[1] for x, *_ in bs}                                    # noqa: E731
     pad = lambda bs: sum(b[3] for b in bs) / (sum(b[3] for b in bs) + real)            # noqa: E731
-    wide = packing.pack_step(ex, 200, 16, 0, "cpu")
+    wide = batching.pack_step(ex, 200, 16, 0, "cpu")
     assert max(widths(wide)) > 2 * longest and pad(wide) < 0.05
-    narrow = packing.pack_step(ex, 200, 16, 0, "cpu", flops=lambda T: 1.0 + T)           # attention-bound
+    narrow = batching.pack_step(ex, 200, 16, 0, "cpu", flops=lambda T: 1.0 + T)           # attention-bound
     assert widths(narrow) <= set(range(longest + 1)) and max(widths(narrow)) == longest
-    big = packing.pack_step(ex, 200, 16, 0, "cpu", flops=lambda T: 1e6 + T)              # matmul-bound
+    big = batching.pack_step(ex, 200, 16, 0, "cpu", flops=lambda T: 1e6 + T)              # matmul-bound
     assert max(widths(big)) > 2 * longest and pad(big) < 0.05
 
 
@@ -149,7 +150,7 @@ def test_packed_row_equals_each_example_alone_against_transformers(fam, tmp_path
 
 
 def test_segments_refuse_mask_or_cache():
-    m = M.Decoder(M.Config.from_hf(dict(M.REGISTRY["tiny"]["config"])))
+    m = M.Decoder(M.Config.from_hf(dict(hub.REGISTRY["tiny"]["config"])))
     x = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="segments"):
         m(x, mask=torch.ones(1, 4, dtype=torch.bool), segments=torch.zeros(1, 4, dtype=torch.long))
@@ -166,7 +167,7 @@ def test_packed_rows_under_compile_make_one_graph():
     counter = CompileCounter()
     cm = torch.compile(m, backend=counter)
     for seed in range(3):
-        for x, y, _, _, kw in packing.pack_step(_examples(6, seed), 63, 1, 0, "cpu", fixed=fixed):
+        for x, y, _, _, kw in batching.pack_step(_examples(6, seed), 63, 1, 0, "cpu", fixed=fixed):
             cm(x, targets=y, **kw)
     assert counter.frame_count == 1, counter.frame_count
     torch._dynamo.reset()
@@ -286,11 +287,11 @@ def test_both_loss_normalisations_exact_under_packing(assets, norm):
     fam = "lfm2"                                                 # the conv makes packing the most delicate
     m = M.Decoder.from_pretrained(assets["folder"](fam)).eval()
     tok = M.load_tokenizer(assets["folder"](fam))
-    ex = train.encode(data.load_records(assets["train"])[:10], tok, (0.5, 1.0, 1.5), 48, "answer")
+    ex = batching.encode(data.load_records(assets["train"])[:10], tok, (0.5, 1.0, 1.5), 48, "answer")
     per_sum, per_n = [], []
     with torch.no_grad():
         for e in ex:                                             # each example alone, no padding at all
-            x, y, _, _, _ = train.collate([e], tok.pad_id, "cpu")
+            x, y, _, _, _ = batching.collate([e], tok.pad_id, "cpu")
             per_sum.append(m(x, targets=y).sum().item())
             per_n.append(int((y != -100).sum()))
         if norm == "token":
@@ -298,11 +299,11 @@ def test_both_loss_normalisations_exact_under_packing(assets, norm):
         else:
             want = sum(e[2] * s / n for e, s, n in zip(ex, per_sum, per_n)) / len(ex)
         N, E = torch.tensor(float(sum(per_n))), torch.tensor(float(len(ex)))
-        x, y, w, _, _ = train.collate(ex, tok.pad_id, "cpu")    # one padded batch, per-example factors
+        x, y, w, _, _ = batching.collate(ex, tok.pad_id, "cpu")    # one padded batch, per-example factors
         padded = (m(x, targets=y).sum(1) * train.loss_scale(w, (y != -100).sum(1).float(), norm, N, E)).sum().item()
         n_i = torch.tensor([float(n) for n in per_n])
         packed = 0.0
-        for x, y, w, _, kw in packing.pack_step(ex, 47, 2, tok.pad_id, "cpu"):
+        for x, y, w, _, kw in batching.pack_step(ex, 47, 2, tok.pad_id, "cpu"):
             seg = kw["segments"]
             n_tok = n_i[seg.clamp(min=0)] * (seg >= 0)          # per token: its example's count, 0 on padding
             packed += (m(x, targets=y, segments=seg) * train.loss_scale(w, n_tok, norm, N, E)).sum().item()

@@ -10,6 +10,7 @@ import transformers
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
 import model as M
+import hub
 
 transformers.logging.set_verbosity_error()
 
@@ -169,7 +170,7 @@ def test_save_round_trip(dirs, tmp_path):
 def test_tiny_tokenizer_fits_tiny_model():
     tok = M.load_tokenizer("tiny")
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 0, 0)
-    cfg = M.Config.from_hf(M.REGISTRY["tiny"]["config"])
+    cfg = M.Config.from_hf(hub.REGISTRY["tiny"]["config"])
     assert tok.vocab_size <= cfg.vocab_size
     ids = tok.encode(TEXTS[0])
     assert ids and max(ids) < cfg.vocab_size

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import cli
+import batching
 import data
 import model as M
+import lora as L
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,26 +215,26 @@ def capture_grads(monkeypatch):
 # ----------------------------------------------------------------------------------------------- 1. weights & loss
 
 def test_parse_weights():
-    assert train.parse_weights("1,1,1") == (1.0, 1.0, 1.0)
-    assert train.parse_weights("0.5, 1 ,1.5") == (0.5, 1.0, 1.5)
-    assert train.parse_weights("0,0,2") == (0.0, 0.0, 2.0)
-    assert train.parse_weights("balanced") == (0.5, 1.0, 1.5)
-    assert train.parse_weights("strong") == (0.25, 1.0, 1.75)
-    assert train.parse_weights("mild") == (0.75, 1.0, 1.25)
-    assert train.parse_weights("ce") == (1.0, 1.0, 1.0)
+    assert data.parse_weights("1,1,1") == (1.0, 1.0, 1.0)
+    assert data.parse_weights("0.5, 1 ,1.5") == (0.5, 1.0, 1.5)
+    assert data.parse_weights("0,0,2") == (0.0, 0.0, 2.0)
+    assert data.parse_weights("balanced") == (0.5, 1.0, 1.5)
+    assert data.parse_weights("strong") == (0.25, 1.0, 1.75)
+    assert data.parse_weights("mild") == (0.75, 1.0, 1.25)
+    assert data.parse_weights("ce") == (1.0, 1.0, 1.0)
     for bad in ("0.5,1", "abc", "1,-1,2", "1,2,3,4", "", "nan,1,1", "inf,1,1", "1,,2"):
         with pytest.raises(ValueError) as e:
-            train.parse_weights(bad)
+            data.parse_weights(bad)
         assert "\n" not in str(e.value) and "--weights" in str(e.value)
 
 
 def test_severity_weight_by_hand():
     rec = {"question": "q", "answer": "a", "severity": "critical", "p_nc": 0.2, "p_n": 0.3, "p_c": 0.5}
-    assert train.severity_weight(rec, (0.5, 1.0, 1.5)) == pytest.approx(0.5 * 0.2 + 1.0 * 0.3 + 1.5 * 0.5, abs=1e-12)
-    assert train.severity_weight(rec, (1, 1, 1)) == pytest.approx(1.0, abs=1e-12)
-    assert train.severity_weight(rec, (0.25, 1.0, 1.75)) == pytest.approx(1.225, abs=1e-12)
+    assert data.severity_weight(rec, (0.5, 1.0, 1.5)) == pytest.approx(0.5 * 0.2 + 1.0 * 0.3 + 1.5 * 0.5, abs=1e-12)
+    assert data.severity_weight(rec, (1, 1, 1)) == pytest.approx(1.0, abs=1e-12)
+    assert data.severity_weight(rec, (0.25, 1.0, 1.75)) == pytest.approx(1.225, abs=1e-12)
     one_hot = dict(rec, p_nc=0.0, p_n=0.0, p_c=1.0)
-    assert train.severity_weight(one_hot, (0.5, 1.0, 1.5)) == pytest.approx(1.5, abs=1e-12)
+    assert data.severity_weight(one_hot, (0.5, 1.0, 1.5)) == pytest.approx(1.5, abs=1e-12)
 
 
 def test_collate_masks_question_and_padding(assets):
@@ -240,8 +242,8 @@ def test_collate_masks_question_and_padding(assets):
     recs = assets["recs8"][:3]
     abc = (0.5, 1.0, 1.5)
     for loss_tokens in ("answer", "all"):
-        ex = train.encode(recs, tok, abc, 512, loss_tokens)
-        x, y, w, pads, kw = train.collate(ex, tok.pad_id, "cpu")
+        ex = batching.encode(recs, tok, abc, 512, loss_tokens)
+        x, y, w, pads, kw = batching.collate(ex, tok.pad_id, "cpu")
         assert kw == {}
         lens = [len(e[0]) for e in ex]
         T = max(lens) - 1
@@ -271,7 +273,7 @@ def test_encode_truncates_to_max_len(assets):
     r = assets["recs8"][0]
     p, a = split_tokens(tok, r)
     cut = len(p) + 2
-    (ids, keep, _, _), = train.encode([r], tok, (1, 1, 1), cut, "answer")
+    (ids, keep, _, _), = batching.encode([r], tok, (1, 1, 1), cut, "answer")
     assert ids == (p + a)[:cut] and keep == [False] * len(p) + [True, True]
 
 
@@ -703,7 +705,7 @@ def _trained_model(assets, out, lora=0):
     """Rebuild the trained model from <out>/state.safetensors (what training held in memory at the end)."""
     m = M.Decoder.from_pretrained(assets["model"])
     if lora:
-        M.add_lora(m, ["qkv", "o"], lora, 32, 0.05)
+        L.add_lora(m, ["qkv", "o"], lora, 32, 0.05)
     with safe_open(os.path.join(str(out), "state.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["meta"])
         t = {k: f.get_tensor(k) for k in f.keys()}

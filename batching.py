@@ -1,10 +1,47 @@
 """
---pack: the batch code for padding-free training. pack_rows lays examples end to end into rows (first-fit
-decreasing); pack_step turns one optimizer step's examples into micro-batches of such rows, each token tagged with
-the index of the example it belongs to (segments), so attention, positions and the loss restart at every example.
-train.collate is the padded counterpart.
+Batching for the decoder: records -> token ids (encode), then micro-batches, padded (collate) or packed into rows
+without padding (pack_rows, pack_step: --pack). Each token of a packed row is tagged with the index of the example it
+belongs to (segments), so attention, positions and the loss restart at every example.
 """
 import torch
+
+import data
+
+
+def encode(records, tok, abc, max_len, loss_tokens, quiet=True):
+    """Each record -> (input ids, loss mask, w, severity class). Text = prompt + answer + EOS, truncated to max_len
+    tokens from the end (the prompt is kept first, the answer cut); the loss mask marks the tokens whose prediction
+    counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that 'padded' adds is collate's
+    work). A progress bar for large sets (data.shown) unless quiet."""
+    out = []
+    for r in data.shown(records, "tokenising", quiet):
+        p = tok.encode(data.format_prompt(r["question"]))
+        a = tok.encode(r["answer"], special=False) + [tok.eos_id]
+        ids = (p + a)[:max_len]
+        keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
+        out.append((ids, keep[:len(ids)], data.severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
+    return out
+
+
+def collate(examples, pad_id, device, pad_to=0):
+    """Right-pad a micro-batch. x = ids[:-1], y = ids[1:] with -100 where the loss does not count (and on padding).
+    Returns x (B, T), y (B, T), w (B,), the number of padding positions, and the model's keyword arguments ({}).
+    pad_to > 0 is the notebooks' collator (--loss-tokens padded): every sequence padded with pad_id to pad_to
+    tokens and every position a target, padding included (labels = input ids), while transformers' attention mask
+    hid the padding from every query: mask (B, T), True on real tokens, goes to the model."""
+    T = max(pad_to, max(len(e[0]) for e in examples)) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (ids, keep, _, _) in enumerate(examples):
+        if pad_to:   # the padding becomes part of the sequence: input and target like any token
+            ids, keep = ids + [pad_id] * (T + 1 - len(ids)), keep + [True] * (T + 1 - len(keep))
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor([t if k else -100 for t, k in zip(ids[1:], keep[1:])])
+    w = torch.tensor([e[2] for e in examples], dtype=torch.float32)
+    real = torch.arange(T)[None] < torch.tensor([len(e[0]) - (0 if pad_to else 1) for e in examples])[:, None]
+    kw = {"mask": real.to(device)} if pad_to else {}                  # real (B, T): x holds a real token there
+    return x.to(device), y.to(device), w.to(device), int((~real).sum()), kw
 
 
 def pack_rows(lengths, width):
