@@ -496,6 +496,8 @@ def _cut(text):
 
 # The paper's settings (Table 2 columns besides Base): CE = plain cross-entropy, then three severity weightings
 PRESETS = {"ce": (1.0, 1.0, 1.0), "mild": (0.75, 1.0, 1.25), "strong": (0.25, 1.0, 1.75), "balanced": (0.5, 1.0, 1.5)}
+SETTINGS = ("Base", "CE", "Mild", "Strong", "Balanced")          # the paper's Table 2 columns (Base = not fine-tuned)
+PRESET_SETTING = {"ce": "CE", "mild": "Mild", "strong": "Strong", "balanced": "Balanced"}   # PRESETS key -> column
 
 
 def parse_weights(s):

@@ -61,7 +61,7 @@ done
 
 evals=("$root/base/eval.json" "$root/ce/eval.json" "$root/mild/eval.json" "$root/strong/eval.json"
        "$root/balanced/eval.json")
-"$py" "$here/evaluate.py" --table "${evals[@]}" --paper --plot "$root/table.png" > "$root/table.md"
-"$py" "$here/evaluate.py" --table "${evals[@]}" --metric nll > "$root/table_nll.md"
+"$py" "$here/report.py" table "${evals[@]}" --paper --plot "$root/table.png" > "$root/table.md"
+"$py" "$here/report.py" table "${evals[@]}" --metric nll > "$root/table_nll.md"
 cat "$root/table.md"
 echo "wrote $root/table.md, $root/table_nll.md, $root/table.png"

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample", "train.jsonl")
-SCRIPTS = ["train.py", "classify.py", "annotate.py", "evaluate.py", "bench.py", "data/prepare.py"]
+SCRIPTS = ["train.py", "classify.py", "annotate.py", "evaluate.py", "report.py", "bench.py", "data/prepare.py"]
 EVIL = "\x1b[2K\rok: done"   # erases the line and prints a fake success message, if printed raw
 
 

@@ -34,14 +34,15 @@ import data  # noqa: E402
 import outputs  # noqa: E402
 import evaluate  # noqa: E402
 import model as M  # noqa: E402
+import report  # noqa: E402
 import train  # noqa: E402
 from data import prepare  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
-SCRIPTS = {"train": train, "annotate": annotate, "evaluate": evaluate, "prepare": prepare, "bench": bench,
-           "classify": classify}
-PATHS = {"train": "train.py", "annotate": "annotate.py", "evaluate": "evaluate.py", "prepare": "data/prepare.py",
-         "bench": "bench.py", "classify": "classify.py"}
+SCRIPTS = {"train": train, "annotate": annotate, "evaluate": evaluate, "report": report, "prepare": prepare,
+           "bench": bench, "classify": classify}
+PATHS = {"train": "train.py", "annotate": "annotate.py", "evaluate": "evaluate.py", "report": "report.py",
+         "prepare": "data/prepare.py", "bench": "bench.py", "classify": "classify.py"}
 CUDA = torch.cuda.is_available()
 
 
@@ -456,27 +457,27 @@ CASES = [
     ("evaluate scorer truncated safetensors", "evaluate",
      lambda e, t: E(e, t, scorer=scorer_variant(e, t, "truncated safetensors")), ["--bertscore-model"]),
     ("evaluate plot without table", "evaluate", lambda e, t: E(e, t, "--plot", str(t / "p.png")), ["--plot"]),
-    ("evaluate table wrong types", "evaluate", lambda e, t: ["--table", eval_json(t, "wrong types")], ["eval.json", "mean"]),
-    ("evaluate table setting a number", "evaluate", lambda e, t: ["--table", eval_json(t, "setting a number")],
+    ("report table wrong types", "report", lambda e, t: ["table", eval_json(t, "wrong types")], ["eval.json", "mean"]),
+    ("report table setting a number", "report", lambda e, t: ["table", eval_json(t, "setting a number")],
      ["setting"]),
-    ("evaluate table scores a list", "evaluate", lambda e, t: ["--table", eval_json(t, "scores a list")], ["scores"]),
-    ("evaluate table not JSON", "evaluate", lambda e, t: ["--table", eval_json(t, "not JSON")], ["eval.json"]),
-    ("evaluate table missing file", "evaluate", lambda e, t: ["--table", str(t / "none.json")], ["none.json"]),
-    ("evaluate table plot under a file", "evaluate",
-     lambda e, t: ["--table", eval_json(t, "ok"), "--plot", os.path.join(a_file(t), "p.png")], ["--plot"]),
-    ("evaluate compare without out", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b")],
+    ("report table scores a list", "report", lambda e, t: ["table", eval_json(t, "scores a list")], ["scores"]),
+    ("report table not JSON", "report", lambda e, t: ["table", eval_json(t, "not JSON")], ["eval.json"]),
+    ("report table missing file", "report", lambda e, t: ["table", str(t / "none.json")], ["none.json"]),
+    ("report table plot under a file", "report",
+     lambda e, t: ["table", eval_json(t, "ok"), "--plot", os.path.join(a_file(t), "p.png")], ["--plot"]),
+    ("report compare without out", "report", lambda e, t: ["compare", eval_run(t, "a"), eval_run(t, "b")],
      ["--out"]),
-    ("evaluate compare out is a file", "evaluate",
-     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out", a_file(t)], ["--out"]),
-    ("evaluate compare missing run", "evaluate",
-     lambda e, t: ["--compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["--compare", "nope"]),
-    ("evaluate compare no predictions", "evaluate",
-     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", predictions=False), "--out", str(t / "cmp")],
+    ("report compare out is a file", "report",
+     lambda e, t: ["compare", eval_run(t, "a"), eval_run(t, "b"), "--out", a_file(t)], ["--out"]),
+    ("report compare missing run", "report",
+     lambda e, t: ["compare", eval_run(t, "a"), str(t / "nope"), "--out", str(t / "cmp")], ["compare", "nope"]),
+    ("report compare no predictions", "report",
+     lambda e, t: ["compare", eval_run(t, "a"), eval_run(t, "b", predictions=False), "--out", str(t / "cmp")],
      ["predictions.jsonl"]),
-    ("evaluate compare row of wrong types", "evaluate",
-     lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b", bad_row=True), "--out", str(t / "cmp")],
+    ("report compare row of wrong types", "report",
+     lambda e, t: ["compare", eval_run(t, "a"), eval_run(t, "b", bad_row=True), "--out", str(t / "cmp")],
      ["predictions.jsonl:2"]),
-    ("evaluate permutations 0", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
+    ("report permutations 0", "report", lambda e, t: ["compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
                                                           str(t / "cmp"), "--permutations", "0"], ["--permutations"]),
     ("evaluate args.json not JSON", "evaluate", lambda e, t: E(e, t, model=model_variant(e, t, "args.json not JSON")),
      ["args.json"]),
@@ -573,13 +574,13 @@ CASES = [
     ("evaluate model int64 tensors", "evaluate", lambda e, t: E(e, t, model=model_variant(e, t, "int64 tensors")),
      ["--model", "int64"]),
     ("evaluate out under /proc", "evaluate", lambda e, t: E(e, t, "--out", "/proc/no_such_eval"), ["--out"]),
-    ("evaluate table and compare together", "evaluate",
+    ("evaluate table moved to report.py", "evaluate",
      lambda e, t: ["--table", eval_json(t, "ok"), "--compare", eval_run(t, "a"), eval_run(t, "b"), "--out", str(t / "c")],
-     ["--table", "--compare"]),
-    ("evaluate table n not a count", "evaluate", lambda e, t: ["--table", eval_json(t, "n a string")], ["n"]),
-    ("evaluate table metric no file has", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--metric", "floor"],
+     ["--table", "report.py table"]),
+    ("report table n not a count", "report", lambda e, t: ["table", eval_json(t, "n a string")], ["n"]),
+    ("report table metric no file has", "report", lambda e, t: ["table", eval_json(t, "ok"), "--metric", "floor"],
      ["--metric", "floor"]),
-    ("evaluate table plot under /proc", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--plot", "/proc/p.png"],
+    ("report table plot under /proc", "report", lambda e, t: ["table", eval_json(t, "ok"), "--plot", "/proc/p.png"],
      ["--plot"]),
     ("prepare sheet without xlsx", "prepare", lambda e, t: P(e, t, "--sheet", "2"), ["--sheet"]),
     ("prepare dialect-rules without dialect", "prepare",
@@ -617,9 +618,9 @@ CASES = [
      ["--permutations"]),
     ("evaluate permutations at its default without compare", "evaluate", lambda e, t: E(e, t, "--permutations", "10000"),
      ["--permutations"]),
-    ("evaluate metric with compare", "evaluate", lambda e, t: ["--compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
+    ("report metric with compare", "report", lambda e, t: ["compare", eval_run(t, "a"), eval_run(t, "b"), "--out",
                                                                str(t / "cmp"), "--metric", "f1"], ["--metric"]),
-    ("evaluate table with out", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--out", str(t / "x")], ["--out"]),
+    ("report table with out", "report", lambda e, t: ["table", eval_json(t, "ok"), "--out", str(t / "x")], ["--out"]),
     ("train out is the model folder", "train", lambda e, t: (lambda m: T(e, t, model=m)[:-2] + ["--out", m])(
         model_variant(e, t, "copy")), ["--out", "--model"]),
     ("prepare question and answer the same column", "prepare",
@@ -679,11 +680,11 @@ CASES = [
     ("bench json a broken symlink", "bench",
      lambda e, t: B(e, t, "--json", str(t / "l.json")) if os.symlink(t / "no" / "x", t / "l.json") is None else None,
      ["--json", "broken"]),
-    ("evaluate table plot is the eval.json it reads", "evaluate",
-     lambda e, t: (lambda p: ["--table", p, "--plot", p])(eval_json(t, "ok")), ["--plot", "input"]),
-    ("evaluate table plot empty", "evaluate", lambda e, t: ["--table", eval_json(t, "ok"), "--plot", ""], ["--plot"]),
-    ("evaluate compare a run with itself", "evaluate",
-     lambda e, t: (lambda a: ["--compare", a, a + "/", "--out", str(t / "c")])(eval_run(t, "a")), ["--compare", "same"]),
+    ("report table plot is the eval.json it reads", "report",
+     lambda e, t: (lambda p: ["table", p, "--plot", p])(eval_json(t, "ok")), ["--plot", "input"]),
+    ("report table plot empty", "report", lambda e, t: ["table", eval_json(t, "ok"), "--plot", ""], ["--plot"]),
+    ("report compare a run with itself", "report",
+     lambda e, t: (lambda a: ["compare", a, a + "/", "--out", str(t / "c")])(eval_run(t, "a")), ["compare", "same"]),
     ("evaluate bootstrap 2**40", "evaluate", lambda e, t: E(e, t, "--bootstrap", str(2 ** 40)), ["--bootstrap"]),
     ("prepare out holds the input as train.jsonl", "prepare",
      lambda e, t: P(e, t, "--out", str(t / "dd"), inp=shutil.copy(e["train"], a_dir(t, "dd") + "/train.jsonl")),
@@ -757,7 +758,7 @@ def test_ctrl_c_is_one_line_and_status_130(env, tmp_path, monkeypatch, script, a
 
 SUBPROCESS_CASES = [   # the same contract through `python <script>` (entry point, imports, stderr as a user sees it)
     ("train", lambda e, t: T(e, t, "--lr", "nan"), "--lr"),
-    ("evaluate", lambda e, t: ["--table", eval_json(t, "wrong types")], "eval.json"),
+    ("report", lambda e, t: ["table", eval_json(t, "wrong types")], "eval.json"),
     ("prepare", lambda e, t: P(e, t, "--out", a_file(t)), "--out"),
     ("bench", lambda e, t: B(e, t, "--threads", "-1"), "--threads"),
     ("annotate", lambda e, t: A(e, t, "--limit", "0"), "--limit"),

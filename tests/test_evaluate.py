@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import cli
 import batching
 import data
+import stats
+import report
 import outputs
 import evaluate as E
 from hub import Tokenizer
@@ -141,7 +142,7 @@ def test_per_severity_means_are_subset_means():
     rng = np.random.default_rng(0)
     sev = np.array(rng.choice(data.SEVERITIES, size=300))
     vals = rng.normal(50, 10, size=300) + np.select([sev == "critical", sev == "neutral"], [10, 5], 0)
-    s = E.summarize(vals, sev, n_boot=200, seed=0)
+    s = stats.summarize(vals, sev, n_boot=200, seed=0)
     assert s["overall"]["mean"] == pytest.approx(vals.mean())
     assert s["overall"]["n"] == 300
     for c in data.SEVERITIES:
@@ -150,7 +151,7 @@ def test_per_severity_means_are_subset_means():
         assert s[c]["lo"] <= s[c]["mean"] <= s[c]["hi"]
     # token-weighted (ratio of sums) means, as for the NLL
     tok = rng.integers(1, 20, size=300).astype(float)
-    t = E.summarize(vals * tok, sev, n_boot=100, seed=0, denom=tok)
+    t = stats.summarize(vals * tok, sev, n_boot=100, seed=0, denom=tok)
     assert t["critical"]["mean"] == pytest.approx((vals * tok)[sev == "critical"].sum() / tok[sev == "critical"].sum())
     assert t["critical"]["tokens"] == int(tok[sev == "critical"].sum())
 
@@ -158,12 +159,12 @@ def test_per_severity_means_are_subset_means():
 def test_bootstrap_interval_contains_mean_and_narrows():
     rng = np.random.default_rng(1)
     small, big = rng.normal(0, 1, 50), rng.normal(0, 1, 5000)
-    lo1, hi1 = E.bootstrap_ci(small, 500, seed=0)
-    lo2, hi2 = E.bootstrap_ci(big, 500, seed=0)
+    lo1, hi1 = stats.bootstrap_ci(small, 500, seed=0)
+    lo2, hi2 = stats.bootstrap_ci(big, 500, seed=0)
     assert lo1 < small.mean() < hi1 and lo2 < big.mean() < hi2
     assert (hi2 - lo2) < (hi1 - lo1) / 5                      # ~ 1/sqrt(100) = 1/10 as wide
-    assert E.bootstrap_ci(small, 500, seed=0) == (lo1, hi1)  # seeded
-    assert E.bootstrap_ci([], 500) == (None, None) and E.bootstrap_ci(small, 0) == (None, None)
+    assert stats.bootstrap_ci(small, 500, seed=0) == (lo1, hi1)  # seeded
+    assert stats.bootstrap_ci([], 500) == (None, None) and stats.bootstrap_ci(small, 0) == (None, None)
 
 
 # -- generation --------------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_eval_json_and_predictions(env, tmp_path):
     # --floor: every prediction against another record's reference, per run, combined like the scores
     assert ev["floor"]["f1"]["overall"]["mean"] == pytest.approx(np.mean([r["floor"]["f1"]["overall"]["mean"]
                                                                           for r in ev["runs"]]))
-    perm = E.derangement(10, 0)
+    perm = stats.derangement(10, 0)
     assert sorted(perm) == list(range(10)) and all(p != i for i, p in enumerate(perm))
     # the eval NLL: token-weighted mean of the per-example NLL, same as train.py's eval loss
     import train
@@ -248,8 +249,8 @@ def fake_eval(path, name, setting, f1, weights=None):
     ev = {"setting": setting, "model": {"name": name, "weights": weights},
           "data": {"counts": {"overall": 10, "non-critical": 4, "neutral": 3, "critical": 3}},
           "scores": {m: {"overall": cell(f1), "non-critical": cell(f1 - 2), "neutral": cell(f1 + 1),
-                         "critical": cell(f1 + 3)} for m in E.METRICS},
-          "nll": {g: cell(2.5) for g in E.GROUPS}}
+                         "critical": cell(f1 + 3)} for m in stats.METRICS},
+          "nll": {g: cell(2.5) for g in stats.GROUPS}}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(ev, f)
@@ -261,7 +262,7 @@ def test_table_rows_and_columns(tmp_path, capsys):
              fake_eval(tmp_path / "b" / "eval.json", "aragpt2-base", "Balanced", 66.5),
              fake_eval(tmp_path / "c" / "eval.json", "tiny", "CE", 30.25)]
     plot = tmp_path / "plots" / "t.png"
-    E.main(["--table", *files, "--paper", "--plot", str(plot)])
+    report.main(["table", *files, "--paper", "--plot", str(plot)])
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = "| model | Base | CE | Mild | Strong | Balanced |"
@@ -277,7 +278,7 @@ def test_table_rows_and_columns(tmp_path, capsys):
 def test_table_aggregates_seeds_and_custom_weights(tmp_path, capsys):
     files = [fake_eval(tmp_path / f"s{i}" / "eval.json", "tiny", "CE", v) for i, v in enumerate((10.0, 12.0, 14.0))]
     files.append(fake_eval(tmp_path / "w" / "eval.json", "tiny", "custom", 11.0, weights=[0.3, 1, 2]))
-    E.main(["--table", *files, "--paper"])
+    report.main(["table", *files, "--paper"])
     lines = capsys.readouterr().out.splitlines()
     assert "| Qwen3-0.6B | 60.43 | 61.40 | 62.87 | 62.53 | 65.06 |" in lines   # no paper row for tiny: whole table
     assert "| model | Base | CE | Mild | Strong | Balanced | w=0.3,1,2 |" in lines
@@ -287,9 +288,9 @@ def test_table_aggregates_seeds_and_custom_weights(tmp_path, capsys):
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
-def expect_exit2(capsys, argv, *needles):
+def expect_exit2(capsys, argv, *needles, main=None):
     with pytest.raises(SystemExit) as e:
-        E.main(argv)
+        (main or E.main)(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
@@ -312,31 +313,39 @@ def test_bad_input_exit_2(env, tmp_path, capsys):
     expect_exit2(capsys, ["--data", env["test"], *common, "--n", "0"], "--n")
     expect_exit2(capsys, ["--data", env["test"], "--model", str(tmp_path / "nomodel"), *common[2:]], "--model")
     expect_exit2(capsys, ["--data", env["test"], *common, "--bogus"], "unrecognized")
-    expect_exit2(capsys, ["--table", str(tmp_path / "none.json")], "none.json")
+    expect_exit2(capsys, ["table", str(tmp_path / "none.json")], "none.json", main=report.main)
+    expect_exit2(capsys, ["--table", str(tmp_path / "none.json")], "--table", "python report.py table")   # moved
+    expect_exit2(capsys, ["--compare", "a", "b"], "--compare", "python report.py compare")
     assert not out.exists()                                  # nothing written
 
 
 def test_paper_rows_by_registry_name_or_repo_id():
-    assert E.paper_key("aragpt2-base") == "aragpt2-base"
-    assert E.paper_key("Qwen2.5-0.5B") == "qwen2.5-0.5b"          # args.json model = "Qwen/Qwen2.5-0.5B"
-    assert E.paper_key("bloomz-560m") == "bloomz-560m"
-    assert E.paper_key("tiny") is None and E.paper_key("bloom-560m") is None
+    assert report.paper_key("aragpt2-base") == "aragpt2-base"
+    assert report.paper_key("Qwen2.5-0.5B") == "qwen2.5-0.5b"          # args.json model = "Qwen/Qwen2.5-0.5B"
+    assert report.paper_key("bloomz-560m") == "bloomz-560m"
+    assert report.paper_key("tiny") is None and report.paper_key("bloom-560m") is None
 
 
-MODE_ARGV = {"evaluate": ["--model", "tiny"], "table": ["--table", "a/eval.json"], "compare": ["--compare", "a", "b"]}
-FLAG_VALUE = {"out": ["--out", "o"], "plot": ["--plot", "p.png"], "paper": ["--paper"], "holm": ["--holm"],
-              "metric": ["--metric", "f1"], "permutations": ["--permutations", "100"]}
+# Each command reads its own flags only: a flag of another command is argparse's one-line error, exit 2.
+COMMAND_ARGV = {"evaluate": (lambda a: E.main(a), ["--model", "tiny"]),
+                "table": (lambda a: report.main(a), ["table", "a/eval.json"]),
+                "compare": (lambda a: report.main(a), ["compare", "a", "b", "--out", "o"])}
+FLAG_VALUE = {"plot": ["--plot", "p.png"], "paper": ["--paper"], "holm": ["--holm"], "metric": ["--metric", "f1"],
+              "out": ["--out", "o"], "greedy": ["--greedy"], "n": ["--n", "3"]}
+READ_BY = {"plot": {"table"}, "paper": {"table"}, "holm": {"table"}, "metric": {"table"}, "out": {"evaluate", "compare"},
+           "greedy": {"evaluate"}, "n": {"evaluate"}}
 
 
-@pytest.mark.parametrize("flag", sorted(E.MODE_FLAGS))
-@pytest.mark.parametrize("mode", sorted(MODE_ARGV))
-def test_mode_flags_one_table(flag, mode):
-    """evaluate.MODE_FLAGS is the one table of which mode reads which flag: each flag is refused, naming it, in every
-    mode that would ignore it (given with its default value too), and parsed in the modes that read it."""
-    argv = MODE_ARGV[mode] + FLAG_VALUE[flag]
-    if mode in E.MODE_FLAGS[flag][0]:
-        assert E.get_args(argv) is not None
-    else:
-        with pytest.raises(cli.UserError, match=f"^--{flag}: "):
-            E.get_args(argv)
-    assert set(FLAG_VALUE) == set(E.MODE_FLAGS)   # a flag added to the table gets a row here
+@pytest.mark.parametrize("flag", sorted(FLAG_VALUE))
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGV))
+def test_each_command_refuses_flags_it_does_not_read(flag, command, capsys):
+    """A flag given to a command that does not read it is refused in one line naming it, never silently dropped."""
+    if command in READ_BY[flag]:
+        return
+    main, argv = COMMAND_ARGV[command]
+    with pytest.raises(SystemExit) as e:
+        main(argv + FLAG_VALUE[flag])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and FLAG_VALUE[flag][0] in err, err
+
+

@@ -22,6 +22,7 @@ import annotate
 import checkpoint
 import classify
 import data
+import report
 import outputs
 import evaluate as E
 import train
@@ -165,7 +166,7 @@ def test_disk_full_keeps_the_old_outputs_whole(tmp_path, capsys, monkeypatch, tr
         m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         assert m["sha256"] == {f: outputs.sha256(out / f) for f in ("train.jsonl", "test.jsonl")}
     if setup is _eval_old:      # and the old pair still reads
-        assert call(E.main, ["--table", out / "eval.json"], capsys)[0] == 0
+        assert call(report.main, ["table", out / "eval.json"], capsys)[0] == 0
 
 
 FIRST_SAVE = [   # (id, script, argv, the file at which the disk is full): nothing of the failed run stays behind
@@ -301,9 +302,9 @@ def test_stale_annotate_temps_are_cleaned(tmp_path, capsys):
 # -- eval.json and predictions.jsonl belong together ------------------------------------------------------------
 
 MISMATCH = [   # (id, how the predictions are changed, the reading command)
-    ("table, a row changed", "edit", lambda ev, other: ["--table", ev / "eval.json"]),
-    ("table, a later run's file", "replace", lambda ev, other: ["--table", ev / "eval.json"]),
-    ("compare", "edit", lambda ev, other: ["--compare", ev, other, "--out", ev.parent / "cmp"]),
+    ("table, a row changed", "edit", lambda ev, other: ["table", ev / "eval.json"]),
+    ("table, a later run's file", "replace", lambda ev, other: ["table", ev / "eval.json"]),
+    ("compare", "edit", lambda ev, other: ["compare", ev, other, "--out", ev.parent / "cmp"]),
 ]
 
 
@@ -314,7 +315,7 @@ def test_predictions_that_do_not_match_eval_json_are_refused(tmp_path, capsys, e
     shutil.copytree(evaluated, other)
     pred = ev / "predictions.jsonl"
     assert json.loads((ev / "eval.json").read_text(encoding="utf-8"))["predictions_sha256"] == outputs.sha256(pred)
-    assert call(E.main, argv(ev, other), capsys)[0] == 0   # the pair as written reads
+    assert call(report.main, argv(ev, other), capsys)[0] == 0   # the pair as written reads
     rows = pred.read_text(encoding="utf-8").splitlines()
     if how == "edit":
         r = json.loads(rows[0])
@@ -323,7 +324,7 @@ def test_predictions_that_do_not_match_eval_json_are_refused(tmp_path, capsys, e
     else:
         rows = rows[::-1]
     pred.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    one_error(*call(E.main, argv(ev, other), capsys), f"{pred}: does not match", "different runs")
+    one_error(*call(report.main, argv(ev, other), capsys), f"{pred}: does not match", "different runs")
 
 
 # -- a new training run into a folder holding an earlier run ----------------------------------------------------

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-import evaluate as E
+import stats
+import report
 from test_evaluate import env, expect_exit2, read_jsonl, run_eval  # noqa: F401
 
 
@@ -25,12 +26,12 @@ def test_bootstrap_interval_is_the_95_percentile_interval_of_seeded_resamples():
     x = np.random.default_rng(7).lognormal(0, 1.5, size=37)            # skewed: the interval is not symmetric
     idx = resampled(37, 500, 3)
     want = pct95([x[row].mean() for row in idx])                         # row by row, in plain Python
-    assert E.bootstrap_ci(x, 500, 3) == pytest.approx(want, rel=1e-12)
+    assert stats.bootstrap_ci(x, 500, 3) == pytest.approx(want, rel=1e-12)
     ninety = tuple(np.percentile([x[row].mean() for row in idx], [5, 95]))
     assert abs(want[0] - ninety[0]) > 0.01 and abs(want[1] - ninety[1]) > 0.01, "test set-up: 90% != 95%"
     # summarize: the group's mean and the same interval over the group's examples only
     sev = np.array(["critical", "neutral"] * 18 + ["critical"])
-    s = E.summarize(x, sev, 500, 3)
+    s = stats.summarize(x, sev, 500, 3)
     crit = x[sev == "critical"]
     assert s["critical"]["mean"] == pytest.approx(crit.mean(), rel=1e-12)
     idx = resampled(len(crit), 500, 3)
@@ -46,7 +47,7 @@ def test_nll_interval_is_a_ratio_of_sums_like_its_point_estimate():
     per_tok = np.where(tokens > 100, 1.0, 6.0) + rng.normal(0, 0.3, 40)
     sums = per_tok * tokens
     sev = np.array(["non-critical", "neutral", "critical", "critical"] * 10)
-    s = E.summarize(sums, sev, 400, 5, denom=tokens)
+    s = stats.summarize(sums, sev, 400, 5, denom=tokens)
     for g in ("overall", "critical"):
         sel = np.ones(40, bool) if g == "overall" else sev == g
         x, d = sums[sel], tokens[sel]
@@ -65,10 +66,10 @@ def test_sign_flip_p_exact_by_enumeration():
         hits = sum(abs(sum(s * v for s, v in zip(signs, d))) >= t - 1e-9
                    for signs in itertools.product((1, -1), repeat=len(d)))
         return hits / 2 ** len(d)
-    assert E.sign_flip_p([1, 2, 3, 4, 5, 6], n_perm=10000) == 2 / 64       # only the identity and all flipped
+    assert stats.sign_flip_p([1, 2, 3, 4, 5, 6], n_perm=10000) == 2 / 64       # only the identity and all flipped
     for d in ([1.5, -0.5, 2.0, 0.0, -1.0], [3, -3, 1, 1, 1, 1, -2], [0.2] * 3 + [-0.1] * 4):
-        assert E.sign_flip_p(d, n_perm=10000) == pytest.approx(by_hand(d), abs=1e-15)
-    assert E.sign_flip_p([1, -1, 2, -2]) == 1.0                              # sum 0: every flip is as extreme
+        assert stats.sign_flip_p(d, n_perm=10000) == pytest.approx(by_hand(d), abs=1e-15)
+    assert stats.sign_flip_p([1, -1, 2, -2]) == 1.0                              # sum 0: every flip is as extreme
 
 
 def test_sign_flip_p_random_flips_seeded():
@@ -76,24 +77,24 @@ def test_sign_flip_p_random_flips_seeded():
     signs = 2 * np.random.default_rng(9).integers(0, 2, size=(999, 25)) - 1
     t = abs(v.sum())
     hits = sum(abs(float(np.dot(row, v))) >= t - 1e-9 * np.abs(v).sum() for row in signs)
-    assert E.sign_flip_p(v, n_perm=999, seed=9) == (1 + hits) / 1000
-    assert E.sign_flip_p(np.full(25, 0.5), n_perm=999) == 1 / 1000         # nothing as extreme: never 0
+    assert stats.sign_flip_p(v, n_perm=999, seed=9) == (1 + hits) / 1000
+    assert stats.sign_flip_p(np.full(25, 0.5), n_perm=999) == 1 / 1000         # nothing as extreme: never 0
 
 
 def test_paired_diff_by_hand():
     rng = np.random.default_rng(4)
     a = rng.normal(60, 5, 30)
     b = a + rng.normal(0.8, 2, 30)
-    got = E.paired_diff(a, b, 300, 6, 10000)
+    got = stats.paired_diff(a, b, 300, 6, 10000)
     d = b - a
     idx = resampled(30, 300, 6)
     assert got["diff"] == pytest.approx(d.mean(), rel=1e-12)
     assert got["mean_b"] - got["mean_a"] == pytest.approx(d.mean(), rel=1e-9)
     assert (got["lo"], got["hi"]) == pytest.approx(pct95([d[r].mean() for r in idx]), rel=1e-12)
-    assert got["p"] == E.sign_flip_p(d, 10000, 6)
+    assert got["p"] == stats.sign_flip_p(d, 10000, 6)
     # with answer-token counts: the ratio of sums, bootstrapped as that ratio
     n = rng.integers(1, 50, 30).astype(float)
-    got = E.paired_diff(a, b, 300, 6, 10000, denom=n)
+    got = stats.paired_diff(a, b, 300, 6, 10000, denom=n)
     assert got["diff"] == pytest.approx((d * n).sum() / n.sum(), rel=1e-12)
     assert (got["lo"], got["hi"]) == pytest.approx(pct95([(d * n)[r].sum() / n[r].sum() for r in idx]), rel=1e-12)
 
@@ -107,7 +108,7 @@ def test_compare_two_runs(env, tmp_path, capsys):
     run_eval(env, a, "--seed", "0", "--bootstrap", "200", *fast)
     run_eval(env, b, "--seed", "0", "--bootstrap", "200", "--model", env["run"], *fast)
     out = tmp_path / "cmp"
-    res = E.main(["--compare", str(a), str(b / "eval.json"), "--out", str(out), "--bootstrap", "200",
+    res = report.main(["compare", str(a), str(b / "eval.json"), "--out", str(out), "--bootstrap", "200",
                   "--bootstrap-seed", "1", "--permutations", "5000"])
     saved = json.load(open(out / "compare.json", encoding="utf-8"))
     assert saved["diff"] == json.loads(json.dumps(res["diff"]))
@@ -119,7 +120,7 @@ def test_compare_two_runs(env, tmp_path, capsys):
         assert got["diff"] == pytest.approx(d[sel].mean(), rel=1e-9)
         idx = resampled(int(sel.sum()), 200, 1)
         assert (got["lo"], got["hi"]) == pytest.approx(pct95([d[sel][r].mean() for r in idx]), rel=1e-9)
-        assert got["p"] == pytest.approx(E.sign_flip_p(d[sel], 5000, 1), abs=1e-15)
+        assert got["p"] == pytest.approx(stats.sign_flip_p(d[sel], 5000, 1), abs=1e-15)
     # NLL: the ratio of sums over answer tokens, as eval.json's own NLL
     tok = np.array([x["nll_tokens"] for x in ra], float)
     dn = np.array([y["nll"] - x["nll"] for x, y in zip(ra, rb)])
@@ -139,14 +140,14 @@ def test_compare_two_runs(env, tmp_path, capsys):
         ev[key][sub] = val
         (c / "eval.json").write_text(json.dumps(ev), encoding="utf-8")
         (c / "predictions.jsonl").write_bytes((b / "predictions.jsonl").read_bytes())
-        expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], needle)
+        expect_exit2(capsys, ["compare", str(a), str(c), "--out", str(tmp_path / "never")], needle, main=report.main)
     c = tmp_path / "bad-rows"
     c.mkdir()
     (c / "eval.json").write_bytes((b / "eval.json").read_bytes())
-    expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl",
-                 "no such file")
+    expect_exit2(capsys, ["compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl",
+                 "no such file", main=report.main)
     (c / "predictions.jsonl").write_text('{"index": 0, "f1": 1}\n', encoding="utf-8")
-    expect_exit2(capsys, ["--compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl:1: row")
+    expect_exit2(capsys, ["compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl:1: row", main=report.main)
     assert not (tmp_path / "never").exists()
 
 
@@ -157,7 +158,7 @@ def fake_run(folder, setting, f1s, sev, name="m"):
     ev = {"setting": setting, "model": {"name": name, "weights": None},
           "data": {"sha256": "x", "n": len(f1s)}, "bertscore": {"model": "s", "layer": 2},
           "generation": {"mode": "sampled", "seeds": [0], "repeat": 1},
-          "scores": {m: {g: cell for g in E.GROUPS} for m in E.METRICS}, "nll": {g: cell for g in E.GROUPS}}
+          "scores": {m: {g: cell for g in stats.GROUPS} for m in stats.METRICS}, "nll": {g: cell for g in stats.GROUPS}}
     with open(os.path.join(folder, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(ev, f)
     with open(os.path.join(folder, "predictions.jsonl"), "w", encoding="utf-8") as f:
@@ -176,7 +177,7 @@ def test_table_marks_cells_that_differ_from_ce(tmp_path, capsys):
     sev = ["critical", "neutral", "non-critical"] * 6
     files = [fake_run(tmp_path / "ce", "CE", ce, sev), fake_run(tmp_path / "bal", "Balanced", ce + 3, sev),
              fake_run(tmp_path / "mild", "Mild", ce + np.tile([1, -1], 9), sev)]
-    E.main(["--table", *files, "--bootstrap", "0"])
+    report.main(["table", *files, "--bootstrap", "0"])
     lines = capsys.readouterr().out.splitlines()
     m = f"{ce.mean():.2f}"
     assert f"| m | - | {m} | {ce.mean():.2f} | - | {ce.mean() + 3:.2f} * |" in lines
@@ -196,14 +197,14 @@ def test_sign_flip_p_is_symmetric_in_the_sign(values, n_perm):
     """A degradation is as significant as the same improvement: p(-d) == p(d) on both branches (issue 18: without
     abs() on the observed sum every negative difference got p = 1)."""
     v = np.array(values)
-    assert E.sign_flip_p(-v, n_perm, seed=3) == E.sign_flip_p(v, n_perm, seed=3) < 0.5
+    assert stats.sign_flip_p(-v, n_perm, seed=3) == stats.sign_flip_p(v, n_perm, seed=3) < 0.5
 
 
 def test_holm_by_hand():
     # sorted 0.01, 0.03, 0.04, 0.2 -> 4 x 0.01 = 0.04; 3 x 0.03 = 0.09; max(0.09, 2 x 0.04) = 0.09; max(0.09, 0.2)
-    assert E.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2], abs=1e-15)
-    assert E.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])                  # capped at 1
-    assert E.holm([]) == []
+    assert stats.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2], abs=1e-15)
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])                  # capped at 1
+    assert stats.holm([]) == []
 
 
 def test_table_marks_a_worse_setting_and_holm_corrects(tmp_path, capsys):
@@ -215,13 +216,13 @@ def test_table_marks_a_worse_setting_and_holm_corrects(tmp_path, capsys):
     sev = ["critical", "neutral", "non-critical"] * 6
     files = [fake_run(tmp_path / "ce", "CE", ce, sev), fake_run(tmp_path / "bal", "Balanced", ce + 3, sev),
              fake_run(tmp_path / "strong", "Strong", ce - 3, sev)]
-    E.main(["--table", *files, "--bootstrap", "0"])
+    report.main(["table", *files, "--bootstrap", "0"])
     lines = capsys.readouterr().out.splitlines()
     crit = lines.index("### BERTScore F1 (x100), severity class: critical")
     assert lines[crit + 4].count(" *") == 2, "the worse setting is marked too"
     assert f"| {ce.mean() - 3:.2f} * | {ce.mean() + 3:.2f} * |" in lines[3 + 1]
     assert any("not corrected" in ln for ln in lines)
-    E.main(["--table", *files, "--bootstrap", "0", "--holm"])
+    report.main(["table", *files, "--bootstrap", "0", "--holm"])
     lines = capsys.readouterr().out.splitlines()
     crit = lines.index("### BERTScore F1 (x100), severity class: critical")
     assert " *" not in lines[crit + 4]
