@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from hub import REGISTRY, param_count
+from hub import REGISTRY, memory_limit, param_count
 from model import Config, Decoder, peak_bf16   # peak_bf16: dense bf16 peak FLOP/s by device name (H100 / H200: 989e12)
 import outputs
 
@@ -150,14 +150,10 @@ def check_fits(cfg, device, args=None, copies=2):
     per block and token) and the prefill's logits."""
     n, _ = param_count(cfg)
     need = copies * 4 * n
-    free = {}
-    try:
-        with open("/proc/meminfo") as fh:
-            free["host"] = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):   # not Linux: no check on the host
-        pass
+    # both copies are built on the host first (RAM available now, swap not counted), then moved to the GPU
+    free = {"host": memory_limit("cpu", swap=False)[0]}
     if device.type == "cuda":
-        free["GPU"] = torch.cuda.mem_get_info(device)[0]
+        free["GPU"] = torch.cuda.mem_get_info(device)[0]   # free now: the other copy and the run's tensors are there
     for where, b in free.items():
         if need > b:
             raise cli.UserError("--model/--layers/--hidden", f"{n / 1e9:.2f}B parameters: ours and transformers' "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import cli
 import data
 import outputs
-from hub import memory_limit, open_safetensors, resolve   # one hub download, safetensors reader and memory limit
+from hub import check_size, open_safetensors, resolve   # one hub download, safetensors reader and size check
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
@@ -274,18 +274,11 @@ def param_count(cfg):
 
 
 def check_fits(cfg, cfg_file, stored):
-    """Refuse (one UserError naming config.json and the field) a config whose encoder cannot be built here, before any
-    module is made: more than twice the parameters the weights hold (`stored`, from the safetensors headers: not the
-    same model), or fp32 weights larger than the memory available (hub.memory_limit). Generous on purpose."""
+    """hub.check_size for an encoder config: its parameters (param_count) as float32, named by the field that
+    dominates."""
     n, parts = param_count(cfg)
     key = max(parts, key=parts.get)
-    if n > 2 * stored:
-        raise cli.UserError(cfg_file, f"{key} = {getattr(cfg, key)}: config.json describes {n:,} parameters but the "
-                                      f"weights hold only {stored:,}: the config and the weights do not belong together")
-    limit, what = memory_limit("cpu")
-    if 4 * n > limit:
-        raise cli.UserError(cfg_file, f"{key} = {getattr(cfg, key)}: the encoder would have {n:,} parameters, "
-                                      f"{4 * n / 2**30:.1f} GiB as float32, more than the {limit / 2**30:.1f} GiB {what}")
+    check_size(cfg_file, key, getattr(cfg, key), n, 4 * n, "cpu", stored, "encoder", "float32")
 
 
 HEAD_TABLE = [("weight", ["classifier.weight"]), ("bias", ["classifier.bias"])]   # BertClassifier.classifier

@@ -121,7 +121,7 @@ def _interrupted_while_starting(sig, frame):
 def start(name):
     """Called at the very top of every script, before its heavy imports (torch takes a second or more):
 
-    - Ctrl-C from here until data.run begins is one line "interrupted: ..." and exit 130, not a KeyboardInterrupt
+    - Ctrl-C from here until cli.run begins is one line "interrupted: ..." and exit 130, not a KeyboardInterrupt
       traceback from inside torch's import;
     - stdout and stderr never raise on encoding (an ASCII or cp1252 console shows Arabic as \\u0627...; files are
       always written UTF-8) and never kill the run when they go away (see _Console);
@@ -184,8 +184,18 @@ def run(main, argv=None):
               "written whole or not at all)", file=sys.stderr)
         sys.exit(130)
     finally:
-        import outputs   # here, not at the top: outputs.py imports this module for its errors
-        outputs.release_outputs()   # the output locks of this run (lock_output); in-process callers (tests) run again
+        for fn in _AT_END:   # e.g. outputs.release_outputs: the output locks of this run
+            fn()
+
+
+_AT_END = []   # what run() calls when the script's main ends, however it ends (at_end)
+
+
+def at_end(fn):
+    """Call fn() whenever run() ends (a library's clean-up, e.g. outputs' locks), once per run, in order given.
+    Registering the same function again changes nothing. Keeps this module free of imports of its users."""
+    if fn not in _AT_END:
+        _AT_END.append(fn)
 
 
 def progress(total, desc, unit, quiet=False, initial=0):
@@ -244,7 +254,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type: a finite number of `kind` (float or int) in [lo, hi] (open ends with lo_open/hi_open).
-    Example: p.add_argument("--lr", type=data.number(float, lo=0)) refuses -1, nan, inf and 1e999."""
+    Example: p.add_argument("--lr", type=cli.number(float, lo=0)) refuses -1, nan, inf and 1e999."""
     def parse(s):
         try:
             v = kind(s)
@@ -453,7 +463,7 @@ def reading(path, what="file", hint=""):
     the library's own errors become ONE UserError naming the file, with `hint` (what to do) appended.
     Anything else (a bug) passes through with its traceback.
 
-        with data.reading(cfg_file, "config"):
+        with cli.reading(cfg_file, "config"):
             cfg = json.load(open(cfg_file))"""
     hint = f"; {hint}" if hint else ""
     try:

@@ -295,9 +295,10 @@ def weight_bytes(cfg, dtype=torch.float32, quantize=None):
     return (n - q_params) * size + q_bytes
 
 
-def memory_limit(device=None):
+def memory_limit(device=None, swap=True):
     """(bytes, what) the loaded weights can use at most: the device's total memory on CUDA, else the RAM available now
-    plus free swap (MemAvailable of /proc/meminfo; the physical size where that cannot be read)."""
+    plus free swap (MemAvailable of /proc/meminfo; without swap with swap=False; the physical size where that cannot
+    be read)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(dev.index if dev.index is not None else torch.cuda.current_device())
@@ -305,30 +306,37 @@ def memory_limit(device=None):
     try:
         with open("/proc/meminfo") as fh:
             info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ln.split()[1:2]}
+        if not swap:
+            return info["MemAvailable"], "available RAM"
         return info["MemAvailable"] + info.get("SwapFree", 0), "available RAM (+ free swap)"
     except (OSError, KeyError, ValueError, IndexError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
 
 
+def check_size(cfg_file, key, value, n, need, device=None, stored=None, kind="model", as_what="float32"):
+    """The one size check of every loader (decoder and encoder), BEFORE any module is made: refuse (one UserError
+    naming config.json and the field `key` = `value` that makes the model big) n parameters when the weights files
+    hold fewer than half as many (`stored`, counted from their headers: not the same model), or `need` bytes of
+    weights beyond memory_limit(device). Generous on purpose: only what cannot fit at all is refused."""
+    if stored is not None and n > 2 * stored:   # a tensor or two missing: _load_state names it, more precisely
+        raise UserError(cfg_file, f"{key} = {value}: config.json describes {n:,} parameters but the weights hold "
+                                  f"only {stored:,}: the config and the weights do not belong together")
+    limit, what = memory_limit(device)
+    if need > limit:
+        raise UserError(cfg_file, f"{key} = {value}: the {kind} would have {n:,} parameters, {need / 2**30:.1f} GiB "
+                                  f"as {as_what}, more than the {limit / 2**30:.1f} GiB {what}")
+
+
 def check_fits(cfg, cfg_file, dtype=torch.float32, device=None, quantize=None, stored=None):
-    """Refuse (one UserError naming config.json and the size field) a config whose model cannot be built here, BEFORE
-    any module is made (a config with n_layer 100000 ran 137 s and took 3.9 GB before the weights were found
-    missing): more than twice the parameters the weights files hold (`stored`, counted from their headers: not the
-    same model), or weights larger than memory_limit(device). Generous on purpose: only what cannot fit at all is refused."""
+    """check_size for a decoder config (a config with n_layer 100000 ran 137 s and took 3.9 GB before the weights were
+    found missing): its parameters and weight bytes (param_count, weight_bytes), named by the field that dominates."""
     n, parts = param_count(cfg)
     part = max(parts, key=parts.get)
     key = _SIZE_KEYS[part].get(cfg.family, {"layers": "num_hidden_layers", "vocab": "vocab_size",
                                             "positions": "max_position_embeddings"}[part])
     value = {"layers": cfg.n_layer, "vocab": cfg.vocab_size, "positions": cfg.max_pos}[part]
-    if stored is not None and n > 2 * stored:   # a tensor or two missing: _load_state names it, more precisely
-        raise UserError(cfg_file, f"{key} = {value}: config.json describes {n:,} parameters but the weights hold "
-                                  f"only {stored:,}: the config and the weights do not belong together")
-    need = weight_bytes(cfg, dtype, quantize)
-    limit, what = memory_limit(device)
-    if need > limit:
-        as_what = "NF4" if quantize == "nf4" else str(dtype).replace("torch.", "")
-        raise UserError(cfg_file, f"{key} = {value}: the model would have {n:,} parameters, {need / 2**30:.1f} GiB as "
-                                  f"{as_what}, more than the {limit / 2**30:.1f} GiB {what}")
+    as_what = "NF4" if quantize == "nf4" else str(dtype).replace("torch.", "")
+    check_size(cfg_file, key, value, n, weight_bytes(cfg, dtype, quantize), device, stored, "model", as_what)
 
 
 def read_generation_config(path):

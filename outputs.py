@@ -1,6 +1,7 @@
 """What a run leaves on disk, and how it is written: every file atomically (a reader never sees half a file), the
-files of one result as one unit (all old or all new), one run per output under a lock, temporary files of a killed
-run cleaned at the next start, and a write failure (a full disk) as one error line naming the file.
+files of one result as one unit (all old or all new: a run killed while moving a unit's files in has the move
+finished by the next run into that output, before it reads anything), one run per output under a lock, temporary
+files of a killed run cleaned at the next start, and a write failure (a full disk) as one error line naming the file.
 
     outputs.lock_output(out, "--out")           # before any work: a second run into out is refused
     with outputs.unit(out, last=("manifest.json",)) as tmp:    # written into a hidden folder, then moved in
@@ -14,6 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import cli
 from cli import UserError
 
 
@@ -123,6 +125,7 @@ def clean_stale(folder, names):
         f = os.path.join(folder, n)
         with contextlib.suppress(OSError):
             if os.path.isdir(f) and not os.path.islink(f):
+                _finish_moves(folder, f)   # a unit killed while moving in: completed, so it is all new
                 shutil.rmtree(f)
             else:
                 os.unlink(f)
@@ -140,7 +143,7 @@ def unit(folder, last=()):
     by its final path."""
     import shutil
     folder = Path(folder)
-    tmp = None
+    tmp = moving = None
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -154,14 +157,36 @@ def unit(folder, last=()):
                 raise WriteError(folder / os.path.relpath(e.where, tmp), e.what) from None
             raise
         names = sorted(os.listdir(tmp), key=lambda n: n in last)
+        # Every file is whole in tmp now. The intent is written before the first move: a kill between two moves
+        # leaves a mix of old and new files, which the next run into this output completes (clean_stale ->
+        # _finish_moves) before it reads anything, so the unit ends all new.
+        atomic_write(os.path.join(tmp, MOVES), lambda p: Path(p).write_text(json.dumps(names), encoding="utf-8"))
         for n in names:
             try:
                 os.replace(os.path.join(tmp, n), folder / n)
             except OSError as e:
+                moving = tmp   # kept: the next run into this output finishes these moves (clean_stale)
                 raise WriteError.of(folder / n, e) from None
     finally:
-        if tmp is not None:
+        if tmp is not None and tmp != moving:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+MOVES = ".moves.json"   # inside a unit's temp folder: the order its files are moved in, once all are written
+
+
+def _finish_moves(folder, tmp):
+    """A unit temp folder left by a killed run: if its files were all written (MOVES exists), move in the ones not
+    moved yet, in the recorded order (the checked file last), so the unit is all new; otherwise nothing is moved (the
+    old files were never touched) and the caller removes it."""
+    try:
+        names = json.loads(Path(tmp, MOVES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for n in names:
+        src = os.path.join(tmp, n)
+        if isinstance(n, str) and os.path.basename(n) == n and os.path.lexists(src):
+            os.replace(src, os.path.join(folder, n))
 
 
 # -- one run per output --------------------------------------------------------------------------------------------
@@ -224,11 +249,12 @@ def lock_output(path, flag, folder=True):
     _HELD[lock] = (fh, created, times)
     if len(_HELD) == 1:
         atexit.register(release_outputs)
+        cli.at_end(release_outputs)   # and when cli.run ends: in-process callers (tests) run again
     return lock
 
 
 def release_outputs():
-    """Release every lock taken by lock_output (data.run does it when the script ends; also at exit)."""
+    """Release every lock taken by lock_output (cli.run does it when the script ends; also at exit)."""
     for lock, (fh, created, times) in list(_HELD.items()):
         with contextlib.suppress(OSError):
             untouched = times is not None and os.stat(times[0]).st_mtime_ns == times[2]

@@ -15,6 +15,7 @@ compare: per example B - A in P, R, F1 and answer NLL, overall and per severity,
 and a paired sign-flip permutation p-value; printed and written to <out>/compare.json.
 """
 import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
+cli.start(__name__)
 
 import functools
 import json

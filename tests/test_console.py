@@ -158,6 +158,7 @@ USER_ERRORS = {   # a user error naming an Arabic path: the one error line must 
     "classify.py": ["--data", f"{ARABIC}.jsonl"],
     "annotate.py": ["--classifier", ARABIC, "--out", "x.jsonl", f"{ARABIC}.jsonl"],
     "evaluate.py": ["--model", ARABIC],
+    "report.py": ["table", f"{ARABIC}.json"],
     "bench.py": ["--model", ARABIC],
     "data/prepare.py": ["--source", "maqa", "--input", f"{ARABIC}.xlsx", "--question-col", "q", "--answer-col", "a",
                         "--out", "x"],
