@@ -39,9 +39,9 @@ DECIMALS = 6                         # probabilities are rounded to this many de
 
 def get_args(argv=None):
     num = cli.number
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="Q/A file to annotate (.jsonl/.json/.csv/.tsv)")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__)
+    p.add_argument("--data", dest="input", default=None, help="Q/A file to annotate (.jsonl/.json/.csv/.tsv/.xlsx)")
+    p.add_argument("input_positional", nargs="?", default=None, metavar="DATA", help=argparse.SUPPRESS)   # old spelling
     p.add_argument("--out", required=True, help="output .jsonl (canonical six-field records)")
     p.add_argument("--classifier", default=os.path.join("out", "classifier"),
                    help="folder written by classify.py, hub repo id of a BERT classifier, or a registry name "
@@ -51,8 +51,8 @@ def get_args(argv=None):
                    help="classifier class -> severity: auto (severity names and their aliases), arabic "
                         "(غير حرج/متوسط/حرج), mild-moderate-severe, or 'src=dst,...' (dst: non-critical, neutral, "
                         "critical; several classes may map to one severity, probabilities added)")
-    p.add_argument("--question-col", default=None, help="question column when it is not named question/Question")
-    p.add_argument("--answer-col", default=None, help="answer column when it is not named answer/Answer")
+    p.add_argument("--question-col", default=None, help="question column when it is not named question (any case)")
+    p.add_argument("--answer-col", default=None, help="answer column when it is not named answer (any case)")
     p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="questions per forward pass")
     p.add_argument("--max-len", type=num(int, lo=3), default=None,
                    help="max tokens per question incl. [CLS]/[SEP], >= 3 (default: the classifier's training --max-len)")
@@ -63,7 +63,13 @@ def get_args(argv=None):
     p.add_argument("--limit", type=num(int, lo=1), default=None, help="annotate only the first N rows (>= 1)")
     p.add_argument("--stop-after", type=num(int, lo=1), default=None,
                    help="debug: stop after this many chunks in this run, as if interrupted (rerun to resume)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.input is not None and args.input_positional is not None:
+        p.error("give the input once: --data FILE (the positional FILE is its old spelling)")
+    args.input = args.input if args.input is not None else args.input_positional
+    if args.input is None:
+        p.error("the following arguments are required: --data")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,22 +134,14 @@ def label_matrix(spec, labels):
 # Input
 
 def read_questions(path, question_col=None, answer_col=None):
-    """Validated {question, answer} dicts (via data.read_rows + data.parse_record: aliases, UTF-8,
-    non-empty text), with optional column renames."""
+    """Validated {question, answer} dicts (data.read_table + data.parse_record: any table file, aliases, UTF-8,
+    non-empty text), with the columns --question-col / --answer-col name."""
+    cols = {"question": (question_col, "--question-col"), "answer": (answer_col, "--answer-col")}
     recs = []
-    for line, row in data.read_rows(path):
-        for col, canon in ((question_col, "question"), (answer_col, "answer")):
-            if col is None:
-                continue
-            if col not in row:
-                raise cli.DataError(path, line, col, "missing column (see --%s-col)" % canon)
-            # the named column becomes the canonical one; other columns that would alias it are dropped
-            value = row[col]
-            row = {k: v for k, v in row.items() if k != col and " ".join(str(k).split()).lower() != canon}
-            row[canon] = value
+    for line, row in data.read_table(path, cols):
         # existing severity fields are replaced, so they are neither validated nor kept
         row = {k: v for k, v in row.items()
-               if data.FIELD_ALIASES.get(" ".join(str(k).split()).lower()) not in ("severity",) + PROB_FIELDS}
+               if data.FIELD_ALIASES.get(data.column_key(k)) not in ("severity",) + PROB_FIELDS}
         recs.append(data.parse_record(path, line, row, require_probs=False, require_severity=False))
     return recs
 
@@ -181,7 +179,7 @@ def load_classifier(args, device):
 
 def annotate(args):
     # every flag and path before any work; nothing is written before the first chunk is done
-    cli.input_file(args.input, "input")
+    cli.input_file(args.input, "--data")
     if os.path.exists(args.out) and os.path.samefile(args.input, args.out):   # the input would be replaced
         raise cli.UserError("--out", f"{args.out} is the input file: give another output path")
     for f in (args.out, args.out + ".partial", args.out + ".partial.json"):

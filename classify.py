@@ -23,7 +23,7 @@ What a training step computes (z = logits, y = true class, n_y = training exampl
                   and the top layer = --lr; layer i (0 = bottom) = lr * x^(L-1-i); embeddings (l = 0) = lr * x^L.
   --answer-col    [CLS] Q [SEP] A [SEP] in --max-len: the answer keeps at least --min-answer-tokens (50), a
                   too-long answer keeps its first ceil(k/2) and last floor(k/2) tokens.
-  schedule        AdamW; linear warmup over --warmup-frac of the steps, then linear decay to 0.
+  schedule        AdamW; linear warmup over --warmup (default 10% of the steps), then linear decay to 0.
   ECE             15 equal-width bins (b/15, (b+1)/15] on the max probability,
                   sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)|.
 
@@ -49,6 +49,9 @@ from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, BertClassifier, autoca
                   weight_table)
 import data
 import outputs
+
+# the default --data, from the project folder wherever the script is run (as train.py's)
+SAMPLE_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample", "severity_labels.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,37 +181,31 @@ def format_metrics(m, labels, majority=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 
-def get_col(row, col):
-    """A row's value by column name, exact first, then case/space-insensitively; KeyError if absent."""
-    if col in row:
-        return row[col]
-    match = [v for c, v in row.items() if data.column_key(c) == data.column_key(col)]
-    if not match:
-        raise KeyError(col)
-    return match[0]
-
-
-def read_labelled(path, text_col, label_col, answer_col=None, labels=None):
-    """-> (texts, answers or None, y (list[int]), labels). Without labels the label set is the three severities
-    when every label is one (aliases such as mild/severe or the Arabic names accepted), else the sorted set found.
-    One-line DataError on any bad row."""
+def read_labelled(path, question_col=None, label_col=None, answer_col=None, labels=None):
+    """-> (texts, answers or None, y (list[int]), labels). Columns: the ones named, else found by their canonical
+    names and aliases (text / question / post, label / severity; data.read_table), in any file every script reads
+    (.jsonl/.json/.csv/.tsv/.xlsx). Without labels the label set is the three severities when every label is one
+    (aliases such as mild/severe or the Arabic names accepted), else the sorted set found. One-line DataError on any
+    bad row."""
+    cols = {"text": (question_col, "--question-col"), "label": (label_col, "--label-col")}
+    if answer_col is not None:
+        cols["answer"] = (answer_col, "--answer-col")
     texts, answers, raw = [], [] if answer_col else None, []
-    for line, row in data.read_rows(path):
-        for col, field, out in ((text_col, "text", texts), (answer_col, "answer", answers)):
-            if col is None:
+    for line, row in data.read_table(path, cols, data.LABEL_FIELD_ALIASES):
+        f = data.canonical_fields(path, line, row, data.LABEL_FIELD_ALIASES)
+        for field, flag, out in (("text", "--question-col", texts), ("answer", "--answer-col", answers)):
+            if out is None:
                 continue
-            try:
-                v = get_col(row, col)
-            except KeyError:
-                raise cli.DataError(path, line, col, f"missing column (the {field} column; see --{field}-col)") from None
+            if field not in f:   # a later JSON row without it
+                raise cli.DataError(path, line, field, f"missing column (the {field} column; see {flag})")
+            col, v = f[field]
             if not isinstance(v, str) or not v.strip():
                 raise cli.DataError(path, line, col, "empty" if isinstance(v, str) else f"expected text, got {v!r}")
             data.check_field_size(path, line, col, v)   # before the tokenizer (data.MAX_FIELD_BYTES)
             out.append(v.strip())
-        try:
-            v = get_col(row, label_col)
-        except KeyError:
-            raise cli.DataError(path, line, label_col, "missing column (see --label-col)") from None
+        if "label" not in f:
+            raise cli.DataError(path, line, "label", "missing column (see --label-col)")
+        label_col, v = f["label"]
         if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
             raise cli.DataError(path, line, label_col, f"bad label {v!r}")
         v = str(int(v)) if isinstance(v, (int, float)) else str(v).strip()
@@ -247,17 +244,14 @@ def stratified_split(y, val_frac, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout (the epilog) and shows every flag's default."""
-
-
 def get_args(argv=None):
     num, pos = cli.number, dict(lo=0, lo_open=True)
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=os.path.join("data", "sample", "severity_labels.jsonl"),
-                   help="labelled training file (.jsonl/.json/.csv/.tsv)")
-    p.add_argument("--text-col", default="text", help="column with the text to classify (the question)")
-    p.add_argument("--label-col", default="label", help="column with the class label")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__)
+    p.add_argument("--data", default=SAMPLE_LABELS, help="labelled training file (.jsonl/.json/.csv/.tsv/.xlsx)")
+    p.add_argument("--question-col", default=None, help="column with the text to classify (the question); default: "
+                   "the column named text, question or post (any case)")
+    p.add_argument("--label-col", default=None, help="column with the class label; default: the column named label "
+                   "or severity (any case)")
     p.add_argument("--answer-col", default=None,
                    help="optional answer column: input becomes [CLS] Q [SEP] A [SEP] with head-tail truncation")
     p.add_argument("--labels", default=None,
@@ -277,11 +271,15 @@ def get_args(argv=None):
                    help="optimizer steps; overrides --epochs when > 0 (seed 004: 8000)")
     p.add_argument("--batch-size", type=num(int, lo=1), default=32, help="training batch size")
     p.add_argument("--eval-batch-size", type=num(int, lo=1), default=128, help="batch size for validation")
-    p.add_argument("--lr", type=num(float, **pos, hi=1e30), default=2e-5, help="peak learning rate (of the head with --llrd)")
+    p.add_argument("--lr", type=num(float, **pos, hi=1e30), default=None, help="peak learning rate (of the head with "
+                   "--llrd); default 2e-5 to fine-tune a pretrained encoder, 1e-3 for a randomly initialised one "
+                   "(tiny), as train.py picks a from-scratch rate for a random decoder")
     p.add_argument("--weight-decay", type=num(float, lo=0), default=0.01,
                    help="AdamW weight decay (not on biases/LayerNorm)")
-    p.add_argument("--warmup-frac", type=num(float, lo=0, hi=1), default=0.1,
-                   help="fraction of steps of linear warmup, then linear decay")
+    p.add_argument("--warmup", type=cli.warmup, default="10%", help="linear warm-up (then linear decay): N steps, "
+                   "or a share of the run's steps such as 10%%")
+    p.add_argument("--warmup-frac", dest="warmup", default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                   type=lambda s: f"{num(float, lo=0, hi=1)(s) * 100:g}%")   # the old spelling, a fraction
     p.add_argument("--grad-clip", type=num(float, lo=0), default=1.0, help="clip the gradient norm to this (0 = off)")
     p.add_argument("--max-len", type=num(int, lo=3), default=512, help="max tokens per input incl. [CLS]/[SEP]")
     p.add_argument("--min-answer-tokens", type=num(int, lo=0), default=50,
@@ -313,11 +311,13 @@ def get_args(argv=None):
     p.add_argument("--keep-best", action="store_true",
                    help="save the epoch with the best validation macro-F1 instead of the last one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.alias("--text-col", "--question-col")   # the old spelling, one release
     a = p.parse_args(argv)
     if a.loss == "ce" and (a.ce_epochs or a.boost_classes or a.ldam_c is not None):
         p.error("--ce-epochs, --boost-classes and --ldam-c need --loss ldam")
-    if len({a.text_col, a.label_col, a.answer_col} - {None}) < 2 + (a.answer_col is not None):
-        p.error("--text-col, --label-col and --answer-col must name different columns")
+    named = [x for x in (a.question_col, a.label_col, a.answer_col) if x is not None]
+    if len(set(named)) < len(named):
+        p.error("--question-col, --label-col and --answer-col must name different columns")
     if a.keep_best and a.val_frac == 0:
         p.error("--keep-best needs a validation split (--val-frac > 0)")
     for flag, e in (("--drw-epoch", a.drw_epoch), ("--ce-epochs", a.ce_epochs or None)):   # epochs count from 0
@@ -345,7 +345,7 @@ def train(argv=None):
     labels_arg = split_list(args.labels) or None
     if labels_arg and len(set(labels_arg)) != len(labels_arg):
         raise cli.UserError("--labels", f"duplicate class names in '{args.labels}'")
-    texts, answers, y, labels = read_labelled(args.data, args.text_col, args.label_col, args.answer_col, labels_arg)
+    texts, answers, y, labels = read_labelled(args.data, args.question_col, args.label_col, args.answer_col, labels_arg)
     boost = split_list(args.boost_classes)
     for c in boost:
         if c not in labels:
@@ -388,12 +388,14 @@ def train(argv=None):
     log(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}")
 
     # -- optimizer, schedule, losses -------------------------------------------------------------------------------
+    if args.lr is None:   # fine-tuning rate for pretrained weights; a random encoder learns nothing at 2e-5
+        args.lr = 2e-5 if folder is not None else 1e-3
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.llrd, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
     steps_per_epoch = math.ceil(len(tr) / args.batch_size)
     total = args.max_steps or steps_per_epoch * args.epochs
     n_epochs = math.ceil(total / steps_per_epoch)
-    warmup = int(round(args.warmup_frac * total))
+    warmup = cli.warmup_steps(args.warmup, total)
     margins = ldam_margins(counts, args.ldam_max_m, args.ldam_c, [labels.index(c) for c in boost])
     if args.loss == "ldam":
         log("LDAM margins: " + ", ".join(f"{l}={m:.3f}" for l, m in zip(labels, margins.tolist())))

@@ -209,16 +209,58 @@ def progress(total, desc, unit, quiet=False, initial=0):
 # -- flags ---------------------------------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of every script: the description and epilog keep their layout (docstrings), and a flag's help ends
+    with "(default: X)" only where there is a default to show (not None, not an off switch) and its help text does
+    not already say it."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if (d is None or d is False or d is argparse.SUPPRESS or not action.option_strings or "default" in h.lower()
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return h
+        return h + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the contract: a usage error is ONE line on stderr (no usage dump), exit 2.
-    Defaults are shown in --help."""
+    """argparse with the contract: a usage error is ONE line on stderr (no usage dump), exit 2, with a "did you
+    mean" for a mistyped flag. --help: one description (an epilog that repeats it is cut to the rest), defaults
+    shown where there is one (HelpFormatter)."""
 
     def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kw["formatter_class"] = HelpFormatter
+        desc, epi = kw.get("description"), kw.get("epilog")
+        if desc and epi and epi.strip().startswith(desc.strip()):   # a docstring given whole as the epilog
+            kw["epilog"] = epi.strip()[len(desc.strip()):].strip("\n") or None
         super().__init__(*a, **kw)
 
     def error(self, message):
-        die(message)
+        die(message + self._did_you_mean(message))
+
+    def _did_you_mean(self, message):
+        """' (did you mean --max-len?)' for an unrecognized flag close to a known one (difflib), else ''."""
+        import difflib
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        known = [o for a in self._actions for o in a.option_strings if a.help is not argparse.SUPPRESS]
+        for word in message.split(": ", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--"):
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
+
+    def alias(self, old, new):
+        """Keep an old spelling of a flag working, hidden from --help: `old` parses exactly as the flag `new` (same
+        dest, type, choices). The project's one vocabulary is in docs/contract.md; old names live one release."""
+        target = next(a for a in self._actions if new in a.option_strings)
+        kw = dict(dest=target.dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+        if isinstance(target, argparse._StoreTrueAction):
+            return self.add_argument(old, action="store_true", **kw)
+        return self.add_argument(old, type=target.type, choices=target.choices, nargs=target.nargs,
+                                 metavar=target.metavar, **kw)
 
     def given(self, argv=None):
         """The dests of the flags given on the command line itself (a default or a recipe's default is not given):
@@ -233,6 +275,28 @@ class ArgumentParser(argparse.ArgumentParser):
         hit = [a for a in self._actions if a.dest in given]
         if hit:
             raise UserError(hit[0].option_strings[0], f"is ignored {why}")
+
+
+def warmup(s):
+    """An argparse type for --warmup (train.py and classify.py): N steps ("100") or a share of the run's optimizer
+    steps ("10%"). Returns the int, or the normalised percentage text; warmup_steps turns either into steps."""
+    text = s.strip()
+    if text.endswith("%"):
+        try:
+            v = float(text[:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is neither a number of steps nor a percentage like 10%") from None
+        if not (math.isfinite(v) and 0 <= v <= 100):
+            raise argparse.ArgumentTypeError(f"{s} must be between 0% and 100% of the steps")
+        return f"{v:g}%"
+    return number(int, lo=0)(text)
+
+
+def warmup_steps(value, total):
+    """--warmup as steps of a run of `total` optimizer steps: N as given, P% as round(P/100 * total)."""
+    if isinstance(value, str):
+        return int(round(float(value[:-1]) / 100 * total))
+    return value
 
 
 def _range_text(lo, hi, lo_open, hi_open):

@@ -62,7 +62,10 @@ def get_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--model", default=None, help="registry name (see hub.REGISTRY), HF repo id or local folder of the "
                    "untouched base model (setting Base), or a folder train.py wrote (setting from its args.json)")
-    p.add_argument("--data", default=SAMPLE_TEST, help="canonical test file (question, answer, severity, p_nc, p_n, p_c)")
+    p.add_argument("--data", default=SAMPLE_TEST, help="test file (.jsonl/.json/.csv/.tsv/.xlsx): question, answer, "
+                   "severity, p_nc, p_n, p_c or their aliases (data/README.md)")
+    p.add_argument("--question-col", default=None, help="question column when it is not named question (any case)")
+    p.add_argument("--answer-col", default=None, help="answer (reference) column when it is not named answer (any case)")
     p.add_argument("--n", type=num(int, lo=1), default=2000, help="evaluate the first N records (the paper: 2,000)")
     p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl, replaced as one unit "
                    "and locked while the run lasts (default: the model folder if --model is a folder, else "
@@ -112,7 +115,7 @@ def get_args(argv=None):
     p.add_argument("--bootstrap-seed", type=num(int, lo=0, hi=2**32 - 1), default=0, help="seed of the bootstrap resampling")
     p.add_argument("--name", default=None, help="row label in report.py table (default: the base model's name: the registry "
                    "name, or args.json's model for a train.py folder)")
-    p.add_argument("--setting", choices=data.SETTINGS + ("custom",), default=None,
+    p.add_argument("--setting", type=data.setting_name, default=None, metavar="{" + ",".join(data.SETTINGS) + ",custom}",
                    help="override the setting label read from args.json (a model trained elsewhere)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     # the reports moved to report.py: a one-line pointer for the old spellings
@@ -424,7 +427,7 @@ def evaluate(args):
     from model import Decoder
     t_start = time.time()
     check_args(args)
-    records_all = data.load_records(args.data)
+    records_all = data.load_records(args.data, question_col=args.question_col, answer_col=args.answer_col)
     records = records_all[:args.n]
     name, setting, targs = describe_model(args.model)
     device = str(cli.resolve_device(args.device, "--device"))

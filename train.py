@@ -64,7 +64,12 @@ def get_args(argv=None):
     num = cli.number
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="registry name (see hub.REGISTRY), HF repo id, or local folder")
-    p.add_argument("--data", default=os.path.join(SAMPLE, "train.jsonl"), help="training file, canonical JSONL/CSV (data/README.md)")
+    p.add_argument("--data", default=os.path.join(SAMPLE, "train.jsonl"), help="training file: .jsonl/.json/.csv/.tsv/.xlsx "
+                   "with the canonical fields or their aliases, e.g. the authors' Question, Answer, غير حرج, متوسط, حرج "
+                   "(data/README.md)")
+    p.add_argument("--question-col", default=None, help="question column of --data and --eval-data when it is not "
+                   "named question (any case)")
+    p.add_argument("--answer-col", default=None, help="answer column when it is not named answer (any case)")
     p.add_argument("--eval-data", default="auto", help="held-out file for eval loss; 'auto' = test.jsonl beside --data, 'none' = no eval")
     p.add_argument("--weights", default="balanced", help="a,b,c for non-critical,neutral,critical or a preset: " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in data.PRESETS.items()))
     p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>); locked while the run "
@@ -76,7 +81,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
     p.add_argument("--grad-accum", type=num(int, lo=1), default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=num(float, lo=0, hi=1e30), default=None, help="peak learning rate (default 2e-4 with LoRA, 5e-5 full fine-tuning, 3e-3 for a randomly initialised model); 0 = a dry run that measures the loss without changing the weights")
-    p.add_argument("--warmup", type=num(int, lo=0), default=0, help="linear warm-up steps")
+    p.add_argument("--warmup", type=cli.warmup, default=0, help="linear warm-up: N steps, or a share of the run's "
+                   "steps such as 10%%")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up (to 0)")
     p.add_argument("--weight-decay", type=num(float, lo=0), default=0.0, help="AdamW weight decay (never on norms, biases, embeddings)")
     p.add_argument("--grad-clip", type=num(float, lo=0), default=1.0, help="clip the global grad norm (0 = off)")
@@ -296,8 +302,9 @@ def fit(argv=None):
     claim_out(out, args.model)
     if args.device != "auto":
         cli.resolve_device(args.device, "--device")
-    train_recs = data.load_records(args.data)
-    eval_recs = data.load_records(eval_path) if eval_path != "none" else []
+    cols = dict(question_col=args.question_col, answer_col=args.answer_col)
+    train_recs = data.load_records(args.data, **cols)
+    eval_recs = data.load_records(eval_path, **cols) if eval_path != "none" else []
     state_path = os.path.join(out, "state.safetensors")
     if args.resume:
         if not os.path.isfile(state_path):
@@ -385,6 +392,7 @@ def fit(argv=None):
         args.batch_size = small
         per_step = args.batch_size * args.grad_accum * world
     total = args.max_steps or max(1, int(args.epochs * (len(train_ex) // per_step)))
+    warmup = cli.warmup_steps(args.warmup, total)
     w_lo, w_hi = min(e[2] for e in train_ex), max(e[2] for e in train_ex)   # the loss is a w-weighted NLL mean
 
     # AdamW; no weight decay on norms, biases and embeddings (anything 1-D, plus wte/wpe)
@@ -474,7 +482,7 @@ def fit(argv=None):
         all_reduce_sum(counts)
         n_tok, n_ex = counts[0], counts[1]
         # -- lr -------------------------------------------------------------------------------------------------------
-        lr_now = lr_at(step, total, lr, args.warmup, args.schedule)
+        lr_now = lr_at(step, total, lr, warmup, args.schedule)
         for g in opt.param_groups:
             g["lr"] = lr_now
         # -- step: the method per micro-batch (gradients reduced over ranks at the last one), then clip --------------

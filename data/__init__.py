@@ -48,7 +48,9 @@ FIELD_ALIASES = {
     "p_n": "p_n", "متوسط": "p_n",        # "medium"
     "p_c": "p_c", "حرج": "p_c",          # "critical"
 }
-LABEL_FIELD_ALIASES = {"text": "text", "question": "text", "label": "label", "severity": "label"}
+# the classifier's labelled files: the text (the question; "post" in the authors' expert-labelled .xlsx) and its label
+LABEL_FIELD_ALIASES = {"text": "text", "question": "text", "post": "text", "label": "label", "severity": "label",
+                       "answer": "answer"}
 
 # Severity label aliases (compared after column_key() and "_" -> "-"). "moderate"/"mild"/"severe" are the
 # names used by the sibling curriculum-learning paper's keyword rules.
@@ -157,16 +159,15 @@ def json_items(path, text):
     return items
 
 
-TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".tab")   # .tab is what Harvard Dataverse serves
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".tab", ".xlsx")   # .tab is what Harvard Dataverse serves
 
 
 def _suffix(path):
     """The file's (lower-case) extension, refused unless a record reader reads it: checked before decoding, so that
-    an .xlsx is not reported as bytes that are not UTF-8."""
+    a binary file is not reported as bytes that are not UTF-8."""
     suffix = Path(path).suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv or .tsv"
-                                         + ("; data/prepare.py reads .xlsx" if suffix == ".xlsx" else "") + ")")
+        raise DataError(path, 1, "file", f"unsupported file type '{suffix}' (use .jsonl, .json, .csv, .tsv or .xlsx)")
     return suffix
 
 
@@ -215,14 +216,53 @@ def _parse(path, text):
     return rows
 
 
-def read_rows(path):
-    """Raw rows of a .jsonl / .json / .csv / .tsv file as [(line number, row dict)], 1-based lines.
+def read_rows(path, sheet=None):
+    """Raw rows of a .jsonl / .json / .csv / .tsv / .xlsx file as [(line number, row dict)], 1-based lines: the one
+    reader of every script.
 
-    For CSV the header is line 1 and a row's number is the physical line where it starts.
+    For CSV the header is line 1 and a row's number is the physical line where it starts; for .xlsx the worksheet's
+    row number (the first sheet, or `sheet` by name or 1-based number; data/xlsx.py).
     UTF-8 is enforced (DataError names the line with the bad bytes); an empty file is a DataError.
     """
-    _suffix(path)
+    if _suffix(path) == ".xlsx":
+        from data.xlsx import read_xlsx   # openpyxl only when an .xlsx is read
+        return read_xlsx(path, sheet)
     return _parse(path, decode_file(path))
+
+
+def read_table(path, columns, aliases=None, sheet=None):
+    """read_rows with the columns the user named renamed to their canonical field, for every script that reads
+    columns. columns = {canonical: (column name or None = found by alias, flag)}, e.g. {"question": (None,
+    "--question-col")}; aliases: column_key -> canonical (default FIELD_ALIASES). Refused with the columns found
+    and the flag to give: a named column that is not there, or a canonical field that no column
+    supplies, both at the first record's line. A named column wins: other columns that alias the same field are dropped, so none is seen twice."""
+    aliases = FIELD_ALIASES if aliases is None else aliases
+    rows = read_rows(path, sheet)
+    at, first = rows[0]   # the first record's line: where a missing column first shows
+    found = ", ".join(str(k) for k in first) or "none"
+    named = {}
+    for canon, (col, flag) in columns.items():
+        if col is not None:   # as written, else the one column equal to it in case and spacing ("Question")
+            same = [k for k in first if k == col] or [k for k in first if column_key(k) == column_key(col)]
+            if len(same) != 1:
+                raise DataError(path, at, col, f"no such column (columns found: {found}); check {flag}")
+            named[canon] = same[0]
+    for canon, (col, flag) in columns.items():   # a column named for one field cannot supply another
+        if col is None and not any(aliases.get(column_key(k)) == canon for k in first if k not in named.values()):
+            raise DataError(path, at, canon, f"missing field: no '{canon}' column (columns found: {found}); name it with "
+                                             f"{flag}")
+    if not named:
+        return rows
+    out = []
+    for line, row in rows:
+        picked = {}
+        for canon, col in named.items():
+            if col not in row:   # JSON rows need not share the first row's keys
+                raise DataError(path, line, col, f"missing column (columns: {', '.join(map(str, row))})")
+            picked[canon] = row[col]
+        rest = {k: v for k, v in row.items() if k not in named.values() and aliases.get(column_key(k)) not in picked}
+        out.append((line, {**rest, **picked}))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,32 +393,36 @@ def shown(items, desc, quiet=False):
                 bar.update(i - bar.n)
 
 
-def _read_shown(path):
-    """read_rows(path), shown while validated."""
-    return shown(read_rows(path), f"reading {Path(path).name}")
+def _read_shown(path, question_col=None, answer_col=None, columns=None, aliases=None):
+    """read_table(path) with the --question-col / --answer-col names (or other `columns`), shown while validated."""
+    cols = columns or {"question": (question_col, "--question-col"), "answer": (answer_col, "--answer-col")}
+    return shown(read_table(path, cols, aliases), f"reading {Path(path).name}")
 
 
-def load_records(path, require_probs=True):
-    """Canonical, validated records {question, answer, severity, p_nc, p_n, p_c} from a file.
+def load_records(path, require_probs=True, question_col=None, answer_col=None):
+    """Canonical, validated records {question, answer, severity, p_nc, p_n, p_c} from a file (any of
+    TABLE_SUFFIXES; question_col / answer_col name the columns when their names are not among the aliases).
 
     require_probs=False accepts rows that have a severity label but no probabilities and gives
     them one-hot probabilities (useful for hand-labelled data; the loss then sees hard weights).
     """
-    return [parse_record(path, ln, row, require_probs=require_probs) for ln, row in _read_shown(path)]
+    return [parse_record(path, ln, row, require_probs=require_probs)
+            for ln, row in _read_shown(path, question_col, answer_col)]
 
 
-def load_qa(path):
+def load_qa(path, question_col=None, answer_col=None):
     """Validated question/answer records for annotation: {question, answer} plus any severity
     fields the file already has (validated the same way). Used by annotate.py on prepare.py output."""
     return [parse_record(path, ln, row, require_probs=False, require_severity=False)
-            for ln, row in _read_shown(path)]
+            for ln, row in _read_shown(path, question_col, answer_col)]
 
 
 def load_labels(path):
     """Labelled texts for the severity classifier: [{"text": str, "label": str}] with canonical labels.
     Accepts text/question and label/severity columns (any case) and the severity label aliases."""
     out = []
-    for ln, row in _read_shown(path):
+    cols = {"text": (None, "--question-col"), "label": (None, "--label-col")}
+    for ln, row in _read_shown(path, columns=cols, aliases=LABEL_FIELD_ALIASES):
         f = canonical_fields(path, ln, row, LABEL_FIELD_ALIASES)
         text = _text(path, ln, f, "text")
         if "label" not in f:
@@ -501,9 +545,9 @@ PRESET_SETTING = {"ce": "CE", "mild": "Mild", "strong": "Strong", "balanced": "B
 
 
 def parse_weights(s):
-    """'0.5,1,1.5' or a preset name -> (a, b, c). Raises ValueError with a one-line reason."""
-    if s in PRESETS:
-        return PRESETS[s]
+    """'0.5,1,1.5' or a preset name (any case: balanced, Balanced) -> (a, b, c). One-line UserError otherwise."""
+    if s.strip().lower() in PRESETS:
+        return PRESETS[s.strip().lower()]
     parts = s.split(",")
     try:
         w = tuple(float(x) for x in parts)
@@ -519,3 +563,12 @@ def parse_weights(s):
 def severity_weight(rec, abc):
     """w = a*p_nc + b*p_n + c*p_c for one record."""
     return sum(k * p for k, p in zip(abc, severity_probs(rec)))
+
+
+def setting_name(s):
+    """An argparse type for a Table 2 column name in any case ("balanced" -> "Balanced"; "custom" stays)."""
+    import argparse
+    names = {x.lower(): x for x in SETTINGS + ("custom",)}
+    if s.strip().lower() not in names:
+        raise argparse.ArgumentTypeError(f"invalid choice: {s!r} (choose from {', '.join(names.values())})")
+    return names[s.strip().lower()]

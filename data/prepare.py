@@ -6,7 +6,7 @@ Sources:
           with --question-col / --answer-col (default: a column named question / answer, any case).
   apollo  FreedomIntelligence/ApolloCorpus, file train/sft/medicalPatient_ar.json: a JSON list of
           conversations [q1, a1, q2, a2, ...]; every (question, answer) turn pair becomes a record.
-          --input may be a local copy; otherwise it is fetched with huggingface_hub.hf_hub_download.
+          --data may be a local copy; otherwise it is fetched with huggingface_hub.hf_hub_download.
   ahd     an AHD-style .csv / .xlsx with question and answer columns (same handling as maqa).
 
 Steps: read -> (optional --normalize [orthographic], Arabic normalisation) -> drop empty Q/A -> de-duplicate
@@ -20,11 +20,10 @@ the input had probability/severity columns) and <out>/manifest.json. annotate.py
 p_c and severity. Bad input: one line "error: <file>:<line>: <field>: <problem>", exit 2, nothing written.
 
 Example:
-    python data/prepare.py --source maqa --input MAQA.xlsx --question-col q_body --answer-col a_body \\
+    python data/prepare.py --source maqa --data MAQA.xlsx --question-col q_body --answer-col a_body \\
         --normalize --out out/maqa
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
-import argparse
 import random
 import re
 import sys
@@ -218,123 +217,11 @@ def dedup_key(q, a):
 
 
 # ----------------------------------------------------------------------------------------------
-# .xlsx through openpyxl in read-only mode: the worksheet's rows are streamed from the zip (MAQA has >400k rows),
-# never loaded whole. Only the shared-string table is held in memory, as Excel itself needs it. A sheet without a
-# <dimension> element (Excel always writes one) is also read through once when the workbook is opened, so a
-# malformed one is reported then, without a row number.
-
-def _text(v):
-    return "" if v is None else str(v)
-
-
-# Limits on the XML inside an .xlsx, checked from the zip's directory before anything is inflated (a 0.8 MB file
-# holding 200 MB of sheet XML took 95 s and 1.2 GB to parse). They are Apache POI's zip-bomb defaults: a part may
-# inflate to at most XLSX_MAX_RATIO times its compressed size (real sheet XML compresses 5-20x; the ratio is only
-# applied past XLSX_RATIO_FROM, as a tiny part of repeated cells can compress further) and to at most
-# XLSX_MAX_PART bytes. Rows past Excel's own last row (1,048,576) are refused as malformed.
-XLSX_MAX_RATIO = 100
-XLSX_RATIO_FROM = 10 << 20
-XLSX_MAX_PART = 4 << 30
-XLSX_MAX_ROWS = 1048576
-
-
-def _check_xlsx_sizes(path):
-    """DataError when a part of the .xlsx zip would inflate past the limits above (a zip bomb, or not a real
-    spreadsheet); a file that is not a zip is left to openpyxl's own message."""
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as z:
-            parts = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return
-    for p in parts:
-        ratio = p.file_size / max(1, p.compress_size)
-        if p.file_size > XLSX_MAX_PART or (p.file_size > XLSX_RATIO_FROM and ratio > XLSX_MAX_RATIO):
-            raise cli.DataError(path, 1, p.filename,
-                                 f"{p.compress_size} bytes inflate to {p.file_size} ({ratio:.0f}x): past the limits "
-                                 f"of {XLSX_MAX_RATIO}x and {XLSX_MAX_PART} bytes per part (a zip bomb?); "
-                                 "re-save it as .csv")
-
-
-def read_xlsx(path, sheet=None):
-    """Rows of one worksheet (the first, or --sheet by name or 1-based number) as [(row number, {header: text})];
-    the first non-blank row is the header. A malformed file is a one-line DataError naming the file (and row).
-    The zip's sizes are checked first (_check_xlsx_sizes); the sheet's <dimension> tag is not trusted (a stale one
-    made openpyxl's read-only mode stop at the row it names: 20 of 200 rows, silently), every row is read."""
-    import openpyxl
-    cli.regular_file(path)
-    _check_xlsx_sizes(path)
-    try:
-        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as e:   # not a zip, missing parts, malformed XML; openpyxl raises many kinds
-        raise cli.DataError(path, 1, "file",
-                             f"not a valid .xlsx file ({type(e).__name__}: {cli.one_line(e)[:200]})") from None
-    try:
-        names = wb.sheetnames
-        if not names:
-            raise cli.DataError(path, 1, "sheet", "the workbook has no worksheets")
-        match = [n for i, n in enumerate(names) if sheet is None or n == sheet or str(i + 1) == str(sheet)]
-        if not match:
-            raise cli.DataError(path, 1, "sheet", f"no sheet {sheet!r} (sheets: {', '.join(names)})")
-        rows, header, line = [], None, 0
-        try:
-            ws = wb[match[0]]
-            ws.reset_dimensions()   # read to the last <row>, not to the row the <dimension> tag names
-            for line, values in enumerate(ws.iter_rows(values_only=True), 1):
-                if line > XLSX_MAX_ROWS:
-                    raise cli.DataError(path, line, f"sheet {match[0]}", f"more than {XLSX_MAX_ROWS} rows "
-                                                                           "(Excel's limit): malformed worksheet")
-                vals = [_text(v) for v in values]
-                if not any(v.strip() for v in vals):
-                    continue
-                if header is None:
-                    header = [v.strip() for v in vals]
-                    twice = [h for i, h in enumerate(header) if h and h in header[:i]]
-                    if twice:   # the dict below would keep the last one silently (as data.read_rows refuses for CSV)
-                        raise cli.DataError(path, line, twice[0], "column given twice in the header")
-                else:
-                    rows.append((line, {h: vals[i] if i < len(vals) else "" for i, h in enumerate(header)}))
-        except cli.DataError:
-            raise
-        except IndexError:   # a cell pointing past the shared-string table
-            raise cli.DataError(path, line + 1, f"sheet {match[0]}", "shared-string index out of range") from None
-        except Exception as e:   # truncated or malformed worksheet XML (ElementTree / lxml parse errors)
-            raise cli.DataError(path, line + 1, f"sheet {match[0]}",
-                                 f"malformed worksheet ({type(e).__name__}: {cli.one_line(e)[:200]})") from None
-    finally:
-        wb.close()
-    if not rows:
-        raise cli.DataError(path, 1, "file", "no records (empty sheet)")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
 # Sources -> list of (line, {"question", "answer", ...}) raw rows
 
 def read_table(path, qcol, acol, sheet):
-    """Rows of a CSV/TSV/JSONL/JSON/XLSX file with the chosen question/answer columns renamed."""
-    rows = read_xlsx(path, sheet) if Path(path).suffix.lower() == ".xlsx" else data.read_rows(path)
-    # Say early (at the header, line 1) when no question/answer column can be found.
-    first = rows[0][1]
-    for canon, col, flag in (("question", qcol, "--question-col"), ("answer", acol, "--answer-col")):
-        if col is None and not any(data.FIELD_ALIASES.get(data.column_key(k)) == canon for k in first):
-            raise cli.DataError(path, 1, canon, f"no '{canon}' column (columns: {', '.join(map(str, first))}); "
-                                                 f"name it with {flag}")
-    out = []
-    for line, row in rows:
-        # Explicit columns win; other columns that also look like question/answer are dropped so
-        # the canonicaliser does not see a field twice.
-        picked = {}
-        for canon, col in (("question", qcol), ("answer", acol)):
-            if col is None:
-                continue
-            if col not in row:
-                raise cli.DataError(path, line, col, f"column not found (columns: {', '.join(map(str, row))})")
-            picked[canon] = row[col]
-        rest = {k: v for k, v in row.items()
-                if k not in (qcol, acol) and not (data.FIELD_ALIASES.get(data.column_key(k)) in picked)}
-        out.append((line, {**rest, **picked}))
-    return out
+    """Rows of a CSV/TSV/JSONL/JSON/XLSX file with the chosen question/answer columns renamed (data.read_table)."""
+    return data.read_table(path, {"question": (qcol, "--question-col"), "answer": (acol, "--answer-col")}, sheet=sheet)
 
 
 def read_apollo(path):
@@ -378,12 +265,10 @@ def split_sizes(n, n_train, n_test):
 
 def parse_args(argv):
     num = cli.number
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--source", choices=("maqa", "apollo", "ahd"), default="maqa",
                    help="corpus the input comes from (decides how it is read); default maqa")
-    p.add_argument("--input", default=None,
+    p.add_argument("--data", dest="input", default=None,
                    help="input file (.csv/.tsv/.tab/.xlsx/.jsonl/.json); for apollo optional: when it is "
                         f"not a local file it names the file in the hub repo (default {APOLLO_FILE})")
     p.add_argument("--out", required=True, help="output folder for train.jsonl, test.jsonl, manifest.json")
@@ -405,15 +290,16 @@ def parse_args(argv):
     p.add_argument("--n-train", type=num(int, lo=0), default=30000, help="training pairs to keep (paper: 30,000)")
     p.add_argument("--n-test", type=num(int, lo=0), default=2000, help="test pairs to keep (paper: 2,000)")
     p.add_argument("--revision", default=None, help="apollo only: hub revision (commit) to download")
+    p.alias("--input", "--data")   # the old spelling, one release
     args = p.parse_args(argv)
     if args.n_train == 0 and args.n_test == 0:
         p.error("--n-train and --n-test are both 0: nothing to write")
     if args.source != "apollo" and args.input is None:
-        p.error(f"--input is required for --source {args.source}")
+        p.error(f"--data is required for --source {args.source}")
     args.normalize = ["orthographic"] if args.normalize == [] else (args.normalize or [])  # bare flag: as before
     # a flag that would be ignored is refused: the user meant something this run would not do
     if args.sheet is not None and not str(args.input or "").lower().endswith(".xlsx"):
-        p.error("--sheet applies to an .xlsx --input only")
+        p.error("--sheet applies to an .xlsx --data only")
     if args.dialect_rules is not None and "dialect" not in args.normalize:
         p.error("--dialect-rules needs --normalize dialect")
     if args.question_col is not None and args.question_col == args.answer_col:
@@ -426,7 +312,7 @@ def parse_args(argv):
 def check_paths(args):
     """Input and every output path, before anything is read or written (nothing is replaced on a bad path)."""
     if args.source != "apollo" or (args.input is not None and Path(args.input).exists()):
-        cli.input_file(args.input, "--input")
+        cli.input_file(args.input, "--data")
     cli.output_dir(args.out, "--out")
     for f in ("train.jsonl", "test.jsonl", "manifest.json"):
         cli.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
@@ -440,7 +326,7 @@ def prepare(args):
     rules_file = args.dialect_rules or DIALECT_RULES
     rules = load_dialect_rules(rules_file) if "dialect" in args.normalize else None  # before any work
     if args.source == "apollo":
-        # A local file is used as is; otherwise --input (default: the MAQA-derived file) names the
+        # A local file is used as is; otherwise --data (default: the MAQA-derived file) names the
         # file inside the hub dataset repo.
         local = args.input is not None and Path(args.input).is_file()
         name = args.input or APOLLO_FILE
@@ -482,7 +368,7 @@ def prepare(args):
 
     n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test)
     if (args.n_train and not n_train) or (args.n_test and not n_test):   # an empty split no later script can use
-        raise cli.UserError("--input", f"{origin}: only {len(recs)} usable pairs after cleaning ({len(rows)} rows "
+        raise cli.UserError("--data", f"{origin}: only {len(recs)} usable pairs after cleaning ({len(rows)} rows "
                                         f"read, {n_empty} empty, {n_dup} duplicates): too few for "
                                         f"{'a training and a test split' if args.n_train and args.n_test else 'a split'}")
     if proportional:

@@ -612,8 +612,8 @@ def _run_cli(tmp_path, capsys, *args):
 
 def test_bad_input_exits_2(tmp_path, capsys):
     f = tmp_path / "x.jsonl"
-    f.write_text('{"text": "سؤال", "label": "critical"}\n{"question": "سؤال", "label": "neutral"}\n',
-                 encoding="utf-8")
+    f.write_text('{"text": "سؤال", "label": "critical"}\n{"body": "سؤال", "label": "neutral"}\n',
+                 encoding="utf-8")   # "question" is an alias of text now; a row with neither is refused
     msg = _run_cli(tmp_path, capsys, "--data", str(f))
     assert msg.startswith("error: ") and f"{f}:2: text: missing column" in msg
     f.write_text('{"text": "سؤال", "label": "critical"}\n{"text": "سؤال آخر", "label": "urgent"}\n',

@@ -18,6 +18,7 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import outputs  # noqa: E402
 from data import prepare  # noqa: E402
+from data import xlsx  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample"
 Q, A = "ما علاج الصداع؟", "الراحة وشرب الماء."
@@ -419,7 +420,7 @@ def test_prepare_xlsx_with_named_columns(tmp_path):
             [3, "ما هو السكري؟", "ارتفاع سكر الدم."],
             [4, "سؤال رابع", "جواب رابع"]]
     src = make_xlsx(tmp_path / "maqa.xlsx", rows)
-    assert prepare.read_xlsx(src, "QA")[0] == (2, {"id": "1", "نص السؤال": "ما هو السكري؟", "نص الجواب": "ارتفاع سكر الدم."})
+    assert xlsx.read_xlsx(src, "QA")[0] == (2, {"id": "1", "نص السؤال": "ما هو السكري؟", "نص الجواب": "ارتفاع سكر الدم."})
     out = tmp_path / "out"
     prepare.main(["--input", str(src), "--sheet", "QA", "--question-col", "نص السؤال", "--answer-col", "نص الجواب",
                   "--out", str(out), "--n-train", "2", "--n-test", "1"])
@@ -447,10 +448,10 @@ def test_prepare_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
         args, where = ["--input", src], f"{src}:3: p_c: "
     elif case == "missing_column":
         src = write_csv_rows(tmp_path / "b.csv", ["q", "a"], [["س", "ج"]])
-        args, where = ["--input", src], f"{src}:1: question: "
+        args, where = ["--input", src], f"{src}:2: question: "   # at the first record (was the header line)
     elif case == "no_file":
         src = tmp_path / "nope.csv"
-        args, where = ["--input", src], f"--input: {src}: no such file"
+        args, where = ["--input", src], f"--data: {src}: no such file"   # --input is --data's old spelling
     else:
         src = tmp_path / "b.xlsx"
         src.write_bytes(b"not a zip")

@@ -29,6 +29,7 @@ import hub  # noqa: E402
 import nf4  # noqa: E402
 import train  # noqa: E402
 from data import prepare  # noqa: E402
+from data import xlsx  # noqa: E402
 from test_model import FAMILIES  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
@@ -276,7 +277,7 @@ def test_fifo_or_device_as_data_is_refused(env, tmp_path, path):
         with pytest.raises(cli.DataError, match="not a regular file"):   # the readers themselves, too
             data.decode_file(path)
         with pytest.raises(cli.DataError, match="not a regular file"):
-            prepare.read_xlsx(path)
+            xlsx.read_xlsx(path)
 
 
 # ----------------------------------------------------------------------------------------------- 6c/8b: .xlsx
@@ -306,7 +307,7 @@ def test_stale_dimension_tag_keeps_every_row(tmp_path):
     good = _sheet(tmp_path / "good.xlsx", 200)
     stale = _rewrite(good, tmp_path / "stale.xlsx", "xl/worksheets/sheet1.xml",
                      lambda b: b.replace(b"<sheetData>", b'<dimension ref="A1:B21"/><sheetData>', 1))
-    rows = prepare.read_xlsx(str(stale))
+    rows = xlsx.read_xlsx(str(stale))
     assert len(rows) == 200 and rows[-1][1]["question"] == "سؤال 199؟"
 
 
@@ -314,13 +315,13 @@ def test_xlsx_bomb_is_refused_from_the_zip_directory(tmp_path):
     """A sheet that inflates more than XLSX_MAX_RATIO times past XLSX_RATIO_FROM bytes: refused from the sizes in the
     zip's directory, before any XML is parsed (the issue's 0.8 MB file of 200 MB XML took 95 s and 1.2 GB)."""
     good = _sheet(tmp_path / "good.xlsx", 3)
-    pad = b"<!--" + b" " * (prepare.XLSX_RATIO_FROM + 1) + b"-->"   # 10 MB of spaces: deflates ~1000x
+    pad = b"<!--" + b" " * (xlsx.XLSX_RATIO_FROM + 1) + b"-->"   # 10 MB of spaces: deflates ~1000x
     bomb = _rewrite(good, tmp_path / "bomb.xlsx", "xl/worksheets/sheet1.xml", lambda b: b.replace(b"<sheetData>",
                                                                                                      pad + b"<sheetData>", 1))
     assert os.path.getsize(bomb) < 100_000
     t0 = time.perf_counter()
     with pytest.raises(cli.DataError, match=r"bomb.xlsx:1: xl/worksheets/sheet1.xml: \d+ bytes inflate to \d+"):
-        prepare.read_xlsx(str(bomb))
+        xlsx.read_xlsx(str(bomb))
     assert time.perf_counter() - t0 < 1
     code, _, err = call(prepare, ["--input", bomb, "--out", tmp_path / "o"])
     assert code == 2

@@ -13,6 +13,7 @@ sys.path.insert(0, ROOT)
 
 import cli  # noqa: E402
 from data import prepare  # noqa: E402
+from data import xlsx  # noqa: E402
 
 QUESTION, ANSWER = "سؤال رقم {} عن الصداع والحمى؟", "جواب رقم {}: الراحة والسوائل ومراجعة الطبيب."
 
@@ -45,14 +46,14 @@ def rewrite_part(src, dst, name, fn):
 
 def test_rows_columns_and_sheets(tmp_path):
     src = write_sheet(tmp_path / "a.xlsx", 5, blank_every=2)
-    rows = prepare.read_xlsx(src, "QA")
+    rows = xlsx.read_xlsx(src, "QA")
     # header on row 1; blank rows are skipped but keep their place in the numbering
     assert [r[0] for r in rows] == [3, 4, 6, 7, 9]
     assert rows[0][1] == {"id": "0", "question": QUESTION.format(0), "answer": ANSWER.format(0)}
-    assert prepare.read_xlsx(src, "2") == rows
-    assert prepare.read_xlsx(src) == [(2, {"note": "not this sheet"})]   # default: the first sheet
+    assert xlsx.read_xlsx(src, "2") == rows
+    assert xlsx.read_xlsx(src) == [(2, {"note": "not this sheet"})]   # default: the first sheet
     with pytest.raises(cli.DataError, match=r":1: sheet: no sheet 'Nope' \(sheets: Info, QA\)"):
-        prepare.read_xlsx(src, "Nope")
+        xlsx.read_xlsx(src, "Nope")
 
 
 @pytest.mark.parametrize("case", ["not_zip", "truncated", "truncated_no_dimension", "shared_string"])
@@ -91,7 +92,7 @@ def test_sheet_is_streamed_not_loaded_whole(tmp_path):
     gc.collect()
     tracemalloc.start()
     try:
-        rows = prepare.read_xlsx(src, "QA")
+        rows = xlsx.read_xlsx(src, "QA")
         gc.collect()
         result, peak = tracemalloc.get_traced_memory()
     finally:
