@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cli
 from cli import STRICT_JSON, DataError, JSONProblem, regular_file   # the error contract: cli.py
+from data.arabert import arabert_preprocess   # noqa: F401  (AraBERT v02's input preprocessing: data/arabert.py)
 
 SEVERITIES = ("non-critical", "neutral", "critical")  # index order = p_nc, p_n, p_c
 PROB_FIELDS = ("p_nc", "p_n", "p_c")                  # same order as SEVERITIES
