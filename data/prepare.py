@@ -28,6 +28,7 @@ import argparse
 import random
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `import data` work
@@ -64,10 +65,24 @@ LETTER_MAP = str.maketrans({
 })
 
 
+# Ligatures that Unicode gives no compatibility decomposition (NFKC leaves them), spelled out; ﷼ is listed because
+# its NFKC form is spelled with the Persian yeh.
+LIGATURES = str.maketrans({"\uFDFD": "بسم الله الرحمن الرحيم", "\uFDFC": "ريال"})
+
+
+def unicode_fold(text):
+    """Unicode normalisation before any rule of the project: NFKC (compatibility composition). One spelling per
+    character: a decomposed hamza or madda (و + U+0654) becomes the precomposed letter (ؤ), presentation forms and
+    ligatures (ﻻ, ﷲ, ﷺ, isolated/initial/final letter forms) become the letters, fullwidth and other compatibility
+    digits ASCII digits, a no-break space a space. (camel-tools' normalize_unicode is this step; tests/golden.)"""
+    return unicodedata.normalize("NFKC", text.translate(LIGATURES))
+
+
 def normalize_arabic(text):
-    """Normalise Arabic text: remove URLs, emoji, invisible format characters (INVISIBLE_RE), diacritics and
-    tatweel; unify alef variants, alef maqsura and taa marbuta; collapse all whitespace (newlines included) to
-    single spaces."""
+    """Normalise Arabic text: Unicode NFKC first (unicode_fold), then remove URLs, emoji, invisible format characters
+    (INVISIBLE_RE), diacritics and tatweel; unify alef variants, alef maqsura and taa marbuta; collapse all
+    whitespace (newlines included) to single spaces."""
+    text = unicode_fold(text)
     text = URL_RE.sub(" ", text)
     text = INVISIBLE_RE.sub("", text)   # first: an RLM inside a link or emoji sequence must not split it
     text = EMOJI_RE.sub("", text)
@@ -212,9 +227,24 @@ def normalize_dialect(text, rules):
     return regex.sub(replace, text)
 
 
+# The de-duplication key folds more than the text's normalisation: every decimal digit to its ASCII digit
+# (Arabic-Indic ٠-٩, Persian ۰-۹; NFKC already did the fullwidth and other compatibility ones) and the Persian
+# letters that stand in for Arabic ones in typed Arabic (keheh ک -> ك, Farsi yeh ی -> ي, and their ﮎ-style forms
+# after NFKC). "٣٨" and "38", "کحة" and "كحة" are one text to a reader.
+KEY_MAP = str.maketrans({**{chr(0x0660 + i): str(i) for i in range(10)}, **{chr(0x06F0 + i): str(i) for i in range(10)},
+                         "\u06A9": "\u0643", "\u06CC": "\u064A"})
+
+
+def text_key(text):
+    """One text's de-duplication key: normalize_arabic (NFKC, then the project's rules), digits and Persian
+    letters folded (KEY_MAP), case-folded."""
+    return normalize_arabic(text).translate(KEY_MAP).casefold()
+
+
 def dedup_key(q, a):
-    """Two pairs are duplicates when their normalised, case-folded question and answer match."""
-    return normalize_arabic(q).casefold(), normalize_arabic(a).casefold()
+    """Two pairs are duplicates when their keys (text_key: normalised, digits and Persian letters folded,
+    case-folded) of question and answer match."""
+    return text_key(q), text_key(a)
 
 
 # ----------------------------------------------------------------------------------------------
