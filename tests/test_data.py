@@ -257,7 +257,9 @@ EXTRACT_CASES = [
     ("اشرب الماء.\nanswer : rest", "اشرب الماء."),                                # English, lower case, spaced
     # where the new question starts
     ("اشرب الماء.\nعندي صداع منذ يومين\nفما السبب؟\n\nالاجابة:\nقلة النوم",     # two lines, ? on the second:
-     "اشرب الماء.\nعندي صداع منذ يومين"),       # its first line is kept (nothing tells it from an answer line)
+     "اشرب الماء."),              # its first line goes too (a first-person opener, no final "."; issue 24)
+    ("اشرب الماء.\nثم نم جيدا.\nفما السبب؟\n\nالاجابة:\nقلة النوم",                # ... but not an answer line
+     "اشرب الماء.\nثم نم جيدا."),
     ("اشرب الماء.\nما سبب الحمى؟\nوهل هي خطيرة\nالاجابة:\nلا", "اشرب الماء."),   # two lines, ? on the first
     ("اشرب الماء.\nعندي صداع؟ الاجابة: راجع الطبيب", "اشرب الماء."),              # question and cue on one line
     ("اشرب الماء. عندي صداع؟ الاجابة: راجع الطبيب", "اشرب الماء."),               # ... on the answer's own line
@@ -266,12 +268,45 @@ EXTRACT_CASES = [
     ("اشرب الماء.\nهل القهوة مضرة؟", "اشرب الماء."),                             # ... EOS right after it
     ("هل لديك حمى؟ إذا نعم فراجع الطبيب.", "هل لديك حمى؟ إذا نعم فراجع الطبيب."),    # a question in the first line
     ("\nالإجابة :\nاشرب الماء.\nسؤال؟\nAnswer:\nلا", "اشرب الماء."),             # own cue in another form
+    # issue 24 (more in tests/oos/extract_cases.jsonl)
+    ("اشرب الماء.\nالسؤال\nعندي صداع\nالاجابة:\nراجع الطبيب", "اشرب الماء."),     # a question label alone
+    ("Drink water.\nI have a cold\n\nAnsw", "Drink water."),                       # the English cue cut short
+    ("اشرب الماء.\n\nالالتهاب يزول", "اشرب الماء.\n\nالالتهاب يزول"),            # not a cue's beginning
+    ("اشرب الماء.\nهل تسبب القهوة الأرق؟\n", "اشرب الماء."),                   # not addressed to the patient
+    ("اشرب الماء.\nهل لديك حرارة؟ عندي سؤال آخر؟\n", "اشرب الماء."),          # first person: a new question
+    ("\nالإجابة\nاشرب الماء.\nسؤال؟\n", "اشرب الماء."),                         # own cue without its colon
 ]
+
+
+
+
+def oos_extract_cases():
+    """tests/oos/extract_cases.jsonl: fresh generations of issue 24's failing kinds (a cue without its colon, a cue
+    after other words, greeting-opened and multi-line new questions, a cut cue, question labels, س:/ج:, the doctor's
+    follow-up question), written before the rule changed (22 of 30 wrong then); frozen."""
+    path = Path(__file__).resolve().parent / "oos" / "extract_cases.jsonl"
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+OOS_EXTRACT = oos_extract_cases()
+EXTRACT_CASES += [(c["generated"], c["want"]) for c in OOS_EXTRACT]
 
 
 @pytest.mark.parametrize("generated, want", EXTRACT_CASES)
 def test_extract_answer_keeps_this_questions_answer(generated, want):
     assert data.extract_answer(generated) == want
+
+
+def test_oos_extract_kinds():
+    kinds = {c["kind"] for c in OOS_EXTRACT}
+    assert kinds >= {"cue-no-colon", "cue-after-words", "greeting-question", "two-line-question", "cut-cue",
+                     "question-label", "s-j-labels", "follow-up"} and len(OOS_EXTRACT) >= 30
+
+
+@pytest.mark.parametrize("generated", [c["generated"] for c in OOS_EXTRACT])
+def test_notebook_rule_unchanged(generated):
+    # --recipe notebook keeps the authors' rule: everything after the first exact cue, else the whole text
+    assert data.extract_answer_notebook(generated) == generated.split(data.PROMPT_CUE, 1)[-1].strip()
 
 
 # ------------------------------------------------------------------------------------------------
