@@ -9,19 +9,20 @@ Sources:
           --input may be a local copy; otherwise it is fetched with huggingface_hub.hf_hub_download.
   ahd     an AHD-style .csv / .xlsx with question and answer columns (same handling as maqa).
 
-Steps: read -> (optional --normalize [orthographic], Arabic normalisation) -> drop empty Q/A -> de-duplicate
-on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
+Steps: read -> (optional --normalize [orthographic], Arabic normalisation of the questions) -> drop empty Q/A ->
+de-duplicate on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
 questions -> MSA, data/dialect_rules.txt) -> seeded shuffle -> test = first --n-test, train = next
---n-train (the test set does not change when --n-train changes). With fewer rows than asked for, the
-split is proportional and a note is printed.
+--n-train (the test set does not change when --n-train changes) -> (optional --normalize-answers train|all:
+the answers of train.jsonl, or of both files, normalised too). With fewer rows than asked for, the split is
+proportional and a note is printed. The answers of test.jsonl are the references that score the model: they stay
+the doctors' text (as the paper scored it) unless --normalize-answers all.
 
 Writes <out>/train.jsonl, <out>/test.jsonl ({"question", "answer"} records, plus severity fields when
 the input had probability/severity columns) and <out>/manifest.json. annotate.py then adds p_nc, p_n,
 p_c and severity. Bad input: one line "error: <file>:<line>: <field>: <problem>", exit 2, nothing written.
 
 Example:
-    python data/prepare.py --source maqa --input MAQA.xlsx --question-col q_body --answer-col a_body \\
-        --normalize --out out/maqa
+    python data/prepare.py --source maqa --input MAQA.xlsx --question-col q_body --answer-col a_body --out out/maqa
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
 import argparse
@@ -41,6 +42,7 @@ import outputs  # noqa: E402
 
 APOLLO_REPO = "FreedomIntelligence/ApolloCorpus"
 APOLLO_FILE = "train/sft/medicalPatient_ar.json"
+ANSWER_CHOICES = ("none", "train", "all")   # --normalize-answers
 
 # ----------------------------------------------------------------------------------------------
 # Arabic normalisation. Each rule is one line so it is easy to see (and test) what changes.
@@ -424,10 +426,15 @@ def parse_args(argv):
     p.add_argument("--sheet", default=None, help="xlsx only: worksheet name or 1-based number (default: first)")
     p.add_argument("--normalize", nargs="*", choices=("orthographic", "dialect"), default=None,
                    help="normalisation steps for the written text; the bare flag means orthographic. "
-                        "orthographic: URLs, emoji, invisible marks (RLM, ZWNJ, ...), diacritics, tatweel removed; "
-                        "alef/yaa/taa-marbuta unified; "
-                        "whitespace collapsed (questions and answers). dialect: the dialect words of "
+                        "orthographic: Unicode NFKC; URLs, emoji, invisible marks (RLM, ZWNJ, ...), diacritics, tatweel "
+                        "removed; alef/yaa/taa-marbuta unified; whitespace collapsed (questions; answers only with "
+                        "--normalize-answers). dialect: the dialect words of "
                         "--dialect-rules replaced by MSA (questions only). Both: --normalize orthographic dialect")
+    p.add_argument("--normalize-answers", choices=ANSWER_CHOICES, default="none",
+                   help="which answers --normalize orthographic also rewrites: none (default: the doctors' text "
+                        "as the paper scored it), train (train.jsonl's answers, what the model learns to write; the "
+                        "test references stay raw), all (the test references too: scores are then not comparable "
+                        "with raw-reference runs)")
     p.add_argument("--dialect-rules", default=None,
                    help="rules table of --normalize dialect, one 'dialect form = MSA form' per line "
                         "(default: data/dialect_rules.txt)")
@@ -444,6 +451,8 @@ def parse_args(argv):
     # a flag that would be ignored is refused: the user meant something this run would not do
     if args.sheet is not None and not str(args.input or "").lower().endswith(".xlsx"):
         p.error("--sheet applies to an .xlsx --input only")
+    if args.normalize_answers != "none" and "orthographic" not in args.normalize:
+        p.error(f"--normalize-answers {args.normalize_answers} needs --normalize orthographic")
     if args.dialect_rules is not None and "dialect" not in args.normalize:
         p.error("--dialect-rules needs --normalize dialect")
     if args.question_col is not None and args.question_col == args.answer_col:
@@ -488,9 +497,13 @@ def prepare(args):
         # (missing column, bad probabilities, unknown severity) is validated by the data contract.
         f = data.canonical_fields(path, line, rec, data.FIELD_ALIASES)
         q, a = (f.get(c, (None, None))[1] for c in ("question", "answer"))
-        if "orthographic" in args.normalize:
-            q, a = (normalize_arabic(x) if isinstance(x, str) else x for x in (q, a))
-        if isinstance(q, str) and isinstance(a, str) and (not q.strip() or not a.strip()):
+        # the answer is normalised here only to decide emptiness and duplicates: the same pairs and split whatever
+        # --normalize-answers says; it is rewritten (or not) after the split
+        ortho = "orthographic" in args.normalize
+        if ortho:
+            q = normalize_arabic(q) if isinstance(q, str) else q
+        a_seen = normalize_arabic(a) if ortho and isinstance(a, str) else a
+        if isinstance(q, str) and isinstance(a, str) and (not q.strip() or not a_seen.strip()):
             n_empty += 1
             continue
         if "question" in f:
@@ -522,6 +535,10 @@ def prepare(args):
     random.Random(args.seed).shuffle(order)
     test = [recs[i] for i in order[:n_test]]
     train = [recs[i] for i in order[n_test:n_test + n_train]]
+    for split, on in ((train, ("train", "all")), (test, ("all",))):
+        if args.normalize_answers in on:
+            for r in split:
+                r["answer"] = normalize_arabic(r["answer"])
     manifest = {
         "source": args.source,
         "input": origin,
@@ -534,7 +551,12 @@ def prepare(args):
         "duplicates_removed": n_dup,
         "rows_after_dedup": len(recs),
         "has_severity": any("severity" in r for r in recs),
-        "normalize": "orthographic" in args.normalize,
+        "normalize": "orthographic" in args.normalize,        # the questions
+        "normalize_answers": args.normalize_answers,
+        # what the answers of each file are: "raw" (the doctors' text) or "orthographic"; test's are the references
+        # that score the model, and runs scored against differently normalised references are not comparable
+        "answers": {"train": "orthographic" if args.normalize_answers in ("train", "all") else "raw",
+                    "test": "orthographic" if args.normalize_answers == "all" else "raw"},
         "dialect": None if rules is None else {
             "rules": args.dialect_rules or "data/dialect_rules.txt", "rules_sha256": outputs.sha256(rules_file),
             "rules_per_dialect": rules[2], "questions_changed": n_dialect},

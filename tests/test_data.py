@@ -372,9 +372,36 @@ def test_prepare_normalize_and_proportional_split(tmp_path, capsys):
     assert "only 6 pairs" in err and m["proportional_split"] is True and m["normalize"] is True
     assert len(tr) + len(te) == 6 and len(te) == 1  # 6 * 2000/32000 rounds to 0 -> at least 1
     texts = {r["question"]: r["answer"] for r in tr + te}
-    assert texts["ابني عنده حمي"] == "راجع الطبيب"   # alef/yaa unified; URL and emoji removed
+    assert "ابني عنده حمي" in texts                  # alef/yaa unified in the questions
     assert "طبيب الاسنان متي؟" in texts               # tatweel removed, alef with hamza -> alef
-    assert texts["ما سبب الصداع؟"] == "قله النوم."     # taa marbuta -> haa, spaces collapsed
+    # issue 24: the answers stay the doctors' text unless --normalize-answers asks (the first copy of a duplicate)
+    assert texts["ابني عنده حمي"] == "راجع الطبيب https://example.com/x 😀" and texts["ما سبب الصداع؟"] == "قلة النوم."
+    assert m["normalize_answers"] == "none" and m["answers"] == {"train": "raw", "test": "raw"}
+
+
+@pytest.mark.parametrize("choice, train_norm, test_norm", [("train", True, False), ("all", True, True)])
+def test_prepare_normalize_answers(tmp_path, choice, train_norm, test_norm):
+    src = qa_csv(tmp_path)
+    base, out = tmp_path / "base", tmp_path / "out"
+    run_prepare(["--input", src, "--out", base, "--n-train", 4, "--n-test", 2, "--normalize"])
+    run_prepare(["--input", src, "--out", out, "--n-train", 4, "--n-test", 2, "--normalize", "--normalize-answers", choice])
+    (tr0, te0, m0), (tr, te, m) = read_out(base), read_out(out)
+    # the same pairs in the same split, the same questions; only the answers differ, in the files asked for
+    assert [r["question"] for r in tr + te] == [r["question"] for r in tr0 + te0]
+    assert [r["answer"] for r in tr] == [prepare.normalize_arabic(r["answer"]) if train_norm else r["answer"] for r in tr0]
+    assert [r["answer"] for r in te] == [prepare.normalize_arabic(r["answer"]) if test_norm else r["answer"] for r in te0]
+    assert any(r["answer"] != prepare.normalize_arabic(r["answer"]) for r in tr0 + te0)
+    assert m["normalize_answers"] == choice
+    assert m["answers"] == {"train": "orthographic", "test": "orthographic" if test_norm else "raw"}
+    assert m0["answers"] == {"train": "raw", "test": "raw"}
+
+
+def test_prepare_normalize_answers_needs_orthographic(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        run_prepare(["--input", qa_csv(tmp_path), "--out", out, "--normalize-answers", "train"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--normalize-answers train needs --normalize orthographic" in err and not out.exists()
 
 
 def test_normalize_rules():
