@@ -132,6 +132,8 @@ def test_out_of_sample_dialect_precision_and_coverage():
     "أعمل في بقالة صغيرة", "حصلت على منيحة دراسية",    # MSA nouns that a dialect word spells after the ة/ه fold
     "أوي إلى فراشي مبكرا",                             # a verb, not the intensifier
     "نقص فيتامين دي", "عندي كحة جافة", "تآكل الأسنان", "بأكل الخضار",
+    "خذ خمسة مللي كل ست ساعات", "الجرعة 5 ملي لتر", "زين للناس حب الشهوات", "صورة في بعدين", "ولات حين مناص",
+    "رأيته ماشيا في الممر", "شاهد عيان", "الزي الطبي", "بلا وصفة طبية", "حق المريض",
 ])
 def test_issue24_msa_words(text):
     assert nd(text) == text
