@@ -422,11 +422,15 @@ _CUE_FORMS = [f"ال{a}جاب{t}:" for a in "اأإآ" for t in "ةه"] + ["answ
 # A new question's label opening a line: السؤال: / سؤال: / س: / Question: / Q: (or السؤال alone on a line).
 _QLABEL_RE = re.compile(r"[ \t]*(?:(?:ال)?سؤال|س|question|q)[ \t]*[:：]", re.IGNORECASE)
 _QLABEL_ALONE_RE = re.compile(r"[ \t]*(?:ال)?سؤال[ \t]*$")
-# A greeting opening a later line is a new patient question ("السلام عليكم، عندي ..."); the first line is always
-# the answer, so a doctor's answer that opens with a greeting keeps it.
+# A greeting opening a later line is a new patient question ("السلام عليكم، عندي ..."), once the answer has said
+# more than greetings: a doctor's answer that opens with greeting lines ("السلام عليكم\nأهلا بك\n...") keeps them.
 _GREETING_RE = re.compile(r"[ \t]*(?:السلام عليكم|سلام عليكم|مرحبا|مرحبًا|مرحباً|أهلا|اهلا|صباح الخير|مساء الخير"
                           r"|يا دكتور|يا دكتورة|دكتور[ \t]*[،,]|دكتورة[ \t]*[،,]|hello|hi|dear doctor)(?=[\s،,.!:؛])",
                           re.IGNORECASE)
+# A line that is only a salutation: a greeting and the usual words around it.
+_SALUTATION_RE = re.compile(r"(?:[\s،,.!:؛]|السلام|سلام|عليكم|ورحمة|رحمة|الله|وبركاته|مرحبا|مرحبًا|مرحباً|أهلا|اهلا"
+                            r"|وسهلا|وسهلاً|بك|بكم|بكِ|صباح|مساء|الخير|النور|يا|أخي|اخي|أختي|اختي|الكريم|الكريمة"
+                            r"|عزيزي|عزيزتي|السائل|السائلة|hello|hi|dear)*", re.IGNORECASE)
 # A line that continues a new question upwards: a patient's first-person opener or a question word (after an
 # optional و / ف), not ending a sentence with "." / "!" / ":".
 _QUESTION_LINE_RE = re.compile(r"[ \t]*[وف]?(?:عندي|لدي|أعاني|اعاني|أشعر|اشعر|ابني|ابنتي|بنتي|طفلي|زوجتي|زوجي"
@@ -549,8 +553,10 @@ def _cut(text):
             opens = not cue or not line[:cue.start()].strip()
             above = [j for j in filled if 1 <= j < i]
             return text[:starts[question_above(above[-1] if opens and above else i)]], not cut
-        if _QLABEL_RE.match(line) or (finished and _QLABEL_ALONE_RE.match(line)) \
-                or _GREETING_RE.match(line + ("\n" if finished else "")):
+        greeting = _GREETING_RE.match(line + ("\n" if finished else ""))
+        if greeting and all(_SALUTATION_RE.fullmatch(lines[j]) for j in filled if j < i):
+            greeting = None                           # the answer's own salutation lines ("السلام عليكم\nأهلا بك")
+        if _QLABEL_RE.match(line) or (finished and _QLABEL_ALONE_RE.match(line)) or greeting:
             return text[:starts[i]], True
         if line.strip().endswith(_QUESTION_END) and not _to_patient(line):
             return text[:starts[question_above(i)]], finished   # unfinished: a trailing question that may go on
