@@ -426,8 +426,8 @@ def parse_args(argv):
     p.add_argument("--sheet", default=None, help="xlsx only: worksheet name or 1-based number (default: first)")
     p.add_argument("--normalize", nargs="*", choices=("orthographic", "dialect"), default=None,
                    help="normalisation steps for the written text; the bare flag means orthographic. "
-                        "orthographic: Unicode NFKC; URLs, emoji, invisible marks (RLM, ZWNJ, ...), diacritics, tatweel "
-                        "removed; alef/yaa/taa-marbuta unified; whitespace collapsed (questions; answers only with "
+                        "orthographic: Unicode NFKC; URLs, emoji, invisible marks (RLM, ZWNJ, ...), diacritics, "
+                        "tatweel removed; alef/yaa/taa-marbuta unified; whitespace collapsed (questions; answers only with "
                         "--normalize-answers). dialect: the dialect words of "
                         "--dialect-rules replaced by MSA (questions only). Both: --normalize orthographic dialect")
     p.add_argument("--normalize-answers", choices=ANSWER_CHOICES, default="none",

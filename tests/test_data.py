@@ -385,12 +385,14 @@ def test_prepare_normalize_answers(tmp_path, choice, train_norm, test_norm):
     src = qa_csv(tmp_path)
     base, out = tmp_path / "base", tmp_path / "out"
     run_prepare(["--input", src, "--out", base, "--n-train", 4, "--n-test", 2, "--normalize"])
-    run_prepare(["--input", src, "--out", out, "--n-train", 4, "--n-test", 2, "--normalize", "--normalize-answers", choice])
+    run_prepare(["--input", src, "--out", out, "--n-train", 4, "--n-test", 2, "--normalize",
+                 "--normalize-answers", choice])
     (tr0, te0, m0), (tr, te, m) = read_out(base), read_out(out)
     # the same pairs in the same split, the same questions; only the answers differ, in the files asked for
     assert [r["question"] for r in tr + te] == [r["question"] for r in tr0 + te0]
-    assert [r["answer"] for r in tr] == [prepare.normalize_arabic(r["answer"]) if train_norm else r["answer"] for r in tr0]
-    assert [r["answer"] for r in te] == [prepare.normalize_arabic(r["answer"]) if test_norm else r["answer"] for r in te0]
+    norm = prepare.normalize_arabic
+    assert [r["answer"] for r in tr] == [norm(r["answer"]) if train_norm else r["answer"] for r in tr0]
+    assert [r["answer"] for r in te] == [norm(r["answer"]) if test_norm else r["answer"] for r in te0]
     assert any(r["answer"] != prepare.normalize_arabic(r["answer"]) for r in tr0 + te0)
     assert m["normalize_answers"] == choice
     assert m["answers"] == {"train": "orthographic", "test": "orthographic" if test_norm else "raw"}

@@ -36,7 +36,8 @@ PAIRS = unicode_pairs()
 @pytest.mark.parametrize("kind, a, b, what", PAIRS, ids=[p[3] for p in PAIRS])
 def test_key_pairs(kind, a, b, what):
     assert kind in ("same", "differ")
-    same = prepare.dedup_key(a, "x") == prepare.dedup_key(b, "x") and prepare.dedup_key("x", a) == prepare.dedup_key("x", b)
+    key = prepare.dedup_key
+    same = key(a, "x") == key(b, "x") and key("x", a) == key("x", b)
     assert same == (kind == "same"), what
 
 
