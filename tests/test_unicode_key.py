@@ -6,7 +6,7 @@ the de-duplication key (digits and Persian ک/ی folded too).
 - camel-tools as the reference where it covers the same steps (normalize_unicode, dediac_ar, normalize_alef_ar,
   normalize_alef_maksura_ar, normalize_teh_marbuta_ar): always the golden table tests/golden/camel_normalize.jsonl
   (tests/golden/make_golden.py made it), and the package itself when it is installed (test-only:
-  pip install --no-deps camel-tools==1.6.0 six emoji)."""
+  pip install --no-deps camel-tools==1.6.0 six==1.17.0 emoji==2.16.0)."""
 import csv
 import json
 import os

@@ -1,7 +1,7 @@
 """Record the reference outputs the tests compare with, once, from the reference packages (test-only, never
 runtime dependencies of the project):
 
-    pip install --no-deps arabert==1.0.1 pyarabic==0.6.15 camel-tools==1.6.0 six
+    pip install --no-deps arabert==1.0.1 pyarabic==0.6.15 camel-tools==1.6.0 six==1.17.0 emoji==2.16.0
     python tests/golden/make_golden.py            # rewrites tests/golden/*.jsonl
 
 arabert_preprocess.jsonl   {"text", "want"}: ArabertPreprocessor("bert-base-arabertv02").preprocess(text)
