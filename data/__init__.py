@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cli
 from cli import STRICT_JSON, DataError, JSONProblem, UserError, regular_file   # the error contract: cli.py
+from data.arabert import arabert_preprocess   # noqa: F401  (AraBERT v02's input preprocessing: data/arabert.py)
 
 SEVERITIES = ("non-critical", "neutral", "critical")  # index order = p_nc, p_n, p_c
 PROB_FIELDS = ("p_nc", "p_n", "p_c")                  # same order as SEVERITIES
@@ -452,11 +453,43 @@ def format_prompt(question, cue=True):
 
 
 # The cue as a model may write it: any alef/hamza form (الاجابة / الإجابة / الأجابة / الآجابة), final ة or ه,
-# diacritics or tatweel between the letters, spaces before or after the colon, or the English "Answer:". The colon
-# is required: the word alone ("الإجابة على سؤالك ...") is part of an answer, never a cue.
+# diacritics or tatweel between the letters, spaces before or after the colon, or the English "Answer:". Inside a
+# line the colon is required: the word alone ("الإجابة على سؤالك ...") is part of an answer, never a cue; the word
+# alone on a whole line is a cue (_CUE_ALONE_RE), and so are the labels ج: / جواب: / الجواب: opening a line.
 _MARKS = "[\u0640\u064B-\u065F\u0670]*"                  # tatweel, harakat, superscript alef
-_CUE_RE = re.compile(r"(?<!\w)(?:" + _MARKS.join(["ا", "ل", "[اأإآ]", "ج", "ا", "ب", "[ةه]"]) + _MARKS
-                     + r"|answer)[ \t]*[:：]", re.IGNORECASE)
+_CUE_WORD = _MARKS.join(["ا", "ل", "[اأإآ]", "ج", "ا", "ب", "[ةه]"]) + _MARKS
+_CUE_RE = re.compile(r"(?<!\w)(?:" + _CUE_WORD + r"|answer)[ \t]*[:：]", re.IGNORECASE)
+_LINE_CUE_RE = re.compile(r"[ \t]*(?:ج|جواب|الجواب)[ \t]*[:：]")           # an answer label opening a line
+_CUE_ALONE_RE = re.compile(r"[ \t]*(?:" + _CUE_WORD + r"|answer)[ \t]*$", re.IGNORECASE)
+# The whole cues a generation cut short may end in (a prefix of 3+ letters of one of them, after a blank line).
+_CUE_FORMS = [f"ال{a}جاب{t}:" for a in "اأإآ" for t in "ةه"] + ["answer:"]
+# A new question's label opening a line: السؤال: / سؤال: / س: / Question: / Q: (or السؤال alone on a line).
+_QLABEL_RE = re.compile(r"[ \t]*(?:(?:ال)?سؤال|س|question|q)[ \t]*[:：]", re.IGNORECASE)
+_QLABEL_ALONE_RE = re.compile(r"[ \t]*(?:ال)?سؤال[ \t]*$")
+# A greeting opening a later line is a new patient question ("السلام عليكم، عندي ..."), once the answer has said
+# more than greetings: a doctor's answer that opens with greeting lines ("السلام عليكم\nأهلا بك\n...") keeps them.
+_GREETING_RE = re.compile(r"[ \t]*(?:السلام عليكم|سلام عليكم|مرحبا|مرحبًا|مرحباً|أهلا|اهلا|صباح الخير|مساء الخير"
+                          r"|يا دكتور|يا دكتورة|دكتور[ \t]*[،,]|دكتورة[ \t]*[،,]|hello|hi|dear doctor)(?=[\s،,.!:؛])",
+                          re.IGNORECASE)
+# A line that is only a salutation: a greeting and the usual words around it.
+_SALUTATION_RE = re.compile(r"(?:[\s،,.!:؛]|السلام|سلام|عليكم|ورحمة|رحمة|الله|وبركاته|مرحبا|مرحبًا|مرحباً|أهلا|اهلا"
+                            r"|وسهلا|وسهلاً|بك|بكم|بكِ|صباح|مساء|الخير|النور|يا|أخي|اخي|أختي|اختي|الكريم|الكريمة"
+                            r"|عزيزي|عزيزتي|السائل|السائلة|hello|hi|dear)*", re.IGNORECASE)
+# A line that continues a new question upwards: a patient's first-person opener or a question word (after an
+# optional و / ف), not ending a sentence with "." / "!" / ":".
+_QUESTION_LINE_RE = re.compile(r"[ \t]*[وف]?(?:عندي|لدي|أعاني|اعاني|أشعر|اشعر|ابني|ابنتي|بنتي|طفلي|زوجتي|زوجي"
+                               r"|أمي|امي|أبي|ابي|أنا|انا|عمري|هل|ما|ماذا|كيف|لماذا|متى|أين|كم)(?!\w)")
+# The doctor's own question to the patient ("هل تعاني من حمى؟", "منذ متى بدأ الألم لديك؟") is part of the answer:
+# a question sentence addressed to "you" and saying nothing in the first person.
+_TO_PATIENT_RE = re.compile(r"(?<!\w)(?:لديك|عندك|عمرك|معك|حالتك|طفلك|ابنك|ابنتك|وزنك|ضغطك|أنت|انت|لديكم|عندكم)(?!\w)"
+                            r"|(?<!\w)هل[ \t]+(?:تعاني|تعانين|تتناول|تتناولين|تشعر|تشعرين|تأخذ|تاخذ|تستخدم|تدخن|تمارس"
+                            r"|لاحظت|جربت|أجريت|اجريت|راجعت|قمت|سبق)(?!\w)|^[ \t]*منذ متى(?!\w)")
+_FIRST_PERSON_RE = re.compile(r"(?<!\w)(?:عندي|لدي|أعاني|اعاني|أشعر|اشعر|ابني|ابنتي|بنتي|طفلي|زوجتي|زوجي|أنا|انا"
+                              r"|عمري|يمكنني|أستطيع|استطيع|لي)(?!\w)")
+# Words that may open a generation before this question's own cue ("إليك الإجابة: ...", "Here is the answer:").
+_LEAD_IN_RE = re.compile(r"[ \t]*(?:(?:حسنا|حسناً|بالتأكيد|طيب)[ \t]*[،,]?[ \t]*)?(?:إليك|اليك|إليكم|اليكم|ها هي|هاهي"
+                         r"|هذه هي|وهذه|هذه|فيما يلي|here is|here's)[ \t]+(?:the[ \t]+)?(?=" + _CUE_WORD
+                         + r"|answer)", re.IGNORECASE)
 _QUESTION_END = ("?", "؟")
 
 
@@ -466,14 +499,21 @@ def extract_answer(generated_text):
     The prompt already ends with the cue, so a model that goes on after its answer writes the training template
     again: "<answer>\n<new question>\n\nالاجابة:\n<an invented answer>...". The rule, on the lines of the text
     (blank lines skipped; the first line is always this question's answer):
-    - a new question starts at the first later line that is followed by a cue (the cue in any form, see _CUE_RE)
-      or that is a question sentence (ends with ? or ؟); everything from that line on is dropped, so a new
-      question spread over two lines goes whole, and a trailing new question without a cue goes too;
-    - a cue inside a later line: that line is the new question with its cue, dropped whole;
+    - a new question starts at the first later line that
+      - holds a cue (any form, see _CUE_RE), is an answer label (ج:, جواب:) or the cue word alone on its line, or
+        is a cue cut short at the end of the text after a blank line ("\n\nالاجا"): a cue opening its line makes
+        the line above it the new question; a cue inside a line drops that line whole;
+      - opens with a question label (السؤال:, سؤال:, س:, Question:) or with a greeting (السلام عليكم، مرحبا، ...);
+      - is a question sentence (ends with ? or ؟), unless it is the doctor's question to the patient (addressed to
+        "you", nothing in the first person: "هل تعاني من حمى؟"), which is part of the answer;
+      everything from that line on is dropped; above a cue or a question sentence the new question also takes the
+      lines that look like its own (a first-person opener or a question word, no final "." / "!" / ":", or a
+      question sentence): a new question over two or more lines goes whole;
     - a cue inside the first line: the answer ends at the cue, less a question sentence just before it;
     - the first line may be empty: "\nسؤال؟\n\nالاجابة:..." is an empty answer;
     - a cue at the very start (a prompt without the cue, the notebooks' "\n{Q}\n", lets the model write this
-      question's cue itself) belongs to this question and is skipped.
+      question's cue itself), also after a lead-in ("إليك الإجابة:", "Here is the answer:") or as ج:, belongs to
+      this question and is skipped.
 
         extract_answer("الراحة.\n\nعندي صداع؟\n\nالاجابة:\nراجع الطبيب") == "الراحة."
     """
@@ -490,16 +530,37 @@ def extract_answer_notebook(generated_text):
 
 def answer_complete(generated_text):
     """True once extract_answer(generated_text) can no longer change, whatever text follows: a cue after this
-    question's own, or a finished later line (a line break after it) that is a question sentence. Generation may
-    stop there (evaluate.py asks this every 8 tokens)."""
+    question's own, a question label or greeting opening a later line, or a finished later line (a line break after
+    it) that is a new question sentence. Generation may stop there (evaluate.py asks this every 8 tokens)."""
     return _cut(_after_own_cue(generated_text))[1]
 
 
 def _after_own_cue(text):
-    """The generated text without a cue at its very start: that one is this question's own (a cue-less prompt)."""
+    """The generated text without a cue at its very start (after a lead-in such as "إليك الإجابة:", or ج:, or the
+    cue word alone on the first line): that one is this question's own (a cue-less prompt)."""
     stripped = text.lstrip()
-    m = _CUE_RE.match(stripped)
+    lead = _LEAD_IN_RE.match(stripped)
+    at = lead.end() if lead else 0
+    m = _CUE_RE.match(stripped, at) or (None if lead else _LINE_CUE_RE.match(stripped))
+    if m is None and not lead:
+        first, nl, _ = stripped.partition("\n")
+        m = _CUE_ALONE_RE.match(first) if nl else None
+        if m:
+            return stripped[len(first) + 1:]
     return stripped[m.end():].lstrip(" \t").removeprefix("\n") if m else text
+
+
+def _to_patient(line):
+    """A question sentence that is the doctor's question to the patient (kept in the answer)."""
+    return bool(_TO_PATIENT_RE.search(line)) and not _FIRST_PERSON_RE.search(line)
+
+
+def _cut_cue(lines, i):
+    """The last line, after a blank line, is a cue cut short ("الاجا", "Answ"): 3+ letters, a prefix of a cue."""
+    if i != len(lines) - 1 or i < 2 or lines[i - 1].strip():
+        return False
+    word = re.sub(_MARKS, "", lines[i]).replace(" ", "").replace("\t", "").lower()
+    return len(word) >= 3 and any(form.startswith(word) for form in _CUE_FORMS)
 
 
 def _cut(text):
@@ -510,24 +571,41 @@ def _cut(text):
         starts.append(pos)
         pos += len(line) + 1
     filled = [i for i, line in enumerate(lines) if line.strip()]
-    cue = _CUE_RE.search(text)
-    cue_line = text.count("\n", 0, cue.start()) if cue else len(lines)
+
+    def question_above(i):
+        """The first line of the new question that ends at line i: lines above it that look like its own."""
+        while True:
+            above = [j for j in filled if 1 <= j < i]
+            if not above:
+                return i
+            line = lines[above[-1]].strip()
+            if _to_patient(line) or not (line.endswith(_QUESTION_END) or _QUESTION_LINE_RE.match(line)
+                                         and not line.endswith((".", "!", ":"))):
+                return i
+            i = above[-1]
+
+    first_cue = _CUE_RE.search(lines[0])
     for i in filled:
+        if first_cue:
+            break
         if i == 0:                                    # the first line is this question's answer
             continue
-        if i > cue_line:
-            break
-        finished = i < len(lines) - 1                 # a line break follows: the line cannot grow any more
-        line = lines[i].strip()
-        if i == cue_line or line.endswith(_QUESTION_END) and finished:
+        line, finished = lines[i], i < len(lines) - 1   # finished: a line break follows, it cannot grow any more
+        cut = not finished and _cut_cue(lines, i)
+        cue = _CUE_RE.search(line)
+        if cue or _LINE_CUE_RE.match(line) or (finished and _CUE_ALONE_RE.match(line)) or cut:
+            opens = not cue or not line[:cue.start()].strip()
+            above = [j for j in filled if 1 <= j < i]
+            return text[:starts[question_above(above[-1] if opens and above else i)]], not cut
+        greeting = _GREETING_RE.match(line + ("\n" if finished else ""))
+        if greeting and all(_SALUTATION_RE.fullmatch(lines[j]) for j in filled if j < i):
+            greeting = None                           # the answer's own salutation lines ("السلام عليكم\nأهلا بك")
+        if _QLABEL_RE.match(line) or (finished and _QLABEL_ALONE_RE.match(line)) or greeting:
             return text[:starts[i]], True
-        nxt = [j for j in filled if j > i]
-        if cue and (nxt[0] if nxt else cue_line) >= cue_line and not text[starts[cue_line]:cue.start()].strip():
-            return text[:starts[i]], True             # the line directly above a cue that opens its line
-        if line.endswith(_QUESTION_END) and not finished:
-            return text[:starts[i]], False            # a trailing question sentence (it may still go on)
-    if cue:                                           # the cue inside the first line
-        before = text[:cue.start()].rstrip()
+        if line.strip().endswith(_QUESTION_END) and not _to_patient(line):
+            return text[:starts[question_above(i)]], finished   # unfinished: a trailing question that may go on
+    if first_cue:                                     # the cue inside the first line
+        before = text[:first_cue.start()].rstrip()
         if before.endswith(_QUESTION_END):            # "... عندي صداع؟ الاجابة:" -- drop that question sentence
             ends = [before.rfind(c, 0, len(before) - 1) for c in ".!?؟\n"]
             before = before[:max(ends) + 1]

@@ -9,24 +9,26 @@ Sources:
           --data may be a local copy; otherwise it is fetched with huggingface_hub.hf_hub_download.
   ahd     an AHD-style .csv / .xlsx with question and answer columns (same handling as maqa).
 
-Steps: read -> (optional --normalize [orthographic], Arabic normalisation) -> drop empty Q/A -> de-duplicate
-on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
+Steps: read -> (optional --normalize [orthographic], Arabic normalisation of the questions) -> drop empty Q/A ->
+de-duplicate on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
 questions -> MSA, data/dialect_rules.txt) -> seeded shuffle -> test = first --n-test, train = next
---n-train (the test set does not change when --n-train changes). With fewer rows than asked for, the
-split is proportional and a note is printed.
+--n-train (the test set does not change when --n-train changes) -> (optional --normalize-answers train|all:
+the answers of train.jsonl, or of both files, normalised too). With fewer rows than asked for, the split is
+proportional and a note is printed. The answers of test.jsonl are the references that score the model: they stay
+the doctors' text (as the paper scored it) unless --normalize-answers all.
 
 Writes <out>/train.jsonl, <out>/test.jsonl ({"question", "answer"} records, plus severity fields when
 the input had probability/severity columns) and <out>/manifest.json. annotate.py then adds p_nc, p_n,
 p_c and severity. Bad input: one line "error: <file>:<line>: <field>: <problem>", exit 2, nothing written.
 
 Example:
-    python data/prepare.py --source maqa --data MAQA.xlsx --question-col q_body --answer-col a_body \\
-        --normalize --out out/maqa
+    python data/prepare.py --source maqa --data MAQA.xlsx --question-col q_body --answer-col a_body --out out/maqa
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
 import random
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `import data` work
@@ -39,6 +41,7 @@ import outputs  # noqa: E402
 
 APOLLO_REPO = "FreedomIntelligence/ApolloCorpus"
 APOLLO_FILE = "train/sft/medicalPatient_ar.json"
+ANSWER_CHOICES = ("none", "train", "all")   # --normalize-answers
 
 # ----------------------------------------------------------------------------------------------
 # Arabic normalisation. Each rule is one line so it is easy to see (and test) what changes.
@@ -63,10 +66,24 @@ LETTER_MAP = str.maketrans({
 })
 
 
+# Ligatures that Unicode gives no compatibility decomposition (NFKC leaves them), spelled out; ﷼ is listed because
+# its NFKC form is spelled with the Persian yeh.
+LIGATURES = str.maketrans({"\uFDFD": "بسم الله الرحمن الرحيم", "\uFDFC": "ريال"})
+
+
+def unicode_fold(text):
+    """Unicode normalisation before any rule of the project: NFKC (compatibility composition). One spelling per
+    character: a decomposed hamza or madda (و + U+0654) becomes the precomposed letter (ؤ), presentation forms and
+    ligatures (ﻻ, ﷲ, ﷺ, isolated/initial/final letter forms) become the letters, fullwidth and other compatibility
+    digits ASCII digits, a no-break space a space. (camel-tools' normalize_unicode is this step; tests/golden.)"""
+    return unicodedata.normalize("NFKC", text.translate(LIGATURES))
+
+
 def normalize_arabic(text):
-    """Normalise Arabic text: remove URLs, emoji, invisible format characters (INVISIBLE_RE), diacritics and
-    tatweel; unify alef variants, alef maqsura and taa marbuta; collapse all whitespace (newlines included) to
-    single spaces."""
+    """Normalise Arabic text: Unicode NFKC first (unicode_fold), then remove URLs, emoji, invisible format characters
+    (INVISIBLE_RE), diacritics and tatweel; unify alef variants, alef maqsura and taa marbuta; collapse all
+    whitespace (newlines included) to single spaces."""
+    text = unicode_fold(text)
     text = URL_RE.sub(" ", text)
     text = INVISIBLE_RE.sub("", text)   # first: an RLM inside a link or emoji sequence must not split it
     text = EMOJI_RE.sub("", text)
@@ -211,9 +228,24 @@ def normalize_dialect(text, rules):
     return regex.sub(replace, text)
 
 
+# The de-duplication key folds more than the text's normalisation: every decimal digit to its ASCII digit
+# (Arabic-Indic ٠-٩, Persian ۰-۹; NFKC already did the fullwidth and other compatibility ones) and the Persian
+# letters that stand in for Arabic ones in typed Arabic (keheh ک -> ك, Farsi yeh ی -> ي, and their ﮎ-style forms
+# after NFKC). "٣٨" and "38", "کحة" and "كحة" are one text to a reader.
+KEY_MAP = str.maketrans({**{chr(0x0660 + i): str(i) for i in range(10)}, **{chr(0x06F0 + i): str(i) for i in range(10)},
+                         "\u06A9": "\u0643", "\u06CC": "\u064A"})
+
+
+def text_key(text):
+    """One text's de-duplication key: normalize_arabic (NFKC, then the project's rules), digits and Persian
+    letters folded (KEY_MAP), case-folded."""
+    return normalize_arabic(text).translate(KEY_MAP).casefold()
+
+
 def dedup_key(q, a):
-    """Two pairs are duplicates when their normalised, case-folded question and answer match."""
-    return normalize_arabic(q).casefold(), normalize_arabic(a).casefold()
+    """Two pairs are duplicates when their keys (text_key: normalised, digits and Persian letters folded,
+    case-folded) of question and answer match."""
+    return text_key(q), text_key(a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,10 +311,15 @@ def parse_args(argv):
     p.add_argument("--sheet", default=None, help="xlsx only: worksheet name or 1-based number (default: first)")
     p.add_argument("--normalize", nargs="*", choices=("orthographic", "dialect"), default=None,
                    help="normalisation steps for the written text; the bare flag means orthographic. "
-                        "orthographic: URLs, emoji, invisible marks (RLM, ZWNJ, ...), diacritics, tatweel removed; "
-                        "alef/yaa/taa-marbuta unified; "
-                        "whitespace collapsed (questions and answers). dialect: the dialect words of "
+                        "orthographic: Unicode NFKC; URLs, emoji, invisible marks (RLM, ZWNJ, ...), diacritics, "
+                        "tatweel removed; alef/yaa/taa-marbuta unified; whitespace collapsed (questions; answers only with "
+                        "--normalize-answers). dialect: the dialect words of "
                         "--dialect-rules replaced by MSA (questions only). Both: --normalize orthographic dialect")
+    p.add_argument("--normalize-answers", choices=ANSWER_CHOICES, default="none",
+                   help="which answers --normalize orthographic also rewrites: none (default: the doctors' text "
+                        "as the paper scored it), train (train.jsonl's answers, what the model learns to write; the "
+                        "test references stay raw), all (the test references too: scores are then not comparable "
+                        "with raw-reference runs)")
     p.add_argument("--dialect-rules", default=None,
                    help="rules table of --normalize dialect, one 'dialect form = MSA form' per line "
                         "(default: data/dialect_rules.txt)")
@@ -300,6 +337,8 @@ def parse_args(argv):
     # a flag that would be ignored is refused: the user meant something this run would not do
     if args.sheet is not None and not str(args.input or "").lower().endswith(".xlsx"):
         p.error("--sheet applies to an .xlsx --data only")
+    if args.normalize_answers != "none" and "orthographic" not in args.normalize:
+        p.error(f"--normalize-answers {args.normalize_answers} needs --normalize orthographic")
     if args.dialect_rules is not None and "dialect" not in args.normalize:
         p.error("--dialect-rules needs --normalize dialect")
     if args.question_col is not None and args.question_col == args.answer_col:
@@ -344,9 +383,13 @@ def prepare(args):
         # (missing column, bad probabilities, unknown severity) is validated by the data contract.
         f = data.canonical_fields(path, line, rec, data.FIELD_ALIASES)
         q, a = (f.get(c, (None, None))[1] for c in ("question", "answer"))
-        if "orthographic" in args.normalize:
-            q, a = (normalize_arabic(x) if isinstance(x, str) else x for x in (q, a))
-        if isinstance(q, str) and isinstance(a, str) and (not q.strip() or not a.strip()):
+        # the answer is normalised here only to decide emptiness and duplicates: the same pairs and split whatever
+        # --normalize-answers says; it is rewritten (or not) after the split
+        ortho = "orthographic" in args.normalize
+        if ortho:
+            q = normalize_arabic(q) if isinstance(q, str) else q
+        a_seen = normalize_arabic(a) if ortho and isinstance(a, str) else a
+        if isinstance(q, str) and isinstance(a, str) and (not q.strip() or not a_seen.strip()):
             n_empty += 1
             continue
         if "question" in f:
@@ -378,6 +421,10 @@ def prepare(args):
     random.Random(args.seed).shuffle(order)
     test = [recs[i] for i in order[:n_test]]
     train = [recs[i] for i in order[n_test:n_test + n_train]]
+    for split, on in ((train, ("train", "all")), (test, ("all",))):
+        if args.normalize_answers in on:
+            for r in split:
+                r["answer"] = normalize_arabic(r["answer"])
     manifest = {
         "source": args.source,
         "input": origin,
@@ -390,7 +437,12 @@ def prepare(args):
         "duplicates_removed": n_dup,
         "rows_after_dedup": len(recs),
         "has_severity": any("severity" in r for r in recs),
-        "normalize": "orthographic" in args.normalize,
+        "normalize": "orthographic" in args.normalize,        # the questions
+        "normalize_answers": args.normalize_answers,
+        # what the answers of each file are: "raw" (the doctors' text) or "orthographic"; test's are the references
+        # that score the model, and runs scored against differently normalised references are not comparable
+        "answers": {"train": "orthographic" if args.normalize_answers in ("train", "all") else "raw",
+                    "test": "orthographic" if args.normalize_answers == "all" else "raw"},
         "dialect": None if rules is None else {
             "rules": args.dialect_rules or "data/dialect_rules.txt", "rules_sha256": outputs.sha256(rules_file),
             "rules_per_dialect": rules[2], "questions_changed": n_dialect},

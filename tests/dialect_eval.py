@@ -1,6 +1,7 @@
 """Precision and coverage of data/dialect_rules.txt, per dialect, and its changes to MSA text.
 
     python tests/dialect_eval.py            # prints the README's table (markdown)
+    python tests/dialect_eval.py --oos      # the same on tests/oos/ (issue 24's frozen out-of-sample set)
 
 Inputs: tests/dialect_cases.tsv (dialect, question, gold MSA) and tests/msa_sentences.txt (held-out MSA).
 Words are compared as whitespace-separated tokens, input against output and input against gold, with difflib:
@@ -20,6 +21,9 @@ from data import prepare  # noqa: E402
 
 CASES = os.path.join(HERE, "dialect_cases.tsv")
 MSA = os.path.join(HERE, "msa_sentences.txt")
+OOS = os.path.join(HERE, "oos")   # frozen out-of-sample set of issue 24 (tests/oos/README.md)
+OOS_CASES = os.path.join(OOS, "dialect_cases.tsv")
+OOS_MSA = {reg: os.path.join(OOS, f"msa_{reg}.txt") for reg in ("patient", "doctor", "news")}
 
 
 def read_lines(path):
@@ -27,13 +31,13 @@ def read_lines(path):
         return [ln.rstrip("\n") for ln in fh if ln.strip() and not ln.startswith("#")]
 
 
-def cases():
-    """[(dialect, question, gold)] of tests/dialect_cases.tsv."""
-    return [tuple(ln.split("\t")) for ln in read_lines(CASES)]
+def cases(path=CASES):
+    """[(dialect, question, gold)] of tests/dialect_cases.tsv (or another table of that format)."""
+    return [tuple(ln.split("\t")) for ln in read_lines(path)]
 
 
-def msa_sentences():
-    return read_lines(MSA)
+def msa_sentences(path=MSA):
+    return read_lines(path)
 
 
 def changes(src, dst):
@@ -68,12 +72,17 @@ def score(question, gold, output):
     return len(made), len(correct), len(dialect_words), len(covered & dialect_words)
 
 
-def measure(rules=None):
+def msa_changed(sentences, rules):
+    """Words of the MSA sentences that the rules change."""
+    return sum(i2 - i1 for t in sentences for i1, i2, _, _ in changes(t, prepare.normalize_dialect(t, rules)))
+
+
+def measure(rules=None, case_path=CASES, msa_path=MSA):
     """{dialect: {questions, changes, correct, precision, dialect_words, normalised, coverage}},
     and the number of words of the MSA sentences the rules change."""
     rules = rules or prepare.load_dialect_rules()
     sums = defaultdict(lambda: [0, 0, 0, 0, 0])
-    for dialect, q, gold in cases():
+    for dialect, q, gold in cases(case_path):
         s = sums[dialect]
         s[0] += 1
         for k, v in enumerate(score(q, gold, prepare.normalize_dialect(q, rules)), 1):
@@ -81,22 +90,32 @@ def measure(rules=None):
     table = {d: {"questions": s[0], "changes": s[1], "correct": s[2], "precision": s[2] / s[1] if s[1] else 1.0,
                  "dialect_words": s[3], "normalised": s[4], "coverage": s[4] / s[3] if s[3] else 1.0}
              for d, s in sums.items()}
-    msa_changed = 0
-    for t in msa_sentences():
-        msa_changed += sum(i2 - i1 for i1, i2, _, _ in changes(t, prepare.normalize_dialect(t, rules)))
-    return table, msa_changed
+    return table, msa_changed(msa_sentences(msa_path), rules)
 
 
-def main():
-    table, msa_changed = measure()
-    n_msa = len(msa_sentences())
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    oos = "--oos" in argv
+    table, n_changed = measure(case_path=OOS_CASES if oos else CASES)
+    if oos:
+        rules = prepare.load_dialect_rules()
     print("| dialect | questions | changes (correct / all) | precision | dialect words normalised | coverage |")
     print("|---|---|---|---|---|---|")
     for d, r in table.items():
         print(f"| {d} | {r['questions']} | {r['correct']} / {r['changes']} | {r['precision']:.0%} "
               f"| {r['normalised']} / {r['dialect_words']} | {r['coverage']:.0%} |")
-    words = sum(len(t.split()) for t in msa_sentences())
-    print(f"\nMSA sentences: {n_msa} ({words} words), words changed: {msa_changed}")
+    all_c = sum(r["correct"] for r in table.values()), sum(r["changes"] for r in table.values())
+    all_w = sum(r["normalised"] for r in table.values()), sum(r["dialect_words"] for r in table.values())
+    print(f"| all | {sum(r['questions'] for r in table.values())} | {all_c[0]} / {all_c[1]} | "
+          f"{all_c[0] / max(1, all_c[1]):.1%} | {all_w[0]} / {all_w[1]} | {all_w[0] / max(1, all_w[1]):.1%} |")
+    if oos:
+        print("\n| MSA register | sentences | words | words changed |\n|---|---|---|---|")
+        for reg, path in OOS_MSA.items():
+            sents = msa_sentences(path)
+            print(f"| {reg} | {len(sents)} | {sum(len(t.split()) for t in sents)} | {msa_changed(sents, rules)} |")
+    else:
+        words = sum(len(t.split()) for t in msa_sentences())
+        print(f"\nMSA sentences: {len(msa_sentences())} ({words} words), words changed: {n_changed}")
 
 
 if __name__ == "__main__":

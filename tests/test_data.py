@@ -258,7 +258,9 @@ EXTRACT_CASES = [
     ("اشرب الماء.\nanswer : rest", "اشرب الماء."),                                # English, lower case, spaced
     # where the new question starts
     ("اشرب الماء.\nعندي صداع منذ يومين\nفما السبب؟\n\nالاجابة:\nقلة النوم",     # two lines, ? on the second:
-     "اشرب الماء.\nعندي صداع منذ يومين"),       # its first line is kept (nothing tells it from an answer line)
+     "اشرب الماء."),              # its first line goes too (a first-person opener, no final "."; issue 24)
+    ("اشرب الماء.\nثم نم جيدا.\nفما السبب؟\n\nالاجابة:\nقلة النوم",                # ... but not an answer line
+     "اشرب الماء.\nثم نم جيدا."),
     ("اشرب الماء.\nما سبب الحمى؟\nوهل هي خطيرة\nالاجابة:\nلا", "اشرب الماء."),   # two lines, ? on the first
     ("اشرب الماء.\nعندي صداع؟ الاجابة: راجع الطبيب", "اشرب الماء."),              # question and cue on one line
     ("اشرب الماء. عندي صداع؟ الاجابة: راجع الطبيب", "اشرب الماء."),               # ... on the answer's own line
@@ -267,12 +269,46 @@ EXTRACT_CASES = [
     ("اشرب الماء.\nهل القهوة مضرة؟", "اشرب الماء."),                             # ... EOS right after it
     ("هل لديك حمى؟ إذا نعم فراجع الطبيب.", "هل لديك حمى؟ إذا نعم فراجع الطبيب."),    # a question in the first line
     ("\nالإجابة :\nاشرب الماء.\nسؤال؟\nAnswer:\nلا", "اشرب الماء."),             # own cue in another form
+    # issue 24 (more in tests/oos/extract_cases.jsonl)
+    ("اشرب الماء.\nالسؤال\nعندي صداع\nالاجابة:\nراجع الطبيب", "اشرب الماء."),     # a question label alone
+    ("Drink water.\nI have a cold\n\nAnsw", "Drink water."),                       # the English cue cut short
+    ("اشرب الماء.\n\nالالتهاب يزول", "اشرب الماء.\n\nالالتهاب يزول"),            # not a cue's beginning
+    ("اشرب الماء.\nهل تسبب القهوة الأرق؟\n", "اشرب الماء."),                   # not addressed to the patient
+    ("اشرب الماء.\nهل لديك حرارة؟ عندي سؤال آخر؟\n", "اشرب الماء."),          # first person: a new question
+    ("\nالإجابة\nاشرب الماء.\nسؤال؟\n", "اشرب الماء."),                         # own cue without its colon
+    ("السلام عليكم\nأهلا بك، الصداع سببه التوتر.\nمرحبا دكتور، عندي سؤال", "السلام عليكم\nأهلا بك، الصداع سببه التوتر."),
 ]
+
+
+
+
+def oos_extract_cases():
+    """tests/oos/extract_cases.jsonl: fresh generations of issue 24's failing kinds (a cue without its colon, a cue
+    after other words, greeting-opened and multi-line new questions, a cut cue, question labels, س:/ج:, the doctor's
+    follow-up question), written before the rule changed (22 of 30 wrong then); frozen."""
+    path = Path(__file__).resolve().parent / "oos" / "extract_cases.jsonl"
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+OOS_EXTRACT = oos_extract_cases()
+EXTRACT_CASES += [(c["generated"], c["want"]) for c in OOS_EXTRACT]
 
 
 @pytest.mark.parametrize("generated, want", EXTRACT_CASES)
 def test_extract_answer_keeps_this_questions_answer(generated, want):
     assert data.extract_answer(generated) == want
+
+
+def test_oos_extract_kinds():
+    kinds = {c["kind"] for c in OOS_EXTRACT}
+    assert kinds >= {"cue-no-colon", "cue-after-words", "greeting-question", "two-line-question", "cut-cue",
+                     "question-label", "s-j-labels", "follow-up"} and len(OOS_EXTRACT) >= 30
+
+
+@pytest.mark.parametrize("generated", [c["generated"] for c in OOS_EXTRACT])
+def test_notebook_rule_unchanged(generated):
+    # --recipe notebook keeps the authors' rule: everything after the first exact cue, else the whole text
+    assert data.extract_answer_notebook(generated) == generated.split(data.PROMPT_CUE, 1)[-1].strip()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,9 +374,38 @@ def test_prepare_normalize_and_proportional_split(tmp_path, capsys):
     assert "only 6 pairs" in err and m["proportional_split"] is True and m["normalize"] is True
     assert len(tr) + len(te) == 6 and len(te) == 1  # 6 * 2000/32000 rounds to 0 -> at least 1
     texts = {r["question"]: r["answer"] for r in tr + te}
-    assert texts["ابني عنده حمي"] == "راجع الطبيب"   # alef/yaa unified; URL and emoji removed
+    assert "ابني عنده حمي" in texts                  # alef/yaa unified in the questions
     assert "طبيب الاسنان متي؟" in texts               # tatweel removed, alef with hamza -> alef
-    assert texts["ما سبب الصداع؟"] == "قله النوم."     # taa marbuta -> haa, spaces collapsed
+    # issue 24: the answers stay the doctors' text unless --normalize-answers asks (the first copy of a duplicate)
+    assert texts["ابني عنده حمي"] == "راجع الطبيب https://example.com/x 😀" and texts["ما سبب الصداع؟"] == "قلة النوم."
+    assert m["normalize_answers"] == "none" and m["answers"] == {"train": "raw", "test": "raw"}
+
+
+@pytest.mark.parametrize("choice, train_norm, test_norm", [("train", True, False), ("all", True, True)])
+def test_prepare_normalize_answers(tmp_path, choice, train_norm, test_norm):
+    src = qa_csv(tmp_path)
+    base, out = tmp_path / "base", tmp_path / "out"
+    run_prepare(["--input", src, "--out", base, "--n-train", 4, "--n-test", 2, "--normalize"])
+    run_prepare(["--input", src, "--out", out, "--n-train", 4, "--n-test", 2, "--normalize",
+                 "--normalize-answers", choice])
+    (tr0, te0, m0), (tr, te, m) = read_out(base), read_out(out)
+    # the same pairs in the same split, the same questions; only the answers differ, in the files asked for
+    assert [r["question"] for r in tr + te] == [r["question"] for r in tr0 + te0]
+    norm = prepare.normalize_arabic
+    assert [r["answer"] for r in tr] == [norm(r["answer"]) if train_norm else r["answer"] for r in tr0]
+    assert [r["answer"] for r in te] == [norm(r["answer"]) if test_norm else r["answer"] for r in te0]
+    assert any(r["answer"] != prepare.normalize_arabic(r["answer"]) for r in tr0 + te0)
+    assert m["normalize_answers"] == choice
+    assert m["answers"] == {"train": "orthographic", "test": "orthographic" if test_norm else "raw"}
+    assert m0["answers"] == {"train": "raw", "test": "raw"}
+
+
+def test_prepare_normalize_answers_needs_orthographic(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        run_prepare(["--input", qa_csv(tmp_path), "--out", out, "--normalize-answers", "train"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--normalize-answers train needs --normalize orthographic" in err and not out.exists()
 
 
 def test_normalize_rules():
