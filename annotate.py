@@ -53,6 +53,9 @@ def get_args(argv=None):
                         "critical; several classes may map to one severity, probabilities added)")
     p.add_argument("--question-col", default=None, help="question column when it is not named question (any case)")
     p.add_argument("--answer-col", default=None, help="answer column when it is not named answer (any case)")
+    p.add_argument("--preprocess", choices=data.PREPROCESS, default=None, help="what the classifier reads: none or "
+                   "arabert (data.arabert_preprocess); the written records keep the text as it was. Default: what "
+                   "classify.py trained it with (its config.json), else none")
     p.add_argument("--batch-size", type=num(int, lo=1), default=64, help="questions per forward pass")
     p.add_argument("--max-len", type=num(int, lo=3), default=None,
                    help="max tokens per question incl. [CLS]/[SEP], >= 3 (default: the classifier's training --max-len)")
@@ -202,6 +205,7 @@ def annotate(args):
         print("warning: this classifier was trained on question+answer pairs; annotate.py feeds questions only",
               file=sys.stderr)
     max_len = min(args.max_len or int(model.meta.get("max_len", 512)), model.cfg.max_position_embeddings)
+    preprocess = args.preprocess or model.meta.get("preprocess", "none")   # as the classifier was trained
     if max_len < 3:
         raise cli.UserError("--max-len", f"{max_len} is too small (the classifier's limit is "
                                           f"{model.cfg.max_position_embeddings}; [CLS] and [SEP] take 2)")
@@ -213,7 +217,7 @@ def annotate(args):
                    "label_map": M.tolist(),
                    "max_len": max_len, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
                    "device": torch.device(device).type, "decimals": DECIMALS,
-                   "question_col": args.question_col, "answer_col": args.answer_col}
+                   "question_col": args.question_col, "answer_col": args.answer_col, "preprocess": preprocess}
 
     # Resume: trust the partial file up to the byte count the sidecar recorded after the last
     # complete chunk (anything after it is from a chunk that was cut off).
@@ -241,8 +245,8 @@ def annotate(args):
     chunks = 0
     while done < len(recs):
         chunk = recs[done:done + args.chunk_size]
-        probs = bert.predict_proba(model, tok, [r["question"] for r in chunk], args.batch_size, max_len,
-                                   progress=bar) @ M
+        probs = bert.predict_proba(model, tok, [data.preprocess(r["question"], preprocess) for r in chunk],
+                                   args.batch_size, max_len, progress=bar) @ M
         lines = []
         for r, p in zip(chunk, probs):
             p = [round(float(x), DECIMALS) for x in p]

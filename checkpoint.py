@@ -82,7 +82,7 @@ def save_state(path, model, opt, scaler, step, args_dict):
 # of steps (--max-steps / --epochs) may grow; --eval-*, --save-*, --device, --quiet and --compile do not alter the run.
 RESUME_KEYS = ("model", "weights_abc", "data_sha256", "loss_tokens", "loss_norm", "seed", "batch_size", "grad_accum", "world_size",
                "max_len", "schedule", "warmup", "lr", "weight_decay", "grad_clip", "lora_rank", "lora_alpha",
-               "lora_dropout", "lora_targets", "dtype", "quantize", "question_col", "answer_col")
+               "lora_dropout", "lora_targets", "dtype", "quantize", "question_col", "answer_col", "preprocess")
 STATE_HINT = "delete it to start over, or resume from a copy that is intact"
 
 

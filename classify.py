@@ -254,6 +254,9 @@ def get_args(argv=None):
                    "or severity (any case)")
     p.add_argument("--answer-col", default=None,
                    help="optional answer column: input becomes [CLS] Q [SEP] A [SEP] with head-tail truncation")
+    p.add_argument("--preprocess", choices=data.PREPROCESS, default="none", help="what the encoder reads: none = the "
+                   "text as written (the paper's notebooks); arabert = the AraBERT authors' preprocessing "
+                   "(data.arabert_preprocess), recorded in the classifier so that annotate.py applies it too")
     p.add_argument("--labels", default=None,
                    help="comma-separated class list in output order (labels outside it are an error); default: "
                         "non-critical,neutral,critical when every label is a severity (or alias), else sorted")
@@ -346,6 +349,8 @@ def train(argv=None):
     if labels_arg and len(set(labels_arg)) != len(labels_arg):
         raise cli.UserError("--labels", f"duplicate class names in '{args.labels}'")
     texts, answers, y, labels = read_labelled(args.data, args.question_col, args.label_col, args.answer_col, labels_arg)
+    texts = [data.preprocess(t, args.preprocess) for t in texts]
+    answers = None if answers is None else [data.preprocess(t, args.preprocess) for t in answers]
     boost = split_list(args.boost_classes)
     for c in boost:
         if c not in labels:
@@ -478,7 +483,8 @@ def train(argv=None):
     met = evaluate(1.0)
     model.meta = {"trained_with": "classify.py", "input": "question+answer" if answers is not None else "text",
                   "max_len": args.max_len, "min_answer_tokens": args.min_answer_tokens, "loss": args.loss,
-                  "logit_scale_folded": scale, "base_model": args.model, "labels": labels}
+                  "logit_scale_folded": scale, "base_model": args.model, "labels": labels,
+                  "preprocess": args.preprocess}
     metrics = {"val": met, "majority_baseline_accuracy": majority, "majority_class": labels[majority_class],
                "labels": labels, "n_train": len(tr), "n_val": len(va), "train_counts": counts.tolist(),
                "epochs": history, "best_epoch": best["epoch"] if best else n_epochs, "steps": step,

@@ -66,6 +66,9 @@ def get_args(argv=None):
                    "severity, p_nc, p_n, p_c or their aliases (data/README.md)")
     p.add_argument("--question-col", default=None, help="question column when it is not named question (any case)")
     p.add_argument("--answer-col", default=None, help="answer (reference) column when it is not named answer (any case)")
+    p.add_argument("--preprocess", choices=data.PREPROCESS, default=None, help="what the model reads (prompts, and "
+                   "the answers of the NLL): none or arabert (data.arabert_preprocess); the references BERTScore "
+                   "compares with stay as written. Default: the training run's --preprocess (args.json), else none")
     p.add_argument("--n", type=num(int, lo=1), default=2000, help="evaluate the first N records (the paper: 2,000)")
     p.add_argument("--out", default=None, help="output folder for eval.json + predictions.jsonl, replaced as one unit "
                    "and locked while the run lasts (default: the model folder if --model is a folder, else "
@@ -455,8 +458,10 @@ def evaluate(args):
     if args.compile:
         model.compile_decode()
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    questions = [r["question"] for r in records]
-    refs = [r["answer"] for r in records]
+    preprocess = args.preprocess or (targs or {}).get("preprocess", "none")
+    model_records = data.preprocess_records(records, preprocess)     # what the model reads
+    questions = [r["question"] for r in model_records]
+    refs = [r["answer"] for r in records]                             # the references as written
     sev = [r["severity"] for r in records]
     counts = {"overall": len(records), **{s: sev.count(s) for s in data.SEVERITIES}}
     log(f"{args.model} ({setting}) on {len(records)} of {len(records_all)} records of {args.data} | "
@@ -464,7 +469,7 @@ def evaluate(args):
 
     # eval NLL of the reference answers: seed-free, computed once
     t0 = time.time()
-    nll_sum, nll_tok = answer_nll(model, tok, records, args.batch_size, args.max_len)
+    nll_sum, nll_tok = answer_nll(model, tok, model_records, args.batch_size, args.max_len)
     nll = summarize(nll_sum, sev, args.bootstrap, args.bootstrap_seed, denom=nll_tok)
     t_nll = time.time() - t0
 
@@ -528,7 +533,7 @@ def evaluate(args):
                   "family": model.cfg.family,
                   "weights": targs["weights_abc"] if targs else None, "train_args": targs},
         "data": {"path": args.data, "sha256": outputs.sha256(args.data), "n": len(records), "n_file": len(records_all),
-                 "counts": counts},
+                 "counts": counts, "references": data.references_of(args.data)},
         "generation": {"mode": "greedy" if args.greedy else "sampled", "temperature": temperature,
                        "top_k": top_k or None, "top_p": top_p if top_p < 1 else None,
                        "recipe": args.recipe, "model_generation_config": gen_cfg or None, "ignored": notes,
@@ -536,7 +541,7 @@ def evaluate(args):
                        "prompt": "data.format_prompt" if prompt == "cue" else "data.format_prompt(cue=False)",
                        "postprocess": "data.extract_answer_notebook" if args.recipe == "notebook" else
                        "data.extract_answer", "batch_size": args.batch_size, "dtype": dtype,
-                       "quantize": args.quantize, "device": device,
+                       "quantize": args.quantize, "device": device, "preprocess": preprocess,
                        "seeds": seeds, "repeat": len(seeds)},
         "bertscore": {"model": scorer.model_type, "layer": scorer.layer, "idf": False, "rescale_with_baseline": False,
                       "scale": 100, **scorer.versions},

@@ -163,7 +163,9 @@ def check_predictions(path, ev):
                                    f"{str(want)[:12]}...): the two files are from different runs; evaluate again")
 
 
-PROTOCOL_KEYS = ("mode", "temperature", "top_k", "top_p", "max_new_tokens", "prompt", "postprocess", "repeat")
+PROTOCOL_KEYS = ("mode", "temperature", "top_k", "top_p", "max_new_tokens", "prompt", "postprocess", "repeat",
+                 "preprocess")
+PROTOCOL_DEFAULTS = {"preprocess": "none"}   # what an eval.json written before the key existed ran
 SCORER_KEYS = ("model", "layer", "idf", "rescale_with_baseline", "scale")
 
 
@@ -440,10 +442,13 @@ def check_comparable(runs):
     answer NLL was cut at a different --max-len (eval.json's argv.max_len)."""
     (pa, a), rest = runs[0], runs[1:]
     for pb, b in rest:
-        checks = [("data sha256", a["data"].get("sha256"), b["data"].get("sha256")),
+        ra, rb = a["data"].get("references"), b["data"].get("references")
+        checks = [("references (raw or normalised answers)", ra, rb if None not in (ra, rb) else ra),
+                  ("data sha256", a["data"].get("sha256"), b["data"].get("sha256")),
                   ("number of test records", a["data"].get("n"), b["data"].get("n"))]
         checks += [(f"scorer {k}", a["bertscore"].get(k), b["bertscore"].get(k)) for k in SCORER_KEYS]
-        checks += [(f"protocol {k}", a["generation"].get(k), b["generation"].get(k)) for k in PROTOCOL_KEYS]
+        checks += [(f"protocol {k}", a["generation"].get(k, PROTOCOL_DEFAULTS.get(k)),
+                    b["generation"].get(k, PROTOCOL_DEFAULTS.get(k))) for k in PROTOCOL_KEYS]
         # the answer NLL is scored on prompt+answer cut at --max-len: a shorter cut alone moves it (issue 18)
         checks.append(("--max-len (the answer NLL's truncation)", (a.get("argv") or {}).get("max_len"),
                        (b.get("argv") or {}).get("max_len")))

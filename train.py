@@ -70,6 +70,9 @@ def get_args(argv=None):
     p.add_argument("--question-col", default=None, help="question column of --data and --eval-data when it is not "
                    "named question (any case)")
     p.add_argument("--answer-col", default=None, help="answer column when it is not named answer (any case)")
+    p.add_argument("--preprocess", choices=data.PREPROCESS, default="none", help="what the model reads: none = the "
+                   "text as written (the paper's notebooks); arabert = the AraBERT authors' preprocessing "
+                   "(data.arabert_preprocess), applied to questions and answers")
     p.add_argument("--eval-data", default="auto", help="held-out file for eval loss; 'auto' = test.jsonl beside --data, 'none' = no eval")
     p.add_argument("--weights", default="balanced", help="a,b,c for non-critical,neutral,critical or a preset: " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in data.PRESETS.items()))
     p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>); locked while the run "
@@ -303,8 +306,9 @@ def fit(argv=None):
     if args.device != "auto":
         cli.resolve_device(args.device, "--device")
     cols = dict(question_col=args.question_col, answer_col=args.answer_col)
-    train_recs = data.load_records(args.data, **cols)
+    train_recs = data.preprocess_records(data.load_records(args.data, **cols), args.preprocess)
     eval_recs = data.load_records(eval_path, **cols) if eval_path != "none" else []
+    eval_recs = data.preprocess_records(eval_recs, args.preprocess)
     state_path = os.path.join(out, "state.safetensors")
     if args.resume:
         if not os.path.isfile(state_path):

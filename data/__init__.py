@@ -24,7 +24,7 @@ from pathlib import Path
 
 import cli
 from cli import STRICT_JSON, DataError, JSONProblem, UserError, regular_file   # the error contract: cli.py
-from data.arabert import arabert_preprocess   # noqa: F401  (AraBERT v02's input preprocessing: data/arabert.py)
+from data.arabert import arabert_preprocess   # AraBERT v02's input preprocessing: data/arabert.py
 
 SEVERITIES = ("non-critical", "neutral", "critical")  # index order = p_nc, p_n, p_c
 PROB_FIELDS = ("p_nc", "p_n", "p_c")                  # same order as SEVERITIES
@@ -650,3 +650,38 @@ def setting_name(s):
     if s.strip().lower() not in names:
         raise argparse.ArgumentTypeError(f"invalid choice: {s!r} (choose from {', '.join(names.values())})")
     return names[s.strip().lower()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --preprocess: what the model reads, in every script (train, evaluate, classify, annotate). Off by default, as in
+# the paper's notebooks; "arabert" is the AraBERT authors' recommended input preprocessing (data/arabert.py).
+
+PREPROCESS = ("none", "arabert")
+
+
+def preprocess(text, how):
+    """The text a model reads under --preprocess `how`: as written ("none") or arabert_preprocess(text)."""
+    return arabert_preprocess(text) if how == "arabert" else text
+
+
+def preprocess_records(records, how, fields=("question", "answer")):
+    """Canonical records with `fields` preprocessed (new dicts; the input records are not changed)."""
+    if how == "none":
+        return records
+    return [{**r, **{f: preprocess(r[f], how) for f in fields if f in r}} for r in records]
+
+
+def references_of(path):
+    """How the answers of a test file were written, for eval.json: "raw" (the doctors' text) or "orthographic"
+    (prepare.py --normalize-answers all), read from the manifest.json prepare.py left beside it when that manifest
+    records this very file (its sha256); None when nothing says (an annotated copy elsewhere, a file of your own)."""
+    import hashlib
+    import json as _json
+    m = Path(path).with_name("manifest.json")
+    try:
+        man = _json.loads(m.read_text(encoding="utf-8"))
+        want = man["sha256"][Path(path).name]
+        got = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return man["answers"]["test" if Path(path).name == "test.jsonl" else "train"] if got == want else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

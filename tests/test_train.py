@@ -853,7 +853,7 @@ RESUME_CHANGES = [
     ("warmup", 0, 10), ("lr", 5e-5, 1e-4), ("weight_decay", 0.01, 0.0), ("grad_clip", 1.0, 0.5),
     ("lora_rank", 16, 8), ("lora_alpha", 32, 16), ("lora_dropout", 0.05, 0.1),
     ("lora_targets", ["q_proj", "v_proj"], ["q_proj"]), ("dtype", "bf16", "fp16"), ("quantize", "none", "nf4"),
-    ("question_col", None, "Post"), ("answer_col", None, "Reply"),
+    ("question_col", None, "Post"), ("answer_col", None, "Reply"), ("preprocess", "none", "arabert"),
 ]
 
 
