@@ -16,7 +16,7 @@ understands non-critical/neutral/critical, mild/moderate/severe and the Arabic Ø
 or give 'src=dst,...' (several classes may map to one severity: their probabilities are added).
 
 Example:
-    python annotate.py out/maqa/train.jsonl --classifier out/classifier --out out/maqa/train.annotated.jsonl
+    python annotate.py --data out/maqa/train.jsonl --classifier out/classifier --out out/maqa/train.annotated.jsonl
 """
 import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
 cli.start(__name__)
