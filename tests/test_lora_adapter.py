@@ -140,3 +140,102 @@ def test_load_adapter_refuses_other_targets(bases, tmp_path):
     L.save_adapter(adapted(base_dir, ["q_proj", "k_proj", "v_proj"]), str(tmp_path / "three"))
     with pytest.raises(cli.UserError, match="its own lora_A"):
         L.load_adapter(shared, str(tmp_path / "three"))
+
+
+# -- train.py: every LoRA run writes <out>/adapter/ ------------------------------------------------------------------
+
+import shutil   # noqa: E402
+
+import hub      # noqa: E402
+import train    # noqa: E402
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The offline tiny GPT-2 (random weights, the sample's tokenizer) as a local model folder: a transformers base."""
+    d = tmp_path_factory.mktemp("tiny_base")
+    M.Decoder.from_pretrained("tiny").save_pretrained(str(d))
+    shutil.copy(hub.TINY_TOKENIZER, d / "tokenizer.json")
+    return str(d)
+
+
+def run_train(argv):
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def train_argv(base, out, *extra):
+    return ["--model", base, "--data", os.path.join(SAMPLE, "train.jsonl"), "--eval-data", "none", "--out", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--lr", "0.05", "--quiet", *extra]
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_train_writes_peft_adapter(tiny_folder, tmp_path, quantize):
+    out = tmp_path / "run"
+    assert run_train(train_argv(tiny_folder, out, "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets",
+                                "c_attn,c_proj", "--quantize", quantize)) == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == os.path.abspath(tiny_folder) and cfg["target_modules"] == ["c_attn", "c_proj"]
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8, 0.05)
+    ids = torch.randint(0, 2048, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()(ids).logits   # <out> is still a model folder
+        base = AutoModelForCausalLM.from_pretrained(tiny_folder)
+        if quantize == "nf4":   # the merged model is the dequantised NF4 base + B @ A: compare on that base
+            nf4_base = M.Decoder.from_pretrained(tiny_folder, quantize="nf4")
+            nf4_base.save_pretrained(str(tmp_path / "nf4_base"))
+            base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "nf4_base"))
+        pm = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        theirs = pm(ids).logits
+    d = (theirs - merged).abs().max().item()
+    print(f"train.py tiny gpt2 {quantize}: max |logit diff| peft vs merged <out> = {d:.2e}")
+    assert d <= 1e-4 * max(1.0, merged.abs().max().item())
+    assert (merged - AutoModelForCausalLM.from_pretrained(tiny_folder).eval()(ids).logits).abs().max() > 1e-3
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+def test_init_adapter_starts_from_the_adapter(tiny_folder, tmp_path, capsys):
+    first = tmp_path / "first"
+    lora = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "c_attn"]
+    assert run_train(train_argv(tiny_folder, first, *lora)) == 0
+    second = tmp_path / "second"   # --lr 0: the adapters stay as loaded, so the merged model is the first one's
+    assert run_train(train_argv(tiny_folder, second, *lora, "--init-adapter", str(first / "adapter"),
+                                "--lr", "0")) == 0
+    from safetensors.torch import load_file
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((second / "args.json").read_text())["init_adapter"] == os.path.abspath(first / "adapter")
+    capsys.readouterr()
+    for extra, needle in ((["--lora-rank", "8", "--lora-targets", "c_attn"], "has r 4"),
+                          (["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "c_attn,c_fc"],
+                           "other modules than --lora-targets"),
+                          ([], "--init-adapter")):
+        bad = tmp_path / "bad"
+        assert run_train(train_argv(tiny_folder, bad, *extra, "--init-adapter", str(first / "adapter"))) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("note")]
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+        assert not (bad / "model.safetensors").exists()
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+def test_new_run_replaces_our_adapter_never_a_foreign_folder(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    lora = ["--lora-rank", "4", "--lora-targets", "c_attn"]
+    assert run_train(train_argv(tiny_folder, out, *lora)) == 0
+    assert run_train(train_argv(tiny_folder, out, *lora, "--seed", "2")) == 0   # the adapter folder replaced whole
+    assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]   # no unit temp left (".lock" is gone at exit)
+    assert run_train(train_argv(tiny_folder, out)) == 0            # full fine-tuning: the old adapter is removed
+    assert not (out / "adapter").exists()
+    (out / "adapter").mkdir()
+    (out / "adapter" / "mine.txt").write_text("keep")
+    capsys.readouterr()
+    assert run_train(train_argv(tiny_folder, out, *lora)) == 2
+    assert "not a train.py adapter" in capsys.readouterr().err
+    assert (out / "adapter" / "mine.txt").read_text() == "keep"
