@@ -27,13 +27,19 @@ from lora import merge_lora, save_adapter
 
 def plot_log(log_path, png_path, title=None):
     """<out>/train_log.png from train_log.jsonl: training loss and eval loss (overall and per severity) against steps,
-    and the learning rate below; title: the run's model and weights (plot_title). Written atomically, with matplotlib's Agg canvas (no display, no global state)."""
+    and the learning rate below; title: the run's model and weights (default: plot_title of the args.json beside
+    the log, once the run's first checkpoint wrote it). Written atomically, with matplotlib's Agg canvas (no display, no global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     with open(log_path, encoding="utf-8") as f:
         recs = [json.loads(ln) for ln in f if ln.strip()]
     train_recs = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
+    args_file = os.path.join(os.path.dirname(log_path), "args.json")
+    if title is None and os.path.isfile(args_file):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(args_file, encoding="utf-8") as f:
+                title = plot_title(json.load(f))
     fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
     ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     if title:
@@ -248,10 +254,10 @@ def plot_title(args_dict):
     return f"{args_dict['model']} | weights a,b,c = {a:g},{b:g},{c:g} ({args_dict.get('weights')}, {src}){lora}"
 
 
-def try_plot(log_path, png_path, title=None):
+def try_plot(log_path, png_path):
     """plot_log, whose failure (the folder deleted, a full disk) is a note: it never stops a run or costs a save."""
     try:
-        plot_log(log_path, png_path, title)
+        plot_log(log_path, png_path)
     except (OSError, ValueError) as e:   # outputs.WriteError is a ValueError; json's errors too
         cli.notice(f"note: {png_path} not written: {e.strerror if isinstance(e, OSError) else e}")
 

@@ -76,7 +76,8 @@ def get_args(argv=None):
                    "(floor = F1 against shuffled references, from runs made with evaluate.py --floor)")
     t.add_argument("--paper", action="store_true", help="add the paper's Table 2 figures (BERTScore F1) for models "
                    "that are among the paper's ten")
-    t.add_argument("--plot", default=None, help="also save a PNG chart of the cells with their intervals to this path")
+    t.add_argument("--plot", default=None, help="also save a PNG chart to this path: one panel per group, a dot "
+                   "per setting with its interval, the table's * marks drawn above their whiskers, one legend")
     t.add_argument("--holm", action="store_true", help="mark a cell when its Holm-adjusted p-value is below 0.05, "
                    "adjusted over the cells tested in the same table (all answers, or one severity class); "
                    "default: the uncorrected p-value of each cell")

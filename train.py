@@ -465,7 +465,6 @@ def fit(argv=None):
     if master:
         log_path, logf = open_log(out, args.resume, step, log)
         tracker = tracking.Tracker(args.report_to, out, args_dict, resume_step=step if args.resume else None)
-    title = checkpoint.plot_title(args_dict)
     command = model_card.command_line(sys.argv[1:] if argv is None else argv)
     last_eval = None
     nparams = raw_model.num_params()
@@ -603,7 +602,7 @@ def fit(argv=None):
             save(step)   # the model first, the plot after: a plot that fails never costs the checkpoint
             saved_step, t_saved = step, time.time()
         if master and evals:
-            try_plot(log_path, os.path.join(out, "train_log.png"), title)
+            try_plot(log_path, os.path.join(out, "train_log.png"))
         if sig is not None:   # one line on stderr; Ctrl-C's begins "interrupted:" as in every script
             if master:
                 what = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
@@ -612,7 +611,7 @@ def fit(argv=None):
     if master:
         logf.close()
         tracker.close()
-        try_plot(log_path, os.path.join(out, "train_log.png"), title)
+        try_plot(log_path, os.path.join(out, "train_log.png"))
         log(f"done: {out} ({time.time() - t_start:.1f}s)")
     leave(0)
 

@@ -72,10 +72,11 @@ def test_train_log_png_titled_with_model_and_weights(tmp_path):
 
 @pytest.mark.usefixtures("threads_and_signals")
 def test_train_run_titles_its_plot(tmp_path, monkeypatch):
+    """train.py's plot takes its title from the run's args.json (written with the checkpoint, before the plot)."""
     import train
     seen = []
     real = checkpoint.plot_log
-    monkeypatch.setattr(checkpoint, "plot_log", lambda log, png, title=None: seen.append(title) or real(log, png, title))
+    monkeypatch.setattr(checkpoint, "plot_log", lambda log, png: seen.append(real(log, png)._suptitle.get_text()))
     out = tmp_path / "run"
     sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
     try:
