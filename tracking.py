@@ -1,7 +1,8 @@
 """
 --report-to {none,tensorboard,wandb} (train.py, classify.py): the run's scalars also go to TensorBoard event files
-(<out>/tensorboard/) or to Weights & Biases (the run's args as its config). Neither library is a requirement: each
-is imported only when asked for, and check() turns a missing one into one line, before any work.
+(<out>/tensorboard/) or to Weights & Biases (the run's args as its config). Neither library is a runtime
+requirement (requirements.txt lists tensorboard only as the tests' reader): each is imported only when asked for,
+and check() turns a missing one into one line, before any work.
 """
 import math
 import os
@@ -10,8 +11,8 @@ import cli
 
 CHOICES = ("none", "tensorboard", "wandb")
 HELP = ("also send the logged scalars to tensorboard (event files in <out>/tensorboard/: tensorboard --logdir <out>) "
-        "or wandb (the run's args as its config; project from WANDB_PROJECT, default 'severity-aware'); neither is "
-        "installed with requirements.txt (pip install tensorboard / wandb); none = the JSONL log only")
+        "or wandb (the run's args as its config; project from WANDB_PROJECT, default 'severity-aware'); each is imported "
+        "only when asked for (pip install tensorboard / wandb); none = the JSONL log only")
 TB_DIR = "tensorboard"
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb (then wandb login)"}
 
