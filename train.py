@@ -498,7 +498,7 @@ def fit(argv=None):
             card = model_card.render(dict(args_dict, out=out, eval_path=eval_path), step, total, last_eval, command, hub_repo(args.model))
         try:
             (fsdp_save_checkpoint if args.fsdp else save_checkpoint)(out, raw_model, opt, scaler, step, tok, args_dict,
-                                                                     gen_config, card=card)
+                                                                     gen_config, card)
         except outputs.WriteError:
             if master and saved_step is None and not args.resume:
                 logf.close()
