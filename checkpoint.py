@@ -5,6 +5,8 @@ What a training run leaves in --out, and how it resumes.
                         groups, GradScaler and args (save_state / read_state_meta / load_state)
   model.safetensors ... the HF export: config.json, tokenizer, generation_config.json, args.json (save_checkpoint,
                         written as one unit, the resume state last)
+  README.md, adapter/   the model card (card.py) and, with LoRA, the adapters in peft's format (lora.save_adapter),
+                        in the same unit
   train_log.jsonl/.png  the log (read_log_lines on resume) and its picture (plot_log)
 
 check_resume refuses a resume that would change the experiment (RESUME_KEYS); remove_earlier_run clears what an

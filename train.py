@@ -13,7 +13,8 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
     torchrun --nproc_per_node=4 train.py --model aragpt2-medium --weights balanced
 
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
-(loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
+(loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume), train_log.jsonl, the
+model card README.md and, with LoRA, the adapters alone in peft's format in adapter/.
 """
 import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
 cli.start(__name__)
