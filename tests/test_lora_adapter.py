@@ -239,3 +239,27 @@ def test_new_run_replaces_our_adapter_never_a_foreign_folder(tiny_folder, tmp_pa
     assert run_train(train_argv(tiny_folder, out, *lora)) == 2
     assert "not a train.py adapter" in capsys.readouterr().err
     assert (out / "adapter" / "mine.txt").read_text() == "keep"
+
+
+def test_unit_moves_a_folder_over_the_old_one_and_finishes_after_a_kill(tmp_path):
+    """outputs.unit with a folder in it (adapter/): the new folder replaces the old one whole; a unit killed after
+    its move list was written is finished by the next clean_stale, folder included."""
+    import outputs
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "old.txt").write_text("old")
+    with outputs.unit(str(out), last=("state.safetensors",)) as tmp:
+        os.makedirs(os.path.join(tmp, "adapter"))
+        outputs.atomic_write(os.path.join(tmp, "adapter", "adapter_config.json"), "{}")
+        outputs.atomic_write(os.path.join(tmp, "state.safetensors"), "s")
+    assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json"]
+    assert sorted(os.listdir(out)) == ["adapter", "state.safetensors"]
+    # killed between writing the move list and the moves: the next run finishes them
+    tmp = out / ".unit.abcd1234.tmp"
+    (tmp / "adapter").mkdir(parents=True)
+    (tmp / "adapter" / "adapter_model.safetensors").write_text("new")
+    (tmp / "state.safetensors").write_text("s2")
+    (tmp / outputs.MOVES).write_text(json.dumps(["adapter", "state.safetensors"]))
+    assert outputs.clean_stale(str(out), ("unit",)) == [".unit.abcd1234.tmp"]
+    assert sorted(os.listdir(out / "adapter")) == ["adapter_model.safetensors"]
+    assert (out / "state.safetensors").read_text() == "s2" and sorted(os.listdir(out)) == ["adapter", "state.safetensors"]
