@@ -47,9 +47,14 @@ class Tracker:
             # purge_step: on --resume, events past the resumed step (written before the kill) are dropped
             self.writer = lib(log_dir=os.path.join(out, TB_DIR), purge_step=resume_step)
         elif kind == "wandb":
-            self.run = lib.init(project=os.environ.get("WANDB_PROJECT", "severity-aware"), name=name or
-                                os.path.basename(os.path.normpath(out)), config=config, dir=out,
-                                resume="allow" if resume_step else None)
+            try:   # not logged in, no network: one line, not wandb's traceback
+                self.run = lib.init(project=os.environ.get("WANDB_PROJECT", "severity-aware"), name=name or
+                                    os.path.basename(os.path.normpath(out)), config=config, dir=out,
+                                    resume="allow" if resume_step else None)
+            except Exception as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise cli.UserError("--report-to", f"wandb.init failed: {why} (wandb login, or WANDB_MODE=offline)") \
+                    from None
 
     def log(self, step, rec):
         vals = scalars(rec)

@@ -133,3 +133,17 @@ def test_report_to_has_help(script, capsys):
         script.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--report-to {none,tensorboard,wandb}" in text and "pip install tensorboard" in text
+
+
+def test_wandb_init_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    fake = FakeWandb()
+
+    def init(**kw):
+        raise RuntimeError("api key not configured\nmore text")
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    capsys.readouterr()
+    assert run(train.main, tiny(tmp_path / "run", "--report-to", "wandb")) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["error: --report-to: wandb.init failed: api key not configured (wandb login, or "
+                   "WANDB_MODE=offline)"]
