@@ -219,7 +219,7 @@ def remove_earlier_run(out):
         if name == CARD and not model_card.is_ours(f):   # a README.md of the user's is never touched
             continue
         if name in (ADAPTER_DIR, "tensorboard") and os.path.isdir(f) and not os.path.islink(f):
-            if _ours_only(f, name):   # our adapter / event files alone; a folder holding anything else stays
+            if ours_only(f, name):   # our adapter / event files alone; a folder holding anything else stays
                 try:
                     shutil.rmtree(f)
                 except OSError as e:
@@ -236,7 +236,7 @@ def remove_earlier_run(out):
     return gone
 
 
-def _ours_only(folder, name):
+def ours_only(folder, name):
     """True when folder holds only what train.py writes there: peft's two adapter files, or TensorBoard events."""
     from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     try:

@@ -342,7 +342,7 @@ def fit(argv=None):
     if os.path.exists(card_path) and not model_card.is_ours(card_path):
         cli.notice(f"note: {card_path} is not a model card written by train.py: left as it is, no card is written")
     adapter_dir = os.path.join(out, checkpoint.ADAPTER_DIR)
-    if args.lora_rank and os.path.lexists(adapter_dir) and not checkpoint._ours_only(adapter_dir, checkpoint.ADAPTER_DIR):
+    if args.lora_rank and os.path.lexists(adapter_dir) and not checkpoint.ours_only(adapter_dir, checkpoint.ADAPTER_DIR):
         raise cli.UserError("--out", f"{adapter_dir} holds files that are not a train.py adapter: this run would "
                                       "replace that folder (move it, or give another --out)")
     state_path = os.path.join(out, "state.safetensors")
