@@ -5,6 +5,8 @@ What a training run leaves in --out, and how it resumes.
                         groups, GradScaler and args (save_state / read_state_meta / load_state)
   model.safetensors ... the HF export: config.json, tokenizer, generation_config.json, args.json (save_checkpoint,
                         written as one unit, the resume state last)
+  README.md, adapter/   the model card (card.py) and, with LoRA, the adapters in peft's format (lora.save_adapter),
+                        in the same unit
   train_log.jsonl/.png  the log (read_log_lines on resume) and its picture (plot_log)
 
 check_resume refuses a resume that would change the experiment (RESUME_KEYS); remove_earlier_run clears what an
@@ -20,21 +22,30 @@ import torch
 import cli
 import data
 import outputs
-from hub import read_generation_config
-from lora import merge_lora
+import card as model_card
+from hub import hub_repo, read_generation_config
+from lora import merge_lora, save_adapter
 
 
-def plot_log(log_path, png_path):
+def plot_log(log_path, png_path, title=None):
     """<out>/train_log.png from train_log.jsonl: training loss and eval loss (overall and per severity) against steps,
-    and the learning rate below. Written atomically, with matplotlib's Agg canvas (no display, no global state)."""
+    and the learning rate below; title: the run's model and weights (default: plot_title of the args.json beside
+    the log, once the run's first checkpoint wrote it). Written atomically, with matplotlib's Agg canvas (no display, no global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     with open(log_path, encoding="utf-8") as f:
         recs = [json.loads(ln) for ln in f if ln.strip()]
     train_recs = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
+    args_file = os.path.join(os.path.dirname(log_path), "args.json")
+    if title is None and os.path.isfile(args_file):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(args_file, encoding="utf-8") as f:
+                title = plot_title(json.load(f))
     fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
     ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    if title:
+        fig.suptitle(title, fontsize=10)
     ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], lw=0.8, color="0.6", label="train (weighted)")
     for key, style in [("eval_loss", dict(color="k", lw=2, label="eval, all"))] + [
             (f"eval_loss_{s}", dict(lw=1.2, ls="--", label=f"eval, {s}")) for s in data.SEVERITIES]:
@@ -82,7 +93,8 @@ def save_state(path, model, opt, scaler, step, args_dict):
 # of steps (--max-steps / --epochs) may grow; --eval-*, --save-*, --device, --quiet and --compile do not alter the run.
 RESUME_KEYS = ("model", "weights_abc", "data_sha256", "loss_tokens", "loss_norm", "seed", "batch_size", "grad_accum", "world_size",
                "max_len", "schedule", "warmup", "lr", "weight_decay", "grad_clip", "lora_rank", "lora_alpha",
-               "lora_dropout", "lora_targets", "dtype", "quantize", "question_col", "answer_col", "preprocess")
+               "lora_dropout", "lora_targets", "dtype", "quantize", "question_col", "answer_col", "preprocess",
+               "severity_source")
 STATE_HINT = "delete it to start over, or resume from a copy that is intact"
 
 
@@ -164,17 +176,21 @@ def base_generation_config(model_name):
         return fh.read()
 
 
-def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None):
+def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generation_config=None, card=None):
     """<out>/state.safetensors (resume) and <out>/model.safetensors + config.json + tokenizer (LoRA merged), plus the
     base model's generation_config.json when it has one (text), so the fine-tuned folder samples as its base does,
-    and args.json. Written as one unit (outputs.unit): every file into a hidden temp folder first, then moved in, the
-    resume state last; a failure (a full disk: outputs.WriteError) leaves the previous checkpoint whole. <out> is
+    and args.json; with LoRA also the adapters alone in peft's format in <out>/adapter/ (lora.save_adapter); card:
+    the text of <out>/README.md (card.render), or None. Written as one unit (outputs.unit): every file into a hidden
+    temp folder first, then moved in, the resume state last; a failure (a full disk: outputs.WriteError) leaves the previous checkpoint whole. <out> is
     recreated if it was deleted during the run."""
     with outputs.unit(out, last=("state.safetensors",)) as tmp:
         save_state(os.path.join(tmp, "state.safetensors"), raw_model, opt, scaler, step, args_dict)
         if any("lora_" in n for n, _ in raw_model.named_parameters()):
             import copy
             export = merge_lora(copy.deepcopy(raw_model))
+            model_arg = args_dict["model"]
+            save_adapter(raw_model, os.path.join(tmp, ADAPTER_DIR),
+                         base_model=os.path.abspath(model_arg) if os.path.isdir(model_arg) else hub_repo(model_arg))
         else:
             export = raw_model
         export.save_pretrained(tmp)
@@ -182,6 +198,8 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generatio
         if generation_config is not None:
             outputs.atomic_write(os.path.join(tmp, "generation_config.json"), generation_config)
         outputs.write_json(os.path.join(tmp, "args.json"), args_dict)
+        if card is not None:
+            outputs.atomic_write(os.path.join(tmp, CARD), card)
 
 
 # What a new run (no --resume) removes from its --out at the start: every file an earlier train.py or evaluate.py
@@ -189,7 +207,9 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generatio
 # new run). Nothing else in the folder is touched.
 EARLIER_RUN_FILES = ("model.safetensors", "state.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                      "special_tokens_map.json", "args.json", "train_log.jsonl", "train_log.png", "eval.json",
-                     "predictions.jsonl")
+                     "predictions.jsonl", "README.md", "adapter", "tensorboard")
+ADAPTER_DIR, CARD = "adapter", "README.md"   # <out>/adapter/ (peft's files, LoRA runs), <out>/README.md (model card)
+TB_FILES = "events.out.tfevents."            # what <out>/tensorboard/ holds (tracking.py)
 
 
 def remove_earlier_run(out):
@@ -197,6 +217,17 @@ def remove_earlier_run(out):
     gone = []
     for name in EARLIER_RUN_FILES:
         f = os.path.join(out, name)
+        if name == CARD and not model_card.is_ours(f):   # a README.md of the user's is never touched
+            continue
+        if name in (ADAPTER_DIR, "tensorboard") and os.path.isdir(f) and not os.path.islink(f):
+            if ours_only(f, name):   # our adapter / event files alone; a folder holding anything else stays
+                try:
+                    shutil.rmtree(f)
+                except OSError as e:
+                    raise outputs.WriteError(f, f"cannot remove this folder of an earlier run: "
+                                                f"{e.strerror or e}") from None
+                gone.append(name + "/")
+            continue
         if os.path.isfile(f) or os.path.islink(f):
             try:
                 os.remove(f)
@@ -204,6 +235,26 @@ def remove_earlier_run(out):
                 raise outputs.WriteError(f, f"cannot remove this file of an earlier run: {e.strerror or e}") from None
             gone.append(name)
     return gone
+
+
+def ours_only(folder, name):
+    """True when folder holds only what train.py writes there: peft's two adapter files, or TensorBoard events."""
+    from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    try:
+        files = os.listdir(folder)
+    except OSError:
+        return False
+    if name == ADAPTER_DIR:
+        return set(files) <= {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+    return all(f.startswith(TB_FILES) for f in files)
+
+
+def plot_title(args_dict):
+    """train_log.png's title: the run's model, its weights a,b,c and how w is drawn (and LoRA when it applies)."""
+    a, b, c = args_dict["weights_abc"]
+    src = "label one-hot" if args_dict.get("severity_source") == "label" else "soft p"
+    lora = f" | LoRA r {args_dict['lora_rank']}" if args_dict.get("lora_rank") else ""
+    return f"{args_dict['model']} | weights a,b,c = {a:g},{b:g},{c:g} ({args_dict.get('weights')}, {src}){lora}"
 
 
 def try_plot(log_path, png_path):

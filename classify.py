@@ -49,6 +49,7 @@ from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, BertClassifier, autoca
                   weight_table)
 import data
 import outputs
+import tracking
 
 # the default --data, from the project folder wherever the script is run (as train.py's)
 SAMPLE_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample", "severity_labels.jsonl")
@@ -313,6 +314,8 @@ def get_args(argv=None):
                         "layer i (0 = bottom) lr*xi^(L-1-i), embeddings lr*xi^L (seed 004: 0.9; 1 = off)")
     p.add_argument("--keep-best", action="store_true",
                    help="save the epoch with the best validation macro-F1 instead of the last one")
+    p.add_argument("--report-to", choices=tracking.CHOICES, default="none", help=tracking.HELP.replace(
+                   "the JSONL log only", "the console and metrics.json only"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.alias("--text-col", "--question-col")   # the old spelling, one release
     a = p.parse_args(argv)
@@ -341,6 +344,7 @@ def train(argv=None):
     t_start = time.time()
     device = cli.resolve_device(args.device)
     cli.input_file(args.data, "--data")
+    tracking.check(args.report_to)   # a library that is not installed: one line, before any work
     cli.output_dir(args.out, "--out", inputs=[args.model])
     outputs.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is saved
     outputs.clean_stale(args.out, ("unit", "model.safetensors", "config.json", "vocab.txt", "tokenizer.json",
@@ -414,6 +418,7 @@ def train(argv=None):
 
     # -- the loop: one epoch = one seeded permutation of the training rows; validation after each -----------------
     history, best, step, scale = [], None, 0, 1.0
+    tracker = tracking.Tracker(args.report_to, args.out, vars(args))
     for epoch in range(n_epochs):
         model.train()
         kind = epoch_loss(epoch, args.loss, args.ce_epochs)
@@ -463,8 +468,10 @@ def train(argv=None):
                 best = {"f1": met["macro_f1"], "epoch": epoch + 1, "scale": scale,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(rec)
+        tracker.log(step, rec)
         log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
 
+    tracker.close()
     if best is not None:
         model.load_state_dict(best["state"])
         scale = best["scale"]

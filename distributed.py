@@ -143,7 +143,7 @@ def fsdp_all_finite(model, device):
     return bool(ok.item())
 
 
-def fsdp_save_checkpoint(out, model, opt, scaler, step, tok, args_dict, generation_config=None):
+def fsdp_save_checkpoint(out, model, opt, scaler, step, tok, args_dict, generation_config=None, card=None):
     """Collective (every rank calls it): gather the full weights and optimizer state onto rank 0's CPU, which writes
     them in the single-process format (save_checkpoint): state.safetensors + an ordinary HF checkpoint."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -158,7 +158,7 @@ def fsdp_save_checkpoint(out, model, opt, scaler, step, tok, args_dict, generati
         twin_opt.load_state_dict({"state": {ids[n]: s for n, s in osd["state"].items()},
                                   "param_groups": [{**g, "params": [ids[n] for n in ns]}
                                                    for g, ns in zip(osd["param_groups"], groups)]})
-        save_checkpoint(out, twin, twin_opt, scaler, step, tok, args_dict, generation_config)
+        save_checkpoint(out, twin, twin_opt, scaler, step, tok, args_dict, generation_config, card=card)
     dist.barrier()
 
 

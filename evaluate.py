@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 import batching
+import card as model_card
 import data
 import outputs
 from stats import GROUPS, METRICS, derangement, fmt_cell, score_table, summarize
@@ -578,6 +579,12 @@ def print_summary(result):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def read_card(path):
+    with cli.reading(path, "model card"):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
     return cli.run(_main, argv)
@@ -588,11 +595,19 @@ def _main(argv=None):
     result, rows = evaluate(args)      # checks every flag and path (--out included) before any work
     out = out_folder(args)
     result["out"] = out
+    # the model card of the train.py run scored (<model>/README.md, card.py): its scores are added there
+    card_path = os.path.join(args.model, "README.md") if os.path.isdir(args.model) else None
+    card_path = card_path if card_path and model_card.is_ours(card_path) else None
+    in_out = card_path is not None and os.path.isdir(out) and os.path.samefile(out, args.model)
     # one unit: both files or neither replace the old ones, eval.json (which names the predictions' sha256) last
     with outputs.unit(out, last=("eval.json",)) as tmp:
         outputs.write_jsonl(os.path.join(tmp, "predictions.jsonl"), rows)
         result["predictions_sha256"] = outputs.sha256(os.path.join(tmp, "predictions.jsonl"))
         outputs.write_json(os.path.join(tmp, "eval.json"), result)
+        if in_out:   # the card with the scores, in the same unit
+            outputs.atomic_write(os.path.join(tmp, "README.md"), model_card.with_scores(read_card(card_path), result))
+    if card_path and not in_out:
+        outputs.atomic_write(card_path, model_card.with_scores(read_card(card_path), result))
     print_summary(result)
     print(f"\nwrote {os.path.join(out, 'eval.json')} and predictions.jsonl ({result['timing']['total_s']:.0f} s)",
           file=sys.stderr)

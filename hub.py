@@ -690,3 +690,13 @@ def save_decoder(model, out_dir):
     cfg["torch_dtype"] = str(model.wte.weight.dtype).replace("torch.", "")
     outputs.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(hf, p, metadata={"format": "pt"}))
     outputs.write_json(os.path.join(out_dir, "config.json"), cfg)
+
+
+def hub_repo(name_or_path):
+    """The hub repo id a --model names (a registry name's repo, or an HF repo id as given), or None for a local
+    folder or the offline tiny model: what a model card's base_model can link to."""
+    if os.path.isdir(name_or_path):
+        return None
+    if name_or_path in REGISTRY:
+        return REGISTRY[name_or_path]["repo"]
+    return name_or_path if name_or_path.count("/") == 1 else None

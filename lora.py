@@ -2,12 +2,16 @@
 LoRA: low-rank adapters on chosen linear layers (an HF/peft module name or ours), mergeable back into the weights.
 Works on a full-precision or an NF4 base (nf4.NF4Linear).
 """
+import json
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
+import outputs
 from cli import UserError
 from hub import weight_map
 from nf4 import NF4Linear, replace_module
@@ -143,3 +147,167 @@ def merge_lora(model):
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+# -- peft's adapter format: <dir>/adapter_config.json + adapter_model.safetensors ---------------------------------
+# peft names a LoRA tensor base_model.model.<HF module path>.lora_A.weight (r, in) / .lora_B.weight (out, r), in
+# nn.Linear orientation for every layer type (GPT-2's Conv1D too: fan_in_fan_out = true in the config tells peft that
+# the base weight is stored (in, out)). Our fused qkv / fc are split back into their HF modules: a piece adapted by
+# its own adapter (q_proj) gets its A and its rows of B; a piece under an adapter over the whole fused layer (ours:
+# qkv) gets that adapter's A (the same A for q, k and v) and its rows of B, which is the same product B @ A.
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+HF_MODULE_PREFIX = {"gpt2": "transformer.", "bloom": "transformer."}   # the causal-LM classes' module paths
+
+
+def _hf_modules(model):
+    """{our module name: (weight-map entry, [(HF module path, (row start, row end) in our rows), ...])} for every
+    block Linear of the model."""
+    pre = HF_MODULE_PREFIX.get(model.cfg.family, "")
+    mods = {}
+    for entry in weight_map(model.cfg):
+        if not entry.ours.endswith(".weight") or not entry.ours.startswith("layers."):
+            continue
+        rows, off = [], 0
+        for name, size in zip(entry.hf, entry.sizes or [None]):
+            end = None if size is None else off + size
+            rows.append((pre + name[:-len(".weight")], (off, end)))
+            off = end or 0
+        mods[entry.ours[:-len(".weight")]] = (entry, rows)
+    return mods
+
+
+def _target_names(paths, all_paths):
+    """peft target_modules for exactly `paths`: each module's shortest dotted suffix that names none of the other
+    block Linears (peft matches a target when the module path equals it or ends with "." + it)."""
+    others, names = set(all_paths) - set(paths), set()
+    for p in paths:
+        parts = p.split(".")
+        for k in range(1, len(parts) + 1):
+            t = ".".join(parts[-k:])
+            if not any(o == t or o.endswith("." + t) for o in others):
+                names.add(t)
+                break
+    return sorted(names)
+
+
+def peft_state(model):
+    """The adapters of a LoRA-wrapped model as peft holds them: ({peft tensor name: tensor}, target_modules, fan_in_
+    fan_out). The tensors are fp32 copies on the CPU."""
+    mods = _hf_modules(model)
+    tensors, paths, fan = {}, [], False
+    for name, m in model.named_modules():
+        if not isinstance(m, LoRALinear):
+            continue
+        entry, pieces = mods[name]
+        fan = fan or entry.kind == "T"
+        A, B = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
+        adapters, off = [], 0   # (our row start, end, A_i, B_i)
+        for i, (s, e) in enumerate(m.rows):
+            adapters.append((s, e, A[i * m.rank:(i + 1) * m.rank], B[off:off + e - s]))
+            off += e - s
+        for path, (ps, pe) in pieces:
+            pe = m.base.out_features if pe is None else pe
+            for s, e, A_i, B_i in adapters:
+                if s <= ps and pe <= e:   # this piece lies under adapter i
+                    B_p = B_i[ps - s:pe - s]
+                    if entry.kind == "bloom":   # our [q; k; v] rows -> BLOOM's per-head interleaved rows
+                        B_p = entry.to_hf(B_p)[0]
+                    tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A_i.clone()   # one copy per module
+                    tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B_p.clone()
+                    paths.append(path)
+    every = [p for _, pieces in mods.values() for p, _ in pieces]
+    return tensors, _target_names(paths, every), fan
+
+
+def lora_settings(model):
+    """(rank, alpha, dropout) of the model's LoRA layers (one setting for all), or None without LoRA."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            return m.rank, m.scale * m.rank, m.dropout.p
+    return None
+
+
+def save_adapter(model, out_dir, base_model=None):
+    """<out_dir>/adapter_config.json + adapter_model.safetensors in peft's format (task CAUSAL_LM, scaling =
+    lora_alpha / r, no rsLoRA, no bias, no DoRA), loadable by peft.PeftModel.from_pretrained(<transformers base>,
+    out_dir). base_model: the base's hub repo id or folder (base_model_name_or_path), or None."""
+    from safetensors.torch import save_file
+    r, alpha, dropout = lora_settings(model)
+    tensors, targets, fan = peft_state(model)
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
+           "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
+           "fan_in_fan_out": fan, "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+           "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+           "rank_pattern": {}, "alpha_pattern": {}}
+    os.makedirs(out_dir, exist_ok=True)
+    outputs.atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS),
+                         lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    outputs.atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(cfg, indent=2) + "\n")
+
+
+def read_adapter_config(adapter_dir, flag="--init-adapter"):
+    """adapter_config.json of a peft LoRA adapter folder, checked for what load_adapter can take; one UserError."""
+    f = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(f) or not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
+        raise UserError(flag, f"{adapter_dir}: not a peft adapter folder (needs {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS})")
+    cfg = cli.read_json(f, "adapter config")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise UserError(f, "not a LoRA adapter (peft_type must be LORA)")
+    for k, ok in (("use_rslora", False), ("use_dora", False), ("bias", "none")):
+        if cfg.get(k, ok) != ok:
+            raise UserError(f, f"{k} = {cfg.get(k)!r}: only plain LoRA ({k} = {ok!r}) can start a run here")
+    for k in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(k):
+            raise UserError(f, f"{k} is set: only one rank and alpha for every layer can start a run here")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1 or not isinstance(cfg.get("lora_alpha"), (int, float)):
+        raise UserError(f, "r and lora_alpha must be numbers")
+    return cfg
+
+
+def load_adapter(model, adapter_dir, flag="--init-adapter"):
+    """Copy a peft adapter's tensors into the model's LoRALinear layers (the inverse of peft_state); refused, one
+    UserError, when the adapter's modules are not exactly the model's LoRA layers or a fused layer's pieces carry
+    different A's where ours has one."""
+    from safetensors.torch import load_file
+    f = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    with cli.reading(f, "adapter weights", "give a folder written by peft or train.py"):
+        theirs = load_file(f)
+    theirs = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+              for k, v in theirs.items()}
+    ours, _, _ = peft_state(model)
+    if set(ours) != set(theirs):
+        extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        raise UserError(flag, f"{adapter_dir} adapts other modules than --lora-targets here"
+                              + (f" (it has {extra[0][len(PEFT_PREFIX):]}" if extra else " (")
+                              + (f"{', ' if extra else ''}lacks {missing[0][len(PEFT_PREFIX):]}" if missing else "")
+                              + "): give the adapter's target_modules as --lora-targets")
+    for k, v in theirs.items():
+        if v.shape != ours[k].shape:
+            raise UserError(flag, f"{adapter_dir}: {k} is {tuple(v.shape)}, this model's is {tuple(ours[k].shape)}")
+    mods = _hf_modules(model)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, LoRALinear):
+                continue
+            entry, pieces = mods[name]
+            off = 0
+            for i, (s, e) in enumerate(m.rows):
+                A_i = None
+                for path, (ps, pe) in pieces:
+                    pe = m.base.out_features if pe is None else pe
+                    if not (s <= ps and pe <= e):
+                        continue
+                    A_p = theirs[f"{PEFT_PREFIX}{path}.lora_A.weight"]
+                    B_p = theirs[f"{PEFT_PREFIX}{path}.lora_B.weight"]
+                    if entry.kind == "bloom":
+                        B_p = entry.to_ours([B_p])
+                    if A_i is not None and not torch.equal(A_i, A_p):
+                        raise UserError(flag, f"{adapter_dir}: {path} has its own lora_A where our {name} shares "
+                                              "one: give the HF module names (q_proj, ...) as --lora-targets")
+                    A_i = A_p
+                    m.lora_B[off + ps - s:off + pe - s].copy_(B_p)
+                m.lora_A[i * m.rank:(i + 1) * m.rank].copy_(A_i)
+                off += e - s

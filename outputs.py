@@ -163,7 +163,7 @@ def unit(folder, last=()):
         atomic_write(os.path.join(tmp, MOVES), lambda p: Path(p).write_text(json.dumps(names), encoding="utf-8"))
         for n in names:
             try:
-                os.replace(os.path.join(tmp, n), folder / n)
+                _replace(os.path.join(tmp, n), folder / n, tmp)
             except OSError as e:
                 moving = tmp   # kept: the next run into this output finishes these moves (clean_stale)
                 raise WriteError.of(folder / n, e) from None
@@ -186,7 +186,15 @@ def _finish_moves(folder, tmp):
     for n in names:
         src = os.path.join(tmp, n)
         if isinstance(n, str) and os.path.basename(n) == n and os.path.lexists(src):
-            os.replace(src, os.path.join(folder, n))
+            _replace(src, os.path.join(folder, n), tmp)
+
+
+def _replace(src, dst, tmp):
+    """os.replace, and for a folder of a unit (train.py's adapter/) over an existing folder: the old one is first
+    moved into the unit's temp folder `tmp` (removed with it), since a folder cannot replace a non-empty one."""
+    if os.path.isdir(src) and not os.path.islink(src) and os.path.isdir(dst) and not os.path.islink(dst):
+        os.replace(dst, os.path.join(tmp, ".old." + os.path.basename(dst)))
+    os.replace(src, dst)
 
 
 # -- one run per output --------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def get_args(argv=None):
                    "(floor = F1 against shuffled references, from runs made with evaluate.py --floor)")
     t.add_argument("--paper", action="store_true", help="add the paper's Table 2 figures (BERTScore F1) for models "
                    "that are among the paper's ten")
-    t.add_argument("--plot", default=None, help="also save a PNG chart of the cells with their intervals to this path")
+    t.add_argument("--plot", default=None, help="also save a PNG chart to this path: one panel per group, a dot "
+                   "per setting with its interval, the table's * marks drawn above their whiskers, one legend")
     t.add_argument("--holm", action="store_true", help="mark a cell when its Holm-adjusted p-value is below 0.05, "
                    "adjusted over the cells tested in the same table (all answers, or one severity class); "
                    "default: the uncorrected p-value of each cell")
@@ -324,19 +325,24 @@ def build_tables(evs, metric="f1", paper=False, marks=None, adjusted=False):
     return "\n".join(lines) + "\n", (rows, cols, cells)
 
 
-def save_plot(path, metric, rows, cols, cells):
-    """Grouped bars: one panel per group (all answers, then each severity class), bars = settings, whiskers = the
-    cell's interval (bootstrap) or +- std. Written atomically."""
+def save_plot(path, metric, rows, cols, cells, marks=None, adjusted=False):
+    """A dot plot: one panel per group (all answers, then each severity class), one dot per setting (column) for each
+    model (row), with the cell's interval (bootstrap) or +- std as whiskers: the scores sit in a narrow band, where
+    bars cut above 0 would exaggerate the differences. marks: {(group, row, col): p} (table_significance); a cell
+    with p < 0.05 against CE is drawn with "*" above its whisker, as in the table. One legend for the figure.
+    Written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    marks = marks or {}
     panels = [g for g in GROUPS if cells.get(g)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.4), squeeze=False)
     used = [c for c in cols if any((r, c) in cells[g] for g in panels for r in rows)]
     width = 0.8 / max(1, len(used))
+    handles = {}
     for ax, g in zip(axes[0], panels):
         for j, c in enumerate(used):
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, lo, hi, starred = [], [], [], [], []
             for i, r in enumerate(rows):
                 d = cells[g].get((r, c))
                 if d is None:
@@ -352,24 +358,31 @@ def save_plot(path, metric, rows, cols, cells):
                 else:
                     lo.append(0.0)
                     hi.append(0.0)
+                p = marks.get((g, r, c))
+                if p is not None and p < 0.05:
+                    starred.append((xs[-1], ys[-1] + hi[-1]))
             if xs:
-                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=c)
+                h = ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=5, capsize=3, color=f"C{j}", label=c)
+                handles.setdefault(c, h)
+                for x, top in starred:
+                    ax.annotate("*", (x, top), xytext=(0, 1), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=12, color=f"C{j}")
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(rows, rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_title("all answers" if g == "overall" else g)
         ax.set_ylabel(METRIC_TITLE[metric])
-        if metric != "nll":   # BERTScores sit in a narrow band: start the axis below the lowest whisker
-            low = [d["lo"] if d.get("lo") is not None and d.get("std") is None else d["mean"] - (d.get("std") or 0)
-                   for d in cells[g].values()]
-            high = [d["hi"] if d.get("hi") is not None and d.get("std") is None else d["mean"] + (d.get("std") or 0)
-                    for d in cells[g].values()]
-            ax.set_ylim(max(0, min(low) - 5), min(100, max(high) + 5))
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.15)   # room for the marks above the highest whisker
+    note = "* p < 0.05 against CE" + (" (Holm-adjusted)" if adjusted else "") + ", paired sign-flip test"
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               title=note if any(p < 0.05 for p in marks.values()) else None, title_fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     try:
         outputs.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
+    return fig
 
 
 def table_significance(paths, evs, metric, n_boot, seed, n_perm):
@@ -428,7 +441,7 @@ def table_main(args):
         marks = holm_marks(marks)
     text, (rows, cols, cells) = build_tables(evs, args.metric, args.paper, marks, args.holm)
     if args.plot:
-        save_plot(args.plot, args.metric, rows, cols, cells)
+        save_plot(args.plot, args.metric, rows, cols, cells, marks, args.holm)
     print(text, end="")
     if args.plot:
         print(f"\nplot: {args.plot}", file=sys.stderr)

@@ -13,7 +13,8 @@ so that critical questions pull harder on the gradient. --weights 1,1,1 is plain
     torchrun --nproc_per_node=4 train.py --model aragpt2-medium --weights balanced
 
 A flat script: data -> model -> optimizer -> loop. <out> ends up holding model.safetensors + config.json + tokenizer
-(loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume) and train_log.jsonl.
+(loadable by Decoder.from_pretrained and by transformers), state.safetensors (exact resume), train_log.jsonl, the
+model card README.md and, with LoRA, the adapters alone in peft's format in adapter/.
 """
 import cli   # first, and light: cli.start() guards Ctrl-C and the console while the heavy imports load
 cli.start(__name__)
@@ -29,14 +30,17 @@ import torch
 
 from checkpoint import (all_finite, append_log, base_generation_config, check_resume, claim_out, load_state, open_log,
                         read_state_meta, reopen_log, save_checkpoint, try_plot)
+import card as model_card
+import checkpoint
 import data
 from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
                          leave, shard, wrap)
 from distributed import init as init_processes
-from hub import load_tokenizer
-from lora import HF_LORA_NAMES, LORA_TARGETS, add_lora
+from hub import hub_repo, load_tokenizer
+from lora import HF_LORA_NAMES, LORA_TARGETS, add_lora, load_adapter, read_adapter_config
 from model import Decoder, peak_bf16
 import outputs
+import tracking
 from batching import collate, encode, pack_step
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
@@ -110,6 +114,15 @@ def get_args(argv=None):
                    "qkv; c_attn,c_proj for GPT-2; query_key_value, dense, dense_h_to_4h, dense_4h_to_h for BLOOM; "
                    "q_proj, k_proj, v_proj, out_proj, in_proj, w1, w2, w3 for LFM2) or ours: qkv, o, fc, proj, "
                    "in_proj, out_proj; notebook = the notebooks' targets for the model's family (NOTEBOOK_LORA_TARGETS)")
+    p.add_argument("--init-adapter", default=None, metavar="DIR", help="start the LoRA adapters from a peft "
+                   "adapter folder (adapter_config.json + adapter_model.safetensors, e.g. an earlier run's "
+                   "<out>/adapter) instead of B = 0; its r and lora_alpha must be --lora-rank and --lora-alpha and "
+                   "its modules those of --lora-targets")
+    p.add_argument("--severity-source", choices=["probs", "label"], default="probs", help="where w's severity "
+                   "comes from: probs = the classifier's soft probabilities p_nc, p_n, p_c (the paper; annotate.py "
+                   "adds them); label = one-hot from each record's severity label (w = a, b or c: the ablation), "
+                   "which also trains on label-only data")
+    p.add_argument("--report-to", choices=tracking.CHOICES, default="none", help=tracking.HELP)
     p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4 = QLoRA: the block weights are "
                    "held as 4-bit NormalFloat codes (absmax per 64 weights) and stay frozen; needs --lora-rank. "
                    "Embeddings, norms and head stay in the autocast dtype; the saved model is an ordinary HF checkpoint "
@@ -137,7 +150,7 @@ def get_args(argv=None):
     p.set_defaults(**RECIPES[known.recipe])
     args = p.parse_args(argv)
     if args.lora_rank == 0:
-        p.refuse_unused(argv, {"lora_alpha", "lora_dropout", "lora_targets"},
+        p.refuse_unused(argv, {"lora_alpha", "lora_dropout", "lora_targets", "init_adapter"},
                         "with --lora-rank 0 (full fine-tuning): give --lora-rank to train LoRA adapters")
     return args
 
@@ -279,6 +292,25 @@ def check_memory_flags(args):
             raise cli.UserError("--fsdp", "--dtype fp16 needs a loss scaler for sharded gradients: use --dtype bf16")
 
 
+def load_records(path, severity_source, question_col=None, answer_col=None):
+    """The records of a data file (its columns as --question-col / --answer-col name them). --severity-source label:
+    p_nc, p_n, p_c one-hot from each record's severity label (given, or the argmax of its probabilities), so w = a, b
+    or c; label-only data is then accepted. Without it, a record without probabilities is refused with both ways out:
+    annotate.py, or this flag."""
+    try:
+        recs = data.load_records(path, require_probs=severity_source == "probs", question_col=question_col,
+                                 answer_col=answer_col)
+    except data.DataError as e:
+        if e.field == "p_nc" and e.problem.startswith("missing field"):
+            raise data.DataError(e.path, e.line, e.field, e.problem.rstrip(")") + ", or train on the severity label "
+                                 "alone: train.py --severity-source label)") from None
+        raise
+    if severity_source == "label":
+        for r in recs:
+            r.update(zip(data.PROB_FIELDS, (1.0 if s == r["severity"] else 0.0 for s in data.SEVERITIES)))
+    return recs
+
+
 def main(argv=None):
     """The command line under the contract: a user error is one line "error: ..." and exit status 2."""
     return cli.run(fit, argv)
@@ -295,6 +327,16 @@ def fit(argv=None):
                                                f"choose from the HF/peft names {', '.join(HF_LORA_NAMES)} or ours, "
                                                f"{', '.join(LORA_TARGETS)}")
     cli.input_file(args.data, "--data")
+    tracking.check(args.report_to)   # a library that is not installed: one line, before any work
+    init_cfg = None
+    if args.init_adapter is not None:
+        if args.resume:
+            raise cli.UserError("--init-adapter", "a resumed run continues from its own state: drop one of the two")
+        init_cfg = read_adapter_config(args.init_adapter)
+        for key, flag, ours in (("r", "--lora-rank", args.lora_rank), ("lora_alpha", "--lora-alpha", args.lora_alpha)):
+            if float(init_cfg[key]) != float(ours):
+                raise cli.UserError("--init-adapter", f"{args.init_adapter} has {key} {init_cfg[key]}, this run "
+                                                      f"{flag} {ours:g}: give {flag} {init_cfg[key]}")
     eval_path = args.eval_data
     if eval_path == "auto":
         cand = os.path.join(os.path.dirname(os.path.abspath(args.data)), "test.jsonl")
@@ -306,9 +348,16 @@ def fit(argv=None):
     if args.device != "auto":
         cli.resolve_device(args.device, "--device")
     cols = dict(question_col=args.question_col, answer_col=args.answer_col)
-    train_recs = data.preprocess_records(data.load_records(args.data, **cols), args.preprocess)
-    eval_recs = data.load_records(eval_path, **cols) if eval_path != "none" else []
+    train_recs = data.preprocess_records(load_records(args.data, args.severity_source, **cols), args.preprocess)
+    eval_recs = load_records(eval_path, args.severity_source, **cols) if eval_path != "none" else []
     eval_recs = data.preprocess_records(eval_recs, args.preprocess)
+    card_path = os.path.join(out, checkpoint.CARD)
+    if os.path.exists(card_path) and not model_card.is_ours(card_path):
+        cli.notice(f"note: {card_path} is not a model card written by train.py: left as it is, no card is written")
+    adapter_dir = os.path.join(out, checkpoint.ADAPTER_DIR)
+    if args.lora_rank and os.path.lexists(adapter_dir) and not checkpoint.ours_only(adapter_dir, checkpoint.ADAPTER_DIR):
+        raise cli.UserError("--out", f"{adapter_dir} holds files that are not a train.py adapter: this run would "
+                                      "replace that folder (move it, or give another --out)")
     state_path = os.path.join(out, "state.safetensors")
     if args.resume:
         if not os.path.isfile(state_path):
@@ -355,6 +404,9 @@ def fit(argv=None):
         wrapped = add_lora(model, lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
         log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers"
             + (" (NF4 base)" if quant else ""))
+        if init_cfg is not None:
+            load_adapter(model, args.init_adapter)
+            log(f"LoRA adapters from {args.init_adapter}")
     if args.fsdp:   # before the optimizer: it must hold the sharded parameters
         shard(model, amp_dtype)
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 3e-3 if random_init else 5e-5)
@@ -407,7 +459,8 @@ def fit(argv=None):
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                             fused=dev_type == "cuda")
     args_dict = dict(vars(args), weights_abc=abc, lr=lr, world_size=world, dtype=dtype, lora_targets=lora_targets,
-                     data_sha256=outputs.sha256(args.data))
+                     data_sha256=outputs.sha256(args.data),
+                     init_adapter=os.path.abspath(args.init_adapter) if args.init_adapter else None)
     step, saved_step = 0, None
     if args.resume:
         check_resume(state_path, saved_meta, args_dict)
@@ -426,6 +479,9 @@ def fit(argv=None):
     # -- from here on, files are written -----------------------------------------------------------------------------
     if master:
         log_path, logf = open_log(out, args.resume, step, log)
+        tracker = tracking.Tracker(args.report_to, out, args_dict, resume_step=step if args.resume else None)
+    command = model_card.command_line(sys.argv[1:] if argv is None else argv)
+    last_eval = None
     nparams = raw_model.num_params()
     gpu = torch.cuda.get_device_name(device) if dev_type == "cuda" else None
     peak = peak_bf16(gpu)
@@ -444,6 +500,7 @@ def fit(argv=None):
     def write_log(rec):
         if master:
             append_log(logf, log_path, rec)
+            tracker.log(rec["step"], rec)
 
     def save(step):
         """The checkpoint of this step (--out recreated if it was deleted). A failure of the first save of a new run
@@ -451,9 +508,12 @@ def fit(argv=None):
         nonlocal logf
         if master:
             logf = reopen_log(out, log_path, logf)
+        card = None
+        if master and not (os.path.exists(card_path) and not model_card.is_ours(card_path)):
+            card = model_card.render(dict(args_dict, out=out, eval_path=eval_path), step, total, last_eval, command, hub_repo(args.model))
         try:
             (fsdp_save_checkpoint if args.fsdp else save_checkpoint)(out, raw_model, opt, scaler, step, tok, args_dict,
-                                                                     gen_config)
+                                                                     gen_config, card)
         except outputs.WriteError:
             if master and saved_step is None and not args.resume:
                 logf.close()
@@ -545,6 +605,7 @@ def fit(argv=None):
             ev = evaluate_loss(raw_model, eval_ex, args.batch_size, pad_id, device, amp,
                                pack_width=args.max_len - 1 if args.pack else 0)
             write_log({"step": step, **ev})
+            last_eval = ev
             log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items()))
         # -- save / stop: every rank takes the same decision (distributed.agree) -------------------------------------
         due = (args.save_every and step % args.save_every == 0) or \
@@ -564,6 +625,7 @@ def fit(argv=None):
             leave(128 + sig)
     if master:
         logf.close()
+        tracker.close()
         try_plot(log_path, os.path.join(out, "train_log.png"))
         log(f"done: {out} ({time.time() - t_start:.1f}s)")
     leave(0)
