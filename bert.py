@@ -8,14 +8,13 @@ not). A checkpoint is mapped onto our names by ONE table (`weight_table`, transf
 `load_tensors` and written back by `hf_tensors`, so that what `save_classifier` writes loads in transformers as
 BertForSequenceClassification (and as AutoModel, hence in bert-score). Weights are read from safetensors only,
 through hub.py's resolve (registry name, hub repo or local folder) and safetensors reader. The tokenizer is
-BERT's WordPiece (the tokenizers library), from tokenizer.json or vocab.txt.
+BERT's WordPiece (hub.load_wordpiece: the tokenizers library, from tokenizer.json or vocab.txt).
 
     import bert
-    model, tok, labels = bert.load_classifier("out/clf")         # a classify.py folder, hub repo or 'tiny'
+    model, tok, labels = bert.load_classifier("out/classifier")         # a classify.py folder, hub repo or 'tiny'
     probs = bert.predict_proba(model, tok, ["..."])              # (N, C) softmax, in labels order
     encoder = bert.Bert.from_pretrained("arabertv02")             # hidden states (B, T, H)
 """
-import json
 import math
 import os
 import re
@@ -28,22 +27,12 @@ import torch.nn.functional as F
 import cli
 import data
 import outputs
-from hub import check_size, open_safetensors, resolve   # one hub download, safetensors reader and size check
+from hub import ENCODERS, check_size, load_wordpiece, open_safetensors, resolve   # hub.py: the encoders' registry,
+# hub download, safetensors reader, size check and WordPiece tokenizer, shared with the decoder
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
 
-# Short names -> hub repo (or a built-in config). All are BERT-base shaped except 'tiny'.
-REGISTRY = {
-    "arabertv02": {"repo": "aubmindlab/bert-base-arabertv02",
-                   "note": "AraBERT v0.2 base (MSA, no pre-segmentation); the paper's classifier backbone"},
-    "arabertv2": {"repo": "aubmindlab/bert-base-arabertv2",
-                  "note": "AraBERT v2 base; trained on Farasa-segmented text, which this script does NOT do"},
-    "arbertv2": {"repo": "UBC-NLP/ARBERTv2", "note": "ARBERTv2 base (seed 004's encoder)"},
-    "tiny": {"repo": None, "note": "random weights, sample WordPiece vocab; for tests and smoke runs",
-             "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                        "intermediate_size": 128, "max_position_embeddings": 512}},
-}
 
 
 def log(msg):
@@ -235,14 +224,14 @@ def read_checkpoint(name_or_path, revision=None):
     'bert.'; head tensors 'classifier.*'). Folder and weights come through hub.py's one mechanism: resolve
     (a local folder, or a hub snapshot of config, safetensors and tokenizer files only) and its safetensors reader
     (sharded or not, never a pickle). TF-era LayerNorm.gamma/beta become weight/bias."""
-    entry = REGISTRY.get(name_or_path)
+    entry = ENCODERS.get(name_or_path)
     if entry and entry["repo"] is None:   # tiny: built-in config, random weights, the sample vocabulary
         with open(os.path.join(SAMPLE_WORDPIECE, "vocab.txt"), encoding="utf-8") as fh:
             n = sum(1 for _ in fh)
         log(f"note: '{name_or_path}' has RANDOM weights (vocab {n} from {SAMPLE_WORDPIECE})")
         cfg_dict = dict(entry["config"], vocab_size=n, model_type="bert")
         return None, cfg_dict, BertConfig.from_hf(cfg_dict), {}, {}
-    folder = resolve(name_or_path, revision, registry=REGISTRY)
+    folder = resolve(name_or_path, revision, registry=ENCODERS)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise cli.UserError(cfg_path, "missing (not a HF BERT checkpoint folder)")
@@ -356,124 +345,10 @@ def load_classifier(path, device="cpu", revision=None):
     if head:
         load_tensors(model.classifier, head, HEAD_TABLE, folder)
     model.meta = meta
-    tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
+    tok = load_wordpiece(folder if folder is not None else SAMPLE_WORDPIECE)
     if tok.vocab_size > cfg.vocab_size:   # ids past the embedding: an IndexError in the first batch (as in train)
         raise cli.UserError(path, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
     return model.to(device).eval(), tok, labels
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# WordPiece tokeniser (the tokenizers library), equivalent to BertTokenizerFast
-
-SPECIAL = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-           "mask_token": "[MASK]"}
-
-
-def special_names(cfg):
-    """{"pad_token": "[PAD]", ...}: tokenizer_config.json's names (a string or an AddedToken object), BERT's default
-    where a name is missing or not a string (null: transformers' 'no such token'; ours need [PAD], [CLS], [SEP])."""
-    def name(v, default):
-        v = v.get("content") if isinstance(v, dict) else v
-        return v if isinstance(v, str) else default
-    return {k: name(cfg.get(k), d) for k, d in SPECIAL.items()}
-
-
-class WordPieceTokenizer:
-    """A tokenizers.Tokenizer plus the special ids. encode(texts) -> id lists without special tokens;
-    single() / pair() add [CLS]/[SEP] and truncate; save(folder) writes the four tokenizer files."""
-
-    def __init__(self, tk, config, vocab_text=None):
-        self.tk, self.config, self.vocab_text = tk, dict(config), vocab_text   # vocab.txt copied verbatim on save
-        self.names = special_names(config)
-        for k in ("pad_token", "cls_token", "sep_token"):
-            if tk.token_to_id(self.names[k]) is None:
-                raise cli.UserError("tokenizer", f"{self.names[k]}: not in the vocabulary")
-        self.pad_id, self.cls_id, self.sep_id = (tk.token_to_id(self.names[k]) for k in ("pad_token", "cls_token",
-                                                                                          "sep_token"))
-        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, texts):
-        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
-
-    def single(self, ids, max_len):
-        """[CLS] text [SEP], the text's head kept. -> (ids, token_type_ids)."""
-        out = [self.cls_id] + ids[:max(0, max_len - 2)] + [self.sep_id]
-        return out, [0] * len(out)
-
-    def pair(self, q, a, max_len, min_answer=50):
-        """[CLS] Q [SEP] A [SEP] in max_len (head-tail truncation, seed 004). If it does not fit, the answer keeps
-        max(min_answer, room left by the question) tokens (min_answer at most half the budget, so the question never
-        vanishes), the question its head in the rest; a longer answer keeps its first ceil(n/2) and last floor(n/2)
-        tokens of that share. token_type_ids: 0 for [CLS] Q [SEP], 1 for A [SEP]."""
-        budget = max_len - 3
-        if budget < 2:
-            raise cli.UserError("--max-len", f"{max_len} is too small for a question+answer pair")
-        if len(q) + len(a) > budget:
-            a_keep = min(len(a), max(min(min_answer, budget // 2), budget - len(q)))
-            q = q[:budget - a_keep]
-            if len(a) > a_keep:
-                tail = a_keep // 2
-                a = a[:a_keep - tail] + (a[len(a) - tail:] if tail else [])
-        return [self.cls_id] + q + [self.sep_id] + a + [self.sep_id], [0] * (len(q) + 2) + [1] * (len(a) + 1)
-
-    def save(self, folder):
-        vocab = self.vocab_text
-        if vocab is None:   # from tokenizer.json only: vocab.txt rebuilt from the WordPiece vocabulary
-            vocab = "".join(t + "\n" for t, _ in sorted(self.tk.get_vocab(False).items(), key=lambda kv: kv[1]))
-        outputs.atomic_write(os.path.join(folder, "vocab.txt"), vocab)
-        outputs.atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
-        c, mml = self.config, self.config.get("model_max_length")
-        outputs.write_json(os.path.join(folder, "tokenizer_config.json"), {
-            "tokenizer_class": "BertTokenizer", "do_lower_case": bool(c.get("do_lower_case", False)),
-            "strip_accents": c.get("strip_accents"), "tokenize_chinese_chars": c.get("tokenize_chinese_chars", True),
-            "model_max_length": int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512, **self.names})
-        outputs.write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
-
-
-def load_tokenizer(folder):
-    """WordPiece tokeniser from tokenizer.json (preferred) or vocab.txt in folder. Lower-casing follows
-    tokenizer_config.json's do_lower_case (default False: Arabic), strip_accents too (None = as lowercase, as in
-    BERT). From vocab.txt the pipeline is BERT's: BertNormalizer -> BertPreTokenizer -> WordPiece('##', [UNK],
-    100 chars per word), special tokens never split."""
-    from tokenizers import Tokenizer, normalizers
-    from tokenizers.implementations import BertWordPieceTokenizer
-    p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
-                                                                 "vocab.txt"))
-    cfg = cli.read_json(p_cfg, "tokenizer config") if os.path.isfile(p_cfg) else {}
-    if not isinstance(cfg, dict):
-        raise cli.UserError(p_cfg, "expected a JSON object")
-    vocab_text = None
-    if os.path.isfile(p_vocab):
-        with cli.reading(p_vocab, "vocab.txt"), open(p_vocab, encoding="utf-8", newline="") as fh:
-            vocab_text = fh.read()
-    if os.path.isfile(p_json):
-        with cli.reading(p_json, "tokenizer.json"):
-            tk = Tokenizer.from_file(p_json)
-        norm = json.loads(tk.to_str()).get("normalizer") or {}
-        if norm.get("type") == "BertNormalizer":   # tokenizer_config.json's casing wins, as in transformers
-            if "do_lower_case" not in cfg:
-                cfg = dict(cfg, do_lower_case=bool(norm.get("lowercase")), strip_accents=norm.get("strip_accents"))
-            elif (norm.get("lowercase") != bool(cfg["do_lower_case"])
-                  or norm.get("strip_accents") != cfg.get("strip_accents", norm.get("strip_accents"))):
-                tk.normalizer = normalizers.BertNormalizer(
-                    handle_chinese_chars=cfg.get("tokenize_chinese_chars", norm.get("handle_chinese_chars", True)),
-                    strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg["do_lower_case"]))
-        # as transformers does: the special tokens are never split, even when the file does not list them
-        tk.add_special_tokens([n for n in special_names(cfg).values() if tk.token_to_id(n) is not None])
-    elif vocab_text is not None:   # BERT's own pipeline, as the tokenizers library assembles it from a vocabulary
-        vocab = {t.rstrip("\r"): i for i, t in enumerate(vocab_text.removesuffix("\n").split("\n"))}
-        names = special_names(cfg)
-        missing = [names[k] for k in ("pad_token", "cls_token", "sep_token") if names[k] not in vocab]
-        if missing:
-            raise cli.UserError(p_vocab, f"{missing[0]}: not in the vocabulary")
-        tk = BertWordPieceTokenizer(vocab, **names, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
-                                    strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg.get("do_lower_case")))
-        extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
-        extra = [t.get("content") if isinstance(t, dict) else t for t in extra] if isinstance(extra, list) else []
-        tk.add_special_tokens([n for n in extra if n in vocab])
-    else:
-        raise cli.UserError(folder, "no tokenizer.json or vocab.txt")
-    return WordPieceTokenizer(tk, dict({"do_lower_case": False}, **cfg), vocab_text)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bert import (HEAD_TABLE, REGISTRY, SAMPLE_WORDPIECE, BertClassifier, autocast, build_inputs,  # the encoder
-                  collate, load_tensors, load_tokenizer, log, predict_logits, read_checkpoint, save_classifier,
-                  weight_table)
+from bert import (HEAD_TABLE, SAMPLE_WORDPIECE, BertClassifier, autocast, build_inputs,  # the encoder
+                  collate, load_tensors, log, predict_logits, read_checkpoint, save_classifier, weight_table)
+from hub import ENCODERS, load_wordpiece
 import data
 import outputs
 import tracking
@@ -58,7 +58,7 @@ SAMPLE_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 # ----------------------------------------------------------------------------------------------------------------
 # A training step, in the order it runs: the epoch's loss and class weights, the loss, FGM, the LLRD groups'
 # learning rates (each checked against a hand computation in tests/test_classify.py). Its inputs come from
-# bert.build_inputs, where --answer-col pairs are head-tail truncated (bert.WordPieceTokenizer.pair).
+# bert.build_inputs, where --answer-col pairs are head-tail truncated (hub.WordPieceTokenizer.pair).
 
 def epoch_loss(epoch, loss, ce_epochs=0):
     """The loss of a 0-based epoch: plain 'ce' for the first ce_epochs epochs, then `loss`."""
@@ -262,7 +262,7 @@ def get_args(argv=None):
                    help="comma-separated class list in output order (labels outside it are an error); default: "
                         "non-critical,neutral,critical when every label is a severity (or alias), else sorted")
     p.add_argument("--model", default="arabertv02",
-                   help=f"encoder: registry name ({', '.join(REGISTRY)}), hub repo id or local folder")
+                   help=f"encoder: registry name ({', '.join(ENCODERS)}), hub repo id or local folder")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--out", default=os.path.join("out", "classifier"), help="output folder")
     p.add_argument("--head", choices=["pooler", "linear"], default="pooler",
@@ -363,7 +363,7 @@ def train(argv=None):
     if args.max_len > cfg.max_position_embeddings:
         raise cli.UserError("--max-len", f"{args.max_len} exceeds the model's max_position_embeddings "
                                           f"{cfg.max_position_embeddings}")
-    tok = load_tokenizer(folder if folder is not None else SAMPLE_WORDPIECE)
+    tok = load_wordpiece(folder if folder is not None else SAMPLE_WORDPIECE)
     if tok.vocab_size > cfg.vocab_size:
         raise cli.UserError(args.model, f"tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
 

@@ -7,6 +7,7 @@ config.json reading and size checks, the safetensors reader, each family's tenso
     save_decoder(model, "out/run")             # what Decoder.save_pretrained calls
     load_tokenizer("aragpt2-base")
 """
+import json
 import math
 import os
 import sys
@@ -98,6 +99,19 @@ REGISTRY = {
                  config=_gpt2(64, 2, 4, 2048, n_pos=512)),
 }
 TINY_TOKENIZER = os.path.join(HERE, "data", "sample", "tokenizer.json")
+
+# The encoders (bert.py, the severity classifier): short name -> hub repo (or a built-in config). All are BERT-base
+# shaped except 'tiny'.
+ENCODERS = {
+    "arabertv02": {"repo": "aubmindlab/bert-base-arabertv02",
+                   "note": "AraBERT v0.2 base (MSA, no pre-segmentation); the paper's classifier backbone"},
+    "arabertv2": {"repo": "aubmindlab/bert-base-arabertv2",
+                  "note": "AraBERT v2 base; trained on Farasa-segmented text, which this script does NOT do"},
+    "arbertv2": {"repo": "UBC-NLP/ARBERTv2", "note": "ARBERTv2 base (seed 004's encoder)"},
+    "tiny": {"repo": None, "note": "random weights, sample WordPiece vocab; for tests and smoke runs",
+             "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "intermediate_size": 128, "max_position_embeddings": 512}},
+}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint layouts. One entry = one of our tensors <- one or more HF tensors, with the transform between them.
@@ -625,11 +639,131 @@ def _special_names(path):
             if not isinstance(c, dict):
                 raise UserError(p, "expected a JSON object")
             for k in ("bos", "eos", "pad"):
-                v = c.get(f"{k}_token")
-                v = v.get("content") if isinstance(v, dict) else v
+                v = token_name(c.get(f"{k}_token"))
                 if isinstance(v, str):
                     names[k] = v
     return names
+
+
+def token_name(v):
+    """A special token as tokenizer_config.json / special_tokens_map.json give it: a string, or an AddedToken object
+    {"content": ...}. The same rule for the decoder's and the encoder's tokenizers."""
+    return v.get("content") if isinstance(v, dict) else v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# WordPiece (the encoders): BERT's tokenizer, from tokenizer.json or vocab.txt
+
+
+SPECIAL = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+           "mask_token": "[MASK]"}
+
+
+def special_names(cfg):
+    """{"pad_token": "[PAD]", ...}: tokenizer_config.json's names (a string or an AddedToken object), BERT's default
+    where a name is missing or not a string (null: transformers' 'no such token'; ours need [PAD], [CLS], [SEP])."""
+    def name(v, default):
+        v = token_name(v)
+        return v if isinstance(v, str) else default
+    return {k: name(cfg.get(k), d) for k, d in SPECIAL.items()}
+
+
+class WordPieceTokenizer:
+    """A tokenizers.Tokenizer plus the special ids. encode(texts) -> id lists without special tokens;
+    single() / pair() add [CLS]/[SEP] and truncate; save(folder) writes the four tokenizer files."""
+
+    def __init__(self, tk, config, vocab_text=None):
+        self.tk, self.config, self.vocab_text = tk, dict(config), vocab_text   # vocab.txt copied verbatim on save
+        self.names = special_names(config)
+        for k in ("pad_token", "cls_token", "sep_token"):
+            if tk.token_to_id(self.names[k]) is None:
+                raise UserError("tokenizer", f"{self.names[k]}: not in the vocabulary")
+        self.pad_id, self.cls_id, self.sep_id = (tk.token_to_id(self.names[k]) for k in ("pad_token", "cls_token",
+                                                                                          "sep_token"))
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts):
+        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def single(self, ids, max_len):
+        """[CLS] text [SEP], the text's head kept. -> (ids, token_type_ids)."""
+        out = [self.cls_id] + ids[:max(0, max_len - 2)] + [self.sep_id]
+        return out, [0] * len(out)
+
+    def pair(self, q, a, max_len, min_answer=50):
+        """[CLS] Q [SEP] A [SEP] in max_len (head-tail truncation, seed 004). If it does not fit, the answer keeps
+        max(min_answer, room left by the question) tokens (min_answer at most half the budget, so the question never
+        vanishes), the question its head in the rest; a longer answer keeps its first ceil(n/2) and last floor(n/2)
+        tokens of that share. token_type_ids: 0 for [CLS] Q [SEP], 1 for A [SEP]."""
+        budget = max_len - 3
+        if budget < 2:
+            raise UserError("--max-len", f"{max_len} is too small for a question+answer pair")
+        if len(q) + len(a) > budget:
+            a_keep = min(len(a), max(min(min_answer, budget // 2), budget - len(q)))
+            q = q[:budget - a_keep]
+            if len(a) > a_keep:
+                tail = a_keep // 2
+                a = a[:a_keep - tail] + (a[len(a) - tail:] if tail else [])
+        return [self.cls_id] + q + [self.sep_id] + a + [self.sep_id], [0] * (len(q) + 2) + [1] * (len(a) + 1)
+
+    def save(self, folder):
+        vocab = self.vocab_text
+        if vocab is None:   # from tokenizer.json only: vocab.txt rebuilt from the WordPiece vocabulary
+            vocab = "".join(t + "\n" for t, _ in sorted(self.tk.get_vocab(False).items(), key=lambda kv: kv[1]))
+        outputs.atomic_write(os.path.join(folder, "vocab.txt"), vocab)
+        outputs.atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: self.tk.save(tmp))
+        c, mml = self.config, self.config.get("model_max_length")
+        outputs.write_json(os.path.join(folder, "tokenizer_config.json"), {
+            "tokenizer_class": "BertTokenizer", "do_lower_case": bool(c.get("do_lower_case", False)),
+            "strip_accents": c.get("strip_accents"), "tokenize_chinese_chars": c.get("tokenize_chinese_chars", True),
+            "model_max_length": int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e6 else 512, **self.names})
+        outputs.write_json(os.path.join(folder, "special_tokens_map.json"), dict(self.names))
+
+
+def load_wordpiece(folder):
+    """WordPiece tokeniser from tokenizer.json (preferred) or vocab.txt in folder. Lower-casing follows
+    tokenizer_config.json's do_lower_case (default False: Arabic), strip_accents too (None = as lowercase, as in
+    BERT). From vocab.txt the pipeline is BERT's: BertNormalizer -> BertPreTokenizer -> WordPiece('##', [UNK],
+    100 chars per word), special tokens never split."""
+    from tokenizers import Tokenizer, normalizers
+    from tokenizers.implementations import BertWordPieceTokenizer
+    p_cfg, p_json, p_vocab = (os.path.join(folder, f) for f in ("tokenizer_config.json", "tokenizer.json",
+                                                                 "vocab.txt"))
+    cfg = cli.read_json(p_cfg, "tokenizer config") if os.path.isfile(p_cfg) else {}
+    if not isinstance(cfg, dict):
+        raise UserError(p_cfg, "expected a JSON object")
+    vocab_text = None
+    if os.path.isfile(p_vocab):
+        with cli.reading(p_vocab, "vocab.txt"), open(p_vocab, encoding="utf-8", newline="") as fh:
+            vocab_text = fh.read()
+    if os.path.isfile(p_json):
+        with cli.reading(p_json, "tokenizer.json"):
+            tk = Tokenizer.from_file(p_json)
+        norm = json.loads(tk.to_str()).get("normalizer") or {}
+        if norm.get("type") == "BertNormalizer":   # tokenizer_config.json's casing wins, as in transformers
+            if "do_lower_case" not in cfg:
+                cfg = dict(cfg, do_lower_case=bool(norm.get("lowercase")), strip_accents=norm.get("strip_accents"))
+            elif (norm.get("lowercase") != bool(cfg["do_lower_case"])
+                  or norm.get("strip_accents") != cfg.get("strip_accents", norm.get("strip_accents"))):
+                tk.normalizer = normalizers.BertNormalizer(
+                    handle_chinese_chars=cfg.get("tokenize_chinese_chars", norm.get("handle_chinese_chars", True)),
+                    strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg["do_lower_case"]))
+        # as transformers does: the special tokens are never split, even when the file does not list them
+        tk.add_special_tokens([n for n in special_names(cfg).values() if tk.token_to_id(n) is not None])
+    elif vocab_text is not None:   # BERT's own pipeline, as the tokenizers library assembles it from a vocabulary
+        vocab = {t.rstrip("\r"): i for i, t in enumerate(vocab_text.removesuffix("\n").split("\n"))}
+        names = special_names(cfg)
+        missing = [names[k] for k in ("pad_token", "cls_token", "sep_token") if names[k] not in vocab]
+        if missing:
+            raise UserError(p_vocab, f"{missing[0]}: not in the vocabulary")
+        tk = BertWordPieceTokenizer(vocab, **names, handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
+                                    strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg.get("do_lower_case")))
+        extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
+        extra = [t.get("content") if isinstance(t, dict) else t for t in extra] if isinstance(extra, list) else []
+        tk.add_special_tokens([n for n in extra if n in vocab])
+    else:
+        raise UserError(folder, "no tokenizer.json or vocab.txt")
+    return WordPieceTokenizer(tk, dict({"do_lower_case": False}, **cfg), vocab_text)
 
 
 # ----------------------------------------------------------------------------------------------------------------

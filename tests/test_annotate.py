@@ -13,6 +13,7 @@ sys.path.insert(0, ROOT)
 
 import annotate  # noqa: E402
 import bert  # noqa: E402
+import hub  # noqa: E402
 import data  # noqa: E402
 
 SAMPLE_QA = os.path.join(ROOT, "data", "sample", "test.jsonl")
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_classifier(folder, labels, seed=0):
     """A tiny random classifier folder in classify.py's output layout (no training needed here)."""
     torch.manual_seed(seed)
-    cfg = bert.BertConfig(vocab_size=bert.load_tokenizer(WORDPIECE).vocab_size, hidden_size=32,
+    cfg = bert.BertConfig(vocab_size=hub.load_wordpiece(WORDPIECE).vocab_size, hidden_size=32,
                           num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                           max_position_embeddings=128, initializer_range=0.2)
     model = bert.BertClassifier(cfg, labels)
@@ -34,7 +35,7 @@ def make_classifier(folder, labels, seed=0):
         model.bert.pooler.weight.normal_(0, 0.5)
         model.classifier.weight.normal_(0, 2.0)
     model.meta = {"trained_with": "test", "input": "text", "max_len": 96}
-    bert.save_classifier(model, bert.load_tokenizer(WORDPIECE), str(folder))
+    bert.save_classifier(model, hub.load_wordpiece(WORDPIECE), str(folder))
     return str(folder)
 
 

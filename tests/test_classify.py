@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bert  # noqa: E402
+import hub  # noqa: E402
 import classify  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
@@ -204,7 +205,7 @@ def test_save_then_transformers_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))        # nothing left at its init value (LayerNorms, biases)
-    bert.save_classifier(model, bert.load_tokenizer(WORDPIECE), str(tmp_path / "m"))
+    bert.save_classifier(model, hub.load_wordpiece(WORDPIECE), str(tmp_path / "m"))
     hf = BertForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
     ids, am, tt = batch(vocab=50, T=9)
     with torch.no_grad():
@@ -220,8 +221,8 @@ def test_tokenizer_matches_transformers(tmp_path):
     vocab_only.mkdir()
     (vocab_only / "vocab.txt").write_text(open(os.path.join(WORDPIECE, "vocab.txt"), encoding="utf-8").read(),
                                           encoding="utf-8")
-    from_vocab = bert.load_tokenizer(str(vocab_only))
-    from_json = bert.load_tokenizer(WORDPIECE)
+    from_vocab = hub.load_wordpiece(str(vocab_only))
+    from_json = hub.load_wordpiece(WORDPIECE)
     hf = BertTokenizerFast.from_pretrained(str(vocab_only), do_lower_case=False)
     want = [hf(t)["input_ids"] for t in ARABIC]
     for tok in (from_vocab, from_json):
@@ -234,12 +235,12 @@ def test_tokenizer_matches_transformers(tmp_path):
     assert from_vocab.pair(q, a, 10_000) == (e["input_ids"], e["token_type_ids"])
     # do_lower_case from tokenizer_config.json is honoured (Latin letters are lower-cased)
     (vocab_only / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    low = bert.load_tokenizer(str(vocab_only))
+    low = hub.load_wordpiece(str(vocab_only))
     hf_low = BertTokenizerFast.from_pretrained(str(vocab_only))  # reads do_lower_case from the config
     assert [low.single(x, 10_000)[0] for x in low.encode(ARABIC)] == [hf_low(t)["input_ids"] for t in ARABIC]
     # save -> load round trip keeps the ids
     from_vocab.save(str(tmp_path / "saved"))
-    again = bert.load_tokenizer(str(tmp_path / "saved"))
+    again = hub.load_wordpiece(str(tmp_path / "saved"))
     assert again.encode(ARABIC) == from_vocab.encode(ARABIC)
 
 
@@ -259,14 +260,14 @@ def test_tokenizer_config_casing_overrides_tokenizer_json(tmp_path):
         d.mkdir()
         BertWordPieceTokenizer(vocab, lowercase=False, strip_accents=False).save(str(d / "tokenizer.json"))
         (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **extra}))
-        ours = bert.load_tokenizer(str(d))
+        ours = hub.load_wordpiece(str(d))
         want = [BertTokenizerFast.from_pretrained(str(d))(t)["input_ids"] for t in texts]
         assert [ours.single(x, 100)[0] for x in ours.encode(texts)] == want, extra
         seen.append(want)
     assert seen[0] != seen[1] != seen[2] != seen[0]   # the three settings really tokenise differently
 
 def test_head_tail_truncation():
-    tok = bert.load_tokenizer(WORDPIECE)
+    tok = hub.load_wordpiece(WORDPIECE)
     q, a = list(range(100, 400)), list(range(1000, 1600))   # 300 question tokens, 600 answer tokens
 
     def parts(ids, tt):
@@ -679,7 +680,7 @@ def test_hub_download_is_restricted(monkeypatch, tmp_path):
     pats = seen["allow_patterns"]
     assert "*.safetensors" in pats and "config.json" in pats and "vocab.txt" in pats
     assert not any(p.endswith((".bin", ".py", ".pt", ".h5", ".msgpack", "*")) for p in pats)
-    assert bert.REGISTRY["arabertv02"]["repo"] == "aubmindlab/bert-base-arabertv02"
+    assert hub.ENCODERS["arabertv02"]["repo"] == "aubmindlab/bert-base-arabertv02"
 
     def offline(repo_id, **kw):
         raise OSError("no network")
@@ -696,7 +697,7 @@ def test_tokenizer_config_null_special_names_take_berts(tmp_path):
     d.mkdir()
     (d / "vocab.txt").write_text(open(os.path.join(WORDPIECE, "vocab.txt"), encoding="utf-8").read(), encoding="utf-8")
     (d / "tokenizer_config.json").write_text(json.dumps({"pad_token": None, "cls_token": 5, "do_lower_case": False}))
-    tok = bert.load_tokenizer(str(d))
+    tok = hub.load_wordpiece(str(d))
     hf = BertTokenizerFast.from_pretrained(str(d), do_lower_case=False, pad_token="[PAD]", cls_token="[CLS]")
     assert (tok.pad_id, tok.cls_id) == (hf.convert_tokens_to_ids("[PAD]"), hf.convert_tokens_to_ids("[CLS]"))
     assert [tok.single(x, 10_000)[0] for x in tok.encode(ARABIC)] == [hf(t)["input_ids"] for t in ARABIC]
