@@ -29,6 +29,46 @@ ARABIC = ["أشعر بألم ضاغط في وسط صدري ينتشر إلى ذ�
           "eg:ابني عنده سنتين وبياكل قليل جدًا ومش بيحب الخضار، أعمل إيه؟ 😀"]
 
 
+def ids_list(seqs):
+    return [list(s[0]) for s in seqs]
+
+
+def test_saved_classifier_loads_in_transformers(trained):
+    from transformers import AutoModel, BertForSequenceClassification
+    out = trained["out"]
+    ours, tok, labels = bert.load_classifier(out)
+    hf = BertForSequenceClassification.from_pretrained(out).eval()
+    assert [hf.config.id2label[i] for i in range(len(labels))] == labels == list(data.SEVERITIES)
+    seqs = bert.build_inputs(tok, ARABIC, 64)
+    ids, am, tt = bert.collate(seqs, tok.pad_id, "cpu")
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
+        got = ours(ids, am, tt)
+        enc = AutoModel.from_pretrained(out).eval()(input_ids=ids, attention_mask=am).last_hidden_state
+        ours_h = ours.bert(ids, am)
+    assert (got - want).abs().max() <= 1e-4
+    assert (enc - ours_h)[am.bool()].abs().max() <= 1e-4
+    from transformers import AutoTokenizer   # the saved tokenizer gives transformers the same ids
+    assert [AutoTokenizer.from_pretrained(out)(t)["input_ids"] for t in ARABIC] == ids_list(seqs)
+    with open(os.path.join(out, "config.json")) as fh:
+        cfg = json.load(fh)
+    assert cfg["model_type"] == "bert" and cfg["architectures"] == ["BertForSequenceClassification"]
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "label2id"):
+        assert k in cfg
+    from safetensors.torch import load_file
+    keys = set(load_file(os.path.join(out, "model.safetensors")))
+    assert {"bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.LayerNorm.bias",
+            "bert.pooler.dense.weight", "classifier.weight", "classifier.bias"} <= keys
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "metrics.json"):
+        assert os.path.exists(os.path.join(out, f))
+    # predict_proba: rows are distributions, in input order
+    p = bert.predict_proba(ours, tok, ARABIC, batch_size=2, max_len=64)
+    assert p.shape == (4, 3) and np.allclose(p.sum(1), 1)
+    p1 = bert.predict_proba(ours, tok, ARABIC[1:2], batch_size=2, max_len=64)
+    assert np.abs(p1[0] - p[1]).max() < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # Training tricks, each against a hand computation
 
