@@ -98,8 +98,6 @@ FAMILIES = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-
 def build_hf(fam, seed=0, std=0.3, **overrides):
     """A tiny random transformers model of `fam`, eval mode, fp32, with weights that make wrong maths visible."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -163,8 +161,6 @@ def ids(B=2, T=12, seed=0):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-# ----------------------------------------------------------------------------------------------- 4. train.py flags
-
 def run_train(argv):
     """cli.run(train.main, argv) -> exit status."""
     try:
@@ -212,8 +208,6 @@ TRAIN = os.path.join(ROOT, "train.py")
 WORDS = ("ألم صداع حرارة سعال دواء طبيب مستشفى قلب صدر ضغط سكر معدة رأس دم تنفس حساسية جلد عين أذن ظهر "
          "مفاصل نوم تعب دوخة غثيان التهاب مضاد حيوي فحص تحليل أشعة علاج راحة ماء غذاء رياضة نزيف إغماء").split()
 
-
-# ----------------------------------------------------------------------------------------------- fixtures/helpers
 
 def make_records(n, seed):
     """n canonical records: Arabic Q/A of uneven lengths, soft probabilities (3 decimals, summing to 1) whose
@@ -561,9 +555,6 @@ def read_jsonl(path):
         return [json.loads(ln) for ln in f]
 
 
-# -- bad input ---------------------------------------------------------------------------------------------------
-
-
 def expect_exit2(capsys, argv, *needles, main=None):
     with pytest.raises(SystemExit) as e:
         (main or E.main)(argv)
@@ -612,6 +603,11 @@ def make_classifier(folder, labels, seed=0):
     bert.save_classifier(model, bert.load_tokenizer(WORDPIECE), str(folder))
     return str(folder)
 
+ARABIC = ["أشعر بألم ضاغط في وسط صدري ينتشر إلى ذراعي اليسرى منذ نصف ساعة. ماذا أفعل؟",
+          "طفلي عمره ثلاثة أسابيع وحرارته 38.3 درجة، ويرضع أقل من المعتاد!!",
+          "هل شرب فنجانين من القهوة يوميًا يضر القلب؟ (سؤال عام) [CLS] xyzzy ABC",
+          "eg:ابني عنده سنتين وبياكل قليل جدًا ومش بيحب الخضار، أعمل إيه؟ 😀"]
+
 
 def tiny_hf(tmp_path, name="hf", cls=None, **kw):
     """A random transformers BERT (LayerNorms perturbed so they are not identities) saved as safetensors."""
@@ -652,8 +648,6 @@ def _tiny_classifier(seed=0):
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
 
-
-# ----------------------------------------------------------------------------------------------- fixtures
 
 def _bert_folder(folder):
     """A tiny random BERT over the sample's characters (test_evaluate.make_scorer): a valid scorer for evaluate.py

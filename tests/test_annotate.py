@@ -17,7 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLE_QA = os.path.join(ROOT, "data", "sample", "test.jsonl")
-WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """batching.py: encode and collate (question and padding masked), packing (pack_rows, segment positions, pack_step)
 and packed rows against each example run alone (transformers and our unpacked forward)."""
-
 import pytest
 import torch
 

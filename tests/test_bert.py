@@ -10,17 +10,11 @@ import torch.nn.functional as F
 import bert
 import cli
 
-from conftest import batch, _tiny_classifier, tiny_hf
+from conftest import ARABIC, batch, _tiny_classifier, tiny_hf, WORDPIECE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
-
-ARABIC = ["أشعر بألم ضاغط في وسط صدري ينتشر إلى ذراعي اليسرى منذ نصف ساعة. ماذا أفعل؟",
-          "طفلي عمره ثلاثة أسابيع وحرارته 38.3 درجة، ويرضع أقل من المعتاد!!",
-          "هل شرب فنجانين من القهوة يوميًا يضر القلب؟ (سؤال عام) [CLS] xyzzy ABC",
-          "eg:ابني عنده سنتين وبياكل قليل جدًا ومش بيحب الخضار، أعمل إيه؟ 😀"]
 
 
 # ----------------------------------------------------------------------------------------------

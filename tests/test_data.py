@@ -284,13 +284,11 @@ def test_answer_complete_never_changes_the_answer(generated, want):
     assert data.answer_complete(generated + tail) and data.extract_answer(generated + tail) == want
 
 
-@pytest.mark.usefixtures("threads_and_signals")
 def test_format_prompt_without_cue():
     assert data.format_prompt("س", cue=False) == "\nس\n"
     assert data.format_prompt("س") == "\nس\n\n" + data.PROMPT_CUE + "\n"
 
 
-@pytest.mark.usefixtures("threads_and_signals")
 def test_notebook_extraction_keeps_everything_after_the_first_cue():
     """The notebooks' `pred.split(Q, 1)[-1].split(cue, 1)[-1]` on the generated text (the prompt already cut)."""
     cases = [("\nالاجابة:\nاشرب الماء.\nسؤال؟\n\nالاجابة:\nلا", "اشرب الماء.\nسؤال؟\n\nالاجابة:\nلا"),
@@ -303,7 +301,6 @@ def test_notebook_extraction_keeps_everything_after_the_first_cue():
 
 # ----------------------------------------------------------------------------------------------- 1. weights & loss
 
-@pytest.mark.usefixtures("threads_and_signals")
 def test_parse_weights():
     assert data.parse_weights("1,1,1") == (1.0, 1.0, 1.0)
     assert data.parse_weights("0.5, 1 ,1.5") == (0.5, 1.0, 1.5)
@@ -318,7 +315,6 @@ def test_parse_weights():
         assert "\n" not in str(e.value) and "--weights" in str(e.value)
 
 
-@pytest.mark.usefixtures("threads_and_signals")
 def test_severity_weight_by_hand():
     rec = {"question": "q", "answer": "a", "severity": "critical", "p_nc": 0.2, "p_n": 0.3, "p_c": 0.5}
     assert data.severity_weight(rec, (0.5, 1.0, 1.5)) == pytest.approx(0.5 * 0.2 + 1.0 * 0.3 + 1.5 * 0.5, abs=1e-12)

@@ -1,6 +1,5 @@
 """lora.py: LoRA init, merge and trainable parameters; LoRA sites by HF/peft names; per-slice dropout; LoRA on an NF4
 base; activation checkpointing (with LoRA, NF4 and bf16 autocast) gives the gradients of the plain model."""
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM

@@ -577,7 +577,6 @@ def test_generate_stop_callback():
     assert seen.count(8) == 3 and seen.count(16) == 2
 
 
-@pytest.mark.usefixtures("threads_and_signals")
 def test_a_tiny_temperature_samples_the_best_token():
     """--temperature 1e-300 is a valid (finite, positive) flag: logits / T overflowed to inf and softmax gave NaN,
     a traceback in torch.multinomial. Now it samples the argmax, with top-k and top-p too."""

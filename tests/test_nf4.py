@@ -1,6 +1,5 @@
-"""nf4.py: NF4 base weights against the QLoRA paper's codebook (typed out below and quantised by a plain-Python
-nearest-level loop) and against the model with dequantised weights; loading quantises tensor by tensor."""
-
+"""nf4.py: NF4 base weights against the QLoRA paper's codebook (typed out in conftest.PAPER_NF4, quantised by a
+plain-Python nearest-level loop) and against the model with dequantised weights; loading quantises tensor by tensor."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM

@@ -29,10 +29,6 @@ from conftest import write_csv_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SAMPLE = ROOT / "data" / "sample"
-Q, A = "ما علاج الصداع؟", "الراحة وشرب الماء."
-GOOD = {"question": Q, "answer": A, "severity": "neutral", "p_nc": 0.2, "p_n": 0.5, "p_c": 0.3}
-
 
 # ------------------------------------------------------------------------------------------------
 # prepare.py
