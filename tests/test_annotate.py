@@ -2,41 +2,21 @@
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
-import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import annotate
+import bert
+import data
 
-import annotate  # noqa: E402
-import bert  # noqa: E402
-import hub  # noqa: E402
-import data  # noqa: E402
-
-SAMPLE_QA = os.path.join(ROOT, "data", "sample", "test.jsonl")
-WORDPIECE = os.path.join(ROOT, "data", "sample", "wordpiece")
-
+from conftest import make_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def make_classifier(folder, labels, seed=0):
-    """A tiny random classifier folder in classify.py's output layout (no training needed here)."""
-    torch.manual_seed(seed)
-    cfg = bert.BertConfig(vocab_size=hub.load_wordpiece(WORDPIECE).vocab_size, hidden_size=32,
-                          num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                          max_position_embeddings=128, initializer_range=0.2)
-    model = bert.BertClassifier(cfg, labels)
-    with torch.no_grad():  # large random weights, so the questions get different, confident predictions
-        model.bert.wte.weight.normal_(0, 1.0)
-        model.bert.pooler.weight.normal_(0, 0.5)
-        model.classifier.weight.normal_(0, 2.0)
-    model.meta = {"trained_with": "test", "input": "text", "max_len": 96}
-    bert.save_classifier(model, hub.load_wordpiece(WORDPIECE), str(folder))
-    return str(folder)
+SAMPLE_QA = os.path.join(ROOT, "data", "sample", "test.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import bench
-import model as M
 import hub
+import model as M
+
+from conftest import PAPER_NF4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = ["--iters", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--gen-batch", "2",
@@ -192,3 +194,31 @@ def test_lengths_sample_runs_in_process(capsys):
                 "--batch-size", "2", "--seq-len", "32", "--skip-gen", "--quiet"])
     out = capsys.readouterr().out
     assert "packed / padded" in out and "real tokens/s" in out
+
+
+# ----------------------------------------------------------------------------------------------- 6. bench.py --memory
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_memory_mode_figures_add_up(tmp_path, capsys):
+    import bench
+    out = tmp_path / "m.json"
+    r = bench.main(["--memory", "--model", "llama-2-7b", "--hidden", "128", "--layers", "2", "--batch-size", "2",
+                    "--seq-len", "32", "--json", str(out)])
+    assert json.load(open(out))["weights"] == r["weights"]
+    w, cfg = r["weights"], M.Config.from_hf(bench.scaled_config(hub.REGISTRY["llama-2-7b"]["config"], 2, 128))
+    d, ff, q, kv = cfg.d_model, cfg.d_ff, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    n_lin = d * (q + 2 * kv) + q * d + d * 2 * ff + ff * d              # qkv, o, fc, proj of one block
+    assert w["params_per_block"] == n_lin + 2 * d                      # + two RMSNorm weights
+    assert w["fp32"] == 4 * w["params_per_block"] and w["bf16"] == 2 * w["params_per_block"]
+    assert w["nf4"] == n_lin // 2 + n_lin // 64 * 4 + 2 * d * 2       # codes, fp32 absmax per 64, bf16 norms
+    assert w["full_depth_GiB"]["nf4"] == pytest.approx((32 * w["nf4"] + w["rest_bf16"]) / 2 ** 30)
+    assert 0.05 < w["nf4_rel_rms_error"] < 0.15                        # NF4 on Gaussian weights: about 9 %
+    assert w["nf4_max_error_over_absmax"] <= (PAPER_NF4[1] - PAPER_NF4[0]) / 2 + 1e-6
+    steps = {(s["base"], s["grad_checkpoint"]): s for s in r["steps"]}
+    assert set(steps) == {("bf16", False), ("bf16", True), ("nf4", False), ("nf4", True)}
+    for base in ("bf16", "nf4"):   # a checkpointed block keeps exactly its bf16 input (2 x 32 x d)
+        assert steps[base, True]["saved_per_block"] == 2 * 32 * d * 2
+        assert steps[base, False]["saved_per_block"] > 5 * steps[base, True]["saved_per_block"]
+    assert steps["nf4", False]["weights_bytes"] < steps["bf16", False]["weights_bytes"]
+    assert steps["bf16", False]["loss"] == pytest.approx(steps["bf16", True]["loss"], rel=1e-6)
+    assert "16 GiB" in capsys.readouterr().out

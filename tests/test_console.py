@@ -244,7 +244,7 @@ def test_control_characters_in_a_column_name(tmp_path, name):
 def test_annotate_piped_into_head_exits_0(tmp_path):
     """annotate.py | head -1: its work done, the flush at exit met the closed pipe and exited 120 (now 0)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from test_annotate import make_classifier
+    from conftest import make_classifier
     import data
     clf = make_classifier(tmp_path / "clf", list(data.SEVERITIES))
     out = tmp_path / "out.jsonl"

@@ -6,19 +6,15 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import cli
+import data
+import outputs
 
-import cli  # noqa: E402
-import data  # noqa: E402
-import outputs  # noqa: E402
-from data import prepare  # noqa: E402
-from data import xlsx  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE = ROOT / "data" / "sample"
 Q, A = "ما علاج الصداع؟", "الراحة وشرب الماء."
@@ -280,8 +276,6 @@ EXTRACT_CASES = [
 ]
 
 
-
-
 def oos_extract_cases():
     """tests/oos/extract_cases.jsonl: fresh generations of issue 24's failing kinds (a cue without its colon, a cue
     after other words, greeting-opened and multi-line new questions, a cut cue, question labels, س:/ج:, the doctor's
@@ -311,234 +305,66 @@ def test_notebook_rule_unchanged(generated):
     assert data.extract_answer_notebook(generated) == generated.split(data.PROMPT_CUE, 1)[-1].strip()
 
 
-# ------------------------------------------------------------------------------------------------
-# prepare.py
-
-def run_prepare(args, capsys=None):
-    prepare.main([str(a) for a in args])
-    return capsys.readouterr() if capsys else None
-
-
-def read_out(out):
-    tr = data.load_qa(out / "train.jsonl")
-    te = data.load_qa(out / "test.jsonl")
-    return tr, te, json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-
-
-def qa_csv(tmp_path):
-    rows = [
-        ["ما سبب الصداع؟", "قلة النوم."],
-        ["ما سبب الصداع؟", "قلة النوم."],                    # exact duplicate
-        ["مَا سَبَبُ الصُّدَاعِ؟", "قلة   النوم."],             # duplicate after normalisation
-        ["هل القهوة مضرة؟", ""],                              # empty answer: dropped
-        ["   ", "جواب"],                                       # empty question: dropped
-        ["إبني عنده حمى", "راجع الطبيب https://example.com/x 😀"],
-        ["طـــبيب الأسنان متى؟", "كل ستة أشهر"],
-        ["سؤال خامس", "جواب خامس"],
-        ["سؤال سادس", "جواب سادس"],
-        ["سؤال سابع", "جواب سابع"],
-    ]
-    return write_csv_rows(tmp_path / "maqa.csv", ["Question", "Answer"], rows)
+@pytest.mark.parametrize("generated, want", EXTRACT_CASES)
+def test_answer_complete_never_changes_the_answer(generated, want):
+    """Once a prefix of the generation is 'complete', every longer prefix gives the same answer as the whole text:
+    stopping there loses nothing; the whole text is complete exactly when a prefix is."""
+    complete = [k for k in range(len(generated) + 1) if data.answer_complete(generated[:k])]
+    assert complete == list(range(complete[0], len(generated) + 1)) if complete else True, "complete stays complete"
+    for k in complete:
+        assert data.extract_answer(generated[:k]) == want
+    assert bool(complete) == data.answer_complete(generated)
+    tail = "\nسؤال آخر؟\n\nالإجابة:\nجواب"                # a new question and cue always completes it
+    assert data.answer_complete(generated + tail)
+    if generated not in CUT_CUE:                       # a cue cut short is one only at the very end of the text
+        assert data.extract_answer(generated + tail) == want
 
 
-def test_prepare_csv_end_to_end(tmp_path, capsys):
-    src = qa_csv(tmp_path)
-    out = tmp_path / "out"
-    run_prepare(["--input", src, "--out", out, "--n-train", 4, "--n-test", 2, "--seed", 3])
-    tr, te, m = read_out(out)
-    assert (m["rows_read"], m["dropped_empty"], m["duplicates_removed"], m["rows_after_dedup"]) == (10, 2, 2, 6)
-    assert (len(tr), len(te), m["n_train"], m["n_test"], m["unused"]) == (4, 2, 4, 2, 0)
-    assert m["proportional_split"] is False and m["normalize"] is False and m["seed"] == 3
-    import hashlib
-    assert m["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
-    assert all(set(r) == {"question", "answer"} for r in tr + te)
-    assert len({r["question"] for r in tr + te}) == 6  # train and test are disjoint
-    # without --normalize the text is written as given (stripped)
-    assert "طـــبيب الأسنان متى؟" in {r["question"] for r in tr + te}
-    # same seed -> byte-identical files; the test set does not depend on --n-train
-    out2 = tmp_path / "out2"
-    run_prepare(["--input", src, "--out", out2, "--n-train", 4, "--n-test", 2, "--seed", 3])
-    for f in ("train.jsonl", "test.jsonl", "manifest.json"):
-        assert (out / f).read_bytes() == (out2 / f).read_bytes()
-    out3 = tmp_path / "out3"
-    run_prepare(["--input", src, "--out", out3, "--n-train", 2, "--n-test", 2, "--seed", 3])
-    assert (out3 / "test.jsonl").read_bytes() == (out / "test.jsonl").read_bytes()
-    assert read_out(out3)[2]["unused"] == 2
+CUT_CUE = {g for g, _ in EXTRACT_CASES if data._cut_cue(g.split("\n"), g.count("\n"))}
 
 
-def test_prepare_normalize_and_proportional_split(tmp_path, capsys):
-    src = qa_csv(tmp_path)
-    out = tmp_path / "out"
-    err = run_prepare(["--input", src, "--out", out, "--normalize"], capsys).err  # default 30000 / 2000
-    tr, te, m = read_out(out)
-    assert "only 6 pairs" in err and m["proportional_split"] is True and m["normalize"] is True
-    assert len(tr) + len(te) == 6 and len(te) == 1  # 6 * 2000/32000 rounds to 0 -> at least 1
-    texts = {r["question"]: r["answer"] for r in tr + te}
-    assert "ابني عنده حمي" in texts                  # alef/yaa unified in the questions
-    assert "طبيب الاسنان متي؟" in texts               # tatweel removed, alef with hamza -> alef
-    # issue 24: the answers stay the doctors' text unless --normalize-answers asks (the first copy of a duplicate)
-    assert texts["ابني عنده حمي"] == "راجع الطبيب https://example.com/x 😀" and texts["ما سبب الصداع؟"] == "قلة النوم."
-    assert m["normalize_answers"] == "none" and m["answers"] == {"train": "raw", "test": "raw"}
+def test_cut_cue_cases():
+    assert {c["generated"] for c in OOS_EXTRACT if c["kind"] == "cut-cue"} <= CUT_CUE
 
 
-@pytest.mark.parametrize("choice, train_norm, test_norm", [("train", True, False), ("all", True, True)])
-def test_prepare_normalize_answers(tmp_path, choice, train_norm, test_norm):
-    src = qa_csv(tmp_path)
-    base, out = tmp_path / "base", tmp_path / "out"
-    run_prepare(["--input", src, "--out", base, "--n-train", 4, "--n-test", 2, "--normalize"])
-    run_prepare(["--input", src, "--out", out, "--n-train", 4, "--n-test", 2, "--normalize",
-                 "--normalize-answers", choice])
-    (tr0, te0, m0), (tr, te, m) = read_out(base), read_out(out)
-    # the same pairs in the same split, the same questions; only the answers differ, in the files asked for
-    assert [r["question"] for r in tr + te] == [r["question"] for r in tr0 + te0]
-    norm = prepare.normalize_arabic
-    assert [r["answer"] for r in tr] == [norm(r["answer"]) if train_norm else r["answer"] for r in tr0]
-    assert [r["answer"] for r in te] == [norm(r["answer"]) if test_norm else r["answer"] for r in te0]
-    assert any(r["answer"] != prepare.normalize_arabic(r["answer"]) for r in tr0 + te0)
-    assert m["normalize_answers"] == choice
-    assert m["answers"] == {"train": "orthographic", "test": "orthographic" if test_norm else "raw"}
-    assert m0["answers"] == {"train": "raw", "test": "raw"}
+def test_format_prompt_without_cue():
+    assert data.format_prompt("س", cue=False) == "\nس\n"
+    assert data.format_prompt("س") == "\nس\n\n" + data.PROMPT_CUE + "\n"
 
 
-def test_prepare_normalize_answers_needs_orthographic(tmp_path, capsys):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as e:
-        run_prepare(["--input", qa_csv(tmp_path), "--out", out, "--normalize-answers", "train"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "--normalize-answers train needs --normalize orthographic" in err and not out.exists()
+def test_notebook_extraction_keeps_everything_after_the_first_cue():
+    """The notebooks' `pred.split(Q, 1)[-1].split(cue, 1)[-1]` on the generated text (the prompt already cut)."""
+    cases = [("\nالاجابة:\nاشرب الماء.\nسؤال؟\n\nالاجابة:\nلا", "اشرب الماء.\nسؤال؟\n\nالاجابة:\nلا"),
+             ("اشرب الماء.", "اشرب الماء."),                                 # no cue: the whole text
+             ("كلام الاجابة: جواب", "جواب"),
+             ("\nالإجابة:\nجواب", "الإجابة:\nجواب")]                         # the exact cue only, as split() did
+    for text, want in cases:
+        assert data.extract_answer_notebook(text) == want
 
 
-def test_normalize_rules():
-    n = prepare.normalize_arabic
-    assert n("مَرْحَبًا") == "مرحبا"                 # tashkeel and tanwin
-    assert n("جمـــيل") == "جميل"                  # tatweel
-    assert n("أإآٱ") == "اااا"                     # alef variants
-    assert n("على") == "علي" and n("مدرسة") == "مدرسه"
-    assert n("انظر www.x.org و http://a.b/c?d=1 هنا") == "انظر و هنا"
-    assert n("شكرا 🙏🏽 ❤️ جدا") == "شكرا جدا"
-    assert n("  سطر\n\tثان  ") == "سطر ثان"
+# ----------------------------------------------------------------------------------------------- 1. weights & loss
+
+def test_parse_weights():
+    assert data.parse_weights("1,1,1") == (1.0, 1.0, 1.0)
+    assert data.parse_weights("0.5, 1 ,1.5") == (0.5, 1.0, 1.5)
+    assert data.parse_weights("0,0,2") == (0.0, 0.0, 2.0)
+    assert data.parse_weights("balanced") == (0.5, 1.0, 1.5)
+    assert data.parse_weights("strong") == (0.25, 1.0, 1.75)
+    assert data.parse_weights("mild") == (0.75, 1.0, 1.25)
+    assert data.parse_weights("ce") == (1.0, 1.0, 1.0)
+    for bad in ("0.5,1", "abc", "1,-1,2", "1,2,3,4", "", "nan,1,1", "inf,1,1", "1,,2"):
+        with pytest.raises(ValueError) as e:
+            data.parse_weights(bad)
+        assert "\n" not in str(e.value) and "--weights" in str(e.value)
 
 
-def test_prepare_apollo_shaped_json(tmp_path):
-    convs = [["س1", "ج1", "س2", "ج2"], ["س3", "ج3", "س4"], ["س1", "ج1"]]
-    src = tmp_path / "medicalPatient_ar.json"
-    src.write_text(json.dumps(convs, ensure_ascii=False, indent=1), encoding="utf-8")
-    out = tmp_path / "out"
-    prepare.main(["--source", "apollo", "--input", str(src), "--out", str(out), "--n-train", "2", "--n-test", "1"])
-    tr, te, m = read_out(out)
-    assert m["source"] == "apollo" and m["rows_read"] == 4 and m["dropped_unpaired_turns"] == 1
-    assert m["duplicates_removed"] == 1 and len(tr) == 2 and len(te) == 1
-    assert {(r["question"], r["answer"]) for r in tr + te} == {("س1", "ج1"), ("س2", "ج2"), ("س3", "ج3")}
-    # a conversation that is not a list of strings is bad input, reported at its line
-    src.write_text('[\n["q", "a"],\n["q", 3]\n]', encoding="utf-8")
-    with pytest.raises(cli.DataError, match=r":3: conversation: "):
-        prepare.prepare(prepare.parse_args(["--source", "apollo", "--input", str(src), "--out", str(tmp_path / "x")]))
-
-
-def make_xlsx(path, rows):
-    """A minimal .xlsx: row 1 header; strings alternate between shared and inline cells."""
-    shared, sheet_rows = [], []
-    for r, row in enumerate(rows, 1):
-        cells = []
-        for c, val in enumerate(row):
-            ref = f"{'ABCDEFGH'[c]}{r}"
-            if isinstance(val, (int, float)):
-                cells.append(f'<c r="{ref}"><v>{val}</v></c>')
-            elif (r + c) % 2:
-                shared.append(val)
-                cells.append(f'<c r="{ref}" t="s"><v>{len(shared) - 1}</v></c>')
-            else:
-                cells.append(f'<c r="{ref}" t="inlineStr"><is><t>{val}</t></is></c>')
-        sheet_rows.append(f'<row r="{r}">{"".join(cells)}</row>')
-    ns = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
-    rns = 'xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"'
-    with zipfile.ZipFile(path, "w") as z:
-        ct = "application/vnd.openxmlformats-officedocument.spreadsheetml."
-        z.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/'
-                   'package/2006/content-types">'
-                   f'<Override PartName="/xl/workbook.xml" ContentType="{ct}sheet.main+xml"/>'
-                   f'<Override PartName="/xl/worksheets/sheet1.xml" ContentType="{ct}worksheet+xml"/>'
-                   f'<Override PartName="/xl/worksheets/sheet2.xml" ContentType="{ct}worksheet+xml"/>'
-                   f'<Override PartName="/xl/sharedStrings.xml" ContentType="{ct}sharedStrings+xml"/></Types>')
-        z.writestr("xl/workbook.xml", f'<?xml version="1.0"?><workbook {ns} {rns}><sheets>'
-                   '<sheet name="Info" sheetId="1" r:id="rId2"/><sheet name="QA" sheetId="2" r:id="rId1"/>'
-                   '</sheets></workbook>')
-        z.writestr("xl/_rels/workbook.xml.rels", '<?xml version="1.0"?><Relationships xmlns="http://schemas.'
-                   'openxmlformats.org/package/2006/relationships">'
-                   '<Relationship Id="rId1" Type="worksheet" Target="worksheets/sheet1.xml"/>'
-                   '<Relationship Id="rId2" Type="worksheet" Target="/xl/worksheets/sheet2.xml"/>'
-                   '</Relationships>')
-        z.writestr("xl/sharedStrings.xml", f'<?xml version="1.0"?><sst {ns}>' +
-                   "".join(f"<si><r><t>{s[:2]}</t></r><r><t>{s[2:]}</t></r></si>" for s in shared) + "</sst>")
-        z.writestr("xl/worksheets/sheet1.xml", f'<?xml version="1.0"?><worksheet {ns}><sheetData>'
-                   + "".join(sheet_rows) + "</sheetData></worksheet>")
-        z.writestr("xl/worksheets/sheet2.xml", f'<?xml version="1.0"?><worksheet {ns}><sheetData>'
-                   '<row r="1"><c r="A1" t="inlineStr"><is><t>not this sheet</t></is></c></row>'
-                   "</sheetData></worksheet>")
-    return path
-
-
-def test_prepare_xlsx_with_named_columns(tmp_path):
-    rows = [["id", "نص السؤال", "نص الجواب"],
-            [1, "ما هو السكري؟", "ارتفاع سكر الدم."],
-            [2, "هل الرياضة مفيدة؟", "نعم باعتدال."],
-            [3, "ما هو السكري؟", "ارتفاع سكر الدم."],
-            [4, "سؤال رابع", "جواب رابع"]]
-    src = make_xlsx(tmp_path / "maqa.xlsx", rows)
-    assert xlsx.read_xlsx(src, "QA")[0] == (2, {"id": "1", "نص السؤال": "ما هو السكري؟", "نص الجواب": "ارتفاع سكر الدم."})
-    out = tmp_path / "out"
-    prepare.main(["--input", str(src), "--sheet", "QA", "--question-col", "نص السؤال", "--answer-col", "نص الجواب",
-                  "--out", str(out), "--n-train", "2", "--n-test", "1"])
-    tr, te, m = read_out(out)
-    assert m["rows_read"] == 4 and m["duplicates_removed"] == 1 and (len(tr), len(te)) == (2, 1)
-    assert {r["question"] for r in tr + te} == {"ما هو السكري؟", "هل الرياضة مفيدة؟", "سؤال رابع"}
-
-
-def test_prepare_keeps_probability_columns(tmp_path):
-    src = write_csv_rows(tmp_path / "ann.csv", ["Question", "Answer", "غير حرج", "متوسط", "حرج"],
-                         [["س1", "ج1", "0.1", "0.2", "0.7"], ["س2", "ج2", "0.6", "0.3", "0.1"]])
-    out = tmp_path / "out"
-    prepare.main(["--input", str(src), "--out", str(out), "--n-train", "1", "--n-test", "1"])
-    recs = data.load_records(out / "train.jsonl") + data.load_records(out / "test.jsonl")
-    assert sorted(r["severity"] for r in recs) == ["critical", "non-critical"]
-    assert json.loads((out / "manifest.json").read_text())["has_severity"] is True
-
-
-@pytest.mark.parametrize("case", ["bad_prob", "missing_column", "no_file", "not_xlsx"])
-def test_prepare_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
-    out = tmp_path / "out"
-    if case == "bad_prob":
-        src = write_csv_rows(tmp_path / "b.csv", ["question", "answer", "p_nc", "p_n", "p_c"],
-                             [["س", "ج", "0.2", "0.5", "0.3"], ["س2", "ج2", "0.2", "0.5", "1.3"]])
-        args, where = ["--input", src], f"{src}:3: p_c: "
-    elif case == "missing_column":
-        src = write_csv_rows(tmp_path / "b.csv", ["q", "a"], [["س", "ج"]])
-        args, where = ["--input", src], f"{src}:2: question: "   # at the first record (was the header line)
-    elif case == "no_file":
-        src = tmp_path / "nope.csv"
-        args, where = ["--input", src], f"--data: {src}: no such file"   # --input is --data's old spelling
-    else:
-        src = tmp_path / "b.xlsx"
-        src.write_bytes(b"not a zip")
-        args, where = ["--input", src], f"{src}:1: file: "
-    with pytest.raises(SystemExit) as ei:
-        run_prepare(args + ["--out", out])
-    assert ei.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: " + where), err
-    assert not out.exists() or not any(out.iterdir())
-
-
-def test_prepare_runs_as_a_script(tmp_path):
-    # `python data/prepare.py` (not -m) must find the data package; bad input -> status 2, one line
-    src = write_csv_rows(tmp_path / "b.csv", ["question", "answer", "severity"], [["س", "ج", "bogus"]])
-    r = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(src),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.startswith(f"error: {src}:2: severity: "), r.stderr
-    assert r.stderr.count("\n") == 1
-    h = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--help"],
-                       capture_output=True, text=True, timeout=60)
-    assert h.returncode == 0 and "--question-col" in h.stdout and "--normalize" in h.stdout
+def test_severity_weight_by_hand():
+    rec = {"question": "q", "answer": "a", "severity": "critical", "p_nc": 0.2, "p_n": 0.3, "p_c": 0.5}
+    assert data.severity_weight(rec, (0.5, 1.0, 1.5)) == pytest.approx(0.5 * 0.2 + 1.0 * 0.3 + 1.5 * 0.5, abs=1e-12)
+    assert data.severity_weight(rec, (1, 1, 1)) == pytest.approx(1.0, abs=1e-12)
+    assert data.severity_weight(rec, (0.25, 1.0, 1.75)) == pytest.approx(1.225, abs=1e-12)
+    one_hot = dict(rec, p_nc=0.0, p_n=0.0, p_c=1.0)
+    assert data.severity_weight(one_hot, (0.5, 1.0, 1.5)) == pytest.approx(1.5, abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,40 +3,35 @@
 Each case runs one script's real command line -- main(argv), i.e. argparse and everything after it -- and asserts
 what the user must see: exit status 2, exactly one stderr line starting with "error:", no traceback, and nothing
 written (the case's folder is byte-for-byte what it was before). Most cases run in-process (one pytest process,
-many cases: cheap); a few go through a real `python script.py` subprocess. After the table: divergence, resume
-refusals, a cut log line, a corrupt resume state, the umask, and --lr 0 as a dry run. (kill -9 + resume equal to
-the uninterrupted run: tests/test_train.py::test_resume_after_kill_equals_uninterrupted.)
+many cases: cheap); a few go through a real `python script.py` subprocess. Divergence, resume refusals, a cut log
+line, a corrupt resume state, the umask and --lr 0: tests/test_checkpoint.py.
 """
-import contextlib
-import io
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
 import sys
-import traceback
 import zipfile
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import annotate
+import bench
+import classify
+import cli
+import data
+import evaluate
+import report
+import train
+from data import prepare
 
-import annotate  # noqa: E402
-import bench  # noqa: E402
-import classify  # noqa: E402
-import cli  # noqa: E402
-import data  # noqa: E402
-import outputs  # noqa: E402
-import evaluate  # noqa: E402
-import model as M  # noqa: E402
-import report  # noqa: E402
-import train  # noqa: E402
-from data import prepare  # noqa: E402
+from conftest import assert_contract, call, snapshot
+
+pytestmark = pytest.mark.usefixtures("threads_and_signals")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
 SCRIPTS = {"train": train, "annotate": annotate, "evaluate": evaluate, "report": report, "prepare": prepare,
@@ -46,70 +41,10 @@ PATHS = {"train": "train.py", "annotate": "annotate.py", "evaluate": "evaluate.p
 CUDA = torch.cuda.is_available()
 
 
-# ----------------------------------------------------------------------------------------------- fixtures
-
-def _bert_folder(folder):
-    """A tiny random BERT over the sample's characters (test_evaluate.make_scorer): a valid scorer for evaluate.py
-    and the shape of a classifier folder for corrupting."""
-    from test_evaluate import make_scorer
-    texts = [r["question"] + r["answer"] for r in data.load_records(os.path.join(SAMPLE, "test.jsonl"))]
-    return make_scorer(folder, layers=2, texts=texts)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Read-only inputs shared by all cases: a tiny decoder folder, 8 training records, 4 test records, a scorer."""
-    root = tmp_path_factory.mktemp("errors_env")
-    mdir = str(root / "model")
-    M.Decoder.from_pretrained("tiny").save_pretrained(mdir)
-    M.load_tokenizer("tiny").save(mdir)
-    recs = data.load_records(os.path.join(SAMPLE, "train.jsonl"))
-    (root / "d").mkdir()
-    tr, te = str(root / "d" / "train.jsonl"), str(root / "d" / "test.jsonl")
-    outputs.write_jsonl(tr, recs[:8])
-    outputs.write_jsonl(te, data.load_records(os.path.join(SAMPLE, "test.jsonl"))[:4])
-    good = json.dumps(recs[0], ensure_ascii=False)
-    return dict(root=root, model=mdir, train=tr, test=te, recs=recs[:8], good=good,
-                scorer=_bert_folder(str(root / "scorer")), labels=os.path.join(SAMPLE, "severity_labels.jsonl"))
-
-
-pytestmark = pytest.mark.usefixtures("threads_and_signals")
-
-
-def call(script, argv):
-    """script.main(argv) in-process -> (exit status, stderr). An exception that escapes is a traceback: returned as
-    status 'traceback' with the formatted traceback as stderr, so the table reports it like any other failure."""
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            SCRIPTS[script].main([str(a) for a in argv])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:   # noqa: BLE001 - exactly what the contract forbids; reported, not raised
-            return "traceback", err.getvalue() + traceback.format_exc()
-    return code, err.getvalue()
-
-
-def snapshot(folder):
-    """Every path under folder with its size, mtime and mode: 'nothing written' = equal snapshots."""
-    out = {}
-    for dp, dns, fns in os.walk(folder):
-        for n in dns + fns:
-            p = os.path.join(dp, n)
-            st = os.lstat(p)
-            out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns, st.st_mode)
-    return out
-
-
-def assert_contract(code, err, *needles):
-    assert code == 2, f"exit status {code!r}, want 2; stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"want exactly one stderr line, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("error: "), lines[0]
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+def env(errors_env):
+    """conftest.errors_env: a tiny decoder folder, 8 training records, 4 test records, a scorer."""
+    return errors_env
 
 
 # ----------------------------------------------------------------------------------------------- bad files
@@ -776,199 +711,3 @@ def test_contract_in_a_subprocess(env, tmp_path, script, argv, needle):
                        cwd=str(case), env=env_vars, timeout=120)
     assert_contract(p.returncode, p.stderr, needle)
     assert snapshot(case) == before
-
-
-# ----------------------------------------------------------------------------------------------- training faults
-
-def read_log(out):
-    with open(os.path.join(str(out), "train_log.jsonl"), encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
-
-
-def state_step(out):
-    return train.read_state_meta(os.path.join(str(out), "state.safetensors"))["step"]
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(str(folder), "model.safetensors"))
-
-
-def run_train(env, out, *extra, steps=2):
-    return call("train", ["--model", env["model"], "--data", env["train"], "--eval-data", "none", "--quiet",
-                          "--out", str(out), "--batch-size", "4", "--max-steps", str(steps), *extra])
-
-
-def test_divergence_without_a_checkpoint_says_none_was_saved(env, tmp_path):
-    out = tmp_path / "out"
-    code, err = run_train(env, out, "--lr", "1e30", "--grad-clip", "0", "--save-every", "0", "--save-minutes", "0",
-                          steps=50)
-    assert code == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "non-finite" in lines[0], err
-    assert "no checkpoint was saved" in lines[0], lines[0]
-    assert not (out / "model.safetensors").exists() and not (out / "state.safetensors").exists()
-
-
-def test_divergence_keeps_the_named_checkpoint_finite(env, tmp_path):
-    """--lr 1e30: the update that makes the loss non-finite is skipped; the message names the checkpoint that
-    remains and its step; that checkpoint and the resume state hold only finite numbers."""
-    out = tmp_path / "out"
-    code, err = run_train(env, out, "--lr", "1e30", "--grad-clip", "0", "--save-every", "1", steps=50)
-    assert code == 1, err
-    k = state_step(out)
-    assert f"at step {k}" in err and "state.safetensors" in err, err
-    assert [r["step"] for r in read_log(out)] == list(range(1, k + 1))
-    assert all(torch.isfinite(v).all() for v in weights(out).values())
-    from safetensors.torch import load_file
-    st = load_file(str(out / "state.safetensors"))
-    assert all(torch.isfinite(v).all() for k_, v in st.items() if v.is_floating_point())
-
-
-def test_non_finite_gradient_is_never_applied(env, tmp_path, monkeypatch):
-    """A finite loss with a NaN gradient (step 2): the weights stay those of step 1 and the run stops, status 1."""
-    out = tmp_path / "out"
-    orig, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
-
-    def poisoned(parameters, max_norm, *a, **k):
-        ps = list(parameters)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            ps[0].grad.fill_(float("nan"))
-        return orig(ps, max_norm, *a, **k)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
-    code, err = run_train(env, out, "--lr", "1e-2", "--save-every", "1", steps=5)
-    assert code == 1 and "gradient norm" in err and "at step 1" in err, err
-    assert state_step(out) == 1
-
-
-def test_resume_refuses_a_changed_experiment(env, tmp_path):
-    out = tmp_path / "out"
-    assert run_train(env, out, "--save-every", "1", "--lr", "1e-3")[0] == 0
-    before = snapshot(out)
-    changed_data = tmp_path / "d2"
-    changed_data.mkdir()
-    shutil.copy(env["train"], changed_data / "train.jsonl")
-    with open(changed_data / "train.jsonl", "a", encoding="utf-8") as f:   # same path name, other content
-        f.write(env["good"] + "\n")
-    for flags, needle in ((["--weights", "ce"], "--weights"), (["--lr", "2e-3"], "--lr"), (["--seed", "1"], "--seed"),
-                          (["--batch-size", "2"], "--batch-size"), (["--loss-tokens", "all"], "--loss-tokens"),
-                          (["--schedule", "cosine"], "--schedule"), (["--weight-decay", "0.1"], "--weight-decay"),
-                          (["--max-len", "100"], "--max-len"), (["--lora-rank", "2"], "--lora-rank")):
-        code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", *flags, steps=4)
-        assert_contract(code, err, "--resume", needle)
-        assert snapshot(out) == before, flags
-    code, err = call("train", ["--model", env["model"], "--data", str(changed_data / "train.jsonl"), "--eval-data",
-                               "none", "--quiet", "--out", str(out), "--batch-size", "4", "--max-steps", "4",
-                               "--lr", "1e-3", "--resume"])
-    assert_contract(code, err, "--data")
-    assert snapshot(out) == before
-    code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=1)   # fewer steps
-    assert_contract(code, err, "--resume", "step 2")
-    assert snapshot(out) == before
-    # more steps is not a change of experiment
-    assert run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=3)[0] == 0
-    assert state_step(out) == 3
-
-
-def test_resume_recovers_a_cut_log_line_and_refuses_a_corrupt_state(env, tmp_path):
-    out = tmp_path / "out"
-    assert run_train(env, out, "--save-every", "1", "--lr", "1e-3", steps=2)[0] == 0
-    with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
-        f.write('{"step": 3, "epoch": 0, "lo')          # what a kill -9 in the middle of a write leaves
-    code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=3)
-    assert code == 0, err
-    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
-    st = out / "state.safetensors"
-    st.write_bytes(st.read_bytes()[:1000])
-    before = snapshot(out)
-    code, err = run_train(env, out, "--save-every", "1", "--lr", "1e-3", "--resume", steps=4)
-    assert_contract(code, err, "state.safetensors")
-    assert snapshot(out) == before
-
-
-def test_lr_0_is_a_dry_run(env, tmp_path):
-    """--lr 0 is accepted: the loss is measured, the weights do not move."""
-    out = tmp_path / "out"
-    code, err = run_train(env, out, "--lr", "0", steps=2)
-    assert code == 0, err
-    assert all(math.isfinite(r["loss"]) for r in read_log(out))
-    a, b = weights(env["model"]), weights(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_outputs_follow_the_umask(env, tmp_path):
-    """Files written atomically get 0666 minus the umask (mkstemp alone would leave them 0600)."""
-    old = os.umask(0o027)
-    try:
-        out = tmp_path / "out"
-        assert run_train(env, out, "--lr", "1e-3", steps=1)[0] == 0
-        prep = tmp_path / "prep"
-        assert call("prepare", ["--input", env["train"], "--out", str(prep), "--n-train", "4", "--n-test", "2"])[0] == 0
-    finally:
-        os.umask(old)
-    files = ["model.safetensors", "config.json", "tokenizer.json", "state.safetensors", "args.json"]
-    for f in [out / f for f in files] + [prep / "train.jsonl", prep / "manifest.json"]:
-        assert oct(os.stat(f).st_mode & 0o777) == oct(0o640), f
-
-
-def test_an_update_that_overflows_the_weights_is_never_saved(env, tmp_path):
-    """Finite loss and gradient, yet AdamW's decoupled decay (lr x weight decay = 1e40) sends the weights past the
-    float range in step 1: the checkpoint due at step 1 is not written, and the message says none was saved."""
-    out = tmp_path / "out"
-    code, err = run_train(env, out, "--lr", "1e30", "--weight-decay", "1e10", "--save-every", "1", steps=3)
-    assert code == 1, err
-    assert "non-finite" in err and "no checkpoint was saved" in err, err
-    assert not (out / "model.safetensors").exists() and not (out / "state.safetensors").exists()
-
-
-@pytest.mark.parametrize("flags,saved", [(["--save-every", "0", "--save-minutes", "1e-9"], [1, 2, 3]),
-                                         (["--save-every", "2", "--save-minutes", "0"], [2, 3]),
-                                         (["--save-every", "0", "--save-minutes", "0"], [3])])
-def test_checkpoints_by_time_and_by_steps(env, tmp_path, monkeypatch, flags, saved):
-    """--save-minutes saves when that much time has passed since the last checkpoint (here: every step),
-    --save-every every N steps; the end of the run always saves."""
-    steps, orig = [], train.save_checkpoint
-
-    def spy(out, raw_model, opt, scaler, step, *a):
-        steps.append(step)
-        return orig(out, raw_model, opt, scaler, step, *a)
-    monkeypatch.setattr(train, "save_checkpoint", spy)
-    assert run_train(env, tmp_path / "out", "--lr", "1e-3", *flags, steps=3)[0] == 0
-    assert steps == saved
-
-
-def test_checkpoints_are_on_by_default():
-    a = train.get_args([])
-    assert a.save_every > 0 and 0 < a.save_minutes <= 60
-
-
-def test_index_shards_are_checked_by_name_not_by_link_target(tmp_path):
-    """A hub snapshot's shards are links into the cache's blobs/ folder: they load. A shard NAMED outside the folder
-    ("../x") is refused (tested through train.py in the table)."""
-    from safetensors.torch import load_file, save_file
-    m = M.Decoder.from_pretrained("tiny")
-    m.save_pretrained(str(tmp_path / "src"))
-    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
-    keys = sorted(sd)
-    (tmp_path / "blobs").mkdir()
-    snap = tmp_path / "snap"
-    snap.mkdir()
-    shards = {"model-1.safetensors": keys[:len(keys) // 2], "model-2.safetensors": keys[len(keys) // 2:]}
-    for name, ks in shards.items():
-        save_file({k: sd[k] for k in ks}, str(tmp_path / "blobs" / name))
-        os.symlink(tmp_path / "blobs" / name, snap / name)
-    shutil.copy(tmp_path / "src" / "config.json", snap / "config.json")
-    (snap / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: name for name, ks in shards.items() for k in ks}}), encoding="utf-8")
-    loaded = M.Decoder.from_pretrained(str(snap)).state_dict()
-    assert all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())
-
-
-def test_a_tiny_temperature_samples_the_best_token():
-    """--temperature 1e-300 is a valid (finite, positive) flag: logits / T overflowed to inf and softmax gave NaN,
-    a traceback in torch.multinomial. Now it samples the argmax, with top-k and top-p too."""
-    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
-    for t in (1e-300, 1e-37):   # below float32's range (0 there), and one where 300 / t overflows float32
-        for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
-            assert M.sample(logits * 100, t, **kw).tolist() == [1, 0], (t, kw)

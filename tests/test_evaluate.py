@@ -1,8 +1,9 @@
-"""evaluate.py: BERTScore against bert-score itself, per-severity statistics, repeatable generation, the comparison
-table and bad input. Offline, CPU: a tiny decoder, a tiny byte-level BPE and a tiny random BERT scorer, all built
-in a temporary folder."""
+"""evaluate.py: BERTScore against bert-score itself, the demo scorer data/sample/scorer, per-severity statistics,
+repeatable generation, recipes and generation settings, stopping at the cue, --quantize nf4, bad input. Offline, CPU:
+a tiny decoder, a tiny byte-level BPE and a tiny random BERT scorer, all built in a temporary folder."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,105 +11,14 @@ import torch
 
 import batching
 import data
-import stats
-import report
-import outputs
 import evaluate as E
-from hub import Tokenizer
-from model import Config, Decoder
+import model as M
+import nf4
+import report
+import stats
+from model import Decoder
 
-QA = [  # (question, answer, severity): short synthetic texts, not medical advice
-    ("أشعر بألم شديد في الصدر مع تعرق", "اتصل بالإسعاف فورا", "critical"),
-    ("فقد أبي الوعي فجأة", "اطلب الإسعاف الآن وتحقق من التنفس", "critical"),
-    ("نزيف لا يتوقف من جرح عميق", "اضغط على الجرح واذهب إلى الطوارئ", "critical"),
-    ("صعوبة شديدة في التنفس عند طفلي", "توجه إلى الطوارئ فورا", "critical"),
-    ("حرارة مرتفعة منذ ثلاثة أيام", "راجع الطبيب خلال يوم", "neutral"),
-    ("قيء متكرر منذ الصباح", "اشرب السوائل وراجع الطبيب إذا استمر", "neutral"),
-    ("ألم مستمر في الظهر منذ أسبوع", "راجع الطبيب لتقييم الألم", "neutral"),
-    ("سعال مع بلغم منذ أيام", "راجع الطبيب إذا زاد السعال", "neutral"),
-    ("صداع خفيف بعد العمل", "استرح واشرب الماء", "non-critical"),
-    ("زكام وسيلان في الأنف", "الراحة والسوائل تكفي غالبا", "non-critical"),
-    ("هل القهوة مضرة", "باعتدال لا تضر غالبا", "non-critical"),
-    ("ما المعدل الطبيعي للنبض", "بين ستين ومئة نبضة في الدقيقة", "non-critical"),
-]
-PROBS = {"critical": (0.1, 0.2, 0.7), "neutral": (0.2, 0.6, 0.2), "non-critical": (0.7, 0.2, 0.1)}
-
-
-def records():
-    return [dict(question=q, answer=a, severity=s, **dict(zip(data.PROB_FIELDS, PROBS[s]))) for q, a, s in QA]
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer as TK
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tk = TK(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = [data.format_prompt(q) + a for q, a, _ in QA]
-    tk.train_from_iterator(texts, trainer)
-    return Tokenizer(tk, 0, 0, None)
-
-
-def make_decoder(tok, folder, seed=0):
-    cfg = Config.from_hf(dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_inner=None, n_positions=256,
-                              vocab_size=tok.vocab_size, layer_norm_epsilon=1e-5, activation_function="gelu_new",
-                              bos_token_id=0, eos_token_id=0, tie_word_embeddings=True))
-    m = Decoder(cfg)
-    m.init_weights(seed)
-    with torch.no_grad():    # larger weights: varied text and logit gaps of order 1 (no near-ties for argmax)
-        m.wte.weight.mul_(20)
-        for p in m.layers.parameters():
-            if p.ndim == 2:
-                p.mul_(20)
-    m.save_pretrained(folder)
-    tok.save(folder)
-    return folder
-
-
-def make_scorer(folder, layers=3, texts=None):
-    """A tiny random BERT (transformers) with a character WordPiece vocabulary over `texts` (default: QA's): bert-score
-    loads it as a local folder."""
-    from transformers import BertConfig, BertModel
-    texts = texts if texts is not None else [q + a for q, a, _ in QA]
-    chars = sorted({c for t in texts for c in t if not c.isspace()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 128}, f)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    test = str(root / "test.jsonl")
-    outputs.write_jsonl(test, records())
-    tok = make_tokenizer()
-    base = make_decoder(tok, str(root / "base"))
-    run = make_decoder(tok, str(root / "run"), seed=1)
-    with open(os.path.join(run, "args.json"), "w", encoding="utf-8") as f:
-        json.dump({"model": "tinytest", "weights": "balanced", "weights_abc": [0.5, 1.0, 1.5], "seed": 1}, f)
-    scorer = make_scorer(str(root / "scorer"))
-    return dict(root=root, test=test, base=base, run=run, scorer=scorer)
-
-
-def run_eval(env, out, *extra):
-    argv = ["--model", env["base"], "--data", env["test"], "--out", str(out), "--bertscore-model", env["scorer"],
-            "--bertscore-layer", "2", "--bootstrap", "50", "--batch-size", "5", "--quiet", *extra]
-    return E.main(argv)
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f]
+from conftest import expect_exit2, QA, read_jsonl, run_eval
 
 
 # -- BERTScore -----------------------------------------------------------------------------------------------------
@@ -241,64 +151,6 @@ def test_setting_read_from_train_args(env, tmp_path):
     assert ev["scores"]["f1"]["overall"]["lo"] is None       # --bootstrap 0: no interval
 
 
-# -- comparison table --------------------------------------------------------------------------------------------
-
-
-def fake_eval(path, name, setting, f1, weights=None):
-    cell = lambda m: {"mean": m, "lo": m - 1, "hi": m + 1, "n": 10}   # noqa: E731
-    ev = {"setting": setting, "model": {"name": name, "weights": weights},
-          "data": {"counts": {"overall": 10, "non-critical": 4, "neutral": 3, "critical": 3}},
-          "scores": {m: {"overall": cell(f1), "non-critical": cell(f1 - 2), "neutral": cell(f1 + 1),
-                         "critical": cell(f1 + 3)} for m in stats.METRICS},
-          "nll": {g: cell(2.5) for g in stats.GROUPS}}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(ev, f)
-    return str(path)
-
-
-def test_table_rows_and_columns(tmp_path, capsys):
-    files = [fake_eval(tmp_path / "a" / "eval.json", "aragpt2-base", "Base", 54.0),
-             fake_eval(tmp_path / "b" / "eval.json", "aragpt2-base", "Balanced", 66.5),
-             fake_eval(tmp_path / "c" / "eval.json", "tiny", "CE", 30.25)]
-    plot = tmp_path / "plots" / "t.png"
-    report.main(["table", *files, "--paper", "--plot", str(plot)])
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    header = "| model | Base | CE | Mild | Strong | Balanced |"
-    assert lines.count(header) == 4                          # all answers + three severity classes
-    assert "| aragpt2-base | 54.00 [53.00, 55.00] | - | - | - | 66.50 [65.50, 67.50] |" in lines
-    assert "| tiny | - | 30.25 [29.25, 31.25] | - | - | - |" in lines
-    assert "| AraGPT2-Base (paper) | 54.04 | 59.71 | 59.75 | 65.91 | 66.14 |" in lines
-    crit = lines.index("### BERTScore F1 (x100), severity class: critical")
-    assert lines[crit + 4] == "| aragpt2-base | 57.00 [56.00, 58.00] | - | - | - | 69.50 [68.50, 70.50] |"
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_table_aggregates_seeds_and_custom_weights(tmp_path, capsys):
-    files = [fake_eval(tmp_path / f"s{i}" / "eval.json", "tiny", "CE", v) for i, v in enumerate((10.0, 12.0, 14.0))]
-    files.append(fake_eval(tmp_path / "w" / "eval.json", "tiny", "custom", 11.0, weights=[0.3, 1, 2]))
-    report.main(["table", *files, "--paper"])
-    lines = capsys.readouterr().out.splitlines()
-    assert "| Qwen3-0.6B | 60.43 | 61.40 | 62.87 | 62.53 | 65.06 |" in lines   # no paper row for tiny: whole table
-    assert "| model | Base | CE | Mild | Strong | Balanced | w=0.3,1,2 |" in lines
-    assert "| tiny | - | 12.00 ± 2.00 (k=3) | - | - | - | 11.00 [10.00, 12.00] |" in lines
-
-
-# -- bad input ---------------------------------------------------------------------------------------------------
-
-
-def expect_exit2(capsys, argv, *needles, main=None):
-    with pytest.raises(SystemExit) as e:
-        (main or E.main)(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
 def test_bad_input_exit_2(env, tmp_path, capsys):
     out = tmp_path / "never"
     common = ["--model", env["base"], "--out", str(out), "--bertscore-model", env["scorer"], "--bertscore-layer", "2"]
@@ -318,34 +170,222 @@ def test_bad_input_exit_2(env, tmp_path, capsys):
     expect_exit2(capsys, ["--compare", "a", "b"], "--compare", "python report.py compare")
     assert not out.exists()                                  # nothing written
 
-
-def test_paper_rows_by_registry_name_or_repo_id():
-    assert report.paper_key("aragpt2-base") == "aragpt2-base"
-    assert report.paper_key("Qwen2.5-0.5B") == "qwen2.5-0.5b"          # args.json model = "Qwen/Qwen2.5-0.5B"
-    assert report.paper_key("bloomz-560m") == "bloomz-560m"
-    assert report.paper_key("tiny") is None and report.paper_key("bloom-560m") is None
-
-
-# Each command reads its own flags only: a flag of another command is argparse's one-line error, exit 2.
-COMMAND_ARGV = {"evaluate": (lambda a: E.main(a), ["--model", "tiny"]),
-                "table": (lambda a: report.main(a), ["table", "a/eval.json"]),
-                "compare": (lambda a: report.main(a), ["compare", "a", "b", "--out", "o"])}
-FLAG_VALUE = {"plot": ["--plot", "p.png"], "paper": ["--paper"], "holm": ["--holm"], "metric": ["--metric", "f1"],
-              "out": ["--out", "o"], "greedy": ["--greedy"], "n": ["--n", "3"]}
-READ_BY = {"plot": {"table"}, "paper": {"table"}, "holm": {"table"}, "metric": {"table"}, "out": {"evaluate", "compare"},
-           "greedy": {"evaluate"}, "n": {"evaluate"}}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCORER = os.path.join(ROOT, "data", "sample", "scorer")
+LAYER = 2                                   # the layer scripts/ablation.sh and the README use
+sys.path.insert(0, os.path.join(ROOT, "data", "sample"))
+import make_scorer  # noqa: E402
 
 
-@pytest.mark.parametrize("flag", sorted(FLAG_VALUE))
-@pytest.mark.parametrize("command", sorted(COMMAND_ARGV))
-def test_each_command_refuses_flags_it_does_not_read(flag, command, capsys):
-    """A flag given to a command that does not read it is refused in one line naming it, never silently dropped."""
-    if command in READ_BY[flag]:
-        return
-    main, argv = COMMAND_ARGV[command]
+@pytest.fixture(scope="module")
+def scored():
+    refs = [r["answer"] for r in data.load_records(os.path.join(ROOT, "data", "sample", "test.jsonl"))]
+    preds = [" ".join(w for i, w in enumerate(t.split()) if i % 3 != 1) for t in refs]
+    shuffled = [refs[i] for i in stats.derangement(len(refs), 0)]          # every reference moved elsewhere
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_file(os.path.join(SCORER, "tokenizer.json"))
+    g = torch.Generator().manual_seed(0)
+    garbage = [tk.decode(torch.randint(5, tk.get_vocab_size(), (len(tk.encode(t).ids) - 2,), generator=g).tolist())
+               for t in refs]
+    scorer = E.BertScore(SCORER, LAYER, batch_size=64, device="cpu")
+    f1 = lambda c, r: scorer(c, r)[:, 2] * 100  # noqa: E731
+    return dict(self=f1(refs, refs), own=f1(preds, refs), shuffled=f1(preds, shuffled), garbage=f1(garbage, refs))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_scorer_behaves_like_bertscore(scored):
+    assert np.abs(scored["self"] - 100).max() < 1e-4                  # a text against itself: 100
+    own, shuffled, garbage = scored["own"], scored["shuffled"], scored["garbage"]
+    assert (own > shuffled).all()                                      # every prediction prefers its own reference
+    assert own.mean() - shuffled.mean() > 10
+    assert garbage.mean() < shuffled.mean() < own.mean()               # word salad below both
+    assert garbage.max() < own.min() and garbage.mean() < 60           # (the classifier scorer gave it ~99)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_scorer_folder_is_small_and_safetensors_only():
+    files = sorted(os.listdir(SCORER))
+    assert files == ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer_config.json", "vocab.txt"]
+    assert sum(os.path.getsize(os.path.join(SCORER, f)) for f in files) < 4_000_000
+    with open(os.path.join(SCORER, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "bert" and cfg["num_hidden_layers"] >= LAYER
+    assert cfg["scorer"]["made_by"] == "data/sample/make_scorer.py"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_make_scorer_toy_run_is_deterministic_and_loads_in_transformers(tmp_path):
+    # Toy size, a few steps: the script itself compares the saved folder with transformers' BertForMaskedLM
+    # (hidden states of every layer and the MLM logits, 1e-4) and fails otherwise.
+    flags = ["--steps", "4", "--batch-size", "8", "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "32",
+             "--max-len", "32", "--seed", "3"]
+    for name in ("a", "b"):
+        make_scorer.main([*flags, "--out", str(tmp_path / name)])
+    a, b = ((tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b"))
+    assert a == b
+    make_scorer.main([*flags[:-1], "4", "--out", str(tmp_path / "c")])
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() != a
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_make_scorer_bad_flag(capsys):
     with pytest.raises(SystemExit) as e:
-        main(argv + FLAG_VALUE[flag])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and FLAG_VALUE[flag][0] in err, err
+        make_scorer.get_args(["--hidden", "30", "--heads", "4"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: --heads 4 does not divide --hidden 30"
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_masking():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 2000, (400, 50), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3                                        # [CLS] ... [SEP]
+    ids[:200, 30:] = 0                                                  # half the rows padded after 30 tokens
+    ids[:200, 29] = 3
+    special = (ids == 0) | (ids == 2) | (ids == 3)
+    inputs, labels = make_scorer.mask_tokens(ids, special, 0.15, 4, 2000, g)
+    picked = labels != -100
+    assert not (picked & special).any() and (inputs[special] == ids[special]).all()
+    assert (labels[picked] == ids[picked]).all() and (inputs[~picked] == ids[~picked]).all()
+    assert picked.any(1).all()                                          # every row predicts something
+    share = picked.sum().item() / (~special).sum().item()
+    assert 0.14 < share < 0.17
+    kinds = inputs[picked]
+    masked = (kinds == 4).float().mean().item()
+    kept = (kinds == ids[picked]).float().mean().item()
+    assert 0.77 < masked < 0.83 and 0.08 < kept < 0.12 and (kinds >= 5).logical_or(kinds == 4).all()
+    one = make_scorer.mask_tokens(ids[:1, :3], special[:1, :3], 0.15, 4, 2000, g)[1]
+    assert (one != -100).sum() == 1                                      # a one-token text still predicts it
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+def test_resolve_recipe_flag_by_flag(tmp_path):
+    ns = lambda **kw: E.get_args(["--model", "x", *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in kw.items()), [])])  # noqa: E731
+    # the paper names no sampling settings: both recipes sample as the notebooks' transformers did (issue 18)
+    assert E.resolve_recipe(ns(), {})[:3] == ("cue", 50, 1.0)                                 # transformers' defaults
+    assert E.resolve_recipe(ns(recipe="notebook"), {})[:3] == ("no-cue", 50, 1.0)             # transformers' defaults
+    qwen3 = {"top_k": 20, "top_p": 0.95, "temperature": 0.6, "source": "g.json"}
+    assert E.resolve_recipe(ns(recipe="notebook"), qwen3)[:3] == ("no-cue", 20, 0.95)         # the model's own
+    assert E.resolve_recipe(ns(recipe="paper"), qwen3)[:3] == ("cue", 20, 0.95)               # the model's own too
+    assert E.resolve_recipe(ns(recipe="paper", top_k=0), qwen3)[:3] == ("cue", 0, 0.95)       # 0 = off, by flag
+    assert E.resolve_recipe(ns(recipe="notebook", top_k=5, prompt="cue"), qwen3)[:3] == ("cue", 5, 0.95)
+    notes = E.resolve_recipe(ns(recipe="notebook"), dict(qwen3, repetition_penalty=1.2))[3]
+    assert len(notes) == 1 and "repetition_penalty=1.2" in notes[0]
+    # the model's generation config: generation_config.json first, else config.json's generation keys
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "top_k": 7}), encoding="utf-8")
+    assert E.model_generation_config(str(tmp_path))["top_k"] == 7
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0.9}), encoding="utf-8")
+    got = E.model_generation_config(str(tmp_path))
+    assert got["top_p"] == 0.9 and "top_k" not in got
+    assert E.model_generation_config("tiny") == {}
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+def test_notebook_eval_samples_with_the_models_settings(env, tmp_path):
+    """--recipe notebook on a folder whose generation_config.json says top_k 3: the run samples from the top 3
+    after the cue-less prompt (the same predictions as generate_answers called with exactly those settings), and
+    eval.json says so. Without the file it is transformers' top_k 50."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in os.listdir(env["base"]):
+        (folder / f).write_bytes(open(os.path.join(env["base"], f), "rb").read())
+    (folder / "generation_config.json").write_text(json.dumps({"top_k": 3}), encoding="utf-8")
+    argv = ["--model", str(folder), "--data", env["test"], "--bertscore-model", env["scorer"], "--bertscore-layer",
+            "2", "--bootstrap", "0", "--batch-size", "5", "--quiet", "--seed", "4", "--recipe", "notebook"]
+    res = E.main(argv + ["--out", str(tmp_path / "e1")])
+    g = res["generation"]
+    assert (g["recipe"], g["top_k"], g["top_p"], g["prompt"]) == ("notebook", 3, None, "data.format_prompt(cue=False)")
+    tok, m = M.load_tokenizer(str(folder)), M.Decoder.from_pretrained(str(folder)).eval()
+    qs = [r["question"] for r in data.load_records(env["test"])]
+    want = E.generate_answers(m, tok, qs, 5, 50, 0.7, 3, 1.0, 4, prompt="no-cue")
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "e1" / "predictions.jsonl")] == want
+    assert E.encode_prompts(m, tok, qs, 50, "no-cue") == [tok.encode("\n" + q + "\n") for q in qs]
+    assert want != E.generate_answers(m, tok, qs, 5, 50, 0.7, 3, 1.0, 4, prompt="cue"), "the prompt must matter"
+    assert want != E.generate_answers(m, tok, qs, 5, 50, 0.7, 0, 1.0, 4, prompt="no-cue"), "top_k must matter"
+    (folder / "generation_config.json").unlink()
+    assert E.main(argv + ["--out", str(tmp_path / "e2")])["generation"]["top_k"] == 50
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+def test_generation_stops_at_every_eos_id_of_the_generation_config(env, tmp_path, monkeypatch):
+    """model.generate with a list of eos ids cuts each row at the first of any of them (two for Qwen3); evaluate
+    passes the tokenizer's EOS plus generation_config.json's eos_token_id (an int or a list) for both recipes;
+    --recipe notebook keeps the notebooks' answer and never stops early at a cue."""
+    from conftest import tiny_decoder
+    m = tiny_decoder()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    run = lambda eos: m.generate(prompts, 30, 1.0, eos_id=eos, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    free = run(-1)
+    a, b = free[0][4], free[1][6]                      # two tokens the rows drew
+    got = run([a, b])
+    for row, full in zip(got, free):
+        cut = next((j for j, x in enumerate(full) if x in (a, b)), len(full))
+        assert row == full[:cut]
+    assert len(got[0]) <= 4 and len(got[1]) <= 6
+    assert run(a) == [r[:r.index(a)] if a in r else r for r in free]   # one int as before
+    assert run([-1]) == free
+
+    seen = []
+    real = M.Decoder.generate
+    monkeypatch.setattr(M.Decoder, "generate", lambda self, *x, **kw: seen.append(kw) or real(self, *x, **kw))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in os.listdir(env["base"]):
+        (folder / f).write_bytes(open(os.path.join(env["base"], f), "rb").read())
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}), encoding="utf-8")
+    argv = ["--model", str(folder), "--data", env["test"], "--bertscore-model", env["scorer"], "--bertscore-layer",
+            "2", "--bootstrap", "0", "--batch-size", "5", "--quiet", "--seed", "4", "--n", "5"]
+    tok = M.load_tokenizer(str(folder))
+    for recipe in ("paper", "notebook"):
+        seen.clear()
+        res = E.main(argv + ["--recipe", recipe, "--out", str(tmp_path / recipe)])
+        assert seen and all(kw["eos_id"] == [tok.eos_id, 7, 9] for kw in seen)
+        assert res["generation"]["dtype"] == "fp32"                      # CPU stays fp32 under either recipe
+        nb = recipe == "notebook"
+        assert all((kw["stop"] is None) == nb for kw in seen)
+        assert res["generation"]["postprocess"] == ("data.extract_answer_notebook" if nb else "data.extract_answer")
+
+
+def test_generate_answers_stops_at_the_cue(env, monkeypatch):
+    """evaluate.generate_answers asks data.answer_complete about each row's decoded text: a text that is complete
+    from the start stops every row after 8 tokens; stop_at_cue=False never asks."""
+    from model import load_tokenizer
+    tok, m = load_tokenizer(env["base"]), Decoder.from_pretrained(env["base"]).eval()
+    qs = ["سؤال أول", "سؤال ثان أطول قليلا"]
+    asked = []
+    monkeypatch.setattr(data, "answer_complete", lambda text: asked.append(text) or True)
+    stats = {}
+    E.generate_answers(m, tok, qs, 2, 40, 0.7, 0, 1.0, 1, stats=stats)
+    assert len(asked) == 2 and stats["new_tokens"] <= 16
+    asked.clear()
+    E.generate_answers(m, tok, qs, 2, 40, 0.7, 0, 1.0, 1, stop_at_cue=False)
+    assert asked == []
+
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample", "train.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------- 7. evaluate.py
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_quantize_nf4_generates_from_the_dequantised_model(tmp_path):
+    """evaluate.py --quantize nf4: greedy answers equal those of the plain model whose block weights were replaced by
+    their NF4 values, and eval.json records the setting."""
+    import evaluate as E
+    test = os.path.join(os.path.dirname(SAMPLE), "test.jsonl")
+    out = tmp_path / "ev"
+    E.main(["--model", "tiny", "--data", test, "--n", "4", "--greedy", "--max-new-tokens", "6", "--quantize", "nf4",
+            "--bertscore-model", os.path.join(os.path.dirname(SAMPLE), "scorer"), "--bertscore-layer", "2",
+            "--bootstrap", "0", "--batch-size", "4", "--quiet", "--out", str(out), "--device", "cpu"])
+    assert json.load(open(out / "eval.json"))["generation"]["quantize"] == "nf4"
+    preds = [json.loads(ln) for ln in open(out / "predictions.jsonl")]
+    q, ref = M.Decoder.from_pretrained("tiny", quantize="nf4"), M.Decoder.from_pretrained("tiny").eval()
+    with torch.no_grad():
+        for n in nf4.block_linears(ref):
+            ref.get_submodule(n).weight.copy_(q.get_submodule(n).dequantize())
+    want = E.generate_answers(ref, M.load_tokenizer("tiny"), [p["question"] for p in preds], batch_size=4,
+                              max_new_tokens=6, temperature=0)
+    plain = E.generate_answers(M.Decoder.from_pretrained("tiny").eval(), M.load_tokenizer("tiny"),
+                               [p["question"] for p in preds], batch_size=4, max_new_tokens=6, temperature=0)
+    assert [p["prediction"] for p in preds] == want
+    assert want != plain, "test set-up: quantising the random tiny model should change some greedy answer"

@@ -23,14 +23,13 @@ if ROOT not in sys.path:
 import cli  # noqa: E402
 import data  # noqa: E402
 import outputs  # noqa: E402
-import evaluate  # noqa: E402
 import model as M  # noqa: E402
 import hub  # noqa: E402
 import nf4  # noqa: E402
 import train  # noqa: E402
 from data import prepare  # noqa: E402
 from data import xlsx  # noqa: E402
-from test_model import FAMILIES  # noqa: E402
+from conftest import FAMILIES  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "data", "sample")
 pytestmark = pytest.mark.usefixtures("threads_and_signals")

@@ -12,74 +12,24 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, GenerationConfig
 
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-import model as M
 import hub
 import lora as L
+import model as M
+
+from conftest import build_hf, FAMILIES, tiny_decoder, V
 
 transformers.logging.set_verbosity_error()
 try:  # progress bars of save_pretrained / from_pretrained
     transformers.utils.logging.disable_progress_bar()
 except AttributeError:  # pragma: no cover
     pass
-
-V = 300        # vocab of every tiny model
 TOL = 1e-4     # max |logit difference| against transformers, fp32
-THETA = 1000.0  # a non-default RoPE base, so a loader that ignores the config's value is caught
-
-_ROPE = {"rope_type": "default", "rope_theta": THETA}
-FAMILIES = {
-    "gpt2": dict(model_type="gpt2", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=None,
-                 activation_function="gelu_new", bos_token_id=0, eos_token_id=0),
-    "bloom": dict(model_type="bloom", vocab_size=V, hidden_size=64, n_layer=2, n_head=4,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3),
-    "qwen2": dict(model_type="qwen2", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128, rope_parameters=_ROPE,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
-    "qwen3": dict(model_type="qwen3", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, intermediate_size=128, max_position_embeddings=128,
-                  rope_parameters=_ROPE, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False),
-    # intermediate 128 with auto-adjust and multiple_of 32: int(2*128/3) = 85 -> 96 (the real 350M rule)
-    "lfm2": dict(model_type="lfm2", vocab_size=V, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, block_multiple_of=32, block_auto_adjust_ff_dim=True,
-                 layer_types=["conv", "full_attention", "conv", "full_attention"], max_position_embeddings=128,
-                 rope_parameters=_ROPE, norm_eps=1e-5, tie_word_embeddings=True,
-                 bos_token_id=1, eos_token_id=7, pad_token_id=0),
-    "llama": dict(model_type="llama", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128, rope_parameters=_ROPE,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-    "mistral": dict(model_type="mistral", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128, rope_parameters=_ROPE,
-                    rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
-                    bos_token_id=1, eos_token_id=2),
-}
 FAMS = list(FAMILIES)
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-def build_hf(fam, seed=0, std=0.3, **overrides):
-    """A tiny random transformers model of `fam`, eval mode, fp32, with weights that make wrong maths visible."""
-    kw = dict(FAMILIES[fam])
-    kw.update(overrides)
-    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
-    torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):       # every 1-D weight here is a norm weight
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return m.eval()
 
 
 def save_hf(m, d, **kw):
@@ -552,45 +502,6 @@ def test_error_pickle_only_checkpoint(saved, tmp_path, monkeypatch):
     assert not calls
 
 
-# ----------------------------------------------------------------------------------------------- 6. registry
-
-REGISTRY_NAMES = ["aragpt2-base", "aragpt2-medium", "bloomz-560m", "al-atlas-0.5b", "gpt2-small-arabic",
-                  "lfm2-350m", "lfm2-700m", "dialect-ar-gpt-2021", "qwen2.5-0.5b", "qwen3-0.6b",
-                  "mistral-7b-instruct-v0.2", "llama-2-7b", "gpt2-medium", "bloom-560m", "tiny"]
-PAPER_PARAMS = {
-    "aragpt2-base": 134_994_432, "aragpt2-medium": 368_896_000, "bloomz-560m": 559_214_592,
-    "al-atlas-0.5b": 494_032_768, "gpt2-small-arabic": 124_439_808, "lfm2-350m": 354_483_968,
-    "lfm2-700m": 742_489_344, "dialect-ar-gpt-2021": 368_901_120, "qwen2.5-0.5b": 494_032_768,
-    "qwen3-0.6b": 596_049_920,
-}
-
-
-def test_registry_names():
-    missing = [n for n in REGISTRY_NAMES if n not in hub.REGISTRY]
-    assert not missing, f"registry lacks {missing}"
-    for name, entry in hub.REGISTRY.items():
-        for key in ("repo", "family", "params", "note", "config"):
-            assert key in entry, f"REGISTRY[{name!r}] has no {key!r}"
-
-
-@pytest.mark.parametrize("name", list(PAPER_PARAMS))
-def test_registry_param_counts_on_meta(name):
-    with torch.device("meta"):
-        m = M.Decoder(M.Config.from_hf(hub.REGISTRY[name]["config"]))
-    assert m.num_params() == PAPER_PARAMS[name]
-
-
-def test_tiny_offline_random_init():
-    m = M.Decoder.from_pretrained("tiny").eval()
-    idx = torch.randint(0, m.cfg.vocab_size, (2, 8))
-    with torch.no_grad():
-        out = m(idx)
-    assert out.shape == (2, 8, m.cfg.vocab_size)
-    assert torch.isfinite(out).all()
-    new = m.generate([[1, 2, 3]], max_new_tokens=4, temperature=0, eos_id=None)
-    assert len(new) == 1 and len(new[0]) <= 4
-
-
 # ----------------------------------------------------------------------------------------------- 7. LoRA
 
 def _lora_targets(fam):
@@ -644,3 +555,32 @@ def test_save_pretrained_round_trip(fam, saved, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert_logits_close(hf_logits(hf2, ids), ref, what=f"{fam} saved by us, loaded by transformers")
     assert_logits_close(our_logits(load(out), ids), ref, what=f"{fam} saved by us, loaded by us")
+
+
+def test_generate_stop_callback():
+    m = tiny_decoder()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    run = lambda stop: m.generate(prompts, 30, 0.9, eos_id=-1, stop=stop,   # noqa: E731
+                                  generator=torch.Generator().manual_seed(3))
+    free = run(None)
+    assert [len(r) for r in free] == [30, 30, 30]
+    early = run(lambda ids: len(ids) >= 3)           # every row accepted at the first check (after 8 tokens)
+    assert [len(r) for r in early] == [8, 8, 8] and [r[:8] for r in free] == early
+    seen = []
+
+    def only_first(ids):
+        seen.append(len(ids))
+        return ids == free[0][:len(ids)]             # accepts row 0 only
+    part = run(only_first)
+    assert part == free, "a stopped row keeps drawing: the other rows' samples do not change"
+    assert seen[:2] == [8, 8] and 16 not in seen[:2], "asked every 8 steps, unfinished rows only"
+    assert seen.count(8) == 3 and seen.count(16) == 2
+
+
+def test_a_tiny_temperature_samples_the_best_token():
+    """--temperature 1e-300 is a valid (finite, positive) flag: logits / T overflowed to inf and softmax gave NaN,
+    a traceback in torch.multinomial. Now it samples the argmax, with top-k and top-p too."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    for t in (1e-300, 1e-37):   # below float32's range (0 there), and one where 300 / t overflows float32
+        for kw in ({}, {"top_k": 2}, {"top_p": 0.5}):
+            assert M.sample(logits * 100, t, **kw).tolist() == [1, 0], (t, kw)

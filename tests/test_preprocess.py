@@ -8,7 +8,6 @@ import pytest
 
 import annotate
 import classify
-import cli
 import data
 import evaluate as E
 import outputs

@@ -1,25 +1,14 @@
 """The statistics of evaluate.py pinned to exact values computed independently here: the bootstrap intervals (the
 same seeded resamples, numpy's percentiles), the per-severity NLL interval (a ratio of sums, like its point
-estimate), the paired sign-flip test and bootstrap of --compare, and the --table significance marks."""
+estimate), the paired sign-flip test, the paired bootstrap difference and Holm's correction."""
 import itertools
-import json
-import os
 
 import numpy as np
 import pytest
 
 import stats
-import report
-from test_evaluate import env, expect_exit2, read_jsonl, run_eval  # noqa: F401
 
-
-def resampled(n, n_boot, seed):
-    """The resample indices bootstrap_ci draws: one block of n_boot x n from default_rng(seed)."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
-def pct95(stats):
-    return tuple(np.percentile(stats, [2.5, 97.5]))
+from conftest import pct95, resampled
 
 
 def test_bootstrap_interval_is_the_95_percentile_interval_of_seeded_resamples():
@@ -99,94 +88,6 @@ def test_paired_diff_by_hand():
     assert (got["lo"], got["hi"]) == pytest.approx(pct95([(d * n)[r].sum() / n[r].sum() for r in idx]), rel=1e-12)
 
 
-# -- --compare and --table on real eval folders -----------------------------------------------------------------
-
-
-def test_compare_two_runs(env, tmp_path, capsys):
-    a, b = tmp_path / "a", tmp_path / "b"
-    fast = ("--n", "9", "--max-new-tokens", "8")
-    run_eval(env, a, "--seed", "0", "--bootstrap", "200", *fast)
-    run_eval(env, b, "--seed", "0", "--bootstrap", "200", "--model", env["run"], *fast)
-    out = tmp_path / "cmp"
-    res = report.main(["compare", str(a), str(b / "eval.json"), "--out", str(out), "--bootstrap", "200",
-                  "--bootstrap-seed", "1", "--permutations", "5000"])
-    saved = json.load(open(out / "compare.json", encoding="utf-8"))
-    assert saved["diff"] == json.loads(json.dumps(res["diff"]))
-    ra, rb = read_jsonl(a / "predictions.jsonl"), read_jsonl(b / "predictions.jsonl")
-    d = np.array([y["f1"] - x["f1"] for x, y in zip(ra, rb)])
-    crit = np.array([x["severity"] == "critical" for x in ra])
-    for g, sel in (("overall", np.ones(len(d), bool)), ("critical", crit)):
-        got = res["diff"]["f1"][g]
-        assert got["diff"] == pytest.approx(d[sel].mean(), rel=1e-9)
-        idx = resampled(int(sel.sum()), 200, 1)
-        assert (got["lo"], got["hi"]) == pytest.approx(pct95([d[sel][r].mean() for r in idx]), rel=1e-9)
-        assert got["p"] == pytest.approx(stats.sign_flip_p(d[sel], 5000, 1), abs=1e-15)
-    # NLL: the ratio of sums over answer tokens, as eval.json's own NLL
-    tok = np.array([x["nll_tokens"] for x in ra], float)
-    dn = np.array([y["nll"] - x["nll"] for x, y in zip(ra, rb)])
-    assert res["diff"]["nll"]["overall"]["diff"] == pytest.approx((dn * tok).sum() / tok.sum(), rel=1e-9)
-    assert res["diff"]["nll_example_mean"]["overall"]["diff"] == pytest.approx(dn.mean(), rel=1e-9)
-    assert saved["nll_statistic"].startswith("token-weighted ratio of sums")
-    ea = json.load(open(a / "eval.json", encoding="utf-8"))
-    assert res["diff"]["nll"]["overall"]["mean_a"] == pytest.approx(ea["nll"]["overall"]["mean"], rel=1e-9)
-    assert "| f1 | overall |" in capsys.readouterr().out
-
-    # refusals: different data, scorer or protocol -> one line, exit 2, nothing written
-    for key, sub, val, needle in (("data", "sha256", "0" * 64, "data sha256"), ("bertscore", "layer", 1, "scorer layer"),
-                                  ("generation", "top_k", 7, "protocol top_k"), ("argv", "max_len", 40, "--max-len")):
-        c = tmp_path / f"bad-{sub}"
-        c.mkdir()
-        ev = json.load(open(b / "eval.json", encoding="utf-8"))
-        ev[key][sub] = val
-        (c / "eval.json").write_text(json.dumps(ev), encoding="utf-8")
-        (c / "predictions.jsonl").write_bytes((b / "predictions.jsonl").read_bytes())
-        expect_exit2(capsys, ["compare", str(a), str(c), "--out", str(tmp_path / "never")], needle, main=report.main)
-    c = tmp_path / "bad-rows"
-    c.mkdir()
-    (c / "eval.json").write_bytes((b / "eval.json").read_bytes())
-    expect_exit2(capsys, ["compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl",
-                 "no such file", main=report.main)
-    (c / "predictions.jsonl").write_text('{"index": 0, "f1": 1}\n', encoding="utf-8")
-    expect_exit2(capsys, ["compare", str(a), str(c), "--out", str(tmp_path / "never")], "predictions.jsonl:1: row", main=report.main)
-    assert not (tmp_path / "never").exists()
-
-
-def fake_run(folder, setting, f1s, sev, name="m"):
-    """An eval folder: eval.json (the keys --table and --compare read) + predictions.jsonl with these F1 values."""
-    os.makedirs(folder, exist_ok=True)
-    cell = {"mean": float(np.mean(f1s)), "lo": None, "hi": None, "n": len(f1s)}
-    ev = {"setting": setting, "model": {"name": name, "weights": None},
-          "data": {"sha256": "x", "n": len(f1s)}, "bertscore": {"model": "s", "layer": 2},
-          "generation": {"mode": "sampled", "seeds": [0], "repeat": 1},
-          "scores": {m: {g: cell for g in stats.GROUPS} for m in stats.METRICS}, "nll": {g: cell for g in stats.GROUPS}}
-    with open(os.path.join(folder, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(ev, f)
-    with open(os.path.join(folder, "predictions.jsonl"), "w", encoding="utf-8") as f:
-        for i, (v, s) in enumerate(zip(f1s, sev)):
-            f.write(json.dumps({"index": i, "seed": 0, "question": f"q{i}", "reference": f"r{i}", "severity": s,
-                                "precision": v, "recall": v, "f1": v, "nll": 2.0, "nll_tokens": 5}) + "\n")
-    return os.path.join(folder, "eval.json")
-
-
-def test_table_marks_cells_that_differ_from_ce(tmp_path, capsys):
-    """Balanced = CE + 3 on every answer (6 per class: exact p = 2 / 2^6 = 0.031, marked); Mild = CE +- 1
-    alternately (a zero sum in every group: p = 1, not marked). Marks come from the paired test, not from the
-    widths of the cells' own intervals (which overlap here: the answers' spread is 10)."""
-    rng = np.random.default_rng(0)
-    ce = rng.normal(50, 10, 18)
-    sev = ["critical", "neutral", "non-critical"] * 6
-    files = [fake_run(tmp_path / "ce", "CE", ce, sev), fake_run(tmp_path / "bal", "Balanced", ce + 3, sev),
-             fake_run(tmp_path / "mild", "Mild", ce + np.tile([1, -1], 9), sev)]
-    report.main(["table", *files, "--bootstrap", "0"])
-    lines = capsys.readouterr().out.splitlines()
-    m = f"{ce.mean():.2f}"
-    assert f"| m | - | {m} | {ce.mean():.2f} | - | {ce.mean() + 3:.2f} * |" in lines
-    crit = lines.index("### BERTScore F1 (x100), severity class: critical")
-    row = lines[crit + 4]
-    assert row.endswith(" * |") and row.count("*") == 1
-    assert any("Tested against CE: 8 cells" in ln for ln in lines)
-
-
 @pytest.mark.parametrize("values, n_perm", [
     ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 10000),                      # exact branch (2^6 <= n_perm), all one sign
     ([0.3, -1.2, 2.5, 0.7, -0.4, 1.1, 0.9], 10000),                # exact branch, mixed signs
@@ -205,26 +106,3 @@ def test_holm_by_hand():
     assert stats.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2], abs=1e-15)
     assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])                  # capped at 1
     assert stats.holm([]) == []
-
-
-def test_table_marks_a_worse_setting_and_holm_corrects(tmp_path, capsys):
-    """Strong = CE - 3 on every answer is marked like Balanced = CE + 3 (6 per class: exact p = 2 / 64 = 0.031 each).
-    With --holm the two cells of each class's table get 2 x 0.031 = 0.0625: unmarked; overall (18 answers, p about
-    1e-4, doubled) stays marked."""
-    rng = np.random.default_rng(0)
-    ce = rng.normal(50, 10, 18)
-    sev = ["critical", "neutral", "non-critical"] * 6
-    files = [fake_run(tmp_path / "ce", "CE", ce, sev), fake_run(tmp_path / "bal", "Balanced", ce + 3, sev),
-             fake_run(tmp_path / "strong", "Strong", ce - 3, sev)]
-    report.main(["table", *files, "--bootstrap", "0"])
-    lines = capsys.readouterr().out.splitlines()
-    crit = lines.index("### BERTScore F1 (x100), severity class: critical")
-    assert lines[crit + 4].count(" *") == 2, "the worse setting is marked too"
-    assert f"| {ce.mean() - 3:.2f} * | {ce.mean() + 3:.2f} * |" in lines[3 + 1]
-    assert any("not corrected" in ln for ln in lines)
-    report.main(["table", *files, "--bootstrap", "0", "--holm"])
-    lines = capsys.readouterr().out.splitlines()
-    crit = lines.index("### BERTScore F1 (x100), severity class: critical")
-    assert " *" not in lines[crit + 4]
-    assert f"| {ce.mean() - 3:.2f} * | {ce.mean() + 3:.2f} * |" in lines[3 + 1]
-    assert any("Holm-adjusted" in ln and "6 marked" not in ln and "2 marked" in ln for ln in lines)

@@ -4,13 +4,16 @@ Everything runs offline on CPU on a tiny GPT-2-shaped model (32 wide, 2 layers) 
 trained here on a few dozen Arabic records (session fixture `assets`), so nothing depends on data/sample except
 the one test of the embedded default. Runs that must die (SIGKILL, SIGTERM) or need two processes (DDP) are
 subprocesses; the rest call train.main(argv) in-process, which is much faster.
+
+Also: --loss-norm and --loss-tokens padded against hand computations, --pack against padded batches, --recipe,
+the NF4/LoRA memory flags.
 """
 import json
 import math
 import os
 import random
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,120 +21,25 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
-import cli
 import batching
 import data
-import model as M
 import lora as L
+import lora
+import model as M
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "train.py")
-SAMPLE_TRAIN = os.path.join(ROOT, "data", "sample", "train.jsonl")
-
-WORDS = ("ألم صداع حرارة سعال دواء طبيب مستشفى قلب صدر ضغط سكر معدة رأس دم تنفس حساسية جلد عين أذن ظهر "
-         "مفاصل نوم تعب دوخة غثيان التهاب مضاد حيوي فحص تحليل أشعة علاج راحة ماء غذاء رياضة نزيف إغماء").split()
-
-
-# ----------------------------------------------------------------------------------------------- fixtures/helpers
-
-def make_records(n, seed):
-    """n canonical records: Arabic Q/A of uneven lengths, soft probabilities (3 decimals, summing to 1) whose
-    dominant class cycles through the three severities."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + "؟"
-        a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 22)))
-        x = [rng.uniform(0.05, 0.6) for _ in range(3)]
-        x[i % 3] += 1.0
-        s = sum(x)
-        p_nc, p_n = round(x[0] / s, 3), round(x[1] / s, 3)
-        p_c = round(1.0 - p_nc - p_n, 3)
-        out.append(dict(question=q, answer=a, severity=data.SEVERITIES[i % 3], p_nc=p_nc, p_n=p_n, p_c=p_c))
-    return out
-
-
-def write_jsonl(path, recs):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-def byte_bpe(records):
-    """A GPT-2-style byte-level BPE (400 tokens, <|endoftext|> = 0) trained on the records and the answer cue."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([r["question"] + "\n" + r["answer"] for r in records] + [data.PROMPT_CUE], trainer)
-    return tk
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    """A tiny local model folder (config.json + model.safetensors + tokenizer.json) and data files:
-    data/train.jsonl (32) + data/test.jsonl (9, found by --eval-data auto), one8/train8.jsonl (8 records, no
-    test.jsonl beside it: one optimizer step of 8 covers it all)."""
-    root = tmp_path_factory.mktemp("train_assets")
-    train_recs, test_recs, recs8 = make_records(32, 0), make_records(9, 1), make_records(8, 2)
-    tk = byte_bpe(train_recs)
-    assert tk.token_to_id("<|endoftext|>") == 0
-    cfg = M.Config.from_hf(dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_inner=None, n_positions=256,
-                                vocab_size=tk.get_vocab_size(), layer_norm_epsilon=1e-5,
-                                activation_function="gelu_new", bos_token_id=0, eos_token_id=0,
-                                tie_word_embeddings=True))
-    m = M.Decoder(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():   # larger than the default init, perturbed norms/biases: logits far from uniform
-        for name, p in m.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
-    mdir = root / "model"
-    m.save_pretrained(str(mdir))
-    tk.save(str(mdir / "tokenizer.json"))
-    (root / "data").mkdir()
-    (root / "one8").mkdir()
-    return dict(root=root, model=str(mdir),
-                train=write_jsonl(root / "data" / "train.jsonl", train_recs),
-                test=write_jsonl(root / "data" / "test.jsonl", test_recs),
-                train8=write_jsonl(root / "one8" / "train8.jsonl", recs8),
-                train_recs=train_recs, test_recs=test_recs, recs8=recs8)
-
+from conftest import (assert_same_weights, base_args, capture_grads, example_logits, HF, read_log, read_st,
+    read_st_file, run_main, run_train, severity_w, split_tokens, state_meta, step_lines, sub_env, TRAIN, _weights,
+    WORDS, write_jsonl)
 
 pytestmark = pytest.mark.usefixtures("threads_and_signals")
 
-
-def base_args(assets, out, *extra, data_file=None, steps=3):
-    return ["--model", assets["model"], "--data", data_file or assets["train"], "--out", str(out),
-            "--max-steps", str(steps), "--quiet", *map(str, extra)]
-
-
-def run_main(argv):
-    """train.main in-process; returns the exit status (0 when it returns normally)."""
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
-
-
-def sub_env(**kw):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_TRAIN = os.path.join(ROOT, "data", "sample", "train.jsonl")
 
 
 def run_sub(argv, timeout=120, **env):
@@ -139,142 +47,9 @@ def run_sub(argv, timeout=120, **env):
                           text=True, timeout=timeout)
 
 
-def read_log(out):
-    with open(os.path.join(str(out), "train_log.jsonl"), encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
-
-
-def step_lines(log):
-    return [r for r in log if "loss" in r]
-
-
-def read_st(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def state_meta(out):
-    with safe_open(os.path.join(str(out), "state.safetensors"), "pt") as f:
-        return json.loads(f.metadata()["meta"])
-
-
-def assert_same_weights(a_dir, b_dir, atol, skip_key_bias=False):
-    """model.safetensors of two runs agree to atol. skip_key_bias: leave out the key part of GPT-2's c_attn bias.
-    Its true gradient is exactly zero (adding a constant to every key shifts each query's scores by a constant,
-    which softmax ignores), so what it receives is rounding noise, and Adam turns noise of any size into steps of
-    about lr: two summation orders (micro-batches, ranks) then disagree there by ~lr while agreeing elsewhere."""
-    a, b = (read_st(os.path.join(str(d), "model.safetensors")) for d in (a_dir, b_dir))
-    assert a.keys() == b.keys()
-    worst, where = 0.0, None
-    for k in a:
-        d = (a[k] - b[k]).abs()
-        if skip_key_bias and k.endswith("attn.c_attn.bias"):
-            n = d.numel() // 3
-            d = torch.cat([d[:n], d[2 * n:]])
-        if d.max().item() > worst:
-            worst, where = d.max().item(), k
-    assert worst <= atol, f"model.safetensors differ by {worst:.3g} > {atol:g} (in {where})"
-
-
 def weight_change(a_dir, b_dir):
     a, b = (read_st(os.path.join(str(d), "model.safetensors")) for d in (a_dir, b_dir))
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def severity_w(r, abc):
-    return abc[0] * r["p_nc"] + abc[1] * r["p_n"] + abc[2] * r["p_c"]
-
-
-def split_tokens(tok, r):
-    """(prompt ids, answer ids + EOS): the training text is format_prompt(question) + answer + EOS."""
-    return tok.encode(data.format_prompt(r["question"])), tok.encode(r["answer"], special=False) + [tok.eos_id]
-
-
-def example_logits(m, tok, r, loss_tokens="answer"):
-    """One example run alone (no padding): the logits that predict each loss token, and those tokens."""
-    p, a = split_tokens(tok, r)
-    ids = p + a
-    start = 1 if loss_tokens == "all" else len(p)       # first position of ids whose prediction counts
-    logits = m(torch.tensor([ids[:-1]]))[0]              # logits[t] predicts ids[t + 1]
-    return logits[start - 1:], torch.tensor(ids[start:])
-
-
-def capture_grads(monkeypatch):
-    """Record every optimizer step's gradients (before clipping) in model.parameters() order."""
-    grads = []
-    orig = torch.nn.utils.clip_grad_norm_
-
-    def spy(parameters, max_norm, *a, **k):
-        ps = list(parameters)
-        grads.append([None if p.grad is None else p.grad.detach().clone() for p in ps])
-        return orig(ps, max_norm, *a, **k)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    return grads
-
-
-# ----------------------------------------------------------------------------------------------- 1. weights & loss
-
-def test_parse_weights():
-    assert data.parse_weights("1,1,1") == (1.0, 1.0, 1.0)
-    assert data.parse_weights("0.5, 1 ,1.5") == (0.5, 1.0, 1.5)
-    assert data.parse_weights("0,0,2") == (0.0, 0.0, 2.0)
-    assert data.parse_weights("balanced") == (0.5, 1.0, 1.5)
-    assert data.parse_weights("strong") == (0.25, 1.0, 1.75)
-    assert data.parse_weights("mild") == (0.75, 1.0, 1.25)
-    assert data.parse_weights("ce") == (1.0, 1.0, 1.0)
-    for bad in ("0.5,1", "abc", "1,-1,2", "1,2,3,4", "", "nan,1,1", "inf,1,1", "1,,2"):
-        with pytest.raises(ValueError) as e:
-            data.parse_weights(bad)
-        assert "\n" not in str(e.value) and "--weights" in str(e.value)
-
-
-def test_severity_weight_by_hand():
-    rec = {"question": "q", "answer": "a", "severity": "critical", "p_nc": 0.2, "p_n": 0.3, "p_c": 0.5}
-    assert data.severity_weight(rec, (0.5, 1.0, 1.5)) == pytest.approx(0.5 * 0.2 + 1.0 * 0.3 + 1.5 * 0.5, abs=1e-12)
-    assert data.severity_weight(rec, (1, 1, 1)) == pytest.approx(1.0, abs=1e-12)
-    assert data.severity_weight(rec, (0.25, 1.0, 1.75)) == pytest.approx(1.225, abs=1e-12)
-    one_hot = dict(rec, p_nc=0.0, p_n=0.0, p_c=1.0)
-    assert data.severity_weight(one_hot, (0.5, 1.0, 1.5)) == pytest.approx(1.5, abs=1e-12)
-
-
-def test_collate_masks_question_and_padding(assets):
-    tok = M.load_tokenizer(assets["model"])
-    recs = assets["recs8"][:3]
-    abc = (0.5, 1.0, 1.5)
-    for loss_tokens in ("answer", "all"):
-        ex = batching.encode(recs, tok, abc, 512, loss_tokens)
-        x, y, w, pads, kw = batching.collate(ex, tok.pad_id, "cpu")
-        assert kw == {}
-        lens = [len(e[0]) for e in ex]
-        T = max(lens) - 1
-        assert x.shape == y.shape == (3, T)
-        assert pads == sum(T - (n - 1) for n in lens) and pads > 0, "test set-up: want uneven lengths"
-        assert w.tolist() == pytest.approx([severity_w(r, abc) for r in recs], abs=1e-6)
-        for i, r in enumerate(recs):
-            p, a = split_tokens(tok, r)
-            ids = p + a
-            assert ex[i][0] == ids and ex[i][3] == data.SEVERITIES.index(r["severity"])
-            n = len(ids) - 1
-            assert x[i, :n].tolist() == ids[:-1]
-            assert (x[i, n:] == tok.pad_id).all()
-            assert (y[i, n:] == -100).all(), "padding must never be a target"
-            if loss_tokens == "answer":   # targets ids[t+1]: counted from the first answer token on, EOS included
-                want = [-100] * (len(p) - 1) + a
-            else:
-                want = ids[1:]
-            assert y[i, :n].tolist() == want
-            assert y[i, n - 1].item() == tok.eos_id
-        if loss_tokens == "answer":
-            assert sum((y != -100).sum(1).tolist()) == sum(len(split_tokens(tok, r)[1]) for r in recs)
-
-
-def test_encode_truncates_to_max_len(assets):
-    tok = M.load_tokenizer(assets["model"])
-    r = assets["recs8"][0]
-    p, a = split_tokens(tok, r)
-    cut = len(p) + 2
-    (ids, keep, _, _), = batching.encode([r], tok, (1, 1, 1), cut, "answer")
-    assert ids == (p + a)[:cut] and keep == [False] * len(p) + [True, True]
 
 
 def _step1(assets, tmp_path, monkeypatch, weights, loss_tokens="answer", grad_accum=2):
@@ -404,106 +179,6 @@ def test_grad_accumulation_equals_one_big_batch(assets, tmp_path):
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)   # Adam would hide a scale error
     assert weight_change(a, assets["model"]) > 1e-3, "test set-up: training should move the weights"
     assert_same_weights(a, b, atol=1e-6, skip_key_bias=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_torchrun(argv, nproc=2):
-    """train.py under torchrun with nproc CPU processes (gloo) on a free local port -> Popen (end it with reap())."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN, *map(str, argv)]
-    return subprocess.Popen(cmd, env=sub_env(MASTER_PORT=port, MASTER_ADDR="127.0.0.1"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def children(pid):
-    """Process ids whose parent is pid (Linux /proc): torchrun's workers, each in a session of its own."""
-    kids = []
-    for d in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:   # field 4, after the "(command)" that may hold spaces
-            kids.append(int(d))
-    return sorted(kids)
-
-
-def reap(p):
-    """After a failed or timed-out test: SIGKILL torchrun's workers, then torchrun (killed alone, it would leave the
-    workers running, holding its output pipes open)."""
-    if p.poll() is None:
-        for pid in children(p.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.kill()
-        p.communicate()
-
-
-def torchrun(argv, nproc=2, timeout=300):
-    """train.py under torchrun, run to the end -> CompletedProcess."""
-    p = start_torchrun(argv, nproc)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        reap(p)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
-def test_ddp_two_processes_equal_one(assets, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--lr", "1e-2", "--eval-data", "none", "--weights", "balanced", "--device", "cpu",
-              "--loss-norm", "token")   # test_loss_norm.py covers the default, example
-    assert run_main(base_args(assets, one, "--batch-size", 8, *common, steps=3)) == 0
-    p = torchrun(base_args(assets, two, "--batch-size", 4, *common, steps=3))
-    assert p.returncode == 0, p.stderr[-3000:]
-    l1, l2 = step_lines(read_log(one)), step_lines(read_log(two))
-    assert [r["step"] for r in l2] == [1, 2, 3], "one log line per step (rank 0 only)"
-    for a, b in zip(l1, l2):
-        assert a["tokens"] == b["tokens"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)   # Adam would hide a scale error
-    assert json.load(open(two / "args.json"))["world_size"] == 2
-    assert_same_weights(one, two, atol=1e-5, skip_key_bias=True)
-
-
-def test_ddp_sigterm_to_one_rank_stops_all_at_one_step(assets, tmp_path):
-    """A scheduler may signal one process only: the stop is all-reduced, so both ranks stop after the same step,
-    rank 0 saves it and says so, and --resume finishes the run."""
-    out = tmp_path / "sig"
-    args = base_args(assets, out, "--lr", "1e-3", "--schedule", "constant", "--eval-data", "none", "--batch-size", 2,
-                     "--device", "cpu", steps=100000)
-    p = start_torchrun(args)
-    try:
-        log_path, deadline = out / "train_log.jsonl", time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            if log_path.exists() and log_path.read_text(encoding="utf-8").strip():
-                break
-            time.sleep(0.05)
-        workers = children(p.pid)
-        assert p.poll() is None and len(workers) == 2, ("the run ended before it could be signalled", workers)
-        os.kill(workers[1], signal.SIGTERM)
-        stdout, err = p.communicate(timeout=120)
-    finally:
-        reap(p)
-    # (the exit codes torchrun reports vary: once a rank has exited 143 it sends SIGTERM to the other, which may be
-    # in interpreter shutdown by then)
-    assert p.returncode != 0, "a signalled run does not report success"
-    k = state_meta(out)["step"]
-    assert f"stopped by SIGTERM: saved step {k} to" in err, (stdout[-2000:], err[-3000:])   # one line on stderr
-    assert k >= 1 and [r["step"] for r in step_lines(read_log(out))] == list(range(1, k + 1))
-    args[args.index("--max-steps") + 1] = str(k + 2)
-    p = torchrun(args + ["--resume"])   # the same two processes (--resume refuses a change of world size)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert [r["step"] for r in step_lines(read_log(out))] == list(range(1, k + 3))
 
 
 def kill_when_saved(argv, out, timeout=120):
@@ -843,26 +518,346 @@ def test_embedded_default_tiny_runs_offline_and_learns(tmp_path):
     m = M.Decoder.from_pretrained(str(out))
     assert m.cfg.vocab_size >= M.load_tokenizer(str(out)).vocab_size
 
-
-# Every setting a resume must keep (issue 18), written out here and not read from train.RESUME_KEYS, so that a key
-# dropped from there fails its row. Each row: the key, the saved value, a different value given on resume.
-RESUME_CHANGES = [
-    ("model", "tiny", "qwen2.5-0.5b"), ("weights_abc", [0.5, 1, 1.5], [1, 1, 1]), ("data_sha256", "aa", "bb"),
-    ("loss_tokens", "answer", "all"), ("loss_norm", "example", "token"), ("seed", 0, 1), ("batch_size", 8, 4),
-    ("grad_accum", 1, 2), ("world_size", 1, 2), ("max_len", 512, 256), ("schedule", "linear", "cosine"),
-    ("warmup", 0, 10), ("lr", 5e-5, 1e-4), ("weight_decay", 0.01, 0.0), ("grad_clip", 1.0, 0.5),
-    ("lora_rank", 16, 8), ("lora_alpha", 32, 16), ("lora_dropout", 0.05, 0.1),
-    ("lora_targets", ["q_proj", "v_proj"], ["q_proj"]), ("dtype", "bf16", "fp16"), ("quantize", "none", "nf4"),
-    ("question_col", None, "Post"), ("answer_col", None, "Reply"), ("preprocess", "none", "arabert"),
-]
+ABC = (0.25, 1.0, 1.75)
 
 
-@pytest.mark.parametrize("key, saved, given", RESUME_CHANGES, ids=[r[0] for r in RESUME_CHANGES])
-def test_check_resume_refuses_each_changed_key(key, saved, given):
-    base = {k: v for k, v, _ in RESUME_CHANGES}
-    train.check_resume("out/state.safetensors", {"args": dict(base)}, dict(base))      # unchanged: accepted
-    with pytest.raises(cli.UserError) as e:
-        train.check_resume("out/state.safetensors", {"args": dict(base)}, {**base, key: given})
-    msg = str(e.value)
-    assert str(given) in msg or isinstance(given, list)
-    assert "delete" not in msg and "must not change the experiment" in msg, "an intact checkpoint is not broken"
+def py_nll(logits, targets):
+    """Per-token NLL in plain Python (log-sum-exp by hand), not through torch's cross-entropy."""
+    out = []
+    for row, t in zip(logits.tolist(), targets.tolist()):
+        mx = max(row)
+        out.append(mx + math.log(sum(math.exp(v - mx) for v in row)) - row[t])
+    return out
+
+
+def test_loss_scale_by_hand():
+    w = torch.tensor([0.5, 1.5, 1.0, 2.0])
+    n = torch.tensor([4.0, 1.0, 0.0, 5.0])            # the third example has no loss token (truncated away)
+    tok = train.loss_scale(w, n, "token", torch.tensor(10.0), torch.tensor(3.0))
+    assert tok.tolist() == pytest.approx([0.05, 0.15, 0.1, 0.2])
+    ex = train.loss_scale(w, n, "example", torch.tensor(10.0), torch.tensor(3.0))
+    assert ex.tolist() == pytest.approx([0.5 / 4 / 3, 1.5 / 1 / 3, 0.0, 2.0 / 5 / 3])
+
+
+def one_step(assets, tmp_path, monkeypatch, *flags, grad_accum=2, tag="x"):
+    grads = capture_grads(monkeypatch)
+    out = tmp_path / tag
+    rc = run_main(base_args(assets, out, "--weights", ",".join(map(str, ABC)), "--batch-size", 8 // grad_accum,
+                            "--grad-accum", grad_accum, "--eval-data", "none", *flags,
+                            data_file=assets["train8"], steps=1))
+    assert rc == 0
+    (rec,) = step_lines(read_log(out))
+    return rec, grads[0]
+
+
+def test_example_norm_loss_and_gradient_by_hand(assets, tmp_path, monkeypatch):
+    """One step over the 8 records (2 micro-batches of 4): the loss is the mean of the examples' own means of
+    w * NLL, the unweighted nll the mean of their mean NLL, and the gradient sum_i w_i / n_i / 8 * grad sum_t NLL_it,
+    each example run alone without padding. Token-level normalisation gives another value (set-up check)."""
+    rec, got = one_step(assets, tmp_path, monkeypatch, "--loss-norm", "example")
+    m, tok = M.Decoder.from_pretrained(assets["model"]), M.load_tokenizer(assets["model"])
+    params = list(m.parameters())
+    recs = assets["recs8"]
+    per_ex_loss, per_ex_nll, tok_num, tok_den = [], [], 0.0, 0
+    ref = [torch.zeros_like(p) for p in params]
+    for r in recs:
+        logits, targets = example_logits(m, tok, r)
+        nll = py_nll(logits.detach(), targets)
+        w = severity_w(r, ABC)
+        per_ex_loss.append(w * sum(nll) / len(nll))
+        per_ex_nll.append(sum(nll) / len(nll))
+        tok_num += w * sum(nll)
+        tok_den += len(nll)
+        g = torch.autograd.grad(F.cross_entropy(logits, targets, reduction="sum"), params)
+        for acc, gi in zip(ref, g):
+            acc += w / len(nll) / len(recs) * gi
+    assert rec["examples"] == 8 and rec["tokens"] == tok_den
+    assert rec["loss"] == pytest.approx(sum(per_ex_loss) / 8, rel=1e-5)
+    assert rec["nll"] == pytest.approx(sum(per_ex_nll) / 8, rel=1e-5)
+    assert abs(rec["loss"] - tok_num / tok_den) > 1e-3, "test set-up: the two normalisations should differ here"
+    for (name, _), a, b in zip(m.named_parameters(), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=lambda s: f"{name}: {s}")
+
+
+def test_token_norm_still_the_token_mean(assets, tmp_path, monkeypatch):
+    rec, _ = one_step(assets, tmp_path, monkeypatch, "--loss-norm", "token")
+    m, tok = M.Decoder.from_pretrained(assets["model"]).eval(), M.load_tokenizer(assets["model"])
+    num = den = 0.0
+    with torch.no_grad():
+        for r in assets["recs8"]:
+            nll = py_nll(*example_logits(m, tok, r))
+            num += severity_w(r, ABC) * sum(nll)
+            den += len(nll)
+    assert rec["loss"] == pytest.approx(num / den, rel=1e-5)
+
+
+def test_example_norm_invariant_to_grad_accum(assets, tmp_path):
+    a, b = tmp_path / "accum", tmp_path / "big"
+    common = ("--lr", "1e-2", "--eval-data", "none", "--weights", "strong", "--loss-norm", "example")
+    assert run_main(base_args(assets, a, "--batch-size", 2, "--grad-accum", 4, *common, steps=3)) == 0
+    assert run_main(base_args(assets, b, "--batch-size", 8, "--grad-accum", 1, *common, steps=3)) == 0
+    la, lb = step_lines(read_log(a)), step_lines(read_log(b))
+    for ra, rb in zip(la, lb):
+        assert ra["examples"] == rb["examples"] == 8
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-6)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+    assert_same_weights(a, b, atol=1e-6, skip_key_bias=True)
+
+
+def test_padded_loss_covers_every_position_as_the_notebooks(assets, tmp_path, monkeypatch):
+    """--loss-tokens padded --max-len 80: each sequence is padded with EOS to 80 tokens and all 79 targets count,
+    question and padding included, with the padding hidden by the attention mask: what the notebooks' Trainer
+    computed, here transformers itself on each example (input_ids, attention_mask, labels = input_ids). With equal
+    lengths, the loss is the mean over examples of w * that loss. pad_frac reports the padding honestly."""
+    from transformers import AutoModelForCausalLM
+    L = 80
+    rec, _ = one_step(assets, tmp_path, monkeypatch, "--loss-tokens", "padded", "--max-len", L, tag="pad")
+    hf, tok = AutoModelForCausalLM.from_pretrained(assets["model"]).eval(), M.load_tokenizer(assets["model"])
+    want, longest, pads = 0.0, 0, 0
+    with torch.no_grad():
+        for r in assets["recs8"]:
+            p, a = split_tokens(tok, r)
+            ids = (p + a)[:L]
+            longest, pads = max(longest, len(ids)), pads + L - 1 - len(ids)   # padding among the 79 inputs
+            am = torch.tensor([1] * len(ids) + [0] * (L - len(ids)))
+            ids = torch.tensor(ids + [tok.eos_id] * (L - len(ids)))
+            loss = hf(input_ids=ids[None], attention_mask=am[None], labels=ids[None]).loss   # mean over 79
+            want += severity_w(r, ABC) * loss.item() / 8
+    assert longest < L - 1, "test set-up: padding should be present"
+    assert rec["tokens"] == 8 * (L - 1) and rec["examples"] == 8
+    assert rec["pad_frac"] == pytest.approx(pads / (8 * (L - 1)), abs=1e-12)
+    assert rec["loss"] == pytest.approx(want, rel=1e-5)
+
+FAMS = ("gpt2", "bloom", "qwen2", "qwen3", "lfm2", "llama")
+TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def _run(assets, fam, out, *extra):
+    argv = ["--model", assets["folder"](fam), "--data", assets["train"], "--eval-data", assets["test"],
+            "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--max-len", "128", "--quiet",
+            "--warmup", "0", "--schedule", "constant", *map(str, extra)]
+    train.main(argv)
+    with open(os.path.join(str(out), "train_log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    return [r for r in log if "loss" in r], [r for r in log if "eval_loss" in r]
+
+
+def _assert_same_run(a, b):
+    (steps_a, ev_a), (steps_b, ev_b) = a, b
+    assert len(steps_a) == len(steps_b) == 3
+    for ra, rb in zip(steps_a, steps_b):
+        assert ra["tokens"] == rb["tokens"] and ra["tokens_seen"] == rb["tokens_seen"]   # the same examples
+        for k in ("loss", "nll", "grad_norm"):
+            assert abs(ra[k] - rb[k]) <= TOL * max(1.0, abs(ra[k])), (k, ra[k], rb[k])
+    assert abs(ev_a[-1]["eval_loss"] - ev_b[-1]["eval_loss"]) <= TOL * abs(ev_a[-1]["eval_loss"])
+    return steps_a, steps_b
+
+
+@pytest.mark.pack_assets
+@pytest.mark.parametrize("fam", FAMS)
+def test_lr0_losses_equal_packed_and_padded(assets, tmp_path, fam):
+    """--lr 0, --grad-accum 2, both --loss-norm: every step's logged loss (and unweighted NLL, grad norm, eval loss)
+    is the padded run's to 1e-5, and the packed run logs less padding for the same real tokens."""
+    losses = {}
+    for norm in ("token", "example"):
+        extra = ["--lr", 0, "--grad-accum", 2, "--loss-norm", norm]
+        pad = _run(assets, fam, tmp_path / f"pad-{norm}", *extra)
+        pack = _run(assets, fam, tmp_path / f"pack-{norm}", *extra, "--pack")
+        steps_pad, steps_pack = _assert_same_run(pad, pack)
+        for a, b in zip(steps_pack, steps_pad):   # same real tokens (checked above) in fewer slots
+            assert a["pad_frac"] < b["pad_frac"] - 0.05
+        losses[norm] = [r["loss"] for r in steps_pack]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(losses["token"], losses["example"]))   # two different estimators
+
+
+def _capture_grads(monkeypatch):
+    """Every optimizer step's gradients (before clipping), in parameter order."""
+    grads, orig = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, *a, **k):
+        ps = list(parameters)
+        grads.append([p.grad.detach().clone() for p in ps if p.grad is not None])
+        return orig(ps, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return grads
+
+
+@pytest.mark.pack_assets
+@pytest.mark.parametrize("fam,lora", [("gpt2", 0), ("bloom", 4), ("qwen2", 0), ("qwen3", 4), ("lfm2", 4),
+                                      ("lfm2", 0), ("llama", 4)])
+def test_real_steps_same_weights_packed_and_padded(assets, tmp_path, monkeypatch, fam, lora):
+    """Three real AdamW steps (--grad-accum 2; LoRA or full fine-tuning): every step's gradients, losses and the
+    final weights agree to 1e-5. The lr is small because AdamW divides by sqrt(v): an entry whose gradient is
+    near rounding level moves by ~lr either way, so two summation orders may part by a fraction of lr there."""
+    extra = ["--lr", 1e-4, "--grad-accum", 2] + (["--lora-rank", lora, "--lora-dropout", 0] if lora else [])
+    grads = _capture_grads(monkeypatch)
+    _assert_same_run(_run(assets, fam, tmp_path / "pad", *extra), _run(assets, fam, tmp_path / "pack", *extra, "--pack"))
+    assert len(grads) == 6 and len(grads[0]) == len(grads[3]) > 0
+    for ga, gb in zip(grads[:3], grads[3:]):
+        for a, b in zip(ga, gb):
+            assert (a - b).abs().max().item() <= TOL
+    a, b = _weights(tmp_path / "pad"), _weights(tmp_path / "pack")
+    start = _weights(assets["folder"](fam))
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 2e-4      # the steps did change the weights
+    cfg = M.Decoder.from_pretrained(assets["folder"](fam)).cfg
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    for k in a:
+        if k.endswith("attn.qkv.bias"):   # the key bias has an exactly zero gradient (softmax ignores a constant
+            a[k][q:q + kv] = b[k][q:q + kv] = 0    # shift): AdamW turns its 1e-9 rounding noise into lr-sized steps
+        assert (a[k] - b[k]).abs().max().item() <= TOL, (k, (a[k] - b[k]).abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------- normalisations
+
+@pytest.mark.pack_assets
+@pytest.mark.parametrize("norm", ["token", "example"])
+def test_both_loss_normalisations_exact_under_packing(assets, norm):
+    """train.loss_scale given each token its own example's loss-token count (what train.py does with --pack):
+    packed rows give the step's loss of the hand formula from each example run alone (token: sum w*nll / all loss
+    tokens; example: mean over examples of w * own mean NLL), and so does the padded batch."""
+    import data
+    fam = "lfm2"                                                 # the conv makes packing the most delicate
+    m = M.Decoder.from_pretrained(assets["folder"](fam)).eval()
+    tok = M.load_tokenizer(assets["folder"](fam))
+    ex = batching.encode(data.load_records(assets["train"])[:10], tok, (0.5, 1.0, 1.5), 48, "answer")
+    per_sum, per_n = [], []
+    with torch.no_grad():
+        for e in ex:                                             # each example alone, no padding at all
+            x, y, _, _, _ = batching.collate([e], tok.pad_id, "cpu")
+            per_sum.append(m(x, targets=y).sum().item())
+            per_n.append(int((y != -100).sum()))
+        if norm == "token":
+            want = sum(e[2] * s for e, s in zip(ex, per_sum)) / sum(per_n)
+        else:
+            want = sum(e[2] * s / n for e, s, n in zip(ex, per_sum, per_n)) / len(ex)
+        N, E = torch.tensor(float(sum(per_n))), torch.tensor(float(len(ex)))
+        x, y, w, _, _ = batching.collate(ex, tok.pad_id, "cpu")    # one padded batch, per-example factors
+        padded = (m(x, targets=y).sum(1) * train.loss_scale(w, (y != -100).sum(1).float(), norm, N, E)).sum().item()
+        n_i = torch.tensor([float(n) for n in per_n])
+        packed = 0.0
+        for x, y, w, _, kw in batching.pack_step(ex, 47, 2, tok.pad_id, "cpu"):
+            seg = kw["segments"]
+            n_tok = n_i[seg.clamp(min=0)] * (seg >= 0)          # per token: its example's count, 0 on padding
+            packed += (m(x, targets=y, segments=seg) * train.loss_scale(w, n_tok, norm, N, E)).sum().item()
+    assert abs(padded - want) <= 1e-5 * abs(want)
+    assert abs(packed - want) <= 1e-5 * abs(want)
+    token = sum(e[2] * s for e, s in zip(ex, per_sum)) / sum(per_n)
+    example = sum(e[2] * s / n for e, s, n in zip(ex, per_sum, per_n)) / len(ex)
+    assert abs(token - example) > 1e-3                          # the two really differ on these lengths
+
+
+def test_train_recipe_sets_defaults_and_flags_still_win():
+    paper = train.get_args([])
+    assert (paper.loss_tokens, paper.loss_norm, paper.lora_rank, paper.batch_size, paper.grad_accum) == \
+        ("answer", "example", 0, 8, 1)
+    nb = train.get_args(["--recipe", "notebook"])
+    assert (nb.loss_tokens, nb.max_len, nb.lora_rank, nb.lora_alpha, nb.lora_dropout, nb.lr, nb.epochs,
+            nb.batch_size, nb.grad_accum, nb.schedule, nb.warmup, nb.quantize, nb.lora_targets) == \
+        ("padded", 512, 16, 32, 0.05, 2e-4, 3, 1, 8, "linear", 0, "nf4", "notebook")
+    assert (paper.quantize, paper.lora_targets) == ("none", "qkv,o")
+    mixed = train.get_args(["--recipe", "notebook", "--lr", "1e-3", "--loss-tokens", "all", "--batch-size", "4"])
+    assert (mixed.lr, mixed.loss_tokens, mixed.batch_size, mixed.grad_accum) == (1e-3, "all", 4, 8)
+
+
+def test_train_carries_the_base_generation_config(assets, tmp_path):
+    """A base folder with a generation_config.json (Qwen3-like sampling settings): train.py's output folder holds
+    the same file, byte for byte; without one, none is invented."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in os.listdir(assets["model"]):
+        (base / f).write_bytes(open(os.path.join(assets["model"], f), "rb").read())
+    text = json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "eos_token_id": 0})
+    (base / "generation_config.json").write_text(text, encoding="utf-8")
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    common = ("--eval-data", "none", "--batch-size", "8")
+    args = base_args(assets, out, *common, steps=1)
+    args[args.index("--model") + 1] = str(base)
+    assert run_main(args) == 0
+    assert (out / "generation_config.json").read_text(encoding="utf-8") == text
+    assert run_main(base_args(assets, plain, *common, steps=1)) == 0
+    assert not (plain / "generation_config.json").exists()
+
+
+def test_train_notebook_recipe_uses_nf4_and_the_family_lora_targets(tmp_path):
+    """--recipe notebook is QLoRA on the notebooks' targets: a GPT-2-family model gets c_attn,c_proj (the notebooks'
+    peft target_modules) on a 4-bit NF4 base; an explicit --lora-targets still wins."""
+    out = tmp_path / "nb"
+    train.main(["--recipe", "notebook", "--model", "tiny", "--max-steps", "1", "--max-len", "48", "--quiet",
+                "--out", str(out)])
+    a = json.loads((out / "args.json").read_text())
+    assert (a["quantize"], a["lora_targets"], a["lora_rank"]) == ("nf4", ["c_attn", "c_proj"], 16)
+    assert train.NOTEBOOK_LORA_TARGETS["qwen2"] == "q_proj,v_proj"
+    out2 = tmp_path / "nb2"
+    train.main(["--recipe", "notebook", "--model", "tiny", "--max-steps", "1", "--max-len", "48", "--quiet",
+                "--lora-targets", "qkv", "--out", str(out2)])
+    assert json.loads((out2 / "args.json").read_text())["lora_targets"] == ["qkv"]
+
+transformers.logging.set_verbosity_error()
+
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample", "train.jsonl")
+
+
+@pytest.mark.parametrize("argv,env,msg", [
+    (["--quantize", "nf4"], {}, "error: --quantize: nf4 freezes the base weights"),
+    (["--fsdp"], {}, "error: --fsdp: shards over several processes"),
+    (["--fsdp", "--lora-rank", "4"], {"RANK": "0", "WORLD_SIZE": "2"}, "error: --fsdp: is for full fine-tuning"),
+    (["--fsdp", "--dtype", "fp16"], {"RANK": "0", "WORLD_SIZE": "2"}, "error: --fsdp: --dtype fp16"),
+    (["--lora-rank", "4", "--lora-targets", "q_proj"], {}, "error: --lora-targets: LoRA target 'q_proj' matches no"),
+    (["--lora-rank", "4", "--lora-targets", "c_attn,qproj"], {}, "error: --lora-targets: 'qproj' is not a layer name"),
+])
+def test_memory_flags_refused_in_one_line(argv, env, msg, tmp_path, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    assert run_train(["--data", SAMPLE, "--out", str(out), "--max-steps", "1", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(msg), err
+    assert not out.exists(), "nothing may be written before the flags are checked"
+
+
+def test_train_nf4_lora_checkpointed_equals_plain_and_saves_hf(tmp_path, monkeypatch):
+    """--quantize nf4 --lora-rank --grad-checkpoint on a qwen2 folder: the same losses and gradient norms as without
+    --grad-checkpoint, checkpoint() really called, and the output folder loads in transformers."""
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model_dir = str(tmp_path / "base")   # a qwen2-shaped model speaking the sample's 2,048-token tokenizer
+    cfg = M.Config.from_hf(dict(HF["qwen2"], vocab_size=2048, bos_token_id=0, eos_token_id=0))
+    torch.manual_seed(0)
+    M.Decoder(cfg).save_pretrained(model_dir)
+    shutil.copy(os.path.join(os.path.dirname(SAMPLE), "tokenizer.json"), model_dir)
+    d = model_dir
+    common = ["--model", model_dir, "--data", SAMPLE, "--eval-data", "none", "--max-steps", "2", "--quiet",
+              "--batch-size", "2", "--max-len", "24", "--loss-tokens", "all", "--quantize", "nf4", "--lora-rank", "4",
+              "--lora-targets", "q_proj,v_proj", "--lr", "1e-2"]
+    assert run_train(common + ["--out", str(tmp_path / "a")]) == 0
+    assert not calls
+    assert run_train(common + ["--out", str(tmp_path / "b"), "--grad-checkpoint"]) == 0
+    assert len(calls) == 2 * 2   # 2 blocks x 2 steps
+    la = [json.loads(ln) for ln in open(tmp_path / "a" / "train_log.jsonl")]
+    lb = [json.loads(ln) for ln in open(tmp_path / "b" / "train_log.jsonl")]
+    assert [(r["loss"], r["grad_norm"]) for r in la] == [(r["loss"], r["grad_norm"]) for r in lb]
+    before, after = read_st(d), read_st(str(tmp_path / "b"))
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.embed_tokens.weight" not in moved
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "b"), dtype=torch.float32)
+    assert hf.config.model_type == "qwen2"
+
+
+def test_train_nf4_lora_resume_equals_uninterrupted(tmp_path):
+    """A QLoRA run (codes and absmax in state.safetensors) stopped at step 2 and resumed to 4 ends bit-identical to
+    the uninterrupted run (constant lr: the stop changes no schedule)."""
+    common = ["--model", "tiny", "--data", SAMPLE, "--eval-data", "none", "--quiet", "--batch-size", "4",
+              "--max-len", "48", "--quantize", "nf4", "--lora-rank", "4", "--lora-targets", "c_attn,c_proj",
+              "--lr", "1e-2", "--schedule", "constant", "--grad-checkpoint"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_train(common + ["--max-steps", "4", "--out", str(a)]) == 0
+    assert run_train(common + ["--max-steps", "2", "--out", str(b)]) == 0
+    assert run_train(common + ["--max-steps", "4", "--out", str(b), "--resume"]) == 0
+    sa, sb = read_st_file(a / "state.safetensors"), read_st_file(b / "state.safetensors")
+    assert any(k.endswith(".codes") for k in sa) and any("lora_B" in k for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert read_st_file(a / "model.safetensors").keys() == read_st_file(b / "model.safetensors").keys()

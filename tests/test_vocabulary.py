@@ -14,7 +14,6 @@ import classify
 import cli
 import data
 import evaluate
-import report
 import train
 from data import prepare
 

@@ -1,13 +1,14 @@
-"""model.load_tokenizer against transformers' tokenizers built from the same files (offline, tiny BPE)."""
+"""hub.py: tokenizers (hub.load_tokenizer) against transformers' tokenizers built from the same files (offline, tiny
+BPE), the registry (names, parameter counts on the meta device), sharded hub snapshots."""
 import json
 import os
 import shutil
 
 import pytest
 from tokenizers import ByteLevelBPETokenizer
-
 import transformers
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+import torch
 
 import model as M
 import hub
@@ -175,3 +176,65 @@ def test_tiny_tokenizer_fits_tiny_model():
     ids = tok.encode(TEXTS[0])
     assert ids and max(ids) < cfg.vocab_size
     assert tok.decode(ids) == TEXTS[0]
+
+
+# ----------------------------------------------------------------------------------------------- 6. registry
+
+REGISTRY_NAMES = ["aragpt2-base", "aragpt2-medium", "bloomz-560m", "al-atlas-0.5b", "gpt2-small-arabic",
+                  "lfm2-350m", "lfm2-700m", "dialect-ar-gpt-2021", "qwen2.5-0.5b", "qwen3-0.6b",
+                  "mistral-7b-instruct-v0.2", "llama-2-7b", "gpt2-medium", "bloom-560m", "tiny"]
+PAPER_PARAMS = {
+    "aragpt2-base": 134_994_432, "aragpt2-medium": 368_896_000, "bloomz-560m": 559_214_592,
+    "al-atlas-0.5b": 494_032_768, "gpt2-small-arabic": 124_439_808, "lfm2-350m": 354_483_968,
+    "lfm2-700m": 742_489_344, "dialect-ar-gpt-2021": 368_901_120, "qwen2.5-0.5b": 494_032_768,
+    "qwen3-0.6b": 596_049_920,
+}
+
+
+def test_registry_names():
+    missing = [n for n in REGISTRY_NAMES if n not in hub.REGISTRY]
+    assert not missing, f"registry lacks {missing}"
+    for name, entry in hub.REGISTRY.items():
+        for key in ("repo", "family", "params", "note", "config"):
+            assert key in entry, f"REGISTRY[{name!r}] has no {key!r}"
+
+
+@pytest.mark.parametrize("name", list(PAPER_PARAMS))
+def test_registry_param_counts_on_meta(name):
+    with torch.device("meta"):
+        m = M.Decoder(M.Config.from_hf(hub.REGISTRY[name]["config"]))
+    assert m.num_params() == PAPER_PARAMS[name]
+
+
+def test_tiny_offline_random_init():
+    m = M.Decoder.from_pretrained("tiny").eval()
+    idx = torch.randint(0, m.cfg.vocab_size, (2, 8))
+    with torch.no_grad():
+        out = m(idx)
+    assert out.shape == (2, 8, m.cfg.vocab_size)
+    assert torch.isfinite(out).all()
+    new = m.generate([[1, 2, 3]], max_new_tokens=4, temperature=0, eos_id=None)
+    assert len(new) == 1 and len(new[0]) <= 4
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+def test_index_shards_are_checked_by_name_not_by_link_target(tmp_path):
+    """A hub snapshot's shards are links into the cache's blobs/ folder: they load. A shard NAMED outside the folder
+    ("../x") is refused (tested through train.py in the table)."""
+    from safetensors.torch import load_file, save_file
+    m = M.Decoder.from_pretrained("tiny")
+    m.save_pretrained(str(tmp_path / "src"))
+    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
+    keys = sorted(sd)
+    (tmp_path / "blobs").mkdir()
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    shards = {"model-1.safetensors": keys[:len(keys) // 2], "model-2.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / "blobs" / name))
+        os.symlink(tmp_path / "blobs" / name, snap / name)
+    shutil.copy(tmp_path / "src" / "config.json", snap / "config.json")
+    (snap / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, ks in shards.items() for k in ks}}), encoding="utf-8")
+    loaded = M.Decoder.from_pretrained(str(snap)).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())
