@@ -267,3 +267,41 @@ def test_check_resume_refuses_each_changed_key(key, saved, given):
     msg = str(e.value)
     assert str(given) in msg or isinstance(given, list)
     assert "delete" not in msg and "must not change the experiment" in msg, "an intact checkpoint is not broken"
+
+
+# -- the pictures: table.png and train_log.png ---------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_log_png_titled_with_model_and_weights(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 3.0, "lr": 1e-3}, {"step": 2, "loss": 2.5, "lr": 5e-4},
+        {"step": 2, "eval_loss": 2.7, "eval_loss_critical": 2.9}]))
+    args = {"model": "qwen2.5-0.5b", "weights": "strong", "weights_abc": [1.0, 1.0, 3.0], "severity_source": "probs",
+            "lora_rank": 16}
+    title = checkpoint.plot_title(args)
+    assert title == "qwen2.5-0.5b | weights a,b,c = 1,1,3 (strong, soft p) | LoRA r 16"
+    assert "label one-hot" in checkpoint.plot_title(dict(args, severity_source="label", lora_rank=0))
+    fig = checkpoint.plot_log(str(log), str(tmp_path / "train_log.png"), title)
+    assert fig._suptitle is not None and fig._suptitle.get_text() == title
+    assert (tmp_path / "train_log.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.usefixtures("threads_and_signals")
+def test_train_run_titles_its_plot(tmp_path, monkeypatch):
+    """train.py's plot takes its title from the run's args.json (written with the checkpoint, before the plot)."""
+    import train
+    seen = []
+    real = checkpoint.plot_log
+    monkeypatch.setattr(checkpoint, "plot_log", lambda log, png: seen.append(real(log, png)._suptitle.get_text()))
+    out = tmp_path / "run"
+    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
+    try:
+        train.main(["--model", "tiny", "--data", os.path.join(sample, "train.jsonl"), "--out", str(out),
+                    "--max-steps", "1", "--batch-size", "4", "--weights", "mild", "--quiet"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert seen and all(t.startswith("tiny | weights a,b,c = ") and "(mild, soft p)" in t for t in seen)
+    assert (out / "train_log.png").read_bytes().startswith(PNG)

@@ -11,6 +11,7 @@ import report
 import stats
 
 from conftest import expect_exit2, pct95, read_jsonl, resampled, run_eval
+import matplotlib.container
 
 
 # -- --compare and --table on real eval folders -----------------------------------------------------------------
@@ -196,3 +197,51 @@ def test_each_command_refuses_flags_it_does_not_read(flag, command, capsys):
         main(argv + FLAG_VALUE[flag])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and FLAG_VALUE[flag][0] in err, err
+
+
+# -- the pictures: table.png and train_log.png ---------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def cells_and_marks():
+    rows, cols = ["aragpt2-base", "qwen2.5-0.5b"], ["CE", "Mild", "Balanced"]
+    cells = {}
+    for k, g in enumerate(("overall", "non-critical", "neutral", "critical")):
+        cells[g] = {(r, c): {"mean": 60 + i + 2 * j + k, "lo": 58 + i + 2 * j + k, "hi": 63 + i + 2 * j + k, "n": 9}
+                    for i, r in enumerate(rows) for j, c in enumerate(cols)}
+    marks = {("overall", "aragpt2-base", "Balanced"): 0.01, ("critical", "qwen2.5-0.5b", "Mild"): 0.03,
+             ("neutral", "aragpt2-base", "Mild"): 0.4}
+    return rows, cols, cells, marks
+
+
+def test_table_png_dots_intervals_marks_one_legend(tmp_path):
+    rows, cols, cells, marks = cells_and_marks()
+    path = tmp_path / "table.png"
+    fig = report.save_plot(str(path), "f1", rows, cols, cells, marks)
+    assert path.read_bytes().startswith(PNG)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["all answers", "non-critical", "neutral", "critical"]
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == cols
+    assert "p < 0.05" in fig.legends[0].get_title().get_text()
+    for ax in axes:   # no bars: dots with whiskers, one errorbar series per setting; every whisker inside the axis
+        assert not ax.patches
+        assert all(isinstance(c, matplotlib.container.ErrorbarContainer) for c in ax.containers)
+        assert len(ax.containers) == len(cols)
+        lo, hi = ax.get_ylim()
+        g = {"all answers": "overall"}.get(ax.get_title(), ax.get_title())
+        assert lo <= min(d["lo"] for d in cells[g].values()) and hi >= max(d["hi"] for d in cells[g].values())
+    stars = [(ax.get_title(), t.xy) for ax in axes for t in ax.texts if t.get_text() == "*"]
+    assert len(stars) == 2   # p 0.01 and 0.03; 0.4 gets none
+    (t1, (x1, y1)), (t2, (_, y2)) = sorted(stars)
+    assert (t1, t2) == ("all answers", "critical")
+    assert y1 == cells["overall"][("aragpt2-base", "Balanced")]["hi"]   # above its whisker
+    assert y2 == cells["critical"][("qwen2.5-0.5b", "Mild")]["hi"]
+
+
+def test_table_png_without_marks_has_no_note(tmp_path):
+    rows, cols, cells, _ = cells_and_marks()
+    fig = report.save_plot(str(tmp_path / "t.png"), "nll", rows, cols, cells)
+    assert len(fig.legends) == 1 and fig.legends[0].get_title().get_text() == ""
+    assert not [t for ax in fig.axes for t in ax.texts]
