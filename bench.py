@@ -92,11 +92,19 @@ def get_args(argv=None):
                    "fp32 / bf16 / NF4, NF4's quantisation error on them, and for bf16 and NF4 bases, with and without "
                    "--grad-checkpoint, the activation bytes kept for backward per block and the step's peak; then "
                    "the estimate for the full depth (see README, Performance)")
+    p.add_argument("--full-depth", action="store_true", help="with --memory: build --model at all its blocks (one "
+                   "block at a time, never in full precision), NF4 base (or --base), and time one LoRA step with "
+                   "--grad-checkpoint at --batch-size x each of --full-seqs: resident weights, LoRA and AdamW bytes, "
+                   "the step's peak memory (CPU: peak RSS)")
+    p.add_argument("--full-seqs", default="64,128,256", help="with --memory --full-depth: sequence lengths, one step each")
+    p.add_argument("--base", choices=["nf4", "bf16"], default="nf4", help="with --memory --full-depth: the frozen base")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="with --memory: the adapted layers (the notebooks')")
     p.add_argument("--lora-rank", type=num(int, lo=1, hi=65536), default=16, help="with --memory: LoRA rank (the notebooks: 16, alpha 32)")
     args = p.parse_args(argv)
     if not args.memory:
-        p.refuse_unused(argv, {"lora_targets", "lora_rank"}, "without --memory")
+        p.refuse_unused(argv, {"lora_targets", "lora_rank", "full_depth", "full_seqs", "base"}, "without --memory")
+    elif not args.full_depth:
+        p.refuse_unused(argv, {"full_seqs", "base"}, "without --full-depth")
     return args
 
 
@@ -281,7 +289,7 @@ def own_bytes(model, opt=None):
 
 def run_alternating(phase, fns, warmup, iters, device, meter, quiet=False):
     """Call each implementation's step in turn (the order swaps every round so neither always runs first).
-    Returns {impl: (median seconds, max peak bytes over timed steps)}."""
+    Returns {impl: (median seconds, max peak bytes over timed steps, every timed step's seconds)}."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = {k: [] for k in fns}
     peaks = {k: 0 for k in fns}
@@ -300,7 +308,25 @@ def run_alternating(phase, fns, warmup, iters, device, meter, quiet=False):
                 peaks[k] = max(peaks[k], peak)
         prog.update()
     prog.close()
-    return {k: (statistics.median(times[k]), peaks[k]) for k in fns}
+    return {k: (statistics.median(times[k]), peaks[k], times[k]) for k in fns}
+
+
+WIDE = 0.25   # a spread (max - min) / median above this is flagged: the median alone is not to be trusted
+
+
+def spread(values, scale=1.0):
+    """min / median / max (times `scale`) of a list of timings, their count, and the relative spread
+    (max - min) / median."""
+    v = sorted(x * scale for x in values)
+    med = statistics.median(v)
+    return {"min": v[0], "median": med, "max": v[-1], "n": len(v), "rel_spread": (v[-1] - v[0]) / med if med else None}
+
+
+def spread_text(name, sp, unit="ms"):
+    """'ours 12.3 ms (11.9-14.0, 9 steps)' plus a warning mark when the spread is wide."""
+    wide = sp["rel_spread"] is not None and sp["rel_spread"] > WIDE
+    return (f"{name} {sp['median']:.4g} {unit} ({sp['min']:.4g}-{sp['max']:.4g}, {sp['n']} steps"
+            f"{', WIDE' if wide else ''})")
 
 
 def profile(fns, n, device):
@@ -463,6 +489,7 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
 
     impls = ("ours", "ours packed", "transformers")
     tot = {k: [0.0, 0, 0] for k in impls}                                 # seconds, real tokens, padding slots
+    per = {k: [] for k in impls}                                          # each timed step's seconds
     prog = cli.progress(K, f"[train {args.lengths}]", "step", args.quiet)
     for i, ex in enumerate(steps):
         for k in (impls if i % 2 == 0 else impls[::-1]):
@@ -471,7 +498,8 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
             real, pads = run(k, ex)
             sync()
             if i >= args.warmup:
-                tot[k][0] += time.perf_counter() - t0
+                per[k].append(time.perf_counter() - t0)
+                tot[k][0] += per[k][-1]
                 tot[k][1] += real
                 tot[k][2] += pads
         prog.update()
@@ -479,6 +507,8 @@ def bench_lengths(args, ours, theirs, cfg, device, amp):
     out = {k: {"real_tokens_per_s": r / sec, "ms_per_step": sec * 1000 / args.iters, "pad_frac": p / (r + p),
                "real_tokens": r}
            for k, (sec, r, p) in tot.items()}
+    for k in impls:   # the steps differ in length: the spread is of the step times, not of a repeated step
+        out[k]["spread_ms"] = spread(per[k], 1000)
     out["packed/padded"] = out["ours packed"]["real_tokens_per_s"] / out["ours"]["real_tokens_per_s"]
     out["packed/transformers"] = out["ours packed"]["real_tokens_per_s"] / out["transformers"]["real_tokens_per_s"]
     lens = [len(e[0]) for st in steps for e in st]
@@ -505,14 +535,23 @@ def summarise(res, tokens, steps, flops_per_token, peak_flops, own):
     """res {impl: (median s, peak growth bytes)}, tokens {impl: tokens per call}, steps = steps per call (1 for
     training, new tokens for generation) -> figures per implementation and their ratios ours / transformers."""
     out = {}
-    for k, (sec, growth) in res.items():
+    for k, (sec, growth, *times) in res.items():
         tps = tokens[k] / sec
         out[k] = {"tokens_per_s": tps, "ms_per_step": sec * 1000 / steps,
                   "peak_mem_mib": (growth + own[k]) / 2 ** 20,
                   "mfu": flops_per_token * tps / peak_flops if peak_flops else None}
+        if times:   # per-step ms over the timed calls, and tokens/s at the fastest / slowest of them
+            out[k]["spread_ms"] = spread(times[0], 1000 / steps)
+            out[k]["spread_tokens_per_s"] = {"min": tokens[k] / max(times[0]), "max": tokens[k] / min(times[0])}
     a, b = out["ours"], out["transformers"]
-    out["ratio"] = {m: (a[m] / b[m] if a[m] is not None and b[m] else None) for m in a}
+    out["ratio"] = {m: (a[m] / b[m] if a[m] is not None and b[m] else None) for m in FIGS}
+    if "spread_ms" in a and "spread_ms" in b:   # the ratio's range: ours' slowest over theirs' fastest and back
+        out["ratio"]["tokens_per_s_range"] = [b["spread_ms"]["min"] / a["spread_ms"]["max"],
+                                              b["spread_ms"]["max"] / a["spread_ms"]["min"]]
     return out
+
+
+FIGS = ("tokens_per_s", "ms_per_step", "peak_mem_mib", "mfu")
 
 
 def print_table(title, s):
@@ -521,6 +560,14 @@ def print_table(title, s):
     print(fmt_row("ours", s["ours"]))
     print(fmt_row("transformers", s["transformers"]))
     print(fmt_ratio(s["ratio"]))
+    if "spread_ms" in s["ours"]:
+        lo, hi = s["ratio"].get("tokens_per_s_range", (None, None))
+        print("spread of ms/step (median, min-max): " + "; ".join(spread_text(k, s[k]["spread_ms"]) for k in IMPLS)
+              + (f"; tokens/s ratio between {lo:.2f}x and {hi:.2f}x" if lo else ""))
+        wide = [k for k in IMPLS if (s[k]["spread_ms"]["rel_spread"] or 0) > WIDE]
+        if wide:
+            print(f"warning: wide spread ({', '.join(wide)}: max - min over {WIDE:.0%} of the median): the machine "
+                  "was busy or the step is unstable; the ratio is not to be trusted", file=sys.stderr)
 
 
 def main(argv=None):
@@ -553,6 +600,14 @@ def _main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory and args.full_depth:
+        try:
+            seqs = [int(v) for v in args.full_seqs.split(",")]
+        except ValueError:
+            raise cli.UserError("--full-seqs", f"{args.full_seqs!r}: expected comma-separated integers") from None
+        if not seqs or min(seqs) < 1:
+            raise cli.UserError("--full-seqs", f"{args.full_seqs!r}: expected positive integers")
+        return memory_full_report(args, device)
     if args.memory:
         # the model memory_report builds (cut to --layers, default 1, at full width) and one step of it
         check_fits(Config.from_hf(scaled_config(REGISTRY[args.model]["config"], args.layers or 1, args.hidden)),
@@ -602,6 +657,8 @@ def _main(argv=None):
             name = {"ours": "ours padded", "transformers": "transformers padded"}.get(k, k)
             print(f"{name:<20} {r[k]['real_tokens_per_s']:>14,.0f} {r[k]['ms_per_step']:>10.1f} {r[k]['pad_frac']:>8.1%}")
         print(f"packed / padded {r['packed/padded']:.2f}x, packed / transformers {r['packed/transformers']:.2f}x")
+        print("spread of ms/step (median, min-max; the steps differ in length): "
+              + "; ".join(spread_text(k, r[k]["spread_ms"]) for k in ("ours", "ours packed", "transformers")))
     elif not args.skip_train:
         B, T = args.batch_size, args.seq_len
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
@@ -859,6 +916,174 @@ def memory_report(args, device):
         outputs.write_json(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
     return report
+
+
+def build_full_depth(hf_cfg, device, base="nf4", seed=0):
+    """The decoder of `hf_cfg` at its full depth with random weights, built one block at a time so that no
+    full-precision copy of the model ever exists: each block is materialised in fp32 (N(0, 0.02) matrices, zero
+    biases, unit norms, as init_weights; one seeded generator per block), cast to bf16 and, with base="nf4", its
+    Linears replaced by NF4Linear (quantised on `device`). Embeddings, final norm and head in bf16. For Llama-2-7B
+    the largest transient is one fp32 block (772 MiB)."""
+    from model import NF4Linear
+    cfg = Config.from_hf(hf_cfg)
+    with torch.device("meta"):
+        m = Decoder(cfg)
+
+    def fill(mod, gen):
+        with torch.no_grad():
+            for name, p in mod.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+
+    def gen_for(i):
+        return torch.Generator(device=device).manual_seed(seed * 1000 + i)
+    for i, block in enumerate(m.layers):
+        block.to_empty(device=device)
+        fill(block, gen_for(i))
+        block.to(torch.bfloat16)
+        if base == "nf4":
+            for name, lin in [(n, x) for n, x in block.named_modules() if isinstance(x, nn.Linear)]:
+                parent, child = name.rsplit(".", 1) if "." in name else ("", name)
+                setattr(block.get_submodule(parent) if parent else block, child, NF4Linear.from_linear(lin))
+                del lin
+        _trim()
+    for name, mod in m.named_children():
+        if name != "layers":
+            mod.to_empty(device=device)
+            fill(mod, gen_for(10_000 + len(name)))
+            mod.to(torch.bfloat16)
+    if cfg.tie:
+        m.lm_head.weight = m.wte.weight
+    return m
+
+
+def _rss():
+    try:
+        return _proc_status("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
+def qlora_measure(hf_cfg, device, shapes, targets="q_proj,v_proj", rank=16, base="nf4", ckpt=True, seed=0,
+                  deadline=None, log=print):
+    """Build `hf_cfg` at full depth (build_full_depth), add LoRA, and run one LoRA step (forward under bf16 autocast,
+    severity-weighted loss, backward, AdamW on the adapters) per (batch, seq) in `shapes`; the first shape is also
+    run once untimed first (AdamW's state and the allocator warm up). Returns the figures: resident bytes of the
+    quantised weights, LoRA parameters and optimizer state; per shape the step's seconds, tokens/s and peak memory
+    (CUDA: max_memory_allocated / reserved, absolute; CPU: the process's peak RSS (VmHWM) during the step, absolute,
+    and its growth over the RSS before it). Shapes past `deadline` (time.monotonic()) are skipped and listed."""
+    from model import add_lora
+    t0 = time.perf_counter()
+    rss0 = _rss() if device.type == "cpu" else None
+    m = build_full_depth(hf_cfg, device, base, seed)
+    cfg = m.cfg
+    build_s = time.perf_counter() - t0
+    quant = [x for x in m.modules() if type(x).__name__ == "NF4Linear"]
+    out = {"base": base, "grad_checkpoint": ckpt, "layers": cfg.n_layer, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
+           "vocab": cfg.vocab_size, "params": m.num_params(), "build_s": build_s,
+           "quantised_weight_bytes": tensor_bytes([t for q in quant for t in (q.codes, q.absmax)]),
+           "block_bytes": tensor_bytes(list(m.layers.parameters()) + list(m.layers.buffers())),
+           "resident_bytes": own_bytes(m)}
+    out["other_bytes"] = out["resident_bytes"] - out["block_bytes"]   # embeddings, final norm, head (bf16)
+    if device.type == "cpu":
+        _trim()
+        out["rss_after_build"] = _rss()
+        out["rss_before_build"] = rss0
+    add_lora(m, targets.split(","), rank, 2 * rank, 0.05)
+    m.grad_checkpoint = ckpt
+    m.train()
+    lora = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(lora, lr=1e-4, fused=device.type == "cuda")
+    out["lora"] = {"targets": targets, "rank": rank, "params": sum(p.numel() for p in lora),
+                   "param_bytes": tensor_bytes(lora)}
+    meter = Meter(device)
+    out["memory"] = meter.how if device.type == "cuda" else "process peak RSS (VmHWM) during the step"
+    g = torch.Generator().manual_seed(seed + 1)
+    out["steps"], out["skipped"] = [], []
+    plan = [(shapes[0], True)] + [(s, False) for s in shapes]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for (B, T), warm in plan:
+        if deadline is not None and time.monotonic() > deadline:
+            out["skipped"].append(f"{B} x {T}" + (" (warm-up)" if warm else ""))
+            continue
+        ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+        x, y = ids[:, :-1].to(device), ids[:, 1:].clone().to(device)
+        y[:, : T // 4] = -100
+        w = (0.5 + torch.rand(B, generator=g)).to(device)
+        n_tok = (y != -100).sum().float()
+        _trim()
+        if device.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
+        t1 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = (m(x, targets=y) * w[:, None]).sum() / n_tok
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        dt = time.perf_counter() - t1
+        r = {"batch": B, "seq": T, "seconds": dt, "tokens_per_s": B * T / dt, "loss": loss.item(), "warmup": warm,
+             "before_bytes": before}
+        if device.type == "cuda":
+            r["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            r["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+            r["peak_bytes"] = r["peak_allocated_bytes"]
+        else:
+            r["peak_bytes"] = _proc_status("VmHWM")
+            r["growth_bytes"] = r["peak_bytes"] - before
+        if not warm:
+            out["steps"].append(r)
+        else:
+            out["warmup_step"] = r
+        log(f"  {base} {'ckpt' if ckpt else 'no ckpt'} {B} x {T}{' (warm-up)' if warm else ''}: {dt:.1f} s, "
+            f"{B * T / dt:,.0f} tok/s, peak {r['peak_bytes'] / GiB:.2f} GiB")
+        del loss, x, y
+    out["optimizer_state_bytes"] = tensor_bytes([v for st in opt.state.values() for v in st.values()])
+    out["lora"]["grad_bytes"] = out["lora"]["param_bytes"]   # one fp32 gradient per adapter parameter (set to None
+    # between steps: it exists during backward and the AdamW step only)
+    del m, opt, lora
+    _trim()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def memory_full_report(args, device):
+    """--memory --full-depth: --model at all its blocks, NF4 base (bf16 with --base bf16), LoRA, --grad-checkpoint
+    steps at --batch-size x each of --full-seqs; prints and returns qlora_measure's figures."""
+    hf_cfg = scaled_config(REGISTRY[args.model]["config"], args.layers, args.hidden)
+    seqs = [int(v) for v in args.full_seqs.split(",")]
+    shapes = [(args.batch_size, t) for t in seqs]
+    dev_name = _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"{args.model} at full depth ({Config.from_hf(hf_cfg).n_layer} blocks), {args.base} base, LoRA "
+          f"{args.lora_targets} r {args.lora_rank}, --grad-checkpoint, steps at {', '.join(f'{b} x {t}' for b, t in shapes)}"
+          f" | {dev_name}, {torch.get_num_threads()} threads | torch {torch.__version__}", flush=True)
+    r = qlora_measure(hf_cfg, device, shapes, args.lora_targets, args.lora_rank, args.base, True, args.seed,
+                      log=lambda s: print(s, flush=True))
+    r.update(mode="memory-full-depth", model=args.model, device=dev_name, threads=torch.get_num_threads(),
+             torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), config=dict(hf_cfg))
+    print(f"\nweights resident: {r['resident_bytes'] / GiB:.2f} GiB ({r['quantised_weight_bytes'] / GiB:.2f} GiB of "
+          f"NF4 codes + absmax, {r['other_bytes'] / GiB:.2f} GiB embeddings/norm/head in bf16); LoRA "
+          f"{r['lora']['params']:,} params, {r['lora']['param_bytes'] / 2**20:.1f} MiB, AdamW state "
+          f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB")
+    if r.get("rss_after_build"):
+        print(f"process RSS after the build: {r['rss_after_build'] / GiB:.2f} GiB")
+    for st in r["steps"]:
+        print(f"step {st['batch']} x {st['seq']}: {st['seconds']:.1f} s, peak RSS {st['peak_bytes'] / GiB:.2f} GiB "
+              f"(+{st.get('growth_bytes', 0) / 2**20:.0f} MiB over the {st['before_bytes'] / GiB:.2f} GiB before it)")
+    if args.json:
+        outputs.write_json(args.json, r)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return r
 
 
 def _cpu_name():
