@@ -1138,7 +1138,7 @@ SUITE_SIZES = {
                   train=dict(layers=1, hidden=64, batch=2, seq=32, warmup=1, iters=3, compile=("aragpt2-base",)),
                   packing=dict(model="tiny", layers=None, hidden=None, batch=4, seq=64, warmup=1, iters=3),
                   generation=dict(model="qwen2.5-0.5b", layers=1, hidden=64, batch=4, prompt=8, new=6,
-                                  warmup=1, iters=3, compile=False),
+                                  warmup=1, iters=3, compile=True),
                   qlora_7b=dict(layers=2, hidden=256, shapes=[(1, 32)], bf16=True),
                   fp16_recipe=dict(model="qwen2.5-0.5b", layers=1, hidden=64, steps=3, accum=2, seq=32),
                   budget=dict(parity=60, train=90, packing=30, generation=30, qlora_7b=30, fp16_recipe=30, compile=5)),
