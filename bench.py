@@ -1133,7 +1133,7 @@ SUITE_SIZES = {
                                  warmup=2, iters=5, compile=True),
                  qlora_7b=dict(layers=None, hidden=None, shapes=[(8, 512)], bf16=True),
                  fp16_recipe=dict(model="qwen2.5-0.5b", layers=None, hidden=None, steps=6, accum=8, seq=512),
-                 budget=dict(parity=45, train=210, packing=45, generation=60, qlora_7b=75, fp16_recipe=30, compile=5)),
+                 budget=dict(parity=40, train=190, packing=40, generation=90, qlora_7b=75, fp16_recipe=30, compile=5)),
     "smoke": dict(parity=dict(layers=1, hidden=64, batch=2, seq=16),
                   train=dict(layers=1, hidden=64, batch=2, seq=32, warmup=1, iters=3, compile=("aragpt2-base",)),
                   packing=dict(model="tiny", layers=None, hidden=None, batch=4, seq=64, warmup=1, iters=3),
@@ -1161,6 +1161,7 @@ class Suite:
         self.peak = peak_bf16(self.gpu)
         self.results = {}
         self.deadline = None
+        self.partial = None   # the running section's figures so far
 
     def left(self):
         return self.deadline - time.monotonic()
@@ -1193,6 +1194,7 @@ def run_section(name, fn, suite, budget):
     a compile error) is recorded with its type and first line instead of ending the suite."""
     import signal
     suite.deadline = time.monotonic() + budget
+    suite.partial = None
     rec = {"budget_s": budget}
     t0 = time.perf_counter()
 
@@ -1208,6 +1210,7 @@ def run_section(name, fn, suite, budget):
         rec["status"] = "cut" if out.get("cut") else "ok"
     except Exception as e:   # noqa: BLE001 - one section failing must not cost the others
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        rec.update(suite.partial or {})   # the figures measured before the failure
         rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
         suite.log(f"[{name}] failed: {rec['error']}")
     finally:
@@ -1249,6 +1252,7 @@ def section_parity(S):
     losses (weighted per-token CE)."""
     z = S.sizes["parity"]
     out, cut = {"layers": z["layers"], "hidden": z["hidden"], "batch": z["batch"], "seq": z["seq"], "families": {}}, []
+    S.partial = out   # what run_section keeps if the section is stopped or fails half-way
     for fam, name in PARITY_MODELS.items():
         if S.over():
             cut.append(fam)
@@ -1291,6 +1295,7 @@ def section_train(S):
     meter = Meter(S.device)
     out, cut = {"batch": z["batch"], "seq": z["seq"], "dtype": "bf16", "warmup": z["warmup"], "iters": z["iters"],
                 "memory": meter.how, "models": {}}, []
+    S.partial = out   # what run_section keeps if the section is stopped or fails half-way
     B, T = z["batch"], z["seq"]
     for name in TRAIN_MODELS:
         if S.over():
@@ -1371,6 +1376,7 @@ def section_generation(S):
     prompts = torch.randint(1, ours.cfg.vocab_size, (Bg, P), generator=g).to(S.device)
     meter = Meter(S.device)
     out, cut = {"model": z["model"], "batch": Bg, "prompt_len": P, "new_tokens": N, "dtype": str(dt)[6:]}, []
+    S.partial = out   # what run_section keeps if the section is stopped or fails half-way
     fwd = ours.flops_per_token(P + N // 2) / 3
     for mode in ("eager", "compile"):
         if mode == "compile" and not z["compile"]:
@@ -1411,6 +1417,7 @@ def section_qlora_7b(S):
     z = S.sizes["qlora_7b"]
     hf = small_config("llama-2-7b", z["layers"], z["hidden"])
     out, cut = {"model": "llama-2-7b", "claim": "NF4 + --grad-checkpoint at 8 x 512 within 16 GB"}, []
+    S.partial = out   # what run_section keeps if the section is stopped or fails half-way
     for base in ("nf4", "bf16"):
         if base == "bf16" and not z["bf16"]:
             continue
@@ -1463,6 +1470,7 @@ def section_fp16_recipe(S):
     g = torch.Generator().manual_seed(S.seed + 1)
     V, T = m.cfg.vocab_size, z["seq"]
     out = {"model": z["model"], "accum": z["accum"], "seq": T, "steps": [], "scale_start": scaler.get_scale()}
+    S.partial = out   # what run_section keeps if the section is stopped or fails half-way
     cut, times = [], []
     for step in range(z["steps"]):
         if S.over():
