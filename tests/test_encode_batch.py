@@ -71,3 +71,15 @@ def test_a_tokenizer_without_the_tokenizers_object_still_works():
             return tiny.encode(text, special=special)
     recs = records(40)
     assert train.encode(recs, Plain(), (1, 1, 1), 64, "answer") == per_record(recs, tiny, (1, 1, 1), 64, "answer")
+
+
+def test_evaluate_prompts_are_the_per_question_ids():
+    import types
+
+    import evaluate
+    tok = tokenizers()["bos-adding"]
+    qs = [r["question"] for r in records(50)]
+    fake = types.SimpleNamespace(cfg=types.SimpleNamespace(pos="rope"))
+    for prompt in ("cue", "no-cue"):
+        want = [tok.encode(data.format_prompt(q, cue=prompt == "cue")) for q in qs]
+        assert evaluate.encode_prompts(fake, tok, qs, 10, prompt) == want
