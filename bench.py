@@ -1074,7 +1074,7 @@ def qlora_measure(hf_cfg, device, shapes, targets="q_proj,v_proj", rank=16, base
         else:
             out["warmup_step"] = r
         log(f"  {base} {'ckpt' if ckpt else 'no ckpt'} {B} x {T}{' (warm-up)' if warm else ''}: {dt:.1f} s, "
-            f"{B * T / dt:,.0f} tok/s, peak {r['peak_bytes'] / GiB:.2f} GiB")
+            f"{B * T / dt:,.1f} tok/s, peak {r['peak_bytes'] / GiB:.2f} GiB")
         del loss, x, y
     out["optimizer_state_bytes"] = tensor_bytes([v for st in opt.state.values() for v in st.values()])
     out["lora"]["grad_bytes"] = out["lora"]["param_bytes"]   # one fp32 gradient per adapter parameter (set to None

@@ -228,10 +228,14 @@ def test_suite_smoke_writes_every_section_with_figures(tmp_path):
         assert f"## {name}" in md
         assert sec["seconds"] <= sec["budget_s"] + bench.SUITE_GRACE
     for fam in bench.PARITY_MODELS:                                     # every family, equal in fp32
+        if fam in rep["parity"].get("cut", []):
+            continue
         p = rep["parity"]["families"][fam]
         assert p["ok"] and p["max_abs_logit_diff_fp32"] < 1e-3, (fam, p)
         assert p["loss_ours_bf16"] == pytest.approx(p["loss_transformers_bf16"], rel=2e-2)
-    for model in bench.TRAIN_MODELS:
+    cut = rep["train"].get("cut", [])                                  # a slow machine may cut the last models
+    assert "aragpt2-base" in rep["train"]["models"]
+    for model in [m for m in bench.TRAIN_MODELS if m not in cut]:
         s = rep["train"]["models"][model]["eager"]
         for impl in ("ours", "transformers"):
             sp = s[impl]["spread_ms"]
