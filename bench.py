@@ -5,6 +5,9 @@ Time our Decoder against transformers on the same random weights: the severity-w
     python bench.py --model qwen2.5-0.5b --shape small       # a registry shape scaled down to 4 layers x 256
     python bench.py --model aragpt2-base --compile --json out/bench-aragpt2.json     # on a GPU: bf16, batch 16 x 512
     python bench.py --lengths maqa --skip-gen                # variable lengths: padded vs packed (train.py --pack)
+    python bench.py --suite all --out out/suite              # every GPU figure in one command (~8 min on one H100)
+    python bench.py --suite all --smoke --out out/smoke      # the same sections at toy sizes on the CPU (CI)
+    python bench.py --memory --full-depth --model llama-2-7b --batch-size 1 --full-seqs 64,128,256 --device cpu
 
 Both models are built from one set of random weights (ours: Decoder(Config.from_hf(registry config)), saved with
 save_pretrained, loaded by transformers' AutoModelForCausalLM with SDPA attention), so nothing is downloaded.
@@ -12,7 +15,8 @@ Training step = forward, the severity-weighted per-token loss  sum(w_b * nll_bt)
 (fused on CUDA), zero_grad. Ours gets the per-token NLL from model(x, targets=y) (chunked over the vocabulary);
 transformers' from its logits with F.cross_entropy(reduction='none'). Generation = a batch of same-length random
 prompts, --new-tokens sampled tokens each (temperature 0.7, no top-k / top-p, EOS disabled so every row runs to the
-end). The two implementations alternate step by step after a warm-up; figures are medians over --iters steps.
+end). The two implementations alternate step by step after a warm-up; figures are medians over --iters steps, with
+their spread (min-max, a warning when it exceeds 25 % of the median: a busy machine or an unstable step).
 
 Columns: tokens/s (training: B*T per step; generation: new tokens per second, prefill included), ms per step
 (generation: per new token), peak memory (MiB, see --help of --device), MFU against the device's bf16 peak
