@@ -1144,8 +1144,8 @@ SUITE_SIZES = {
                   generation=dict(model="qwen2.5-0.5b", layers=1, hidden=64, batch=4, prompt=8, new=6,
                                   warmup=1, iters=3, compile=True),
                   qlora_7b=dict(layers=2, hidden=256, shapes=[(1, 32)], bf16=True),
-                  fp16_recipe=dict(model="qwen2.5-0.5b", layers=1, hidden=64, steps=3, accum=2, seq=32),
-                  budget=dict(parity=60, train=90, packing=30, generation=30, qlora_7b=30, fp16_recipe=30, compile=5)),
+                  fp16_recipe=dict(model="qwen2.5-0.5b", layers=1, hidden=64, steps=3, accum=2, seq=16),
+                  budget=dict(parity=60, train=90, packing=30, generation=45, qlora_7b=30, fp16_recipe=45, compile=5)),
 }
 SUITE_GRACE = 60
 
