@@ -1033,8 +1033,8 @@ def qlora_measure(hf_cfg, device, shapes, targets="q_proj,v_proj", rank=16, base
     opt = torch.optim.AdamW(lora, lr=1e-4, fused=device.type == "cuda")
     out["lora"] = {"targets": targets, "rank": rank, "params": sum(p.numel() for p in lora),
                    "param_bytes": tensor_bytes(lora)}
-    meter = Meter(device)
-    out["memory"] = meter.how if device.type == "cuda" else "process peak RSS (VmHWM) during the step"
+    out["memory"] = ("cuda max_memory_allocated during the step, absolute (weights, LoRA and AdamW state included)"
+                     if device.type == "cuda" else "process peak RSS (VmHWM) during the step, absolute")
     g = torch.Generator().manual_seed(seed + 1)
     out["steps"], out["skipped"] = [], []
     plan = [(shapes[0], True)] + [(s, False) for s in shapes]
