@@ -5,6 +5,7 @@ belongs to (segments), so attention, positions and the loss restart at every exa
 """
 import torch
 
+import cli
 import data
 
 
@@ -12,14 +13,29 @@ def encode(records, tok, abc, max_len, loss_tokens, quiet=True):
     """Each record -> (input ids, loss mask, w, severity class). Text = prompt + answer + EOS, truncated to max_len
     tokens from the end (the prompt is kept first, the answer cut); the loss mask marks the tokens whose prediction
     counts (answer + EOS by default; every token with 'all' and 'padded'; the padding that 'padded' adds is collate's
-    work). A progress bar for large sets (data.shown) unless quiet."""
-    out = []
-    for r in data.shown(records, "tokenising", quiet):
-        p = tok.encode(data.format_prompt(r["question"]))
-        a = tok.encode(r["answer"], special=False) + [tok.eos_id]
-        ids = (p + a)[:max_len]
-        keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
-        out.append((ids, keep[:len(ids)], data.severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
+    work). Tokenised in chunks through the tokenizers library's encode_batch (its own threads; the same ids as one
+    encode per text): 200,000 records took ~42 s one at a time. A progress bar for large sets unless quiet."""
+    tk = getattr(tok, "tk", None)
+    if tk is not None:
+        batch = getattr(tk, "encode_batch_fast", tk.encode_batch)   # _fast (tokenizers 0.21+): no offsets, same ids
+        def ids(texts, special):
+            return [e.ids for e in batch(texts, add_special_tokens=special)]
+    else:   # a tokenizer without the tokenizers object: one text at a time
+        def ids(texts, special):
+            return [tok.encode(t, special=special) for t in texts]
+    out, chunk = [], 8192
+    bar = cli.progress(len(records), "tokenising", "rec", quiet or len(records) < data.PROGRESS_MIN)
+    for s in range(0, len(records), chunk):
+        part = records[s:s + chunk]
+        prompts = ids([data.format_prompt(r["question"]) for r in part], True)
+        answers = ids([r["answer"] for r in part], False)
+        for r, p, a in zip(part, prompts, answers):
+            a = a + [tok.eos_id]
+            ids_ = (p + a)[:max_len]
+            keep = [loss_tokens != "answer"] * len(p) + [True] * len(a)
+            out.append((ids_, keep[:len(ids_)], data.severity_weight(r, abc), data.SEVERITIES.index(r["severity"])))
+        bar.update(len(part))
+    bar.close()
     return out
 
 

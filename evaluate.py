@@ -214,7 +214,9 @@ def length_order(lengths):
 def encode_prompts(model, tok, questions, max_new_tokens, prompt="cue"):
     """Prompt ids per question; a prompt too long for learned positions keeps its tail (the cue stays).
     prompt: cue = data.format_prompt(q); no-cue = data.format_prompt(q, cue=False), the notebooks' "\n{Q}\n"."""
-    prompts = [tok.encode(data.format_prompt(q, cue=prompt == "cue")) for q in questions]
+    texts = [data.format_prompt(q, cue=prompt == "cue") for q in questions]
+    tk = getattr(tok, "tk", None)   # tokenizers' encode_batch: its own threads, the same ids as one encode per text
+    prompts = [e.ids for e in tk.encode_batch(texts)] if tk is not None else [tok.encode(t) for t in texts]
     if model.cfg.pos == "learned":
         room = model.cfg.max_pos - max_new_tokens
         if room < 1:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -222,3 +223,115 @@ def test_bench_memory_mode_figures_add_up(tmp_path, capsys):
     assert steps["nf4", False]["weights_bytes"] < steps["bf16", False]["weights_bytes"]
     assert steps["bf16", False]["loss"] == pytest.approx(steps["bf16", True]["loss"], rel=1e-6)
     assert "16 GiB" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------- --suite
+
+def _figures(x):
+    """Every number in a nested record (bools excluded)."""
+    if isinstance(x, dict):
+        return [v for y in x.values() for v in _figures(y)]
+    if isinstance(x, list):
+        return [v for y in x for v in _figures(y)]
+    return [x] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
+
+
+def test_suite_smoke_writes_every_section_with_figures(tmp_path):
+    """python bench.py --suite all --smoke --out DIR (what CI runs, ~2 minutes on 2 cores): every section present in
+    report.json, none failed, each with finite timing figures, their spread, the device and versions; report.md
+    has a heading per section. The sizes are toys: only presence and sanity are checked, never speed."""
+    out = tmp_path / "suite"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    r = subprocess.run([sys.executable, "bench.py", "--suite", "all", "--smoke", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]          # no temp file left
+    meta = rep["meta"]
+    assert meta["smoke"] is True and meta["torch"] == torch.__version__ and meta["transformers"]
+    assert meta["device"].startswith("CPU")
+    for name in bench.SECTIONS:
+        sec = rep[name]
+        assert sec["status"] in ("ok", "cut"), (name, sec.get("error"))
+        nums = _figures({k: v for k, v in sec.items() if k not in ("budget_s", "seconds")})
+        assert nums and all(math.isfinite(v) for v in nums), name
+        assert f"## {name}" in md
+        assert sec["seconds"] <= sec["budget_s"] + bench.SUITE_GRACE
+    for fam in bench.PARITY_MODELS:                                     # every family, equal in fp32
+        if fam in rep["parity"].get("cut", []):
+            continue
+        p = rep["parity"]["families"][fam]
+        assert p["ok"] and p["max_abs_logit_diff_fp32"] < 1e-3, (fam, p)
+        assert p["loss_ours_bf16"] == pytest.approx(p["loss_transformers_bf16"], rel=2e-2)
+    cut = rep["train"].get("cut", [])                                  # a slow machine may cut the last models
+    assert "aragpt2-base" in rep["train"]["models"]
+    for model in [m for m in bench.TRAIN_MODELS if m not in cut]:
+        s = rep["train"]["models"][model]["eager"]
+        for impl in ("ours", "transformers"):
+            sp = s[impl]["spread_ms"]
+            assert 0 < sp["min"] <= sp["median"] <= sp["max"] and sp["n"] == 3
+    assert "compile" in rep["train"]["models"]["aragpt2-base"]
+    assert rep["compile"]["train"]["aragpt2-base"]["compile_s"] > 0 and rep["compile"]["decode"] is not None
+    assert rep["generation"]["eager"]["tokens_match"] and rep["generation"]["compile"]["tokens_match"]
+    q = rep["qlora_7b"]
+    assert q["nf4"]["layers"] == 2 and q["nf4"]["steps"][0]["peak_bytes"] > 0 and q["bf16"]["steps"]
+    assert q["nf4"]["quantised_weight_bytes"] < q["bf16"]["block_bytes"] / 3              # 4.5 bits against 16
+    f = rep["fp16_recipe"]
+    assert f["finite_losses"] and len(f["steps"]) == 3 and f["scale_start"] > 0
+    assert rep["packing"]["ours packed"]["real_tokens_per_s"] > 0
+    assert r.stdout.count("[suite] done") == 1
+
+
+def test_suite_section_failure_and_budget_are_recorded():
+    """run_section: an exception (here a fake CUDA OOM) becomes status failed with its first line; a section that
+    hangs past budget + grace is stopped by the alarm and recorded; one that cuts its own units says cut."""
+    S = bench.Suite(torch.device("cpu"), True, 0, True)
+
+    def oom(S):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore text")
+    rec = bench.run_section("x", oom, S, 5)
+    assert rec["status"] == "failed" and rec["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+
+    def cuts(S):
+        done = []
+        for unit in ("a", "b"):
+            if S.over():
+                return {"done": done, "cut": [unit]}
+            done.append(unit)
+            time.sleep(0.3)
+        return {"done": done}
+    rec = bench.run_section("y", cuts, S, 0.1)
+    assert rec["status"] == "cut" and rec["cut"] == ["b"] and rec["done"] == ["a"]
+    old = bench.SUITE_GRACE
+    bench.SUITE_GRACE = 0.2
+    try:
+        rec = bench.run_section("z", lambda S: time.sleep(5) or {}, S, 0.1)
+    finally:
+        bench.SUITE_GRACE = old
+    assert rec["status"] == "failed" and "SectionTimeout" in rec["error"] and rec["seconds"] < 2
+    md = bench.report_md({"meta": {"smoke": True, "device": "CPU", "torch": "t", "cuda": None, "transformers": "x",
+                                   "threads": 1, "date": "d", "seconds": 1, "command": "c", "sections": ["z"],
+                                   "wide_spread_threshold": 0.25}, "z": rec})
+    assert "## z" in md and "SectionTimeout" in md
+
+
+def test_suite_flags_are_checked_before_work(capsys, tmp_path):
+    for argv, flag in ((["--suite", "all"], "--out"), (["--suite", "nope", "--out", str(tmp_path)], "--suite"),
+                       (["--suite", "all", "--model", "tiny", "--out", str(tmp_path)], "--model"),
+                       (["--smoke"], "--smoke"),
+                       (["--suite", "all", "--out", str(tmp_path / "f" / "x")], "--out")):
+        if flag == "--out" and len(argv) > 2:
+            (tmp_path / "f").write_text("a file")
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {flag}"), (argv, err)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_spread_figures():
+    sp = bench.spread([0.010, 0.012, 0.030], 1000)
+    assert sp == {"min": 10.0, "median": 12.0, "max": 30.0, "n": 3, "rel_spread": pytest.approx(20 / 12)}
+    assert "WIDE" in bench.spread_text("ours", sp) and "WIDE" not in bench.spread_text("ours", bench.spread([1, 1.1]))

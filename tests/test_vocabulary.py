@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import annotate
+import bench
 import classify
 import cli
 import data
@@ -19,15 +20,16 @@ from data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARSERS = {"train": train.get_args, "classify": classify.get_args, "annotate": annotate.get_args,
-           "evaluate": evaluate.get_args, "prepare": prepare.parse_args}
+           "evaluate": evaluate.get_args, "prepare": prepare.parse_args, "bench": bench.get_args}
 # the vocabulary: a concept -> its one flag, in every script that has the concept
 VOCABULARY = {
     "input file": ("--data", {"train", "classify", "annotate", "evaluate", "prepare"}),
     "question column": ("--question-col", {"train", "classify", "annotate", "evaluate", "prepare"}),
     "answer column": ("--answer-col", {"train", "classify", "annotate", "evaluate", "prepare"}),
-    "tokens per sequence": ("--max-len", {"train", "classify", "annotate", "evaluate"}),
+    "tokens per sequence": ("--max-len", {"train", "classify", "annotate", "evaluate", "bench"}),
+    "new tokens per answer": ("--max-new-tokens", {"evaluate", "bench"}),
     "warm-up": ("--warmup", {"train", "classify"}),
-    "batch": ("--batch-size", {"train", "classify", "annotate", "evaluate"}),
+    "batch": ("--batch-size", {"train", "classify", "annotate", "evaluate", "bench"}),
 }
 OLD_NAMES = ["--text-col", "--input", "--warmup-frac", "--seq-len", "--new-tokens", "--gen-batch"]
 
@@ -65,7 +67,7 @@ def test_one_flag_per_concept(concept):
 
 
 @pytest.mark.parametrize("script", ["train.py", "classify.py", "annotate.py", "evaluate.py", "report.py",
-                                    "data/prepare.py"])
+                                    "data/prepare.py", "bench.py"])
 def test_help_shows_a_default_only_where_there_is_one(script):
     text = helps(script)
     assert "(default: None)" not in text and "(default: False)" not in text, text
@@ -95,6 +97,8 @@ def test_old_spellings_still_parse_as_the_new_flag():
     assert annotate.get_args(["x.jsonl", "--out", "o.jsonl"]).input == "x.jsonl"
     assert annotate.get_args(["--data", "x.jsonl", "--out", "o.jsonl"]).input == "x.jsonl"
     assert train.get_args(["--warmup", "5%"]).warmup == "5%" and train.get_args(["--warmup", "7"]).warmup == 7
+    b = bench.get_args(["--seq-len", "64", "--new-tokens", "9", "--gen-batch", "3"])
+    assert (b.max_len, b.max_new_tokens, b.gen_batch_size) == (64, 9, 3)
 
 
 @pytest.mark.parametrize("bad", ["-1", "101%", "x%", "1.5"])
