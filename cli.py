@@ -135,7 +135,10 @@ def start(name):
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
     console()
-    if "MPLCONFIGDIR" not in os.environ and not all(_creatable(d) for d in _matplotlib_folders()):
+    # an MPLCONFIGDIR that is set but unwritable (a read-only or unwritable HOME's copy, a file) warns the same two
+    # lines as an unwritable HOME: both get the temp folder
+    mpl = os.environ.get("MPLCONFIGDIR")
+    if not (_creatable(mpl) if mpl else all(_creatable(d) for d in _matplotlib_folders())):
         import atexit
         import shutil
         os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="matplotlib-")

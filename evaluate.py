@@ -411,6 +411,8 @@ def check_args(args):
     outputs.lock_output(out_folder(args), "--out")   # one run per folder (a train.py run there holds it too)
     # temp files of a killed write: no live run can own them now that we hold the lock
     outputs.clean_stale(out_folder(args), ("unit", "eval.json", "predictions.jsonl"))
+    # an eval.json / predictions.jsonl there that evaluate.py did not write is someone else's: never replaced
+    outputs.refuse_foreign(out_folder(args), "--out", outputs.EVAL_FILES, outputs.is_eval_run, "evaluate.py")
 
 
 def out_folder(args):

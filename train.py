@@ -290,10 +290,13 @@ def fit(argv=None):
     if eval_path == "auto":
         cand = os.path.join(os.path.dirname(os.path.abspath(args.data)), "test.jsonl")
         eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
+        if eval_path == "none":   # said once: a run without eval loss should not look like one with 0 examples
+            cli.notice(f"note: --eval-data auto: no {cand} beside --data (or it is --data itself): training without "
+                       f"eval loss (give --eval-data FILE, or --eval-data none to silence this)")
     elif eval_path != "none":
         cli.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
-    claim_out(out, args.model)
+    claim_out(out, args.model, args.resume)
     if args.device != "auto":
         cli.resolve_device(args.device, "--device")
     train_recs = data.load_records(args.data)
@@ -395,7 +398,7 @@ def fit(argv=None):
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                             fused=dev_type == "cuda")
     args_dict = dict(vars(args), weights_abc=abc, lr=lr, world_size=world, dtype=dtype, lora_targets=lora_targets,
-                     data_sha256=outputs.sha256(args.data))
+                     data_sha256=outputs.sha256(args.data), total_steps=total)
     step, saved_step = 0, None
     if args.resume:
         check_resume(state_path, saved_meta, args_dict)
@@ -405,6 +408,17 @@ def fit(argv=None):
         step, _ = (fsdp_load_state if args.fsdp else load_state)(state_path, model, opt, scaler)
         saved_step = step
         log(f"resumed from {state_path} at step {step}")
+        # a grown --max-steps/--epochs re-plans the decay over the new total from here on: said, with the lr the
+        # next step gets under the saved plan and under the new one (a jump the log would otherwise show unexplained)
+        sv = saved_meta["args"]
+        old_total = sv.get("total_steps") or (sv.get("max_steps") or max(1, int(float(sv.get("epochs", 0)) * (
+            len(train_ex) // per_step))))
+        if old_total != total and master:
+            before, after = (lr_at(step, t, lr, args.warmup, args.schedule) for t in (old_total, total))
+            cli.notice(f"note: --resume: the {args.schedule} schedule is re-planned over {total} steps instead of "
+                       f"{old_total}: the lr at step {step + 1} is {after:.2g} (the saved run's plan: {before:.2g})"
+                       + ("" if args.schedule == "constant" or args.warmup >= total else
+                          "; resume with the old --max-steps/--epochs to keep its schedule"))
     raw_model = model
     if args.compile:
         model = torch.compile(model)

@@ -12,8 +12,9 @@ Sources:
 Steps: read -> (optional --normalize [orthographic], Arabic normalisation) -> drop empty Q/A -> de-duplicate
 on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
 questions -> MSA, data/dialect_rules.txt) -> seeded shuffle -> test = first --n-test, train = next
---n-train (the test set does not change when --n-train changes). With fewer rows than asked for, the
-split is proportional and a note is printed.
+--n-train (the test set does not change when --n-train changes). With fewer rows than asked for, an
+explicit --n-test is kept exactly and training takes the rest; with the default --n-test the split is
+proportional. A note is printed either way.
 
 Writes <out>/train.jsonl, <out>/test.jsonl ({"question", "answer"} records, plus severity fields when
 the input had probability/severity columns) and <out>/manifest.json. annotate.py then adds p_nc, p_n,
@@ -25,6 +26,7 @@ Example:
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
 import argparse
+import os
 import random
 import re
 import sys
@@ -364,10 +366,17 @@ def fetch_apollo(filename, revision):
                              f"{type(e).__name__}: {e}") from None
 
 
-def split_sizes(n, n_train, n_test):
-    """(train, test) sizes: as asked when there are enough rows, else proportional."""
+def split_sizes(n, n_train, n_test, exact_test=False):
+    """(train, test) sizes: as asked when there are enough rows. Fewer: with an explicit --n-test (exact_test) the
+    test split is exactly --n-test and training takes the rest (the user sized the test set on purpose; refused when
+    nothing would be left to train on); with the default --n-test both are proportional."""
     if n >= n_train + n_test:
         return n_train, n_test, False
+    if exact_test:
+        if n_train and n <= n_test:
+            raise cli.UserError("--n-test", f"{n_test} but only {n} usable pairs after cleaning: nothing would be "
+                                             f"left to train on (give a smaller --n-test)")
+        return min(n_train, n - n_test), min(n_test, n), True
     test = round(n * n_test / max(1, n_train + n_test))
     if n_test > 0 and n >= 2:
         test = max(1, test)  # keep at least one test row
@@ -406,6 +415,9 @@ def parse_args(argv):
     p.add_argument("--n-test", type=num(int, lo=0), default=2000, help="test pairs to keep (paper: 2,000)")
     p.add_argument("--revision", default=None, help="apollo only: hub revision (commit) to download")
     args = p.parse_args(argv)
+    # an explicit --n-test is honoured exactly even on small data (split_sizes); the default one is scaled down
+    args.n_test_given = any(str(a) == "--n-test" or str(a).startswith("--n-test=")
+                            for a in (sys.argv[1:] if argv is None else argv))
     if args.n_train == 0 and args.n_test == 0:
         p.error("--n-train and --n-test are both 0: nothing to write")
     if args.source != "apollo" and args.input is None:
@@ -432,6 +444,9 @@ def check_paths(args):
         cli.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
     outputs.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is written
     outputs.clean_stale(args.out, ("unit", "train.jsonl", "test.jsonl", "manifest.json"))   # a killed write's
+    # a train.jsonl / test.jsonl there that prepare.py did not write (annotated data, the user's own) is never replaced
+    outputs.refuse_foreign(args.out, "--out", ("train.jsonl", "test.jsonl", "manifest.json"), lambda d: {
+        "source", "input_sha256"} <= set(outputs.json_object(os.path.join(d, "manifest.json")) or {}), "prepare.py")
 
 
 def prepare(args):
@@ -480,14 +495,15 @@ def prepare(args):
             out["question"] = q
         recs.append(out)
 
-    n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test)
+    n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test, args.n_test_given)
     if (args.n_train and not n_train) or (args.n_test and not n_test):   # an empty split no later script can use
         raise cli.UserError("--input", f"{origin}: only {len(recs)} usable pairs after cleaning ({len(rows)} rows "
                                         f"read, {n_empty} empty, {n_dup} duplicates): too few for "
                                         f"{'a training and a test split' if args.n_train and args.n_test else 'a split'}")
     if proportional:
+        how = "--n-test kept, training takes the rest" if args.n_test_given else "split proportionally"
         print(f"note: only {len(recs)} pairs after cleaning (asked for {args.n_train} + {args.n_test}); "
-              f"split proportionally: {n_train} train / {n_test} test", file=sys.stderr)
+              f"{how}: {n_train} train / {n_test} test", file=sys.stderr)
     order = list(range(len(recs)))
     random.Random(args.seed).shuffle(order)
     test = [recs[i] for i in order[:n_test]]
