@@ -20,7 +20,7 @@ import torch
 import cli
 import data
 import outputs
-from hub import read_generation_config
+from hub import local_folder, read_generation_config
 from lora import merge_lora
 
 
@@ -153,7 +153,7 @@ def load_state(path, model, opt, scaler):
 def base_generation_config(model_name):
     """The text of the base model's generation_config.json (its sampling settings, e.g. Qwen3's top_k/top_p), or
     None when it has none (tiny, a folder without one). hub.resolve's download already fetches it."""
-    if model_name == "tiny" and not os.path.isdir(model_name):
+    if model_name == "tiny" and not local_folder(model_name):
         return None
     from hub import resolve
     f = os.path.join(resolve(model_name), "generation_config.json")

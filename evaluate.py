@@ -119,6 +119,7 @@ def get_args(argv=None):
     p.add_argument("--table", nargs="*", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compare", nargs="*", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.name = cli.argv_text(a.name, "--name")   # an Arabic label under LC_ALL=C: recorded as typed
     for flag, cmd in (("table", "table EVAL_JSON ..."), ("compare", "compare RUN_A RUN_B --out DIR")):
         if getattr(a, flag) is not None:
             raise cli.UserError(f"--{flag}", f"moved to its own script: python report.py {cmd}")
@@ -329,6 +330,20 @@ def scorer_folder(name):
     return folder
 
 
+def scorer_fingerprint(folder):
+    """sha256 over the scorer's config.json, tokenizer files and safetensors weights (name and content, sorted):
+    one scorer however its folder was named (about a second for a 700 MB model)."""
+    import hashlib
+    h = hashlib.sha256()
+    names = sorted(f for f in os.listdir(folder) if f == "config.json" or f.endswith(".safetensors")
+                   or f in ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model",
+                            "spiece.model"))
+    for f in names:
+        with cli.reading(os.path.join(folder, f), "scorer file"):
+            h.update(f.encode() + b"\0" + outputs.sha256(os.path.join(folder, f)).encode())
+    return h.hexdigest()
+
+
 class BertScore:
     """bert-score's BERTScorer (model loaded once), no idf, no rescaling; __call__ -> (N, 3) P, R, F1 in [0, 1].
 
@@ -351,6 +366,10 @@ class BertScore:
         if isinstance(n_layers, int) and layer > n_layers:
             raise cli.UserError("--bertscore-layer", f"{layer} but {model_type} has {n_layers} layers")
         self.model_type, self.layer = model_type, layer
+        # what the scorer is, for report.py: the folder resolved (a relative and an absolute path are one scorer)
+        # and a fingerprint of its files, so that two runs compare by content, never by the text typed
+        self.model_path = os.path.realpath(folder) if os.path.isdir(model_type) else model_type
+        self.fingerprint = scorer_fingerprint(folder)
         from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()          # no load reports (a classifier's unused head) nor progress bars
@@ -422,7 +441,7 @@ def out_folder(args):
 
 def evaluate(args):
     """Everything but the writing: returns (eval.json dict, prediction rows)."""
-    from hub import load_tokenizer, resolve
+    from hub import load_tokenizer, local_folder, resolve
     from model import Decoder
     t_start = time.time()
     check_args(args)
@@ -436,7 +455,7 @@ def evaluate(args):
     # find the model (a download for a hub name) before the scorer, load it after: both fail fast (model.py's
     # loaders report a missing folder, bad config, tokenizer or weights as one UserError naming the file)
     with cli.for_flag("--model"):
-        path = args.model if args.model == "tiny" and not os.path.isdir(args.model) else resolve(args.model)
+        path = args.model if args.model == "tiny" and not local_folder(args.model) else resolve(args.model)
     # the scorer before any generation: a bad --bertscore-model fails in seconds, not after an hour
     with cli.for_flag("--bertscore-model"):
         scorer = BertScore(args.bertscore_model, args.bertscore_layer, args.bertscore_batch_size, device)
@@ -537,7 +556,8 @@ def evaluate(args):
                        "data.extract_answer", "batch_size": args.batch_size, "dtype": dtype,
                        "quantize": args.quantize, "device": device,
                        "seeds": seeds, "repeat": len(seeds)},
-        "bertscore": {"model": scorer.model_type, "layer": scorer.layer, "idf": False, "rescale_with_baseline": False,
+        "bertscore": {"model": scorer.model_type, "model_path": scorer.model_path,
+                      "fingerprint": scorer.fingerprint, "layer": scorer.layer, "idf": False, "rescale_with_baseline": False,
                       "scale": 100, **scorer.versions},
         "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95,
                       "interval": "percentile"},

@@ -33,7 +33,7 @@ import data
 from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
                          leave, shard, wrap)
 from distributed import init as init_processes
-from hub import load_tokenizer
+from hub import load_tokenizer, local_folder
 from lora import HF_LORA_NAMES, LORA_TARGETS, add_lora
 from model import Decoder, peak_bf16
 import outputs
@@ -338,7 +338,7 @@ def fit(argv=None):
         model = Decoder.from_pretrained(args.model, device=device, quantize=quant,
                                         dtype=(amp_dtype if quant else None) or torch.float32)
     model.grad_checkpoint = args.grad_checkpoint
-    random_init = args.model == "tiny" and not os.path.isdir(args.model)
+    random_init = args.model == "tiny" and not local_folder(args.model)
     if args.lora_rank > model.cfg.d_model:   # a rank above the width adds parameters and no expressiveness
         raise cli.UserError("--lora-rank", f"{args.lora_rank} exceeds the model's width {model.cfg.d_model}")
     if lora_targets == ["notebook"]:
