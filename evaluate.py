@@ -115,6 +115,13 @@ def get_args(argv=None):
     p.add_argument("--setting", choices=data.SETTINGS + ("custom",), default=None,
                    help="override the setting label read from args.json (a model trained elsewhere)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--check-args", action="store_true", help="check every flag and path (the model's and the "
+                   "scorer's names without loading them, the data, --out) and exit: 0 and one line when all is well, "
+                   "else the one error line; nothing is written or locked")
+    p.add_argument("--skip-done", action="store_true", help="do nothing (exit 0, one line 'done: ...') when <out> "
+                   "already holds this very run, finished: an eval.json + predictions.jsonl that match each other, "
+                   "written with the same flags on the same data and, for a train.py folder, the same args.json "
+                   "(scripts/ablation.sh reruns a sweep with it)")
     # the reports moved to report.py: a one-line pointer for the old spellings
     p.add_argument("--table", nargs="*", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compare", nargs="*", default=None, help=argparse.SUPPRESS)
@@ -410,8 +417,9 @@ class BertScore:
 # Evaluation
 
 
-def check_args(args):
-    """Every flag and path, before any work: the model, the data, the output folder."""
+def check_args(args, lock=True):
+    """Every flag and path, before any work: the model, the data, the output folder (locked unless lock=False:
+    --check-args)."""
     if args.model is None:
         raise cli.UserError("--model", "required (tables and comparisons of finished runs: report.py)")
     if not args.greedy and not args.temperature > 0:
@@ -427,11 +435,59 @@ def check_args(args):
     cli.output_dir(out_folder(args), "--out")
     for f in ("eval.json", "predictions.jsonl"):
         cli.output_file(os.path.join(out_folder(args), f), "--out")
+    if not lock:
+        if os.path.isdir(out_folder(args)):
+            outputs.refuse_foreign(out_folder(args), "--out", outputs.EVAL_FILES, outputs.is_eval_run, "evaluate.py")
+        return
     outputs.lock_output(out_folder(args), "--out")   # one run per folder (a train.py run there holds it too)
     # temp files of a killed write: no live run can own them now that we hold the lock
     outputs.clean_stale(out_folder(args), ("unit", "eval.json", "predictions.jsonl"))
     # an eval.json / predictions.jsonl there that evaluate.py did not write is someone else's: never replaced
     outputs.refuse_foreign(out_folder(args), "--out", outputs.EVAL_FILES, outputs.is_eval_run, "evaluate.py")
+
+
+# Flags that do not change what a run computes: a finished run with other values of these is the same run.
+SAME_RUN_IGNORED = ("quiet", "check_args", "skip_done", "compile", "bertscore_batch_size")
+
+
+def finished_run(args):
+    """<out>/eval.json when <out> already holds this very run, finished (--skip-done), else None: evaluate.py's
+    eval.json whose predictions.jsonl matches its sha256, with the same flags (SAME_RUN_IGNORED aside), the same
+    data (sha256) and, for a train.py folder, the same args.json (a model retrained since is another run)."""
+    import json
+    out = out_folder(args)
+    f, pred = os.path.join(out, "eval.json"), os.path.join(out, "predictions.jsonl")
+    ev = outputs.json_object(f)
+    if ev is None or not outputs.is_eval_run(out) or not os.path.isfile(pred) or not os.path.isfile(args.data):
+        return None
+    now = json.loads(json.dumps(vars(args)))
+    saved = ev.get("argv") if isinstance(ev.get("argv"), dict) else {}
+    if any(saved.get(k) != v for k, v in now.items() if k not in SAME_RUN_IGNORED):
+        return None
+    if not isinstance(ev.get("data"), dict) or ev["data"].get("sha256") != outputs.sha256(args.data):
+        return None
+    if not isinstance(ev.get("model"), dict) or describe_model(args.model)[2] != ev["model"].get("train_args"):
+        return None
+    return f if ev.get("predictions_sha256") == outputs.sha256(pred) else None
+
+
+def check_only(args):
+    """--check-args: check_args without the lock, plus the model's and the scorer's names (no download, no load)."""
+    from hub import check_name, local_folder
+    check_args(args, lock=False)
+    if not (args.model == "tiny" and not local_folder(args.model)) and not os.path.isfile(
+            os.path.join(args.model, "args.json")):
+        with cli.for_flag("--model"):
+            check_name(args.model)
+    if args.bertscore_layer is None:   # what BertScore refuses first, without loading bert-score's model
+        from bert_score.utils import model2layers
+        if args.bertscore_model not in model2layers:
+            raise cli.UserError("--bertscore-model", f"{args.bertscore_model!r} is not in bert-score's layer table: "
+                                                     f"give --bertscore-layer")
+    elif os.path.exists(args.bertscore_model) or args.bertscore_model.startswith(("./", "../", "/", "~")):
+        scorer_folder(args.bertscore_model)
+    data.load_records(args.data)
+    print(f"evaluate.py: flags ok (--out {out_folder(args)})")
 
 
 def out_folder(args):
@@ -599,6 +655,13 @@ def main(argv=None):
 
 def _main(argv=None):
     args = get_args(argv)
+    if args.skip_done:
+        done = finished_run(args)
+        if done:
+            print(f"done: {done} is this run, finished (same flags, data and model): skipped (--skip-done)")
+            return None
+    if args.check_args:
+        return check_only(args)
     result, rows = evaluate(args)      # checks every flag and path (--out included) before any work
     out = out_folder(args)
     result["out"] = out

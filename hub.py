@@ -508,6 +508,26 @@ def local_folder(name, registry=None):
     return model_folder
 
 
+def check_name(name_or_path, registry=None):
+    """The hub repo a model name stands for, checked without the network (a registry name, an HF repo id "org/name"),
+    or one UserError: a path that is no folder, a name that is none of these. A local model folder -> None. (tiny,
+    which has no repo, is for the callers to take first.)"""
+    registry = REGISTRY if registry is None else registry
+    if local_folder(name_or_path, registry):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise UserError(name_or_path, "no config.json: not a model folder")
+        return None
+    repo = registry[name_or_path]["repo"] if name_or_path in registry else name_or_path
+    first = name_or_path.split("/")[0]
+    looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith(("./", "../", "~")) or name_or_path.count("/") > 1
+                   or (name_or_path not in registry and first and os.path.isdir(first)))
+    if looks_local:
+        raise UserError(name_or_path, "no such folder")
+    if repo is None or "/" not in repo and name_or_path not in registry:
+        raise UserError(name_or_path, f"neither a folder, a registry name ({', '.join(registry)}) nor an HF repo id")
+    return repo
+
+
 def resolve(name_or_path, revision=None, registry=None):
     """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only).
     registry: the short names to know (default: this file's REGISTRY; bert.py passes its encoders')."""
@@ -518,14 +538,7 @@ def resolve(name_or_path, revision=None, registry=None):
     if os.path.exists(name_or_path) and name_or_path not in registry:
         raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "
                                       "name or an HF repo id")
-    repo = registry[name_or_path]["repo"] if name_or_path in registry else name_or_path
-    first = name_or_path.split("/")[0]
-    looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith(("./", "../", "~")) or name_or_path.count("/") > 1
-                   or (name_or_path not in registry and first and os.path.isdir(first)))
-    if looks_local:
-        raise UserError(name_or_path, "no such folder")
-    if repo is None or "/" not in repo and name_or_path not in registry:
-        raise UserError(name_or_path, f"neither a folder, a registry name ({', '.join(registry)}) nor an HF repo id")
+    repo = check_name(name_or_path, registry)
     from huggingface_hub import snapshot_download
     kw = dict(revision=revision, allow_patterns=ALLOW, token=os.environ.get("HF_TOKEN"))
     try:

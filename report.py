@@ -224,6 +224,61 @@ def check_poolable(paths, evs):
                                              f"label one with evaluate.py --name, or table them apart")
 
 
+def eval_json_path(path):
+    """An eval folder or its eval.json -> the eval.json path."""
+    return os.path.join(path, "eval.json") if os.path.isdir(path) else path
+
+
+def load_examples(path):
+    """(eval.json dict, per-example arrays) of one run. The arrays come from predictions.jsonl beside the eval.json:
+    per test record (index order) its severity, question, reference, P, R, F1 (x100, averaged over the run's sampled
+    repeats), answer NLL and answer tokens (None where an older run did not record them)."""
+    ev = load_eval(eval_json_path(path), "compare", predictions=False)   # checked below, once its rows parse
+    for key, kind in (("data", dict), ("bertscore", dict), ("generation", dict)):
+        if not isinstance(ev.get(key), kind):
+            raise cli.UserError(eval_json_path(path), f"{key}: missing (an eval.json written by evaluate.py has it)")
+    if not isinstance(ev["data"].get("n"), int) or isinstance(ev["data"].get("n"), bool) or ev["data"]["n"] < 1:
+        raise cli.UserError(eval_json_path(path), "data.n: expected the number of test records")
+    pred = os.path.join(os.path.dirname(os.path.abspath(eval_json_path(path))), "predictions.jsonl")
+    if not os.path.isfile(pred):
+        raise cli.UserError(pred, "no such file (the per-example scores are needed)")
+    n = ev["data"]["n"]
+    rows = {}
+    with cli.reading(pred, "predictions"):
+        with open(pred, encoding="utf-8") as f:
+            lines = list(enumerate(f, 1))
+    for ln, line in lines:
+        if not line.strip():
+            continue
+        try:
+            r = cli.STRICT_JSON.decode(line)
+            if not all(isinstance(r[k], str) for k in ("severity", "question", "reference")) or \
+                    not all(_is_num(r[m]) for m in METRICS) or isinstance(r["index"], bool) or \
+                    not (r.get("nll") is None or _is_num(r["nll"])) or \
+                    not (r.get("nll_tokens") is None or _is_num(r["nll_tokens"])):
+                raise TypeError("wrong field types")
+            rows.setdefault(int(r["index"]), []).append(r)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
+            raise cli.DataError(pred, ln, "row", f"not a predictions.jsonl row ({e})") from None
+    if sorted(rows) != list(range(n)):
+        raise cli.DataError(pred, 1, "index", f"expected the records 0..{n - 1} once per run")
+    check_predictions(eval_json_path(path), ev)
+    ex = {"path": pred, "severity": [], "question": [], "reference": []}
+    cols = {m: [] for m in METRICS + ("nll", "nll_tokens")}
+    for i in range(n):
+        rs = rows[i]
+        for k in ("severity", "question", "reference"):
+            ex[k].append(rs[0][k])
+        for m in METRICS:
+            cols[m].append(float(np.mean([r[m] for r in rs])))
+        cols["nll"].append(rs[0].get("nll"))
+        cols["nll_tokens"].append(rs[0].get("nll_tokens"))
+    for m in METRICS:
+        ex[m] = np.array(cols[m])
+    ex["nll"] = cols["nll"]
+    ex["nll_tokens"] = cols["nll_tokens"]
+    return ev, ex
+
 # ----------------------------------------------------------------------------------------------------------------
 # table
 

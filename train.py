@@ -28,12 +28,12 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import (all_finite, append_log, base_generation_config, check_resume, claim_out, load_state, open_log,
-                        read_state_meta, reopen_log, save_checkpoint, try_plot)
+                        read_state_meta, refuse_foreign_train, reopen_log, save_checkpoint, try_plot)
 import data
 from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
                          leave, shard, wrap)
 from distributed import init as init_processes
-from hub import load_tokenizer, local_folder
+from hub import check_name, load_tokenizer, local_folder
 from lora import HF_LORA_NAMES, LORA_TARGETS, add_lora
 from model import Decoder, peak_bf16
 import outputs
@@ -124,6 +124,9 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors (refused if the experiment changed; --max-steps / --epochs may grow)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines (the JSONL log is still written)")
+    p.add_argument("--check-args", action="store_true", help="check every flag and path (the model's name without "
+                   "downloading it, the data files, --out) and exit: 0 and one line when all is well, else the one "
+                   "error line; nothing is written or locked (scripts/ablation.sh checks a whole sweep with it)")
     known, _ = p.parse_known_args(argv)         # first pass: which recipe sets the defaults
     p.set_defaults(**RECIPES[known.recipe])
     args = p.parse_args(argv)
@@ -296,7 +299,12 @@ def fit(argv=None):
     elif eval_path != "none":
         cli.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
-    claim_out(out, args.model, args.resume)
+    if args.check_args:   # what claim_out would refuse, without taking the folder
+        cli.output_dir(out, "--out")
+        if not args.resume and os.path.isdir(out):
+            refuse_foreign_train(out)
+    else:
+        claim_out(out, args.model, args.resume)
     if args.device != "auto":
         cli.resolve_device(args.device, "--device")
     train_recs = data.load_records(args.data)
@@ -311,6 +319,12 @@ def fit(argv=None):
         raise cli.UserError("--pack", "--loss-tokens padded (the notebook recipe) trains on every sequence padded to "
                                        "--max-len, padding included: there is nothing to pack")
     check_memory_flags(args)
+    if args.check_args:
+        if not (args.model == "tiny" and not local_folder(args.model)):
+            with cli.for_flag("--model"):
+                check_name(args.model)
+        print(f"train.py: flags ok ({len(train_recs)} train / {len(eval_recs)} eval records, --out {out})")
+        return None
 
     # -- processes, device, precision ------------------------------------------------------------------------------
     rank, world, device = init_processes(args.device)
