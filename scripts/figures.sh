@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Regenerate the figures of README.md and results/*.md that a deterministic command produces, from a fresh run.
+#
+#   bash scripts/figures.sh              # the tiny ablation (about 2 min of CPU on 2 cores)
+#
+# ablation: `bash scripts/ablation.sh tiny data/sample RUNS` (training seed 1337, sampling seed 0: deterministic)
+#   -> results/ablation_tiny.md (the README's table, one row per group, and the cells with their intervals) and
+#      results/ablation_tiny.png (the table's plot)
+# Every figure row of results/ablation_tiny.md must appear verbatim in README.md or in a docs/*.md file:
+# tests/test_experiments.py runs this script and fails when a fresh run or the docs differ from it.
+# Not regenerated here (each is one command of its own, given in its results file): the offline demonstration's
+# three-seed comparison (results/offline_demo.md, 8 min wall) and the classifier figures of the README.
+#
+# FIGURES_OUT: where the results files go (default results/; the test writes elsewhere and compares).
+# FIGURES_RUNS: the run folder (default: a fresh temporary folder, removed at the end: figures come from a fresh run,
+# never from a resumed or an older one). PYTHON picks the interpreter (default python3).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=${PYTHON:-python3}
+out=${FIGURES_OUT:-$here/results}
+if [[ -n ${FIGURES_RUNS:-} ]]; then
+    runs=$FIGURES_RUNS
+else
+    runs=$(mktemp -d "${TMPDIR:-/tmp}/figures.XXXXXXXX")
+    trap 'rm -rf "$runs"' EXIT
+fi
+mkdir -p "$out"
+
+t0=$(date +%s)
+load0=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
+PYTHON=$py bash "$here/scripts/ablation.sh" tiny "$here/data/sample" "$runs" > "$runs/ablation.log" 2>&1 || {
+    tail -5 "$runs/ablation.log" >&2; exit 2; }
+t1=$(date +%s)
+load1=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
+cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || echo "?")
+machine="$(nproc) cores of ${cpu:-?}, torch $("$py" -c 'import torch; print(torch.__version__)')"
+timing="Timing: $(date -u +%Y-%m-%d) UTC, $((t1 - t0)) s wall for \`bash scripts/ablation.sh tiny data/sample runs/tiny\` on $machine, load average $load0 at the start, $load1 at the end (shared machine)."
+
+"$py" - "$runs" "$out/ablation_tiny.md" "$timing" "$here" <<'EOF'
+import os
+import sys
+
+runs, dest, timing, here = sys.argv[1:5]
+sys.path.insert(0, here)
+import outputs   # noqa: E402
+import report    # noqa: E402
+from stats import GROUPS, fmt_cell   # noqa: E402
+
+paths = [os.path.join(runs, "tiny", w, "eval.json") for w in ("base", "ce", "mild", "strong", "balanced")]
+evs = [report.load_eval(p) for p in paths]
+short, full = [], []
+for metric, title, digits in (("f1", "BERTScore F1", 2), ("nll", "answer NLL", 3)):
+    # report.py table's own defaults: the marks are the ones runs/tiny/table.md prints
+    marks, _ = report.table_significance(paths, evs, metric, 1000, 0, report.PERMUTATIONS)
+    _, (_, _, cells) = report.build_tables(evs, metric, marks=marks)
+    for g in GROUPS:
+        group = "all answers" if g == "overall" else g
+        vals, ints = [], []
+        for c in report.SETTINGS:
+            d, p = cells[g][("tiny", c)], marks.get((g, "tiny", c))
+            star = " *" if p is not None and p < 0.05 else ""
+            vals.append(f"{d['mean']:.{digits}f}{star}")
+            ints.append(fmt_cell(d, digits) + star)
+        short.append(f"| {title}, {group} | " + " | ".join(vals) + " |")
+        full.append((metric, f"| {group} | " + " | ".join(ints) + " |"))
+head = "| Base | CE | Mild | Strong | Balanced |"
+text = ["# The tiny ablation (written by scripts/figures.sh: do not edit)", "",
+        "`bash scripts/ablation.sh tiny data/sample runs/tiny`: one training seed (1337) per setting, one sampled run",
+        "per setting with sampling seed 0, the offline scorer (data/sample/scorer, layer 2). `*`: differs from CE at",
+        "p < 0.05 (paired sign-flip test, uncorrected). The plot: results/ablation_tiny.png.", "",
+        timing, "", "## Figures", "",
+        "| tiny, data/sample " + head, "|---|---|---|---|---|---|", *short, "",
+        "BERTScore F1 (x100), mean [95 % bootstrap interval]:", "", "| group " + head, "|---|---|---|---|---|---|",
+        *[r for m, r in full if m == "f1"], "",
+        "Answer NLL (nats/token), mean [95 % bootstrap interval]:", "", "| group " + head, "|---|---|---|---|---|---|",
+        *[r for m, r in full if m == "nll"], ""]
+outputs.atomic_write(dest, "\n".join(text))
+EOF
+cp "$runs/table.png" "$out/.ablation_tiny.png.tmp" && mv "$out/.ablation_tiny.png.tmp" "$out/ablation_tiny.png"
+echo "wrote $out/ablation_tiny.md, $out/ablation_tiny.png ($((t1 - t0)) s)"
