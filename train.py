@@ -294,8 +294,10 @@ def fit(argv=None):
         cand = os.path.join(os.path.dirname(os.path.abspath(args.data)), "test.jsonl")
         eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
         if eval_path == "none":   # said once: a run without eval loss should not look like one with 0 examples
-            cli.notice(f"note: --eval-data auto: no {cand} beside --data (or it is --data itself): training without "
-                       f"eval loss (give --eval-data FILE, or --eval-data none to silence this)")
+            if os.environ.get("RANK", "0") == "0":   # stdout: stderr stays one error line if a later check fails
+                print(cli.one_line(f"note: --eval-data auto: no {cand} beside --data (or it is --data itself): "
+                                   f"training without eval loss (give --eval-data FILE, or --eval-data none to "
+                                   f"silence this)"), flush=True)
     elif eval_path != "none":
         cli.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
@@ -427,9 +429,9 @@ def fit(argv=None):
         sv = saved_meta["args"]
         old_total = sv.get("total_steps") or (sv.get("max_steps") or max(1, int(float(sv.get("epochs", 0)) * (
             len(train_ex) // per_step))))
-        if old_total != total and master:
+        if old_total != total:   # stdout, as every note: stderr stays one error line if a later write fails
             before, after = (lr_at(step, t, lr, args.warmup, args.schedule) for t in (old_total, total))
-            cli.notice(f"note: --resume: the {args.schedule} schedule is re-planned over {total} steps instead of "
+            log(f"note: --resume: the {args.schedule} schedule is re-planned over {total} steps instead of "
                        f"{old_total}: the lr at step {step + 1} is {after:.2g} (the saved run's plan: {before:.2g})"
                        + ("" if args.schedule == "constant" or args.warmup >= total else
                           "; resume with the old --max-steps/--epochs to keep its schedule"))

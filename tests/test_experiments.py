@@ -211,19 +211,20 @@ def test_the_sweep_takes_greedy_and_several_models_and_resumes(tmp_path):
             shutil.copy(made / f, other / f)
     root = tmp_path / "runs"
     argv = ["bash", ABLATION, f"tiny,{other}", SAMPLE, root, "--greedy", "--n", 4, "--", "--max-steps", 1]
-    code, out, err = run(argv)
+    env = {"BERTSCORE_MODEL": os.path.join(SAMPLE, "scorer"), "BERTSCORE_LAYER": "2"}   # offline, for tiny2 too
+    code, out, err = run(argv, env=env)
     assert code == 0, err
     table = (root / "table.md").read_text(encoding="utf-8")
     rows = [ln for ln in table.split("### ")[1].splitlines() if ln.startswith("| tiny")]
     assert len(rows) == 2 and all(ln.count(" - ") == 0 for ln in rows), table   # a full row per model
     assert json.load(open(root / "tiny" / "ce" / "eval.json"))["generation"]["mode"] == "greedy"
-    code, out2, err = run(argv)                                            # finished: only the table again
+    code, out2, err = run(argv, env=env)                                            # finished: only the table again
     assert code == 0 and not re.search(r"== \S+: train", out2) and out2.count("done") == 10, out2
     assert (root / "table.md").read_text(encoding="utf-8") == table
     os.remove(root / "tiny" / "mild" / "eval.json")                       # a lost evaluation
-    code, out3, err = run(argv)
+    code, out3, err = run(argv, env=env)
     assert code == 0 and "resuming" in out3 and ": train ce" not in out3, out3
-    code, out4, err = run(argv[:-1] + [2])                                 # another experiment: refused first
+    code, out4, err = run(argv[:-1] + [2], env=env)                                 # another experiment: refused first
     assert code == 2 and "sweep_train_flags" not in err and "use another OUT_ROOT" in err and "==" not in out4, err
 
 
@@ -234,13 +235,13 @@ def test_a_grown_max_steps_says_how_the_schedule_changes(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["--model", "tiny", "--out", out, "--quiet", "--eval-data", "none"]
     assert call(train.main, base + ["--max-steps", 2], capsys)[0] == 0
-    code, _, err = call(train.main, base + ["--max-steps", 4, "--resume"], capsys)
-    notes = [ln for ln in err.splitlines() if "re-planned" in ln]
-    assert code == 0 and len(notes) == 1, err
+    code, out, err = call(train.main, base + ["--max-steps", 4, "--resume"], capsys)
+    notes = [ln for ln in out.splitlines() if "re-planned" in ln]
+    assert code == 0 and len(notes) == 1 and "re-planned" not in err, out
     # linear decay, peak 3e-3: step 3 of 2 planned is 0 (the old plan's end), of 4 planned 1.5e-3
     assert "over 4 steps instead of 2" in notes[0] and "step 3 is 0.0015" in notes[0] and "plan: 0)" in notes[0]
-    code, _, err = call(train.main, base + ["--max-steps", 4, "--resume"], capsys)   # same total: no note
-    assert code == 0 and "re-planned" not in err
+    code, out, err = call(train.main, base + ["--max-steps", 4, "--resume"], capsys)   # same total: no note
+    assert code == 0 and "re-planned" not in out + err
 
 
 # ----------------------------------------------------------------------------------------------- 5. figures
@@ -365,5 +366,5 @@ def test_a_missing_auto_eval_file_is_one_note(tmp_path, capsys):
     shutil.copy(TRAIN_DATA, tmp_path / "train.jsonl")   # no test.jsonl beside it
     code, out, err = call(train.main, ["--model", "tiny", "--data", tmp_path / "train.jsonl", "--out",
                                        tmp_path / "run", "--check-args"], capsys)
-    notes = [ln for ln in err.splitlines() if ln.startswith("note: --eval-data auto")]
+    notes = [ln for ln in out.splitlines() if ln.startswith("note: --eval-data auto")]
     assert code == 0 and len(notes) == 1 and "without eval loss" in notes[0] and "0 eval" in out, (out, err)
