@@ -206,9 +206,19 @@ EVAL_FILES = ("eval.json", "predictions.jsonl")   # evaluate.py's pair (also wri
 
 
 def is_eval_run(out):
-    """Whether the eval.json in `out` is one evaluate.py wrote (recognised by its own keys)."""
+    """Whether `out` holds evaluate.py's output, recognised by its own keys: its eval.json, or (the eval.json lost)
+    a predictions.jsonl whose first row is one of evaluate.py's."""
     ev = json_object(os.path.join(out, "eval.json"))
-    return ev is not None and {"setting", "model", "generation", "bertscore", "scores"} <= set(ev)
+    if ev is not None:
+        return {"setting", "model", "generation", "bertscore", "scores"} <= set(ev)
+    if os.path.lexists(os.path.join(out, "eval.json")):
+        return False
+    try:
+        with open(os.path.join(out, "predictions.jsonl"), encoding="utf-8") as f:
+            row = json.loads(f.readline())
+        return isinstance(row, dict) and {"index", "question", "reference", "prediction", "f1"} <= set(row)
+    except (OSError, ValueError):
+        return False
 
 
 def refuse_foreign(out, flag, names, ours_if, tool):
