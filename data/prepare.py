@@ -369,14 +369,11 @@ def fetch_apollo(filename, revision):
 def split_sizes(n, n_train, n_test, exact_test=False):
     """(train, test) sizes: as asked when there are enough rows. Fewer: with an explicit --n-test (exact_test) the
     test split is exactly --n-test and training takes the rest (the user sized the test set on purpose; refused when
-    nothing would be left to train on); with the default --n-test both are proportional."""
+    nothing would be left to train on: a train size of 0); with the default --n-test both are proportional."""
     if n >= n_train + n_test:
         return n_train, n_test, False
-    if exact_test:
-        if n_train and n <= n_test:
-            raise cli.UserError("--n-test", f"{n_test} but only {n} usable pairs after cleaning: nothing would be "
-                                             f"left to train on (give a smaller --n-test)")
-        return min(n_train, n - n_test), min(n_test, n), True
+    if exact_test:   # nothing left to train on: 0, which the caller refuses as too few for the split
+        return max(0, min(n_train, n - n_test)), min(n_test, n), True
     test = round(n * n_test / max(1, n_train + n_test))
     if n_test > 0 and n >= 2:
         test = max(1, test)  # keep at least one test row
@@ -444,9 +441,6 @@ def check_paths(args):
         cli.output_file(str(Path(args.out) / f), "--out", inputs=[args.input])
     outputs.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is written
     outputs.clean_stale(args.out, ("unit", "train.jsonl", "test.jsonl", "manifest.json"))   # a killed write's
-    # a train.jsonl / test.jsonl there that prepare.py did not write (annotated data, the user's own) is never replaced
-    outputs.refuse_foreign(args.out, "--out", ("train.jsonl", "test.jsonl", "manifest.json"), lambda d: {
-        "source", "input_sha256"} <= set(outputs.json_object(os.path.join(d, "manifest.json")) or {}), "prepare.py")
 
 
 def prepare(args):
@@ -531,6 +525,10 @@ def prepare(args):
         "n_test": len(test),
         "unused": len(recs) - len(train) - len(test),
     }
+    # a train.jsonl / test.jsonl there that prepare.py did not write (annotated data, the user's own) is never
+    # replaced: refused here, after the input's own errors and before anything is written
+    outputs.refuse_foreign(args.out, "--out", ("train.jsonl", "test.jsonl", "manifest.json"), lambda d: {
+        "source", "input_sha256"} <= set(outputs.json_object(os.path.join(d, "manifest.json")) or {}), "prepare.py")
     # one unit: the three files are written into a hidden temp folder, then moved in (manifest.json last, with the
     # sha256 of the two others): a failure (a full disk) leaves the previous split whole, never half of each
     with outputs.unit(args.out, last=("manifest.json",)) as tmp:

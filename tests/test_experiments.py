@@ -346,7 +346,7 @@ SPLIT_CASES = [
     (30, ["--n-test", 5, "--n-train", 10], (10, 5)),     # enough rows: as asked
     (30, ["--n-test=7", "--n-train", 100], (23, 7)),
     (30, [], (28, 2)),                                   # default --n-test: proportional, as before
-    (30, ["--n-test", 30], "nothing would be left to train on"),
+    (30, ["--n-test", 30], "too few for a training and a test split"),   # nothing left to train on
 ]
 
 
