@@ -70,7 +70,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>); locked while the run "
                    "lasts. Without --resume, the files of an earlier train.py or evaluate.py run there (model, state, "
                    "config, tokenizer, generation_config.json, args.json, train_log.*, eval.json, predictions.jsonl) "
-                   "are removed first and named on stderr")
+                   "are removed first and named on stderr; files of those names that no train.py run wrote (a "
+                   "classifier, a downloaded model) are never removed: the run is refused")
     p.add_argument("--epochs", type=num(float, lo=0, lo_open=True), default=3, help="passes over the training data (> 0)")
     p.add_argument("--max-steps", type=num(int, lo=0), default=0, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
