@@ -23,7 +23,7 @@ import cli
 import data
 import outputs
 import card as model_card
-from hub import hub_repo, read_generation_config
+from hub import hub_repo, local_folder, read_generation_config
 from lora import merge_lora, save_adapter
 
 
@@ -165,7 +165,7 @@ def load_state(path, model, opt, scaler):
 def base_generation_config(model_name):
     """The text of the base model's generation_config.json (its sampling settings, e.g. Qwen3's top_k/top_p), or
     None when it has none (tiny, a folder without one). hub.resolve's download already fetches it."""
-    if model_name == "tiny" and not os.path.isdir(model_name):
+    if model_name == "tiny" and not local_folder(model_name):
         return None
     from hub import resolve
     f = os.path.join(resolve(model_name), "generation_config.json")
@@ -203,13 +203,48 @@ def save_checkpoint(out, raw_model, opt, scaler, step, tok, args_dict, generatio
 
 
 # What a new run (no --resume) removes from its --out at the start: every file an earlier train.py or evaluate.py
-# run wrote there. Kept, they would describe another model (evaluate --table would report the old scores under the
+# run wrote there (only when the folder is such a run: claim_out refuses files of these names that another tool
+# wrote, e.g. a classifier's model.safetensors and config.json). Kept, they would describe another model (evaluate --table would report the old scores under the
 # new run). Nothing else in the folder is touched.
 EARLIER_RUN_FILES = ("model.safetensors", "state.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                      "special_tokens_map.json", "args.json", "train_log.jsonl", "train_log.png", "eval.json",
                      "predictions.jsonl", "README.md", "adapter", "tensorboard")
 ADAPTER_DIR, CARD = "adapter", "README.md"   # <out>/adapter/ (peft's files, LoRA runs), <out>/README.md (model card)
 TB_FILES = "events.out.tfevents."            # what <out>/tensorboard/ holds (tracking.py)
+
+
+def is_train_run(out):
+    """Whether `out` holds a train.py run, recognised by its own files: an args.json with train.py's keys, a
+    state.safetensors whose metadata train.py wrote, or (a run killed before its first checkpoint) only a
+    train_log.jsonl of train.py's records."""
+    a = outputs.json_object(os.path.join(out, "args.json"))
+    if a is not None and {"weights_abc", "data_sha256", "model"} <= set(a):
+        return True
+    state = os.path.join(out, "state.safetensors")
+    if os.path.isfile(state):
+        try:
+            read_state_meta(state)
+            return True
+        except cli.UserError:
+            pass
+    log = os.path.join(out, "train_log.jsonl")
+    if os.path.isfile(log) and not any(os.path.lexists(os.path.join(out, n)) for n in
+                                       ("model.safetensors", "config.json", "args.json", "state.safetensors")):
+        try:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+            return not first.strip() or "step" in json.loads(first)
+        except (OSError, ValueError, TypeError):
+            return False
+    return False
+
+
+def refuse_foreign_train(out):
+    """train.py without --resume: the folder's EARLIER_RUN_FILES must be an earlier train.py run's (and an
+    evaluate.py eval.json + predictions.jsonl), else nothing is touched and the run is refused."""
+    train_files = tuple(n for n in EARLIER_RUN_FILES if n not in outputs.EVAL_FILES)
+    outputs.refuse_foreign(out, "--out", train_files, is_train_run, "train.py")
+    outputs.refuse_foreign(out, "--out", outputs.EVAL_FILES, outputs.is_eval_run, "evaluate.py")
 
 
 def remove_earlier_run(out):
@@ -289,10 +324,11 @@ def read_log_lines(log_path, step):
 
 
 
-def claim_out(out, model_name):
+def claim_out(out, model_name, resume=False):
     """Check --out and take it for this run: refused when it is the --model folder (its weights would be
-    overwritten). Rank 0 locks it (one run per --out; under torchrun for every rank) and removes the temp files of
-    a killed save, safe once the lock is held."""
+    overwritten), and without --resume when it holds files of the same names that train.py did not write
+    (refuse_foreign_train). Rank 0 locks it (one run per --out; under torchrun for every rank) and removes the temp
+    files of a killed save, safe once the lock is held."""
     cli.output_dir(out, "--out")
     if os.path.isdir(model_name) and os.path.isdir(out) and os.path.samefile(model_name, out):
         raise cli.UserError("--out", f"{out} is the --model folder: its weights would be overwritten (give another "
@@ -303,6 +339,8 @@ def claim_out(out, model_name):
         stale = outputs.clean_stale(out, ("unit",) + EARLIER_RUN_FILES)
         if stale:
             cli.notice(f"note: {out}: removed {len(stale)} temporary file(s) left by an interrupted save")
+    if not resume and os.path.isdir(out):
+        refuse_foreign_train(out)
 
 
 def open_log(out, resume, step, log):

@@ -349,6 +349,11 @@ def train(argv=None):
     outputs.lock_output(args.out, "--out")   # one run per folder; a folder created for the lock goes if nothing is saved
     outputs.clean_stale(args.out, ("unit", "model.safetensors", "config.json", "vocab.txt", "tokenizer.json",
                                 "tokenizer_config.json", "special_tokens_map.json", "metrics.json"))   # a killed save's
+    # the files a classifier replaces, in a folder that is no classifier (a train.py run, a downloaded model): refused
+    outputs.refuse_foreign(args.out, "--out", ("model.safetensors", "config.json", "vocab.txt", "tokenizer.json",
+                                               "tokenizer_config.json", "special_tokens_map.json", "metrics.json"),
+                           lambda d: {"val", "labels", "majority_class"} <= set(
+                               outputs.json_object(os.path.join(d, "metrics.json")) or {}), "classify.py")
     labels_arg = split_list(args.labels) or None
     if labels_arg and len(set(labels_arg)) != len(labels_arg):
         raise cli.UserError("--labels", f"duplicate class names in '{args.labels}'")

@@ -135,7 +135,10 @@ def start(name):
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
     console()
-    if "MPLCONFIGDIR" not in os.environ and not all(_creatable(d) for d in _matplotlib_folders()):
+    # an MPLCONFIGDIR that is set but unwritable (a read-only or unwritable HOME's copy, a file) warns the same two
+    # lines as an unwritable HOME: both get the temp folder
+    mpl = os.environ.get("MPLCONFIGDIR")
+    if not (_creatable(mpl) if mpl else all(_creatable(d) for d in _matplotlib_folders())):
         import atexit
         import shutil
         os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="matplotlib-")
@@ -343,11 +346,29 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
 
 def utf8_path(path, flag):
     """Refuse a path whose bytes are not UTF-8 (a Latin-1 file name reaches Python as lone surrogates): every script
-    records its paths in JSON (args.json, eval.json, manifests), which cannot hold it, and failed after writing."""
+    records its paths in JSON (args.json, eval.json, manifests), which cannot hold it, and failed after writing.
+    Also refused, before any work: a non-ASCII name under a locale whose encoding cannot spell it (LC_ALL=C with
+    PYTHONUTF8=0: the name reaches Python as surrogate escapes, which the JSON outputs and the Rust libraries,
+    safetensors and tokenizers, cannot encode; the run ended in a traceback with half-written folders)."""
     try:
-        os.fsencode(str(path)).decode("utf-8")
+        text = os.fsencode(str(path)).decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(flag, f"{os.fsencode(str(path))!r}: the path is not UTF-8: rename it") from None
+    if text != str(path):
+        raise UserError(flag, f"{text}: the locale's encoding ({sys.getfilesystemencoding()}) cannot spell this "
+                              f"name: run under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or use an ASCII "
+                              f"name")
+
+
+def argv_text(value, flag):
+    """A text flag that is no path (a row label): under a locale that cannot spell it (LC_ALL=C, PYTHONUTF8=0) it
+    arrives as surrogate escapes of its UTF-8 bytes; decoded back, so that eval.json records it as it was typed."""
+    if value is None:
+        return None
+    try:
+        return os.fsencode(value).decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise UserError(flag, f"{value.encode('utf-8', 'backslashreplace').decode()}: not UTF-8 text") from None
 
 
 def input_file(path, flag):

@@ -122,10 +122,18 @@ def get_args(argv=None):
     p.add_argument("--setting", type=data.setting_name, default=None, metavar="{" + ",".join(data.SETTINGS) + ",custom}",
                    help="override the setting label read from args.json (a model trained elsewhere)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--check-args", action="store_true", help="check every flag and path (the model's and the "
+                   "scorer's names without loading them, the data, --out) and exit: 0 and one line when all is well, "
+                   "else the one error line; nothing is written or locked")
+    p.add_argument("--skip-done", action="store_true", help="do nothing (exit 0, one line 'done: ...') when <out> "
+                   "already holds this very run, finished: an eval.json + predictions.jsonl that match each other, "
+                   "written with the same flags on the same data and, for a train.py folder, the same args.json "
+                   "(scripts/ablation.sh reruns a sweep with it)")
     # the reports moved to report.py: a one-line pointer for the old spellings
     p.add_argument("--table", nargs="*", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compare", nargs="*", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.name = cli.argv_text(a.name, "--name")   # an Arabic label under LC_ALL=C: recorded as typed
     for flag, cmd in (("table", "table EVAL_JSON ..."), ("compare", "compare RUN_A RUN_B --out DIR")):
         if getattr(a, flag) is not None:
             raise cli.UserError(f"--{flag}", f"moved to its own script: python report.py {cmd}")
@@ -338,6 +346,20 @@ def scorer_folder(name):
     return folder
 
 
+def scorer_fingerprint(folder):
+    """sha256 over the scorer's config.json, tokenizer files and safetensors weights (name and content, sorted):
+    one scorer however its folder was named (about a second for a 700 MB model)."""
+    import hashlib
+    h = hashlib.sha256()
+    names = sorted(f for f in os.listdir(folder) if f == "config.json" or f.endswith(".safetensors")
+                   or f in ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model",
+                            "spiece.model"))
+    for f in names:
+        with cli.reading(os.path.join(folder, f), "scorer file"):
+            h.update(f.encode() + b"\0" + outputs.sha256(os.path.join(folder, f)).encode())
+    return h.hexdigest()
+
+
 class BertScore:
     """bert-score's BERTScorer (model loaded once), no idf, no rescaling; __call__ -> (N, 3) P, R, F1 in [0, 1].
 
@@ -360,6 +382,10 @@ class BertScore:
         if isinstance(n_layers, int) and layer > n_layers:
             raise cli.UserError("--bertscore-layer", f"{layer} but {model_type} has {n_layers} layers")
         self.model_type, self.layer = model_type, layer
+        # what the scorer is, for report.py: the folder resolved (a relative and an absolute path are one scorer)
+        # and a fingerprint of its files, so that two runs compare by content, never by the text typed
+        self.model_path = os.path.realpath(folder) if os.path.isdir(model_type) else model_type
+        self.fingerprint = scorer_fingerprint(folder)
         from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()          # no load reports (a classifier's unused head) nor progress bars
@@ -400,8 +426,9 @@ class BertScore:
 # Evaluation
 
 
-def check_args(args):
-    """Every flag and path, before any work: the model, the data, the output folder."""
+def check_args(args, lock=True):
+    """Every flag and path, before any work: the model, the data, the output folder (locked unless lock=False:
+    --check-args)."""
     if args.model is None:
         raise cli.UserError("--model", "required (tables and comparisons of finished runs: report.py)")
     if not args.greedy and not args.temperature > 0:
@@ -417,9 +444,59 @@ def check_args(args):
     cli.output_dir(out_folder(args), "--out")
     for f in ("eval.json", "predictions.jsonl"):
         cli.output_file(os.path.join(out_folder(args), f), "--out")
+    if not lock:
+        if os.path.isdir(out_folder(args)):
+            outputs.refuse_foreign(out_folder(args), "--out", outputs.EVAL_FILES, outputs.is_eval_run, "evaluate.py")
+        return
     outputs.lock_output(out_folder(args), "--out")   # one run per folder (a train.py run there holds it too)
     # temp files of a killed write: no live run can own them now that we hold the lock
     outputs.clean_stale(out_folder(args), ("unit", "eval.json", "predictions.jsonl"))
+    # an eval.json / predictions.jsonl there that evaluate.py did not write is someone else's: never replaced
+    outputs.refuse_foreign(out_folder(args), "--out", outputs.EVAL_FILES, outputs.is_eval_run, "evaluate.py")
+
+
+# Flags that do not change what a run computes: a finished run with other values of these is the same run.
+SAME_RUN_IGNORED = ("quiet", "check_args", "skip_done", "compile", "bertscore_batch_size")
+
+
+def finished_run(args):
+    """<out>/eval.json when <out> already holds this very run, finished (--skip-done), else None: evaluate.py's
+    eval.json whose predictions.jsonl matches its sha256, with the same flags (SAME_RUN_IGNORED aside), the same
+    data (sha256) and, for a train.py folder, the same args.json (a model retrained since is another run)."""
+    import json
+    out = out_folder(args)
+    f, pred = os.path.join(out, "eval.json"), os.path.join(out, "predictions.jsonl")
+    ev = outputs.json_object(f)
+    if ev is None or not outputs.is_eval_run(out) or not os.path.isfile(pred) or not os.path.isfile(args.data):
+        return None
+    now = json.loads(json.dumps(vars(args)))
+    saved = ev.get("argv") if isinstance(ev.get("argv"), dict) else {}
+    if any(saved.get(k) != v for k, v in now.items() if k not in SAME_RUN_IGNORED):
+        return None
+    if not isinstance(ev.get("data"), dict) or ev["data"].get("sha256") != outputs.sha256(args.data):
+        return None
+    if not isinstance(ev.get("model"), dict) or describe_model(args.model)[2] != ev["model"].get("train_args"):
+        return None
+    return f if ev.get("predictions_sha256") == outputs.sha256(pred) else None
+
+
+def check_only(args):
+    """--check-args: check_args without the lock, plus the model's and the scorer's names (no download, no load)."""
+    from hub import check_name, local_folder
+    check_args(args, lock=False)
+    if not (args.model == "tiny" and not local_folder(args.model)) and not os.path.isfile(
+            os.path.join(args.model, "args.json")):
+        with cli.for_flag("--model"):
+            check_name(args.model)
+    if args.bertscore_layer is None:   # what BertScore refuses first, without loading bert-score's model
+        from bert_score.utils import model2layers
+        if args.bertscore_model not in model2layers:
+            raise cli.UserError("--bertscore-model", f"{args.bertscore_model!r} is not in bert-score's layer table: "
+                                                     f"give --bertscore-layer")
+    elif os.path.exists(args.bertscore_model) or args.bertscore_model.startswith(("./", "../", "/", "~")):
+        scorer_folder(args.bertscore_model)
+    data.load_records(args.data)
+    print(f"evaluate.py: flags ok (--out {out_folder(args)})")
 
 
 def out_folder(args):
@@ -429,7 +506,7 @@ def out_folder(args):
 
 def evaluate(args):
     """Everything but the writing: returns (eval.json dict, prediction rows)."""
-    from hub import load_tokenizer, resolve
+    from hub import load_tokenizer, local_folder, resolve
     from model import Decoder
     t_start = time.time()
     check_args(args)
@@ -443,7 +520,7 @@ def evaluate(args):
     # find the model (a download for a hub name) before the scorer, load it after: both fail fast (model.py's
     # loaders report a missing folder, bad config, tokenizer or weights as one UserError naming the file)
     with cli.for_flag("--model"):
-        path = args.model if args.model == "tiny" and not os.path.isdir(args.model) else resolve(args.model)
+        path = args.model if args.model == "tiny" and not local_folder(args.model) else resolve(args.model)
     # the scorer before any generation: a bad --bertscore-model fails in seconds, not after an hour
     with cli.for_flag("--bertscore-model"):
         scorer = BertScore(args.bertscore_model, args.bertscore_layer, args.bertscore_batch_size, device)
@@ -546,7 +623,8 @@ def evaluate(args):
                        "data.extract_answer", "batch_size": args.batch_size, "dtype": dtype,
                        "quantize": args.quantize, "device": device, "preprocess": preprocess,
                        "seeds": seeds, "repeat": len(seeds)},
-        "bertscore": {"model": scorer.model_type, "layer": scorer.layer, "idf": False, "rescale_with_baseline": False,
+        "bertscore": {"model": scorer.model_type, "model_path": scorer.model_path,
+                      "fingerprint": scorer.fingerprint, "layer": scorer.layer, "idf": False, "rescale_with_baseline": False,
                       "scale": 100, **scorer.versions},
         "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95,
                       "interval": "percentile"},
@@ -594,6 +672,13 @@ def main(argv=None):
 
 def _main(argv=None):
     args = get_args(argv)
+    if args.skip_done:
+        done = finished_run(args)
+        if done:
+            print(f"done: {done} is this run, finished (same flags, data and model): skipped (--skip-done)")
+            return None
+    if args.check_args:
+        return check_only(args)
     result, rows = evaluate(args)      # checks every flag and path (--out included) before any work
     out = out_folder(args)
     result["out"] = out

@@ -498,16 +498,39 @@ ALLOW = ["config.json", "generation_config.json", "*.safetensors", "model.safete
          "vocab.txt"]   # vocab.txt: BERT's WordPiece vocabulary (bert.py resolves its encoders here too)
 
 
-def resolve(name_or_path, revision=None, registry=None):
-    """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only).
-    registry: the short names to know (default: this file's REGISTRY; bert.py passes its encoders')."""
+_SHADOW_SAID = set()
+
+
+def local_folder(name, registry=None):
+    """Whether a model name means the folder of that name in the working directory. A folder that shadows a
+    registry name (tiny, aragpt2-base) is taken only when it is a model folder (config.json); otherwise the
+    registry's model is. Either way stdout says once which was meant (a note, not a warning: stderr stays one
+    error line when a later check fails)."""
     registry = REGISTRY if registry is None else registry
-    if os.path.isdir(name_or_path):
-        cli.utf8_path(name_or_path, "")   # safetensors cannot open it, the JSON outputs cannot record it
-        return name_or_path
-    if os.path.exists(name_or_path):
-        raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "
-                                      "name or an HF repo id")
+    if not os.path.isdir(name):
+        return False
+    if name not in registry:
+        return True
+    model_folder = os.path.isfile(os.path.join(name, "config.json"))
+    if name not in _SHADOW_SAID:
+        _SHADOW_SAID.add(name)
+        print(f"note: {cli.one_line(name)}: " + (
+            f"the model folder {os.path.abspath(name)} is used, not the registry's {name} (rename the folder, or "
+            f"run elsewhere, to get the registry's)" if model_folder else
+            f"the registry's {name} is used; the folder {os.path.abspath(name)} here is no model folder (no "
+            f"config.json)"), flush=True)
+    return model_folder
+
+
+def check_name(name_or_path, registry=None):
+    """The hub repo a model name stands for, checked without the network (a registry name, an HF repo id "org/name"),
+    or one UserError: a path that is no folder, a name that is none of these. A local model folder -> None. (tiny,
+    which has no repo, is for the callers to take first.)"""
+    registry = REGISTRY if registry is None else registry
+    if local_folder(name_or_path, registry):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise UserError(name_or_path, "no config.json: not a model folder")
+        return None
     repo = registry[name_or_path]["repo"] if name_or_path in registry else name_or_path
     first = name_or_path.split("/")[0]
     looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith(("./", "../", "~")) or name_or_path.count("/") > 1
@@ -516,6 +539,20 @@ def resolve(name_or_path, revision=None, registry=None):
         raise UserError(name_or_path, "no such folder")
     if repo is None or "/" not in repo and name_or_path not in registry:
         raise UserError(name_or_path, f"neither a folder, a registry name ({', '.join(registry)}) nor an HF repo id")
+    return repo
+
+
+def resolve(name_or_path, revision=None, registry=None):
+    """Local folder as is; registry short name or HF repo id -> snapshot (safetensors, config, tokenizer only).
+    registry: the short names to know (default: this file's REGISTRY; bert.py passes its encoders')."""
+    registry = REGISTRY if registry is None else registry
+    if local_folder(name_or_path, registry):
+        cli.utf8_path(name_or_path, "")   # safetensors cannot open it, the JSON outputs cannot record it
+        return name_or_path
+    if os.path.exists(name_or_path) and name_or_path not in registry:
+        raise UserError(name_or_path, "is a file: expected a model folder (config.json + safetensors), a registry "
+                                      "name or an HF repo id")
+    repo = check_name(name_or_path, registry)
     from huggingface_hub import snapshot_download
     kw = dict(revision=revision, allow_patterns=ALLOW, token=os.environ.get("HF_TOKEN"))
     try:
@@ -565,7 +602,7 @@ def load_tokenizer(name_or_path, revision=None):
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as TK
     from tokenizers import decoders, models, pre_tokenizers, processors
-    if name_or_path == "tiny" and not os.path.isdir(name_or_path):
+    if name_or_path == "tiny" and not local_folder(name_or_path):
         tk = TK.from_file(TINY_TOKENIZER)
         c = REGISTRY["tiny"]["config"]
         return Tokenizer(tk, c["bos_token_id"], c["eos_token_id"], None)
@@ -776,7 +813,7 @@ def load_decoder(cls, name_or_path, dtype=None, device=None, revision=None, quan
     dtype = dtype or torch.float32
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: supported are None and 'nf4'")
-    if name_or_path == "tiny" and not os.path.isdir(name_or_path):
+    if name_or_path == "tiny" and not local_folder(name_or_path):
         # a note, not a warning: stdout, so that stderr stays one "error:" line if a later check fails
         print("tiny: no weights exist for this configuration; using random weights (seed 0)", flush=True)
         cfg = Config.from_hf(dict(REGISTRY["tiny"]["config"]))

@@ -197,6 +197,49 @@ def _replace(src, dst, tmp):
     os.replace(src, dst)
 
 
+# -- whose files: a script replaces only what it wrote -------------------------------------------------------------
+
+
+def json_object(path):
+    """The JSON object in path, or None (missing, unreadable, not JSON, not an object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+EVAL_FILES = ("eval.json", "predictions.jsonl")   # evaluate.py's pair (also written into a train.py run folder)
+
+
+def is_eval_run(out):
+    """Whether `out` holds evaluate.py's output, recognised by its own keys: its eval.json, or (the eval.json lost)
+    a predictions.jsonl whose first row is one of evaluate.py's."""
+    ev = json_object(os.path.join(out, "eval.json"))
+    if ev is not None:
+        return {"setting", "model", "generation", "bertscore", "scores"} <= set(ev)
+    if os.path.lexists(os.path.join(out, "eval.json")):
+        return False
+    try:
+        with open(os.path.join(out, "predictions.jsonl"), encoding="utf-8") as f:
+            row = json.loads(f.readline())
+        return isinstance(row, dict) and {"index", "question", "reference", "prediction", "f1"} <= set(row)
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_foreign(out, flag, names, ours_if, tool):
+    """A folder's files belong to the tool that wrote them: one UserError, before any work and with nothing
+    changed, when `out` holds files of `names` (the ones `tool` would replace or remove) but `ours_if(out)` does
+    not recognise the folder as `tool`'s own output (a classifier, a downloaded model, the user's data)."""
+    present = [n for n in names if os.path.lexists(os.path.join(out, n))]
+    if present and not ours_if(out):
+        raise UserError(flag, f"{out} holds {', '.join(present)} not written by {tool} (the folder is no {tool} "
+                              f"output: another tool's, or a downloaded model's); {tool} would replace them: give "
+                              f"another {flag}, or move them away")
+
+
 # -- one run per output --------------------------------------------------------------------------------------------
 
 

@@ -168,6 +168,64 @@ PROTOCOL_KEYS = ("mode", "temperature", "top_k", "top_p", "max_new_tokens", "pro
                  "preprocess")
 PROTOCOL_DEFAULTS = {"preprocess": "none"}   # what an eval.json written before the key existed ran
 SCORER_KEYS = ("model", "layer", "idf", "rescale_with_baseline", "scale")
+# What one experiment is, on the training side (eval.json's model.train_args, train.py's args.json): runs of one
+# table cell may differ in the seed alone. The evaluation side is check_comparable's (data, scorer, protocol, max-len).
+POOL_TRAIN_KEYS = ("model", "data_sha256", "weights_abc", "loss_tokens", "loss_norm", "max_len", "recipe", "epochs",
+                   "max_steps", "batch_size", "grad_accum", "world_size", "schedule", "warmup", "lr", "weight_decay",
+                   "grad_clip", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "dtype",
+                   "severity_source", "preprocess", "question_col", "answer_col", "init_adapter")
+
+
+def scorer_identity(ev):
+    """Which scorer scored a run, by what it is, not by the text typed: the fingerprint of its files (evaluate.py
+    records one: sha256 over its config, tokenizer and weights), else its resolved folder (model_path, or the typed
+    model when it names a folder here), else the hub name."""
+    b = ev.get("bertscore") or {}
+    if b.get("fingerprint"):
+        return "fingerprint " + str(b["fingerprint"])
+    m = b.get("model_path") or b.get("model")
+    return os.path.realpath(m) if isinstance(m, str) and os.path.isdir(m) else m
+
+
+def same_scorer(a, b):
+    """(same, shown_a, shown_b): by fingerprint when both runs have one, else by resolved path or hub name."""
+    fa, fb = (e.get("bertscore", {}).get("fingerprint") for e in (a, b))
+    if fa and fb:
+        return fa == fb, f"fingerprint {fa[:12]}", f"fingerprint {fb[:12]}"
+    ia, ib = (scorer_identity(dict(e, bertscore=dict(e.get("bertscore") or {}, fingerprint=None))) for e in (a, b))
+    return ia == ib, ia, ib
+
+
+def check_poolable(paths, evs):
+    """A table cell (one row, one column) pools runs of one experiment only: two runs of a cell that differ in any
+    training setting but the seed (POOL_TRAIN_KEYS: data hash, model, loss, max-len, recipe, ...) or in the
+    evaluation (data hash, scorer, protocol, max-len: check_comparable) are refused, one line naming both runs and
+    the field, instead of being averaged as if they were training seeds."""
+    cells = {}
+    for p, ev in zip(paths, evs):
+        cells.setdefault((ev["model"]["name"], column_of(ev)), []).append((p, ev))
+    for (r, c), runs in cells.items():
+        (pa, a), rest = runs[0], runs[1:]
+        ta = a["model"].get("train_args") or {}
+        for pb, b in rest:
+            tb = b["model"].get("train_args") or {}
+            for k in POOL_TRAIN_KEYS:
+                x, y = ta.get(k), tb.get(k)
+                if isinstance(x, list):
+                    x = tuple(x)
+                if isinstance(y, list):
+                    y = tuple(y)
+                if x != y:
+                    raise cli.UserError("table", f"{pa} and {pb} are one cell ({r} / {c}) but differ in the training "
+                                                 f"{k} ({x!r} vs {y!r}): a cell pools seeds of one experiment only; "
+                                                 f"label one with evaluate.py --name, or table them apart")
+            if not all(isinstance(e.get(k), dict) for e in (a, b) for k in ("data", "bertscore", "generation")):
+                continue   # an older eval.json without these: the significance test says what it cannot compare
+            d = eval_difference(a, b)
+            if d:
+                raise cli.UserError("table", f"{pa} and {pb} are one cell ({r} / {c}) but differ in {d[0]} "
+                                             f"({d[1]!r} vs {d[2]!r}): a cell pools seeds of one experiment only; "
+                                             f"label one with evaluate.py --name, or table them apart")
 
 
 def eval_json_path(path):
@@ -430,6 +488,7 @@ def table_main(args):
     if args.plot is not None:   # "" too: refused, not silently skipped
         cli.output_file(args.plot, "--plot", inputs=args.table)
     evs = [load_eval(p) for p in args.table]
+    check_poolable(args.table, evs)   # before any test: a cell that mixes experiments is no answer
     if all(cell_values(e, args.metric, "overall") is None for e in evs):   # an empty table is no answer
         raise cli.UserError("--metric", f"{args.metric}: none of the eval.json files has it"
                              + (" (evaluate.py --floor writes it)" if args.metric == "floor" else ""))
@@ -450,25 +509,34 @@ def table_main(args):
 # compare
 
 
+def eval_difference(a, b):
+    """The first way two eval.json were not scored alike, as (what, a's value, b's value), or None: the data
+    (the references' normalisation, sha256, records), the scorer (what it is: same_scorer; layer, idf, rescaling), the protocol (mode, sampling
+    settings, new tokens, prompt, post-processing, repeats) or the answer NLL's --max-len (eval.json's argv)."""
+    ra, rb = a["data"].get("references"), b["data"].get("references")   # None: nothing recorded (the hash decides)
+    checks = [("references (raw or normalised answers)", ra, rb if None not in (ra, rb) else ra),
+              ("data sha256", a["data"].get("sha256"), b["data"].get("sha256")),
+              ("number of test records", a["data"].get("n"), b["data"].get("n"))]
+    same, ia, ib = same_scorer(a, b)   # by what the scorer is, never by the path as typed
+    checks.append(("scorer model", ia, ia if same else ib))
+    checks += [(f"scorer {k}", a["bertscore"].get(k), b["bertscore"].get(k)) for k in SCORER_KEYS[1:]]
+    checks += [(f"protocol {k}", a["generation"].get(k, PROTOCOL_DEFAULTS.get(k)),
+                b["generation"].get(k, PROTOCOL_DEFAULTS.get(k))) for k in PROTOCOL_KEYS]
+    # the answer NLL is scored on prompt+answer cut at --max-len: a shorter cut alone moves it (issue 18)
+    checks.append(("--max-len (the answer NLL's truncation)", (a.get("argv") or {}).get("max_len"),
+                   (b.get("argv") or {}).get("max_len")))
+    return next(((what, x, y) for what, x, y in checks if x != y), None)
+
+
 def check_comparable(runs):
-    """Refuse (ValueError) runs that were not scored on the same data with the same scorer and protocol, or whose
-    answer NLL was cut at a different --max-len (eval.json's argv.max_len)."""
+    """Refuse (UserError, a ValueError) runs that were not scored on the same data with the same scorer and
+    protocol, or whose answer NLL was cut at a different --max-len (eval_difference)."""
     (pa, a), rest = runs[0], runs[1:]
     for pb, b in rest:
-        ra, rb = a["data"].get("references"), b["data"].get("references")
-        checks = [("references (raw or normalised answers)", ra, rb if None not in (ra, rb) else ra),
-                  ("data sha256", a["data"].get("sha256"), b["data"].get("sha256")),
-                  ("number of test records", a["data"].get("n"), b["data"].get("n"))]
-        checks += [(f"scorer {k}", a["bertscore"].get(k), b["bertscore"].get(k)) for k in SCORER_KEYS]
-        checks += [(f"protocol {k}", a["generation"].get(k, PROTOCOL_DEFAULTS.get(k)),
-                    b["generation"].get(k, PROTOCOL_DEFAULTS.get(k))) for k in PROTOCOL_KEYS]
-        # the answer NLL is scored on prompt+answer cut at --max-len: a shorter cut alone moves it (issue 18)
-        checks.append(("--max-len (the answer NLL's truncation)", (a.get("argv") or {}).get("max_len"),
-                       (b.get("argv") or {}).get("max_len")))
-        for what, x, y in checks:
-            if x != y:
-                raise cli.UserError("compare", f"{pa} and {pb} differ in {what} ({x!r} vs {y!r}): a paired "
-                                                  f"comparison needs the same data, scorer and protocol")
+        d = eval_difference(a, b)
+        if d:
+            raise cli.UserError("compare", f"{pa} and {pb} differ in {d[0]} ({d[1]!r} vs {d[2]!r}): a paired "
+                                              f"comparison needs the same data, scorer and protocol")
 
 
 def paired_table(exa, exb, n_boot, seed, n_perm):

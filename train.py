@@ -29,14 +29,14 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import (all_finite, append_log, base_generation_config, check_resume, claim_out, load_state, open_log,
-                        read_state_meta, reopen_log, save_checkpoint, try_plot)
+                        read_state_meta, refuse_foreign_train, reopen_log, save_checkpoint, try_plot)
 import card as model_card
 import checkpoint
 import data
 from distributed import (agree, all_reduce_sum, fsdp_all_finite, fsdp_load_state, fsdp_save_checkpoint, grad_sync,
                          leave, shard, wrap)
 from distributed import init as init_processes
-from hub import hub_repo, load_tokenizer
+from hub import check_name, hub_repo, load_tokenizer, local_folder
 from lora import HF_LORA_NAMES, LORA_TARGETS, add_lora, load_adapter, read_adapter_config
 from model import Decoder, peak_bf16
 import outputs
@@ -82,7 +82,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default out/<model>-<weights>); locked while the run "
                    "lasts. Without --resume, the files of an earlier train.py or evaluate.py run there (model, state, "
                    "config, tokenizer, generation_config.json, args.json, train_log.*, eval.json, predictions.jsonl) "
-                   "are removed first and named on stderr")
+                   "are removed first and named on stderr; files of those names that no train.py run wrote (a "
+                   "classifier, a downloaded model) are never removed: the run is refused")
     p.add_argument("--epochs", type=num(float, lo=0, lo_open=True), default=3, help="passes over the training data (> 0)")
     p.add_argument("--max-steps", type=num(int, lo=0), default=0, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=num(int, lo=1), default=8, help="examples per micro-batch per process")
@@ -146,6 +147,9 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.safetensors (refused if the experiment changed; --max-steps / --epochs may grow)")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto = cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines (the JSONL log is still written)")
+    p.add_argument("--check-args", action="store_true", help="check every flag and path (the model's name without "
+                   "downloading it, the data files, --out) and exit: 0 and one line when all is well, else the one "
+                   "error line; nothing is written or locked (scripts/ablation.sh checks a whole sweep with it)")
     known, _ = p.parse_known_args(argv)         # first pass: which recipe sets the defaults
     p.set_defaults(**RECIPES[known.recipe])
     args = p.parse_args(argv)
@@ -341,10 +345,20 @@ def fit(argv=None):
     if eval_path == "auto":
         cand = os.path.join(os.path.dirname(os.path.abspath(args.data)), "test.jsonl")
         eval_path = cand if os.path.isfile(cand) and os.path.abspath(cand) != os.path.abspath(args.data) else "none"
+        if eval_path == "none":   # said once: a run without eval loss should not look like one with 0 examples
+            if os.environ.get("RANK", "0") == "0":   # stdout: stderr stays one error line if a later check fails
+                print(cli.one_line(f"note: --eval-data auto: no {cand} beside --data (or it is --data itself): "
+                                   f"training without eval loss (give --eval-data FILE, or --eval-data none to "
+                                   f"silence this)"), flush=True)
     elif eval_path != "none":
         cli.input_file(eval_path, "--eval-data")
     out = args.out if args.out is not None else os.path.join("out", f"{os.path.basename(args.model.rstrip('/'))}-{args.weights.replace(',', '_')}")
-    claim_out(out, args.model)
+    if args.check_args:   # what claim_out would refuse, without taking the folder
+        cli.output_dir(out, "--out")
+        if not args.resume and os.path.isdir(out):
+            refuse_foreign_train(out)
+    else:
+        claim_out(out, args.model, args.resume)
     if args.device != "auto":
         cli.resolve_device(args.device, "--device")
     cols = dict(question_col=args.question_col, answer_col=args.answer_col)
@@ -368,6 +382,12 @@ def fit(argv=None):
         raise cli.UserError("--pack", "--loss-tokens padded (the notebook recipe) trains on every sequence padded to "
                                        "--max-len, padding included: there is nothing to pack")
     check_memory_flags(args)
+    if args.check_args:
+        if not (args.model == "tiny" and not local_folder(args.model)):
+            with cli.for_flag("--model"):
+                check_name(args.model)
+        print(f"train.py: flags ok ({len(train_recs)} train / {len(eval_recs)} eval records, --out {out})")
+        return None
 
     # -- processes, device, precision ------------------------------------------------------------------------------
     rank, world, device = init_processes(args.device)
@@ -395,7 +415,7 @@ def fit(argv=None):
         model = Decoder.from_pretrained(args.model, device=device, quantize=quant,
                                         dtype=(amp_dtype if quant else None) or torch.float32)
     model.grad_checkpoint = args.grad_checkpoint
-    random_init = args.model == "tiny" and not os.path.isdir(args.model)
+    random_init = args.model == "tiny" and not local_folder(args.model)
     if args.lora_rank > model.cfg.d_model:   # a rank above the width adds parameters and no expressiveness
         raise cli.UserError("--lora-rank", f"{args.lora_rank} exceeds the model's width {model.cfg.d_model}")
     if lora_targets == ["notebook"]:
@@ -459,7 +479,7 @@ def fit(argv=None):
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                             fused=dev_type == "cuda")
     args_dict = dict(vars(args), weights_abc=abc, lr=lr, world_size=world, dtype=dtype, lora_targets=lora_targets,
-                     data_sha256=outputs.sha256(args.data),
+                     data_sha256=outputs.sha256(args.data), total_steps=total,
                      init_adapter=os.path.abspath(args.init_adapter) if args.init_adapter else None)
     step, saved_step = 0, None
     if args.resume:
@@ -470,6 +490,17 @@ def fit(argv=None):
         step, _ = (fsdp_load_state if args.fsdp else load_state)(state_path, model, opt, scaler)
         saved_step = step
         log(f"resumed from {state_path} at step {step}")
+        # a grown --max-steps/--epochs re-plans the decay over the new total from here on: said, with the lr the
+        # next step gets under the saved plan and under the new one (a jump the log would otherwise show unexplained)
+        sv = saved_meta["args"]
+        old_total = sv.get("total_steps") or (sv.get("max_steps") or max(1, int(float(sv.get("epochs", 0)) * (
+            len(train_ex) // per_step))))
+        if old_total != total:   # stdout, as every note: stderr stays one error line if a later write fails
+            before, after = (lr_at(step, t, lr, args.warmup, args.schedule) for t in (old_total, total))
+            log(f"note: --resume: the {args.schedule} schedule is re-planned over {total} steps instead of "
+                       f"{old_total}: the lr at step {step + 1} is {after:.2g} (the saved run's plan: {before:.2g})"
+                       + ("" if args.schedule == "constant" or args.warmup >= total else
+                          "; resume with the old --max-steps/--epochs to keep its schedule"))
     raw_model = model
     if args.compile:
         model = torch.compile(model)

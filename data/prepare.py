@@ -13,9 +13,10 @@ Steps: read -> (optional --normalize [orthographic], Arabic normalisation of the
 de-duplicate on the normalised question + answer (first kept) -> (optional --normalize dialect: dialect words of the
 questions -> MSA, data/dialect_rules.txt) -> seeded shuffle -> test = first --n-test, train = next
 --n-train (the test set does not change when --n-train changes) -> (optional --normalize-answers train|all:
-the answers of train.jsonl, or of both files, normalised too). With fewer rows than asked for, the split is
-proportional and a note is printed. The answers of test.jsonl are the references that score the model: they stay
-the doctors' text (as the paper scored it) unless --normalize-answers all.
+the answers of train.jsonl, or of both files, normalised too). With fewer rows than asked for, an explicit
+--n-test is kept exactly and training takes the rest; with the default --n-test the split is proportional. A note
+is printed either way. The answers of test.jsonl are the references that score the model: they stay the doctors'
+text (as the paper scored it) unless --normalize-answers all.
 
 Writes <out>/train.jsonl, <out>/test.jsonl ({"question", "answer"} records, plus severity fields when
 the input had probability/severity columns) and <out>/manifest.json. annotate.py then adds p_nc, p_n,
@@ -25,6 +26,7 @@ Example:
     python data/prepare.py --source maqa --data MAQA.xlsx --question-col q_body --answer-col a_body --out out/maqa
     python data/prepare.py --source apollo --out out/apollo --n-train 30000 --n-test 2000
 """
+import os
 import random
 import re
 import sys
@@ -283,10 +285,14 @@ def fetch_apollo(filename, revision):
                              f"{type(e).__name__}: {e}") from None
 
 
-def split_sizes(n, n_train, n_test):
-    """(train, test) sizes: as asked when there are enough rows, else proportional."""
+def split_sizes(n, n_train, n_test, exact_test=False):
+    """(train, test) sizes: as asked when there are enough rows. Fewer: with an explicit --n-test (exact_test) the
+    test split is exactly --n-test and training takes the rest (the user sized the test set on purpose; refused when
+    nothing would be left to train on: a train size of 0); with the default --n-test both are proportional."""
     if n >= n_train + n_test:
         return n_train, n_test, False
+    if exact_test:   # nothing left to train on: 0, which the caller refuses as too few for the split
+        return max(0, min(n_train, n - n_test)), min(n_test, n), True
     test = round(n * n_test / max(1, n_train + n_test))
     if n_test > 0 and n >= 2:
         test = max(1, test)  # keep at least one test row
@@ -329,6 +335,9 @@ def parse_args(argv):
     p.add_argument("--revision", default=None, help="apollo only: hub revision (commit) to download")
     p.alias("--input", "--data")   # the old spelling, one release
     args = p.parse_args(argv)
+    # an explicit --n-test is honoured exactly even on small data (split_sizes); the default one is scaled down
+    args.n_test_given = any(str(a) == "--n-test" or str(a).startswith("--n-test=")
+                            for a in (sys.argv[1:] if argv is None else argv))
     if args.n_train == 0 and args.n_test == 0:
         p.error("--n-train and --n-test are both 0: nothing to write")
     if args.source != "apollo" and args.input is None:
@@ -409,14 +418,15 @@ def prepare(args):
             out["question"] = q
         recs.append(out)
 
-    n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test)
+    n_train, n_test, proportional = split_sizes(len(recs), args.n_train, args.n_test, args.n_test_given)
     if (args.n_train and not n_train) or (args.n_test and not n_test):   # an empty split no later script can use
         raise cli.UserError("--data", f"{origin}: only {len(recs)} usable pairs after cleaning ({len(rows)} rows "
                                         f"read, {n_empty} empty, {n_dup} duplicates): too few for "
                                         f"{'a training and a test split' if args.n_train and args.n_test else 'a split'}")
     if proportional:
+        how = "--n-test kept, training takes the rest" if args.n_test_given else "split proportionally"
         print(f"note: only {len(recs)} pairs after cleaning (asked for {args.n_train} + {args.n_test}); "
-              f"split proportionally: {n_train} train / {n_test} test", file=sys.stderr)
+              f"{how}: {n_train} train / {n_test} test", file=sys.stderr)
     order = list(range(len(recs)))
     random.Random(args.seed).shuffle(order)
     test = [recs[i] for i in order[:n_test]]
@@ -453,6 +463,10 @@ def prepare(args):
         "n_test": len(test),
         "unused": len(recs) - len(train) - len(test),
     }
+    # a train.jsonl / test.jsonl there that prepare.py did not write (annotated data, the user's own) is never
+    # replaced: refused here, after the input's own errors and before anything is written
+    outputs.refuse_foreign(args.out, "--out", ("train.jsonl", "test.jsonl", "manifest.json"), lambda d: {
+        "source", "input_sha256"} <= set(outputs.json_object(os.path.join(d, "manifest.json")) or {}), "prepare.py")
     # one unit: the three files are written into a hidden temp folder, then moved in (manifest.json last, with the
     # sha256 of the two others): a failure (a full disk) leaves the previous split whole, never half of each
     with outputs.unit(args.out, last=("manifest.json",)) as tmp:
