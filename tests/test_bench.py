@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import bench
+import benchkit
+import suite
 import hub
 import model as M
 
@@ -92,7 +94,7 @@ def test_skip_flags_and_bad_input(capsys, tmp_path):
 def test_small_shape_is_consistent_with_transformers(name):
     """--shape small scales a registry config to 4 layers x 256; transformers must read it as the same model."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    hf = bench.scaled_config(hub.REGISTRY[name]["config"], layers=4, hidden=256)
+    hf = benchkit.scaled_config(hub.REGISTRY[name]["config"], layers=4, hidden=256)
     cfg = M.Config.from_hf(hf)
     assert cfg.n_layer == 4 and cfg.d_model == 256 and cfg.vocab_size == hub.REGISTRY[name]["config"]["vocab_size"]
     assert cfg.n_head * cfg.head_dim == 256
@@ -120,9 +122,9 @@ def test_bench_losses_are_the_same_loss():
             return type("Out", (), {"logits": self.inner(input_ids)})()
 
     params = list(m.parameters())
-    a = bench.loss_ours(m, x, y, w, n)
+    a = benchkit.loss_ours(m, x, y, w, n)
     ga = torch.autograd.grad(a, params)
-    b = bench.loss_transformers(Wrap(m), x, y, w, n)
+    b = benchkit.loss_transformers(Wrap(m), x, y, w, n)
     gb = torch.autograd.grad(b, params)
     assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
     for p, u, v in zip(params, ga, gb):
@@ -155,10 +157,10 @@ def test_compiled_training_step_equals_eager():
     m = tiny().train()
     x, y, w, n = batch(m.cfg, B=2, T=32, seed=5)
     params = list(m.parameters())
-    eager = bench.loss_ours(m, x, y, w, n)
+    eager = benchkit.loss_ours(m, x, y, w, n)
     g_eager = torch.autograd.grad(eager, params)
     torch._dynamo.reset()
-    compiled = torch.compile(bench.loss_ours)(m, x, y, w, n)
+    compiled = torch.compile(benchkit.loss_ours)(m, x, y, w, n)
     g_comp = torch.autograd.grad(compiled, params)
     assert abs(compiled.item() - eager.item()) <= 1e-5 * abs(eager.item())
     for (name, _), u, v in zip(m.named_parameters(), g_comp, g_eager):
@@ -168,8 +170,8 @@ def test_compiled_training_step_equals_eager():
 def test_bloom_baseline_falls_back_to_eager_attention():
     """transformers has no SDPA path for BLOOM: the baseline is built with its eager attention instead of failing,
     and it still holds our weights (same logits)."""
-    hf = bench.scaled_config(hub.REGISTRY["bloomz-560m"]["config"], layers=1, hidden=64)
-    ours, theirs = bench.build_models(hf, torch.device("cpu"), seed=0)
+    hf = benchkit.scaled_config(hub.REGISTRY["bloomz-560m"]["config"], layers=1, hidden=64)
+    ours, theirs = benchkit.build_models(hf, torch.device("cpu"), seed=0)
     assert theirs.config._attn_implementation == "eager"
     x = torch.randint(0, hf["vocab_size"], (2, 12))
     with torch.no_grad():
@@ -206,7 +208,7 @@ def test_bench_memory_mode_figures_add_up(tmp_path, capsys):
     r = bench.main(["--memory", "--model", "llama-2-7b", "--hidden", "128", "--layers", "2", "--batch-size", "2",
                     "--seq-len", "32", "--json", str(out)])
     assert json.load(open(out))["weights"] == r["weights"]
-    w, cfg = r["weights"], M.Config.from_hf(bench.scaled_config(hub.REGISTRY["llama-2-7b"]["config"], 2, 128))
+    w, cfg = r["weights"], M.Config.from_hf(benchkit.scaled_config(hub.REGISTRY["llama-2-7b"]["config"], 2, 128))
     d, ff, q, kv = cfg.d_model, cfg.d_ff, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     n_lin = d * (q + 2 * kv) + q * d + d * 2 * ff + ff * d              # qkv, o, fc, proj of one block
     assert w["params_per_block"] == n_lin + 2 * d                      # + two RMSNorm weights
@@ -251,14 +253,14 @@ def test_suite_smoke_writes_every_section_with_figures(tmp_path):
     meta = rep["meta"]
     assert meta["smoke"] is True and meta["torch"] == torch.__version__ and meta["transformers"]
     assert meta["device"].startswith("CPU")
-    for name in bench.SECTIONS:
+    for name in suite.SECTIONS:
         sec = rep[name]
         assert sec["status"] in ("ok", "cut"), (name, sec.get("error"))
         nums = _figures({k: v for k, v in sec.items() if k not in ("budget_s", "seconds")})
         assert nums and all(math.isfinite(v) for v in nums), name
         assert f"## {name}" in md
-        assert sec["seconds"] <= sec["budget_s"] + bench.SUITE_GRACE
-    for fam in bench.PARITY_MODELS:                                     # every family, equal in fp32
+        assert sec["seconds"] <= sec["budget_s"] + suite.SUITE_GRACE
+    for fam in suite.PARITY_MODELS:                                     # every family, equal in fp32
         if fam in rep["parity"].get("cut", []):
             continue
         p = rep["parity"]["families"][fam]
@@ -266,7 +268,7 @@ def test_suite_smoke_writes_every_section_with_figures(tmp_path):
         assert p["loss_ours_bf16"] == pytest.approx(p["loss_transformers_bf16"], rel=2e-2)
     cut = rep["train"].get("cut", [])                                  # a slow machine may cut the last models
     assert "aragpt2-base" in rep["train"]["models"]
-    for model in [m for m in bench.TRAIN_MODELS if m not in cut]:
+    for model in [m for m in suite.TRAIN_MODELS if m not in cut]:
         s = rep["train"]["models"][model]["eager"]
         for impl in ("ours", "transformers"):
             sp = s[impl]["spread_ms"]
@@ -286,11 +288,11 @@ def test_suite_smoke_writes_every_section_with_figures(tmp_path):
 def test_suite_section_failure_and_budget_are_recorded():
     """run_section: an exception (here a fake CUDA OOM) becomes status failed with its first line; a section that
     hangs past budget + grace is stopped by the alarm and recorded; one that cuts its own units says cut."""
-    S = bench.Suite(torch.device("cpu"), True, 0, True)
+    S = suite.Suite(torch.device("cpu"), True, 0, True)
 
     def oom(S):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore text")
-    rec = bench.run_section("x", oom, S, 5)
+    rec = suite.run_section("x", oom, S, 5)
     assert rec["status"] == "failed" and rec["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
 
     def cuts(S):
@@ -301,16 +303,16 @@ def test_suite_section_failure_and_budget_are_recorded():
             done.append(unit)
             time.sleep(0.3)
         return {"done": done}
-    rec = bench.run_section("y", cuts, S, 0.1)
+    rec = suite.run_section("y", cuts, S, 0.1)
     assert rec["status"] == "cut" and rec["cut"] == ["b"] and rec["done"] == ["a"]
-    old = bench.SUITE_GRACE
-    bench.SUITE_GRACE = 0.2
+    old = suite.SUITE_GRACE
+    suite.SUITE_GRACE = 0.2
     try:
-        rec = bench.run_section("z", lambda S: time.sleep(5) or {}, S, 0.1)
+        rec = suite.run_section("z", lambda S: time.sleep(5) or {}, S, 0.1)
     finally:
-        bench.SUITE_GRACE = old
+        suite.SUITE_GRACE = old
     assert rec["status"] == "failed" and "SectionTimeout" in rec["error"] and rec["seconds"] < 2
-    md = bench.report_md({"meta": {"smoke": True, "device": "CPU", "torch": "t", "cuda": None, "transformers": "x",
+    md = suite.report_md({"meta": {"smoke": True, "device": "CPU", "torch": "t", "cuda": None, "transformers": "x",
                                    "threads": 1, "date": "d", "seconds": 1, "command": "c", "sections": ["z"],
                                    "wide_spread_threshold": 0.25}, "z": rec})
     assert "## z" in md and "SectionTimeout" in md
@@ -332,6 +334,6 @@ def test_suite_flags_are_checked_before_work(capsys, tmp_path):
 
 
 def test_spread_figures():
-    sp = bench.spread([0.010, 0.012, 0.030], 1000)
+    sp = benchkit.spread([0.010, 0.012, 0.030], 1000)
     assert sp == {"min": 10.0, "median": 12.0, "max": 30.0, "n": 3, "rel_spread": pytest.approx(20 / 12)}
-    assert "WIDE" in bench.spread_text("ours", sp) and "WIDE" not in bench.spread_text("ours", bench.spread([1, 1.1]))
+    assert "WIDE" in benchkit.spread_text("ours", sp) and "WIDE" not in benchkit.spread_text("ours", benchkit.spread([1, 1.1]))
