@@ -241,8 +241,12 @@ def is_train_run(out):
 
 def refuse_foreign_train(out):
     """train.py without --resume: the folder's EARLIER_RUN_FILES must be an earlier train.py run's (and an
-    evaluate.py eval.json + predictions.jsonl), else nothing is touched and the run is refused."""
-    train_files = tuple(n for n in EARLIER_RUN_FILES if n not in outputs.EVAL_FILES)
+    evaluate.py eval.json + predictions.jsonl), else nothing is touched and the run is refused. Only what
+    remove_earlier_run would remove counts: a README.md that is not our card, and the adapter/ and tensorboard/
+    folders (removed only when they hold our own files alone), are left as they are, so they are no conflict."""
+    card = os.path.join(out, CARD)
+    kept = {ADAPTER_DIR, "tensorboard"} | ({CARD} if os.path.exists(card) and not model_card.is_ours(card) else set())
+    train_files = tuple(n for n in EARLIER_RUN_FILES if n not in outputs.EVAL_FILES and n not in kept)
     outputs.refuse_foreign(out, "--out", train_files, is_train_run, "train.py")
     outputs.refuse_foreign(out, "--out", outputs.EVAL_FILES, outputs.is_eval_run, "evaluate.py")
 

@@ -14,6 +14,8 @@ import cli
 import data
 import outputs
 
+from conftest import write_csv_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE = ROOT / "data" / "sample"
@@ -26,15 +28,6 @@ GOOD = {"question": Q, "answer": A, "severity": "neutral", "p_nc": 0.2, "p_n": 0
 
 def write_jsonl_rows(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def write_csv_rows(path, header, rows):
-    import csv
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
     return path
 
 

@@ -21,7 +21,7 @@ import hub
 import lora as L
 import model as M
 
-from conftest import build_hf, FAMILIES, tiny_decoder, V
+from conftest import FAMILIES, V, build_hf, max_diff, our_logits, tiny_decoder
 import math
 
 transformers.logging.set_verbosity_error()
@@ -49,16 +49,6 @@ def rand_ids(B=2, T=12, seed=0):
 @torch.no_grad()
 def hf_logits(m, ids):
     return m(ids).logits.float()
-
-
-@torch.no_grad()
-def our_logits(m, ids, mask=None):
-    return (m(ids) if mask is None else m(ids, mask)).float()
-
-
-def max_diff(a, b):
-    assert a.shape == b.shape, (tuple(a.shape), tuple(b.shape))
-    return (a.float() - b.float()).abs().max().item()
 
 
 def assert_logits_close(ours, ref, tol=TOL, what=""):
