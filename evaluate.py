@@ -607,13 +607,14 @@ def evaluate(args):
     scores = combine(per_run, "scores")
     floor = combine(per_run_floor, "floor") if args.floor else None
 
+    data_sha = outputs.sha256(args.data)
     result = {
         "setting": args.setting or setting,
         "model": {"path": args.model, "name": args.name or name, "params": model.num_params(),
                   "family": model.cfg.family,
                   "weights": targs["weights_abc"] if targs else None, "train_args": targs},
-        "data": {"path": args.data, "sha256": outputs.sha256(args.data), "n": len(records), "n_file": len(records_all),
-                 "counts": counts, "references": data.references_of(args.data)},
+        "data": {"path": args.data, "sha256": data_sha, "n": len(records), "n_file": len(records_all),
+                 "counts": counts, "references": data.references_of(args.data, data_sha)},
         "generation": {"mode": "greedy" if args.greedy else "sampled", "temperature": temperature,
                        "top_k": top_k or None, "top_p": top_p if top_p < 1 else None,
                        "recipe": args.recipe, "model_generation_config": gen_cfg or None, "ignored": notes,

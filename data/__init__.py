@@ -671,17 +671,16 @@ def preprocess_records(records, how, fields=("question", "answer")):
     return [{**r, **{f: preprocess(r[f], how) for f in fields if f in r}} for r in records]
 
 
-def references_of(path):
+def references_of(path, sha256=None):
     """How the answers of a test file were written, for eval.json: "raw" (the doctors' text) or "orthographic"
     (prepare.py --normalize-answers all), read from the manifest.json prepare.py left beside it when that manifest
-    records this very file (its sha256); None when nothing says (an annotated copy elsewhere, a file of your own)."""
-    import hashlib
-    import json as _json
-    m = Path(path).with_name("manifest.json")
+    records this very file (its sha256: pass the one already computed); None when nothing says (an annotated copy
+    elsewhere, a file of your own)."""
+    import outputs
     try:
-        man = _json.loads(m.read_text(encoding="utf-8"))
+        man = json.loads(Path(path).with_name("manifest.json").read_text(encoding="utf-8"))
         want = man["sha256"][Path(path).name]
-        got = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        got = sha256 or outputs.sha256(path)
         return man["answers"]["test" if Path(path).name == "test.jsonl" else "train"] if got == want else None
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -9,18 +9,11 @@ from huggingface_hub import ModelCard
 
 import card
 import evaluate as E
-import train
+
+from conftest import run_train
 
 pytestmark = pytest.mark.usefixtures("threads_and_signals")
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
-
-
-def run_train(argv):
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def tiny(out, *extra):

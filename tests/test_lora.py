@@ -9,7 +9,7 @@ import lora
 import model as M
 import nf4
 
-from conftest import HF, ids, read_st
+from conftest import HF, ids, read_st, run_train
 import json
 import os
 import peft
@@ -18,7 +18,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import lora as L
 import shutil   # noqa: E402
 import hub      # noqa: E402
-import train    # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -325,14 +324,6 @@ def tiny_folder(tmp_path_factory):
     M.Decoder.from_pretrained("tiny").save_pretrained(str(d))
     shutil.copy(hub.TINY_TOKENIZER, d / "tokenizer.json")
     return str(d)
-
-
-def run_train(argv):
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def train_argv(base, out, *extra):

@@ -868,14 +868,6 @@ def test_train_nf4_lora_resume_equals_uninterrupted(tmp_path):
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
 
 
-def run(argv):
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def tiny(out, data_file, *extra):
     return ["--model", "tiny", "--data", str(data_file), "--eval-data", "none", "--out", str(out), "--max-steps", "2",
             "--batch-size", "4", "--weights", "0.5,1,2", "--quiet", *extra]
@@ -907,12 +899,12 @@ def test_label_only_data_refused_without_the_flag(files, tmp_path, capsys):
     _, _, labels = files
     out = tmp_path / "out"
     capsys.readouterr()
-    assert run(tiny(out, labels)) == 2
+    assert run_train(tiny(out, labels)) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith(f"error: {labels}:1: p_nc: missing field")
     assert "annotate.py adds them" in err[0] and "--severity-source label" in err[0]
     assert not out.exists() or not any(out.iterdir())
-    assert run(tiny(out, labels, "--severity-source", "label")) == 0
+    assert run_train(tiny(out, labels, "--severity-source", "label")) == 0
     args = json.loads((out / "args.json").read_text())
     assert args["severity_source"] == "label"
     assert "| severity source | label |" in (out / "README.md").read_text()
@@ -924,7 +916,7 @@ def test_the_loss_sees_the_label_weights(files, tmp_path):
     logs = {}
     for src in ("probs", "label"):
         out = tmp_path / src
-        assert run(tiny(out, soft, "--severity-source", src, "--lr", "0")) == 0
+        assert run_train(tiny(out, soft, "--severity-source", src, "--lr", "0")) == 0
         logs[src] = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["nll"] for r in logs["probs"]] == pytest.approx([r["nll"] for r in logs["label"]], rel=1e-6)
     assert all(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(logs["probs"], logs["label"]))
@@ -933,9 +925,9 @@ def test_the_loss_sees_the_label_weights(files, tmp_path):
 def test_resume_refuses_a_changed_source(files, tmp_path, capsys):
     _, soft, _ = files
     out = tmp_path / "out"
-    assert run(tiny(out, soft, "--severity-source", "label")) == 0
+    assert run_train(tiny(out, soft, "--severity-source", "label")) == 0
     capsys.readouterr()
-    assert run(tiny(out, soft, "--resume", "--max-steps", "3")) == 2
+    assert run_train(tiny(out, soft, "--resume", "--max-steps", "3")) == 2
     err = capsys.readouterr().err
     assert "--severity-source is probs but the run saved in" in err and "used label" in err
-    assert run(tiny(out, soft, "--resume", "--severity-source", "label", "--max-steps", "3")) == 0
+    assert run_train(tiny(out, soft, "--resume", "--severity-source", "label", "--max-steps", "3")) == 0
